@@ -1,0 +1,602 @@
+"""FlowEngine: the one facade the API, the bot, the CLI and the timer call.
+
+It owns the ledger and the clock, decides deadlines, turns callbacks into transitions
+and tells pollers when a code arrives. It does no HTTP to providers itself (see
+oauth_http / refresh); it records what they did.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+
+from .clock import Clock, SystemClock, to_ms
+from .errors import (
+    CodeAlreadyUsedError,
+    ConcurrentUpdateError,
+    FlowExpiredError,
+    FlowNotFound,
+    InvalidTransition,
+    StateMismatchError,
+)
+from .ledger import Ledger, Notification
+from .models import Flow, FlowRecord, PendingCode, PendingStatus, StartedFlow
+from .protocol import CallbackParams, hash_state, new_code_verifier, new_state
+from .states import Condition, FlowState, FlowTrigger
+
+__all__ = ["ACTORS", "FlowEngine", "RecoveryReport"]
+
+log = logging.getLogger("flowengine")
+
+#: who may move a flow
+ACTORS = frozenset({"api", "bot", "timer", "cli", "demo", "test"})
+
+_GONE_REASONS = {
+    FlowState.EXPIRED: "expired",
+    FlowState.FAILED: "failed",
+    FlowState.CANCELLED: "cancelled",
+    FlowState.REVOKED: "revoked",
+    FlowState.SUPERSEDED: "superseded",
+}
+
+
+@dataclass(slots=True)
+class RecoveryReport:
+    """What ``FlowEngine.recover`` found at start-up."""
+
+    expired: list[Flow] = field(default_factory=list)
+    refreshing: list[Flow] = field(default_factory=list)
+    exchanged: list[Flow] = field(default_factory=list)
+    waiting: list[Flow] = field(default_factory=list)
+
+
+def _check_actor(actor: str) -> str:
+    if actor not in ACTORS:
+        raise ValueError(f"unknown actor {actor!r}; one of {sorted(ACTORS)}")
+    return actor
+
+
+class FlowEngine:
+    """Start, advance, inspect and recover authorization flows."""
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        *,
+        clock: Clock | None = None,
+        awaiting_ttl: float = 600.0,
+        code_ttl: float = 300.0,
+        poll_interval: float = 0.25,
+    ) -> None:
+        self.ledger = ledger
+        self.clock: Clock = clock or SystemClock()
+        self.awaiting_ttl = awaiting_ttl
+        self.code_ttl = code_ttl
+        self.poll_interval = poll_interval
+        self._arrivals: dict[str, anyio.Event] = {}
+
+    @classmethod
+    async def open(
+        cls, path: str | os.PathLike[str], *, clock: Clock | None = None, **options: Any
+    ) -> FlowEngine:
+        return cls(await Ledger.open(path), clock=clock, **options)
+
+    async def close(self) -> None:
+        await self.ledger.close()
+
+    async def __aenter__(self) -> FlowEngine:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def now_ms(self) -> int:
+        return to_ms(self.clock.now())
+
+    # ------------------------------------------------------------------ starting
+
+    async def start(
+        self,
+        provider: str,
+        *,
+        redirect_uri: str,
+        scopes: Sequence[str] = (),
+        use_pkce: bool = True,
+        actor: str,
+        chat_id: int | None = None,
+    ) -> StartedFlow:
+        """Create a flow in ``initiated`` with a fresh state (and PKCE verifier)."""
+        _check_actor(actor)
+        state = new_state()
+        verifier = new_code_verifier() if use_pkce else None
+        now = self.now_ms()
+        flow = await self.ledger.create(
+            flow_id=secrets.token_hex(8),
+            provider=provider,
+            at=now,
+            redirect_uri=redirect_uri,
+            scopes=list(scopes),
+            actor=actor,
+            chat_id=chat_id,
+            state_hash=hash_state(state),
+            code_verifier=verifier,
+            deadline=now + to_ms(self.awaiting_ttl),
+            detail={"pkce": use_pkce, "scopes": list(scopes)},
+        )
+        log.info("flow %s started for %s by %s", flow.id, provider, actor)
+        return StartedFlow(flow=flow, state=state, code_verifier=verifier)
+
+    async def issue_url(self, flow_id: str, *, actor: str) -> Flow:
+        """The authorize link went out: ``initiated`` -> ``awaiting_code`` (TTL restarts)."""
+        now = self.now_ms()
+        return await self._move(
+            flow_id,
+            FlowTrigger.ISSUE_URL,
+            actor=actor,
+            at=now,
+            updates={"deadline": now + to_ms(self.awaiting_ttl)},
+        )
+
+    # ------------------------------------------------------------------ callback
+
+    async def record_callback(self, params: CallbackParams, *, actor: str = "api") -> Flow:
+        """Record the provider's redirect: a code (-> code_received) or an error (-> failed).
+
+        Raises StateMismatchError for an unknown state, FlowExpiredError when the flow is
+        past its TTL or already ended, CodeAlreadyUsedError when a code was recorded
+        before. In every error case nothing is stored.
+        """
+        _check_actor(actor)
+        flow = await self.ledger.by_state_hash(hash_state(params.state))
+        if flow is None:
+            raise StateMismatchError("this link does not belong to any authorization")
+        now = self.now_ms()
+        flow = await self._expire_if_overdue(flow, now, actor=actor)
+        if flow.state is FlowState.INITIATED:
+            # the link was opened before issue_url was recorded: keep the ledger in order
+            try:
+                flow = await self._move(flow.id, FlowTrigger.ISSUE_URL, actor=actor, at=now)
+            except InvalidTransition:
+                flow = await self.get_flow(flow.id)
+        self._raise_unless_waiting(flow)
+        try:
+            if params.error is not None:
+                flow = await self._move(
+                    flow.id,
+                    FlowTrigger.DENY,
+                    actor=actor,
+                    at=now,
+                    expected_version=flow.version,
+                    updates={
+                        "deadline": None,
+                        "error_code": params.error,
+                        "error_description": params.error_description,
+                    },
+                    detail={"error": params.error},
+                    drop_verifier=True,
+                )
+            else:
+                assert params.code is not None
+                flow = await self._move(
+                    flow.id,
+                    FlowTrigger.RECEIVE_CODE,
+                    actor=actor,
+                    at=now,
+                    expected_version=flow.version,
+                    updates={"deadline": now + to_ms(self.code_ttl)},
+                    pending_code=(params.state, params.code),
+                )
+        except (InvalidTransition, ConcurrentUpdateError) as err:
+            # somebody else recorded a callback for this flow a moment ago
+            self._raise_unless_waiting(await self.get_flow(flow.id))
+            raise CodeAlreadyUsedError(
+                "this authorization was already completed", flow_id=flow.id
+            ) from err
+        self._signal(flow.state_hash)
+        return flow
+
+    def _raise_unless_waiting(self, flow: Flow) -> None:
+        if flow.state is FlowState.AWAITING_CODE:
+            return
+        if flow.state in _GONE_REASONS:
+            raise FlowExpiredError(
+                f"this authorization has {_GONE_REASONS[flow.state]}; start a new one",
+                flow_id=flow.id,
+                state=flow.state.value,
+            )
+        raise CodeAlreadyUsedError("this authorization was already completed", flow_id=flow.id)
+
+    def _signal(self, state_hash: str) -> None:
+        event = self._arrivals.pop(state_hash, None)
+        if event is not None:
+            event.set()
+
+    # ------------------------------------------------------------------- pending
+
+    async def pending_status(self, state: str, *, actor: str = "api") -> PendingStatus:
+        """Where the flow of this OAuth state stands, for pollers. Expires overdue flows."""
+        flow = await self.ledger.by_state_hash(hash_state(state))
+        if flow is None:
+            raise FlowNotFound("no authorization with this state")
+        flow = await self._expire_if_overdue(flow, self.now_ms(), actor=actor)
+        return await self._status_of(flow, state)
+
+    async def _status_of(self, flow: Flow, state: str) -> PendingStatus:
+        base: dict[str, Any] = {
+            "flow_id": flow.id,
+            "provider": flow.provider,
+            "flow_state": flow.state,
+        }
+        if flow.state in (FlowState.INITIATED, FlowState.AWAITING_CODE):
+            return PendingStatus(status="waiting", **base)
+        if flow.state in _GONE_REASONS:
+            return PendingStatus(
+                status="gone",
+                reason=_GONE_REASONS[flow.state],
+                error_code=flow.error_code,
+                error_description=flow.error_description,
+                **base,
+            )
+        row = await self.ledger.pending(state)
+        received = row[2] if row else None
+        if flow.state is FlowState.CODE_RECEIVED and row is not None and row[1]:
+            return PendingStatus(status="ready", received_at=received, **base)
+        return PendingStatus(status="consumed", received_at=received, **base)
+
+    async def wait_pending(self, state: str, *, timeout: float) -> PendingStatus:
+        """Like pending_status, but wait up to ``timeout`` seconds for the code to arrive.
+
+        A callback recorded by this process wakes the waiter at once; one recorded by
+        another process is seen within ``poll_interval``.
+        """
+        status = await self.pending_status(state)
+        if status.status != "waiting" or timeout <= 0:
+            return status
+        state_hash = hash_state(state)
+        with anyio.move_on_after(timeout):
+            while True:
+                event = self._arrivals.setdefault(state_hash, anyio.Event())
+                with anyio.move_on_after(self.poll_interval):
+                    await event.wait()
+                status = await self.pending_status(state)
+                if status.status != "waiting":
+                    return status
+        return await self.pending_status(state)
+
+    async def take_code(self, state: str, *, actor: str = "api") -> PendingCode:
+        """Hand out the code for ``state`` exactly once."""
+        status = await self.pending_status(state, actor=actor)
+        if status.status == "ready":
+            taken = await self.ledger.consume(state, self.now_ms())
+            if taken is not None:
+                flow_id, code, received_at = taken
+                return PendingCode(flow_id=flow_id, code=code, received_at=received_at)
+            status = await self.pending_status(state, actor=actor)
+        if status.status == "waiting":
+            raise CodeAlreadyUsedError("no code has arrived yet", flow_id=status.flow_id)
+        if status.status == "gone":
+            raise FlowExpiredError(
+                f"this authorization has {status.reason}",
+                flow_id=status.flow_id,
+                state=status.flow_state.value,
+            )
+        raise CodeAlreadyUsedError("the code was already handed out", flow_id=status.flow_id)
+
+    async def code_verifier(self, flow_id: str) -> str | None:
+        """The PKCE verifier of a flow that has not been exchanged yet."""
+        return await self.ledger.verifier(flow_id)
+
+    # ------------------------------------------------------------------ exchange
+
+    async def record_exchange(
+        self, flow_id: str, *, actor: str, detail: Mapping[str, Any] | None = None
+    ) -> Flow:
+        """The token endpoint gave tokens: -> exchanged; the verifier is deleted."""
+        return await self._move(
+            flow_id,
+            FlowTrigger.EXCHANGE,
+            actor=actor,
+            updates={"deadline": None},
+            detail=detail,
+            drop_verifier=True,
+        )
+
+    async def record_exchange_failed(
+        self,
+        flow_id: str,
+        *,
+        actor: str,
+        error_code: str,
+        description: str | None = None,
+    ) -> Flow:
+        return await self._fail(
+            flow_id, FlowTrigger.EXCHANGE_FAILED, actor=actor, code=error_code, text=description
+        )
+
+    async def record_stored(
+        self,
+        flow_id: str,
+        *,
+        actor: str,
+        token_expires_at: int | None,
+        next_check_at: int | None = None,
+        detail: Mapping[str, Any] | None = None,
+    ) -> Flow:
+        """Tokens are in auth.json: -> stored. Older connections of the provider are superseded."""
+        flow = await self._move(
+            flow_id,
+            FlowTrigger.STORE,
+            actor=actor,
+            updates={"token_expires_at": token_expires_at, "next_check_at": next_check_at},
+            detail=detail,
+        )
+        older = await self.ledger.list(
+            provider=flow.provider, states=(FlowState.STORED, FlowState.EXPIRED), limit=1000
+        )
+        for other in older:
+            if other.id != flow.id:
+                await self._move(
+                    other.id,
+                    FlowTrigger.SUPERSEDE,
+                    actor=actor,
+                    updates={"next_check_at": None},
+                    detail={"by": flow.id},
+                )
+        return flow
+
+    async def record_store_failed(self, flow_id: str, *, actor: str, description: str) -> Flow:
+        return await self._fail(
+            flow_id, FlowTrigger.STORE_FAILED, actor=actor, code="store_failed", text=description
+        )
+
+    # ------------------------------------------------------------------- refresh
+
+    async def begin_refresh(
+        self, flow_id: str, *, actor: str, expected_version: int | None = None
+    ) -> Flow:
+        """Write-ahead: the ledger says ``refreshing`` before the token request goes out."""
+        return await self._move(
+            flow_id, FlowTrigger.BEGIN_REFRESH, actor=actor, expected_version=expected_version
+        )
+
+    async def record_refreshed(
+        self,
+        flow_id: str,
+        *,
+        actor: str,
+        token_expires_at: int | None,
+        next_check_at: int | None = None,
+        detail: Mapping[str, Any] | None = None,
+    ) -> Flow:
+        return await self._move(
+            flow_id,
+            FlowTrigger.REFRESHED,
+            actor=actor,
+            updates={
+                "token_expires_at": token_expires_at,
+                "next_check_at": next_check_at,
+                "error_code": None,
+                "error_description": None,
+            },
+            detail=detail,
+        )
+
+    async def record_refresh_failed(
+        self,
+        flow_id: str,
+        *,
+        actor: str,
+        permanent: bool,
+        error_code: str,
+        description: str | None = None,
+        next_check_at: int | None = None,
+        detail: Mapping[str, Any] | None = None,
+    ) -> Flow:
+        """Transient: back to stored (token kept). Permanent: -> expired, reconnect needed."""
+        data = {"error": error_code, **(detail or {})}
+        return await self._move(
+            flow_id,
+            FlowTrigger.REFRESH_FAILED,
+            actor=actor,
+            condition=Condition.PERMANENT if permanent else Condition.TRANSIENT,
+            updates={
+                "error_code": error_code,
+                "error_description": description,
+                "next_check_at": None if permanent else next_check_at,
+            },
+            detail=data,
+        )
+
+    # ------------------------------------------------------------------- endings
+
+    async def expire(self, flow_id: str, *, actor: str, reason: str) -> Flow:
+        flow = await self._move(
+            flow_id,
+            FlowTrigger.EXPIRE,
+            actor=actor,
+            updates={"deadline": None, "next_check_at": None, "error_code": reason},
+            detail={"reason": reason},
+            drop_verifier=True,
+        )
+        await self.ledger.wipe_pending(flow_id, self.now_ms())
+        self._signal(flow.state_hash)
+        return flow
+
+    async def cancel(self, flow_id: str, *, actor: str) -> Flow:
+        flow = await self._move(
+            flow_id,
+            FlowTrigger.CANCEL,
+            actor=actor,
+            updates={"deadline": None},
+            drop_verifier=True,
+        )
+        self._signal(flow.state_hash)
+        return flow
+
+    async def revoke(
+        self, flow_id: str, *, actor: str, detail: Mapping[str, Any] | None = None
+    ) -> Flow:
+        return await self._move(
+            flow_id,
+            FlowTrigger.REVOKE,
+            actor=actor,
+            updates={"next_check_at": None},
+            detail=detail,
+        )
+
+    async def sweep_expired(self, *, actor: str = "timer", limit: int = 500) -> list[Flow]:
+        """Expire every pending flow past its deadline. The timer calls this periodically."""
+        now = self.now_ms()
+        expired: list[Flow] = []
+        for flow in await self.ledger.due(now, limit=limit):
+            try:
+                expired.append(await self.expire(flow.id, actor=actor, reason="ttl"))
+            except InvalidTransition:
+                # moved on meanwhile (e.g. exchanged): it no longer needs expiring
+                continue
+        return expired
+
+    async def recover(self, *, actor: str = "timer") -> RecoveryReport:
+        """At start-up: expire overdue flows and report the ones a crash interrupted."""
+        report = RecoveryReport()
+        report.expired = await self.sweep_expired(actor=actor)
+        for flow in await self.ledger.list(
+            states=(
+                FlowState.INITIATED,
+                FlowState.AWAITING_CODE,
+                FlowState.CODE_RECEIVED,
+                FlowState.EXCHANGED,
+                FlowState.REFRESHING,
+            ),
+            limit=100_000,
+        ):
+            if flow.state is FlowState.REFRESHING:
+                report.refreshing.append(flow)
+            elif flow.state is FlowState.EXCHANGED:
+                report.exchanged.append(flow)
+            else:
+                report.waiting.append(flow)
+        return report
+
+    async def _fail(
+        self, flow_id: str, trigger: FlowTrigger, *, actor: str, code: str, text: str | None
+    ) -> Flow:
+        return await self._move(
+            flow_id,
+            trigger,
+            actor=actor,
+            updates={"deadline": None, "error_code": code, "error_description": text},
+            detail={"error": code},
+            drop_verifier=True,
+        )
+
+    async def _expire_if_overdue(self, flow: Flow, now: int, *, actor: str) -> Flow:
+        if (
+            flow.deadline is not None
+            and flow.deadline <= now
+            and flow.state
+            in (FlowState.INITIATED, FlowState.AWAITING_CODE, FlowState.CODE_RECEIVED)
+        ):
+            try:
+                return await self.expire(flow.id, actor=actor, reason="ttl")
+            except InvalidTransition:
+                fresh = await self.ledger.get(flow.id)
+                assert fresh is not None
+                return fresh
+        return flow
+
+    async def _move(
+        self,
+        flow_id: str,
+        trigger: FlowTrigger,
+        *,
+        actor: str,
+        at: int | None = None,
+        **kwargs: Any,
+    ) -> Flow:
+        _check_actor(actor)
+        flow = await self.ledger.transition(
+            flow_id, trigger, actor=actor, at=self.now_ms() if at is None else at, **kwargs
+        )
+        log.info("flow %s %s -> %s (%s)", flow.id, trigger.value, flow.state.value, actor)
+        return flow
+
+    # -------------------------------------------------------------------- reading
+
+    async def get_flow(self, flow_id: str) -> Flow:
+        flow = await self.ledger.get(flow_id)
+        if flow is None:
+            raise FlowNotFound(f"no flow {flow_id}", flow_id=flow_id)
+        return flow
+
+    async def inspect(self, flow_id: str) -> FlowRecord:
+        flow = await self.get_flow(flow_id)
+        return FlowRecord(flow=flow, events=tuple(await self.ledger.events(flow_id)))
+
+    async def list_flows(
+        self,
+        *,
+        provider: str | None = None,
+        states: Iterable[FlowState | str] | None = None,
+        limit: int = 50,
+    ) -> list[Flow]:
+        wanted = [FlowState(s) for s in states] if states else None
+        return await self.ledger.list(provider=provider, states=wanted, limit=limit)
+
+    async def connection(self, provider: str) -> Flow | None:
+        """The provider's current connection: its newest stored/refreshing/expired flow."""
+        flows = await self.ledger.list(
+            provider=provider,
+            states=(FlowState.STORED, FlowState.REFRESHING, FlowState.EXPIRED),
+            limit=1,
+        )
+        return flows[0] if flows else None
+
+    async def connections(self) -> list[Flow]:
+        """Current connection of every provider that has one, by provider id."""
+        flows = await self.ledger.list(
+            states=(FlowState.STORED, FlowState.REFRESHING, FlowState.EXPIRED), limit=10_000
+        )
+        newest: dict[str, Flow] = {}
+        for flow in flows:
+            newest.setdefault(flow.provider, flow)
+        return [newest[p] for p in sorted(newest)]
+
+    async def flow_diagram(self, flow_id: str, *, fmt: str = "mermaid") -> str:
+        """The machine with this flow's path highlighted, as Mermaid or SVG text."""
+        from . import diagrams
+
+        record = await self.inspect(flow_id)
+        return diagrams.flow_diagram(record, fmt=fmt)
+
+    # -------------------------------------------------------------- notifications
+
+    async def notify(
+        self,
+        *,
+        kind: str,
+        provider: str,
+        message: str,
+        flow_id: str | None = None,
+        chat_id: int | None = None,
+    ) -> int:
+        return await self.ledger.notify(
+            at=self.now_ms(),
+            kind=kind,
+            provider=provider,
+            message=message,
+            flow_id=flow_id,
+            chat_id=chat_id,
+        )
+
+    async def notifications(self, *, limit: int = 100) -> list[Notification]:
+        return await self.ledger.undelivered(limit=limit)
+
+    async def mark_delivered(self, notification_id: int) -> bool:
+        return await self.ledger.mark_delivered(notification_id, self.now_ms())

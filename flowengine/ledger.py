@@ -1,0 +1,633 @@
+"""The flow ledger: one SQLite file, the only SQL for flows.
+
+Tables (schema version in ``schema_migrations``):
+
+``flows``          one row per authorization; no tokens, the OAuth state only as a hash
+``flow_events``    append-only, one row per transition (flow_id, seq) with actor and detail
+``flow_secrets``   the PKCE verifier while a flow needs it; deleted at the exchange or end
+``oauth_pending``  the callback's code and state (the seed's table); the code is wiped
+                   when it is handed out
+``notifications``  connection events for the owner (expired, refresh failing), read by the
+                   bot, possibly from another process
+
+Every transition is one ``BEGIN IMMEDIATE`` transaction: read the row, ask the machine,
+update it conditionally on its version, append the event, commit. Two writers (tasks,
+connections or processes) racing on one flow serialise on SQLite's write lock; the
+second sees the first one's result and gets InvalidTransition or ConcurrentUpdateError
+and writes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import anyio
+
+from .errors import ConcurrentUpdateError, FlowNotFound, StorageError
+from .machine import FlowMachine
+from .models import Flow, FlowEvent
+from .states import Condition, FlowState, FlowTrigger
+
+__all__ = ["Ledger", "Notification", "SECRET_KEYS"]
+
+#: keys refused in event detail: the ledger never holds these
+SECRET_KEYS = frozenset(
+    {
+        "code",
+        "code_verifier",
+        "verifier",
+        "state",
+        "access",
+        "access_token",
+        "refresh",
+        "refresh_token",
+        "id_token",
+        "token",
+        "client_secret",
+        "secret",
+        "password",
+    }
+)
+
+#: columns a transition may change besides state/version/updated_at
+_UPDATABLE = frozenset(
+    {"deadline", "token_expires_at", "next_check_at", "error_code", "error_description"}
+)
+
+_MIGRATIONS: tuple[tuple[int, str], ...] = (
+    (
+        1,
+        """
+        CREATE TABLE flows (
+            id                TEXT PRIMARY KEY,
+            provider          TEXT NOT NULL,
+            state             TEXT NOT NULL,
+            version           INTEGER NOT NULL,
+            created_at        INTEGER NOT NULL,
+            updated_at        INTEGER NOT NULL,
+            redirect_uri      TEXT NOT NULL,
+            scopes            TEXT NOT NULL,
+            actor             TEXT NOT NULL,
+            chat_id           INTEGER,
+            state_hash        TEXT NOT NULL UNIQUE,
+            uses_pkce         INTEGER NOT NULL,
+            deadline          INTEGER,
+            token_expires_at  INTEGER,
+            next_check_at     INTEGER,
+            error_code        TEXT,
+            error_description TEXT
+        );
+        CREATE INDEX flows_provider_created ON flows(provider, created_at);
+        CREATE INDEX flows_state_updated ON flows(state, updated_at);
+        CREATE INDEX flows_deadline ON flows(deadline) WHERE deadline IS NOT NULL;
+        CREATE INDEX flows_next_check ON flows(next_check_at) WHERE next_check_at IS NOT NULL;
+        CREATE TABLE flow_events (
+            flow_id    TEXT NOT NULL REFERENCES flows(id),
+            seq        INTEGER NOT NULL,
+            at         INTEGER NOT NULL,
+            from_state TEXT,
+            to_state   TEXT NOT NULL,
+            trigger    TEXT,
+            actor      TEXT NOT NULL,
+            detail     TEXT NOT NULL DEFAULT '{}',
+            PRIMARY KEY (flow_id, seq)
+        ) WITHOUT ROWID;
+        CREATE TABLE flow_secrets (
+            flow_id       TEXT PRIMARY KEY REFERENCES flows(id),
+            code_verifier TEXT
+        );
+        CREATE TABLE oauth_pending (
+            state       TEXT PRIMARY KEY,
+            flow_id     TEXT NOT NULL UNIQUE REFERENCES flows(id),
+            code        TEXT,
+            received_at INTEGER NOT NULL,
+            consumed_at INTEGER
+        );
+        CREATE TABLE notifications (
+            id           INTEGER PRIMARY KEY AUTOINCREMENT,
+            at           INTEGER NOT NULL,
+            kind         TEXT NOT NULL,
+            provider     TEXT NOT NULL,
+            flow_id      TEXT,
+            chat_id      INTEGER,
+            message      TEXT NOT NULL,
+            delivered_at INTEGER
+        );
+        CREATE INDEX notifications_undelivered ON notifications(id) WHERE delivered_at IS NULL;
+        """,
+    ),
+)
+
+SCHEMA_VERSION = _MIGRATIONS[-1][0]
+
+_FLOW_COLUMNS = (
+    "id, provider, state, version, created_at, updated_at, redirect_uri, scopes, actor,"
+    " chat_id, state_hash, uses_pkce, deadline, token_expires_at, error_code,"
+    " error_description"
+)
+
+
+def _flow_from_row(row: Sequence[Any]) -> Flow:
+    return Flow(
+        id=row[0],
+        provider=row[1],
+        state=FlowState(row[2]),
+        version=row[3],
+        created_at=row[4],
+        updated_at=row[5],
+        redirect_uri=row[6],
+        scopes=tuple(row[7].split()) if row[7] else (),
+        actor=row[8],
+        chat_id=row[9],
+        state_hash=row[10],
+        uses_pkce=bool(row[11]),
+        deadline=row[12],
+        token_expires_at=row[13],
+        error_code=row[14],
+        error_description=row[15],
+    )
+
+
+def _event_from_row(row: Sequence[Any]) -> FlowEvent:
+    return FlowEvent(
+        flow_id=row[0],
+        seq=row[1],
+        at=row[2],
+        from_state=FlowState(row[3]) if row[3] else None,
+        to_state=FlowState(row[4]),
+        trigger=FlowTrigger(row[5]) if row[5] else None,
+        actor=row[6],
+        detail=json.loads(row[7]),
+    )
+
+
+def _create_private(file: Path) -> None:
+    """Create the ledger file (and its directory) readable by the owner only."""
+    file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(file, os.O_CREAT | os.O_WRONLY, 0o600)
+    os.close(fd)
+
+
+def check_detail(detail: Mapping[str, Any]) -> str:
+    """Serialise event detail, refusing any key that names a secret."""
+    bad = sorted(k for k in detail if k.lower() in SECRET_KEYS)
+    if bad:
+        raise ValueError(f"event detail may not hold secrets: {', '.join(bad)}")
+    return json.dumps(dict(detail), sort_keys=True, separators=(",", ":"))
+
+
+class Notification:
+    """A connection event for the owner (read by the bot, marked delivered once sent)."""
+
+    __slots__ = ("at", "chat_id", "flow_id", "id", "kind", "message", "provider")
+
+    def __init__(
+        self,
+        id: int,
+        at: int,
+        kind: str,
+        provider: str,
+        flow_id: str | None,
+        chat_id: int | None,
+        message: str,
+    ) -> None:
+        self.id = id
+        self.at = at
+        self.kind = kind
+        self.provider = provider
+        self.flow_id = flow_id
+        self.chat_id = chat_id
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"Notification(id={self.id}, kind={self.kind!r}, provider={self.provider!r})"
+
+
+class Ledger:
+    """Async access to the ledger file. One connection per process; writes serialised."""
+
+    def __init__(self, conn: aiosqlite.Connection, path: Path, machine: FlowMachine) -> None:
+        self._conn = conn
+        self.path = path
+        self._machine = machine
+        self._lock = anyio.Lock()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @classmethod
+    async def open(cls, path: str | os.PathLike[str], *, busy_timeout_ms: int = 10_000) -> Ledger:
+        """Open (creating and migrating if needed) the ledger at ``path``, mode 0600."""
+        file = Path(path)
+        try:
+            await anyio.to_thread.run_sync(_create_private, file)
+            conn = await aiosqlite.connect(file, isolation_level=None)
+        except (OSError, sqlite3.Error) as err:
+            raise StorageError(f"cannot open the ledger: {err}", path=str(file)) from err
+        try:
+            await conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+            await conn.execute("PRAGMA journal_mode = WAL")
+            await conn.execute("PRAGMA synchronous = NORMAL")
+            await conn.execute("PRAGMA foreign_keys = ON")
+            ledger = cls(conn, file, FlowMachine())
+            await ledger._migrate()
+        except sqlite3.Error as err:
+            await conn.close()
+            raise StorageError(f"cannot prepare the ledger: {err}", path=str(file)) from err
+        return ledger
+
+    async def close(self) -> None:
+        await self._conn.close()
+
+    async def _migrate(self) -> None:
+        async with self._lock:
+            await self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                await self._conn.execute(
+                    "CREATE TABLE IF NOT EXISTS schema_migrations"
+                    " (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)"
+                )
+                async with self._conn.execute(
+                    "SELECT COALESCE(MAX(version), 0) FROM schema_migrations"
+                ) as cur:
+                    row = await cur.fetchone()
+                current = int(row[0]) if row else 0
+                if current > SCHEMA_VERSION:
+                    raise StorageError(
+                        f"ledger schema version {current} is newer than this program"
+                        f" ({SCHEMA_VERSION}); upgrade agentd-oauth",
+                        path=str(self.path),
+                    )
+                for version, script in _MIGRATIONS:
+                    if version <= current:
+                        continue
+                    for statement in script.split(";"):
+                        if statement.strip():
+                            await self._conn.execute(statement)
+                    await self._conn.execute(
+                        "INSERT INTO schema_migrations VALUES (?, datetime('now'))", (version,)
+                    )
+                await self._conn.execute("COMMIT")
+            except BaseException:
+                await self._conn.execute("ROLLBACK")
+                raise
+
+    async def schema_version(self) -> int:
+        async with self._conn.execute("SELECT MAX(version) FROM schema_migrations") as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row and row[0] is not None else 0
+
+    # --------------------------------------------------------------- transactions
+
+    async def _begin(self) -> None:
+        try:
+            await self._conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as err:
+            raise StorageError(f"ledger is busy: {err}", path=str(self.path)) from err
+
+    async def _fetch_flow(self, where: str, args: Sequence[Any]) -> Flow | None:
+        async with self._conn.execute(
+            f"SELECT {_FLOW_COLUMNS} FROM flows WHERE {where}", args
+        ) as cur:
+            row = await cur.fetchone()
+        return _flow_from_row(row) if row else None
+
+    async def create(
+        self,
+        *,
+        flow_id: str,
+        provider: str,
+        at: int,
+        redirect_uri: str,
+        scopes: Sequence[str],
+        actor: str,
+        chat_id: int | None,
+        state_hash: str,
+        code_verifier: str | None,
+        deadline: int | None,
+        detail: Mapping[str, Any] | None = None,
+    ) -> Flow:
+        """Insert a new flow in ``initiated`` with its creating event (seq 1)."""
+        detail_json = check_detail(detail or {})
+        async with self._lock:
+            await self._begin()
+            try:
+                await self._conn.execute(
+                    "INSERT INTO flows (id, provider, state, version, created_at, updated_at,"
+                    " redirect_uri, scopes, actor, chat_id, state_hash, uses_pkce, deadline)"
+                    " VALUES (?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        flow_id,
+                        provider,
+                        FlowState.INITIATED.value,
+                        at,
+                        at,
+                        redirect_uri,
+                        " ".join(scopes),
+                        actor,
+                        chat_id,
+                        state_hash,
+                        int(code_verifier is not None),
+                        deadline,
+                    ),
+                )
+                await self._conn.execute(
+                    "INSERT INTO flow_events VALUES (?, 1, ?, NULL, ?, NULL, ?, ?)",
+                    (flow_id, at, FlowState.INITIATED.value, actor, detail_json),
+                )
+                if code_verifier is not None:
+                    await self._conn.execute(
+                        "INSERT INTO flow_secrets VALUES (?, ?)", (flow_id, code_verifier)
+                    )
+                await self._conn.execute("COMMIT")
+            except BaseException:
+                await self._conn.execute("ROLLBACK")
+                raise
+        flow = await self.get(flow_id)
+        assert flow is not None
+        return flow
+
+    async def transition(
+        self,
+        flow_id: str,
+        trigger: FlowTrigger,
+        *,
+        actor: str,
+        at: int,
+        condition: Condition | None = None,
+        expected_version: int | None = None,
+        updates: Mapping[str, Any] | None = None,
+        detail: Mapping[str, Any] | None = None,
+        pending_code: tuple[str, str] | None = None,
+        drop_verifier: bool = False,
+    ) -> Flow:
+        """Apply ``trigger`` to one flow in one transaction and return the new row.
+
+        ``pending_code`` = (oauth state, code) also records the callback in
+        ``oauth_pending`` inside the same transaction. Raises FlowNotFound,
+        InvalidTransition or ConcurrentUpdateError, having written nothing.
+        """
+        detail_json = check_detail(detail or {})
+        changes = dict(updates or {})
+        unknown = set(changes) - _UPDATABLE
+        if unknown:
+            raise ValueError(f"a transition cannot set {sorted(unknown)}")
+        async with self._lock:
+            await self._begin()
+            try:
+                flow = await self._fetch_flow("id = ?", (flow_id,))
+                if flow is None:
+                    raise FlowNotFound(f"no flow {flow_id}", flow_id=flow_id)
+                if expected_version is not None and flow.version != expected_version:
+                    raise ConcurrentUpdateError(
+                        flow_id=flow_id, expected=expected_version, actual=flow.version
+                    )
+                dest = self._machine.fire(flow.state, trigger, condition=condition, flow_id=flow_id)
+                assignments = ["state = ?", "version = version + 1", "updated_at = ?"]
+                args: list[Any] = [dest.value, at]
+                for column, value in sorted(changes.items()):
+                    assignments.append(f"{column} = ?")
+                    args.append(value)
+                args += [flow_id, flow.version]
+                cur = await self._conn.execute(
+                    f"UPDATE flows SET {', '.join(assignments)} WHERE id = ? AND version = ?",
+                    args,
+                )
+                if cur.rowcount != 1:  # pragma: no cover - guarded by the write lock
+                    raise ConcurrentUpdateError(flow_id=flow_id, expected=flow.version, actual=-1)
+                await self._conn.execute(
+                    "INSERT INTO flow_events VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        flow_id,
+                        flow.version + 1,
+                        at,
+                        flow.state.value,
+                        dest.value,
+                        trigger.value,
+                        actor,
+                        detail_json,
+                    ),
+                )
+                if pending_code is not None:
+                    await self._conn.execute(
+                        "INSERT INTO oauth_pending (state, flow_id, code, received_at)"
+                        " VALUES (?, ?, ?, ?)",
+                        (pending_code[0], flow_id, pending_code[1], at),
+                    )
+                if drop_verifier:
+                    await self._conn.execute(
+                        "DELETE FROM flow_secrets WHERE flow_id = ?", (flow_id,)
+                    )
+                await self._conn.execute("COMMIT")
+            except BaseException:
+                await self._conn.execute("ROLLBACK")
+                raise
+        new = await self.get(flow_id)
+        assert new is not None
+        return new
+
+    async def set_next_check(self, flow_id: str, at: int | None) -> None:
+        """Schedule the timer's next look at a connection (not a transition: no event)."""
+        async with self._lock:
+            await self._conn.execute(
+                "UPDATE flows SET next_check_at = ? WHERE id = ?", (at, flow_id)
+            )
+
+    # --------------------------------------------------------------------- reads
+
+    async def get(self, flow_id: str) -> Flow | None:
+        async with self._lock:
+            return await self._fetch_flow("id = ?", (flow_id,))
+
+    async def by_state_hash(self, state_hash: str) -> Flow | None:
+        async with self._lock:
+            return await self._fetch_flow("state_hash = ?", (state_hash,))
+
+    async def events(self, flow_id: str) -> list[FlowEvent]:
+        async with (
+            self._lock,
+            self._conn.execute(
+                "SELECT flow_id, seq, at, from_state, to_state, trigger, actor, detail"
+                " FROM flow_events WHERE flow_id = ? ORDER BY seq",
+                (flow_id,),
+            ) as cur,
+        ):
+            rows = await cur.fetchall()
+        return [_event_from_row(r) for r in rows]
+
+    async def list(
+        self,
+        *,
+        provider: str | None = None,
+        states: Sequence[FlowState] | None = None,
+        limit: int = 50,
+    ) -> list[Flow]:
+        """Newest first."""
+        where: list[str] = []
+        args: list[Any] = []
+        if provider:
+            where.append("provider = ?")
+            args.append(provider)
+        if states:
+            where.append(f"state IN ({', '.join('?' for _ in states)})")
+            args += [s.value for s in states]
+        sql = f"SELECT {_FLOW_COLUMNS} FROM flows"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY created_at DESC, rowid DESC LIMIT ?"
+        args.append(int(limit))
+        async with self._lock, self._conn.execute(sql, args) as cur:
+            rows = await cur.fetchall()
+        return [_flow_from_row(r) for r in rows]
+
+    async def due(self, now_ms: int, *, limit: int = 500) -> list[Flow]:
+        """Pending flows whose deadline has passed (uses the partial deadline index)."""
+        async with (
+            self._lock,
+            self._conn.execute(
+                f"SELECT {_FLOW_COLUMNS} FROM flows WHERE deadline IS NOT NULL AND deadline <= ?"
+                " ORDER BY deadline LIMIT ?",
+                (now_ms, int(limit)),
+            ) as cur,
+        ):
+            rows = await cur.fetchall()
+        return [_flow_from_row(r) for r in rows]
+
+    async def due_checks(self, now_ms: int, *, limit: int = 500) -> list[Flow]:
+        """Connections whose next timer check is due (uses the partial next_check index)."""
+        async with (
+            self._lock,
+            self._conn.execute(
+                f"SELECT {_FLOW_COLUMNS} FROM flows"
+                " WHERE next_check_at IS NOT NULL AND next_check_at <= ?"
+                " ORDER BY next_check_at LIMIT ?",
+                (now_ms, int(limit)),
+            ) as cur,
+        ):
+            rows = await cur.fetchall()
+        return [_flow_from_row(r) for r in rows]
+
+    async def next_check_at(self, flow_id: str) -> int | None:
+        async with (
+            self._lock,
+            self._conn.execute("SELECT next_check_at FROM flows WHERE id = ?", (flow_id,)) as cur,
+        ):
+            row = await cur.fetchone()
+        return int(row[0]) if row and row[0] is not None else None
+
+    async def verifier(self, flow_id: str) -> str | None:
+        async with (
+            self._lock,
+            self._conn.execute(
+                "SELECT code_verifier FROM flow_secrets WHERE flow_id = ?", (flow_id,)
+            ) as cur,
+        ):
+            row = await cur.fetchone()
+        return row[0] if row else None
+
+    # -------------------------------------------------------------- oauth_pending
+
+    async def pending(self, state: str) -> tuple[str, bool, int, int | None] | None:
+        """(flow_id, has_code, received_at, consumed_at) for a callback state, or None."""
+        async with (
+            self._lock,
+            self._conn.execute(
+                "SELECT flow_id, code IS NOT NULL, received_at, consumed_at"
+                " FROM oauth_pending WHERE state = ?",
+                (state,),
+            ) as cur,
+        ):
+            row = await cur.fetchone()
+        if row is None:
+            return None
+        return row[0], bool(row[1]), int(row[2]), row[3]
+
+    async def consume(self, state: str, at: int) -> tuple[str, str, int] | None:
+        """Hand out the code once: (flow_id, code, received_at); wipes it from the table."""
+        async with self._lock:
+            await self._begin()
+            try:
+                # RETURNING would give the wiped value: read first, then wipe
+                async with self._conn.execute(
+                    "SELECT flow_id, code, received_at FROM oauth_pending"
+                    " WHERE state = ? AND consumed_at IS NULL AND code IS NOT NULL",
+                    (state,),
+                ) as cur:
+                    row = await cur.fetchone()
+                if row is not None:
+                    await self._conn.execute(
+                        "UPDATE oauth_pending SET consumed_at = ?, code = NULL WHERE state = ?",
+                        (at, state),
+                    )
+                await self._conn.execute("COMMIT")
+            except BaseException:
+                await self._conn.execute("ROLLBACK")
+                raise
+        if row is None:
+            return None
+        return row[0], row[1], int(row[2])
+
+    async def wipe_pending(self, flow_id: str, at: int) -> None:
+        """Forget an unconsumed code (its flow ended)."""
+        async with self._lock:
+            await self._conn.execute(
+                "UPDATE oauth_pending SET code = NULL, consumed_at = COALESCE(consumed_at, ?)"
+                " WHERE flow_id = ?",
+                (at, flow_id),
+            )
+
+    # --------------------------------------------------------------- notifications
+
+    async def notify(
+        self,
+        *,
+        at: int,
+        kind: str,
+        provider: str,
+        message: str,
+        flow_id: str | None = None,
+        chat_id: int | None = None,
+    ) -> int:
+        async with self._lock:
+            cur = await self._conn.execute(
+                "INSERT INTO notifications (at, kind, provider, flow_id, chat_id, message)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (at, kind, provider, flow_id, chat_id, message),
+            )
+            return int(cur.lastrowid or 0)
+
+    async def undelivered(self, *, limit: int = 100) -> list[Notification]:
+        async with (
+            self._lock,
+            self._conn.execute(
+                "SELECT id, at, kind, provider, flow_id, chat_id, message FROM notifications"
+                " WHERE delivered_at IS NULL ORDER BY id LIMIT ?",
+                (int(limit),),
+            ) as cur,
+        ):
+            rows = await cur.fetchall()
+        return [Notification(*row) for row in rows]
+
+    async def mark_delivered(self, notification_id: int, at: int) -> bool:
+        async with self._lock:
+            cur = await self._conn.execute(
+                "UPDATE notifications SET delivered_at = ? WHERE id = ? AND delivered_at IS NULL",
+                (at, notification_id),
+            )
+            return cur.rowcount == 1
+
+    # ------------------------------------------------------------------- counting
+
+    async def counts(self) -> dict[str, int]:
+        """Number of flows per state."""
+        async with (
+            self._lock,
+            self._conn.execute("SELECT state, COUNT(*) FROM flows GROUP BY state") as cur,
+        ):
+            rows = await cur.fetchall()
+        return {str(state): int(n) for state, n in rows}
