@@ -1,0 +1,280 @@
+"""agentd.toml: one configuration file, environment overrides, and ``agentd config check``.
+
+File: ``$AGENTD_CONFIG`` or ``$XDG_CONFIG_HOME/agent/agentd.toml`` (optional: every key has
+a default). Any key can be overridden from the environment as ``AGENTD_<SECTION>_<KEY>``
+(e.g. ``AGENTD_SERVER_PORT=8443``, ``AGENTD_TELEGRAM_BOT_TOKEN=...``). Lists are
+comma-separated in the environment.
+
+Loading never stops at the first problem: :func:`load_config` collects every problem
+with file, key and a hint; ``agentd config check`` prints them all.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flowengine import paths
+
+__all__ = ["Config", "ConfigProblem", "load_config", "SCHEMA"]
+
+# section -> key -> (type, default, hint)
+SCHEMA: dict[str, dict[str, tuple[type, Any, str]]] = {
+    "server": {
+        "mode": (
+            str,
+            "tls",
+            "tls (own certificate from tailscaled) or serve (behind tailscale serve)",
+        ),
+        "host": (str, "", "bind address; empty = the Tailscale IP (tls) or 127.0.0.1 (serve)"),
+        "port": (int, 8400, "TCP port the daemon listens on, 1-65535"),
+        "public_port": (int, 0, "port in the redirect URI; 0 = same as port (serve mode: 8400)"),
+        "public_name": (str, "", "MagicDNS name, e.g. host.tailnet.ts.net; empty = ask tailscaled"),
+        "redirect_uri": (str, "", "empty = https://<public_name>:<port>/oauth/callback"),
+        "cert_file": (str, "", "PEM certificate chain from `tailscale cert`; empty = fetch"),
+        "key_file": (str, "", "PEM private key from `tailscale cert`; empty = fetch"),
+        "allow_public_bind": (bool, False, "true only if you really mean a non-tailnet address"),
+        "allowed_logins": (list, [], "tailnet logins allowed to reach the daemon; empty = any"),
+        "api_token": (str, "", "bearer token for the API; empty = generated in the state dir"),
+        "localapi_socket": (str, "/var/run/tailscale/tailscaled.sock", "tailscaled's socket"),
+    },
+    "timer": {
+        "interval": (float, 30.0, "seconds between sweeps, > 0"),
+        "awaiting_ttl": (float, 600.0, "seconds a link stays valid, > 0"),
+        "code_ttl": (float, 300.0, "seconds a received code waits for its exchange, > 0"),
+        "refresh_fraction": (float, 0.25, "refresh when this fraction of the lifetime is left"),
+        "refresh_floor": (float, 300.0, "always refresh this many seconds before expiry"),
+        "unknown_expiry_check": (float, 3600.0, "check tokens of unknown lifetime this often"),
+    },
+    "telegram": {
+        "bot_token": (str, "", "from @BotFather; empty = no bot"),
+        "api_id": (int, 0, "from my.telegram.org"),
+        "api_hash": (str, "", "from my.telegram.org"),
+        "owner_ids": (list, [], "Telegram user ids allowed to talk to the bot"),
+        "timezone": (str, "UTC", "the owner's time zone for charts, e.g. Europe/Berlin"),
+    },
+    "client": {
+        "api_base_url": (str, "", "where the bot and CLI reach the daemon; empty = derived"),
+        "ca_file": (str, "", "CA bundle to trust for the daemon; empty = system CAs"),
+    },
+    "paths": {
+        "state_dir": (str, "", "empty = $XDG_STATE_HOME/agentd"),
+        "auth_file": (str, "", "empty = $AGENT_AUTH_FILE or $XDG_DATA_HOME/agent/auth.json"),
+    },
+}
+
+_SECRET_KEYS = {("telegram", "bot_token"), ("telegram", "api_hash"), ("server", "api_token")}
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigProblem:
+    file: str
+    key: str
+    message: str
+    hint: str
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.key}: {self.message} (hint: {self.hint})"
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration; ``values[section][key]``."""
+
+    file: Path
+    values: dict[str, dict[str, Any]] = field(repr=False)
+    problems: tuple[ConfigProblem, ...] = ()
+    file_exists: bool = False
+
+    def get(self, section: str, key: str) -> Any:
+        return self.values[section][key]
+
+    @property
+    def state_dir(self) -> Path:
+        explicit = self.values["paths"]["state_dir"]
+        return Path(explicit).expanduser() if explicit else paths.state_dir()
+
+    @property
+    def auth_file(self) -> Path:
+        explicit = self.values["paths"]["auth_file"]
+        return Path(explicit).expanduser() if explicit else paths.auth_file()
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.state_dir / "ledger.sqlite3"
+
+    @property
+    def credentials_path(self) -> Path:
+        return self.state_dir / "credentials.json"
+
+    @property
+    def api_token_path(self) -> Path:
+        return self.state_dir / "api-token"
+
+    @property
+    def telegram_enabled(self) -> bool:
+        return bool(self.values["telegram"]["bot_token"])
+
+    def redacted(self) -> dict[str, dict[str, Any]]:
+        """The values with secrets masked, for ``agentd config show``."""
+        out: dict[str, dict[str, Any]] = {}
+        for section, keys in self.values.items():
+            out[section] = {}
+            for key, value in keys.items():
+                hidden = (section, key) in _SECRET_KEYS and value
+                out[section][key] = "********" if hidden else value
+        return out
+
+
+def _coerce(value: Any, kind: type, *, from_env: bool) -> Any:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if from_env and str(value).lower() in {"1", "true", "yes", "on"}:
+            return True
+        if from_env and str(value).lower() in {"0", "false", "no", "off", ""}:
+            return False
+        raise ValueError("must be true or false")
+    if kind is int:
+        if isinstance(value, bool):
+            raise ValueError("must be a whole number")
+        if isinstance(value, int):
+            return value
+        if from_env:
+            return int(str(value).strip())
+        raise ValueError("must be a whole number")
+    if kind is float:
+        if isinstance(value, bool):
+            raise ValueError("must be a number")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if from_env:
+            return float(str(value).strip())
+        raise ValueError("must be a number")
+    if kind is list:
+        if isinstance(value, list):
+            return value
+        if from_env:
+            return [part.strip() for part in str(value).split(",") if part.strip()]
+        raise ValueError("must be a list")
+    if kind is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError("must be a string")
+    raise TypeError(kind)  # pragma: no cover
+
+
+def _validate(values: dict[str, dict[str, Any]], where: str) -> list[ConfigProblem]:
+    problems: list[ConfigProblem] = []
+
+    def bad(section: str, key: str, message: str) -> None:
+        problems.append(ConfigProblem(where, f"{section}.{key}", message, SCHEMA[section][key][2]))
+
+    server = values["server"]
+    if server["mode"] not in ("tls", "serve"):
+        bad("server", "mode", f"unknown mode {server['mode']!r}")
+    if not 1 <= server["port"] <= 65535:
+        bad("server", "port", f"{server['port']} is not a TCP port")
+    if not 0 <= server["public_port"] <= 65535:
+        bad("server", "public_port", f"{server['public_port']} is not a TCP port")
+    if bool(server["cert_file"]) != bool(server["key_file"]):
+        key = "key_file" if server["cert_file"] else "cert_file"
+        bad("server", key, "cert_file and key_file go together")
+    for key in ("cert_file", "key_file"):
+        if server[key] and not Path(server[key]).expanduser().is_file():
+            bad("server", key, f"no such file: {server[key]}")
+    uri = server["redirect_uri"]
+    if uri and not (uri.startswith("https://") and uri.endswith("/oauth/callback")):
+        bad("server", "redirect_uri", "must be https://<name>:<port>/oauth/callback")
+    for key in ("interval", "awaiting_ttl", "code_ttl", "refresh_floor", "unknown_expiry_check"):
+        if values["timer"][key] <= 0:
+            bad("timer", key, "must be greater than 0")
+    if not 0 < values["timer"]["refresh_fraction"] < 1:
+        bad("timer", "refresh_fraction", "must be between 0 and 1")
+    tg = values["telegram"]
+    if tg["bot_token"]:
+        if tg["api_id"] <= 0:
+            bad("telegram", "api_id", "a bot token needs api_id too")
+        if not tg["api_hash"]:
+            bad("telegram", "api_hash", "a bot token needs api_hash too")
+        if not tg["owner_ids"]:
+            bad("telegram", "owner_ids", "nobody could talk to the bot")
+    ids: list[int] = []
+    for raw in tg["owner_ids"]:
+        try:
+            ids.append(int(raw))
+        except (TypeError, ValueError):
+            bad("telegram", "owner_ids", f"{raw!r} is not a Telegram user id")
+    tg["owner_ids"] = ids
+    try:
+        from zoneinfo import ZoneInfo
+
+        ZoneInfo(tg["timezone"])
+    except Exception:  # noqa: BLE001 - any lookup failure is a config problem
+        bad("telegram", "timezone", f"unknown time zone {tg['timezone']!r}")
+    return problems
+
+
+def load_config(
+    file: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None
+) -> Config:
+    """Read defaults, then the file, then ``AGENTD_*`` environment overrides."""
+    environ = os.environ if env is None else env
+    path = Path(file) if file else paths.config_file(environ)
+    values: dict[str, dict[str, Any]] = {
+        section: {
+            key: (list(spec[1]) if spec[0] is list else spec[1]) for key, spec in keys.items()
+        }
+        for section, keys in SCHEMA.items()
+    }
+    problems: list[ConfigProblem] = []
+    where = str(path)
+    exists = path.is_file()
+    if exists:
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as err:
+            problems.append(ConfigProblem(where, "-", f"cannot read: {err}", "check permissions"))
+            data = {}
+        except tomllib.TOMLDecodeError as err:
+            problems.append(ConfigProblem(where, "-", f"not valid TOML: {err}", "fix the syntax"))
+            data = {}
+        for section, keys in data.items():
+            if section not in SCHEMA:
+                problems.append(
+                    ConfigProblem(where, section, "unknown section", f"one of {', '.join(SCHEMA)}")
+                )
+                continue
+            if not isinstance(keys, dict):
+                problems.append(ConfigProblem(where, section, "must be a table", f"[{section}]"))
+                continue
+            for key, value in keys.items():
+                if key not in SCHEMA[section]:
+                    problems.append(
+                        ConfigProblem(
+                            where,
+                            f"{section}.{key}",
+                            "unknown key",
+                            f"one of {', '.join(SCHEMA[section])}",
+                        )
+                    )
+                    continue
+                kind, _, hint = SCHEMA[section][key]
+                try:
+                    values[section][key] = _coerce(value, kind, from_env=False)
+                except ValueError as err:
+                    problems.append(ConfigProblem(where, f"{section}.{key}", str(err), hint))
+    for section, keys in SCHEMA.items():
+        for key, (kind, _, hint) in keys.items():
+            name = f"AGENTD_{section.upper()}_{key.upper()}"
+            if name in environ:
+                try:
+                    values[section][key] = _coerce(environ[name], kind, from_env=True)
+                except ValueError as err:
+                    problems.append(ConfigProblem(f"${name}", f"{section}.{key}", str(err), hint))
+    problems += _validate(values, where)
+    return Config(file=path, values=values, problems=tuple(problems), file_exists=exists)

@@ -1,0 +1,119 @@
+"""Wiring: open the engine, catalog, stores and broker from a Config (composition root)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+
+from agentd.config import Config
+from flowengine.broker import Broker
+from flowengine.catalog import Catalog, load_catalog
+from flowengine.clock import Clock
+from flowengine.credentials import CredentialStore
+from flowengine.engine import FlowEngine
+from flowengine.errors import ConfigError
+from flowengine.tokens import TokenStore
+
+__all__ = ["Context", "api_token", "daemon_base_url", "open_context", "redirect_uri"]
+
+
+@dataclass
+class Context:
+    config: Config
+    engine: FlowEngine
+    catalog: Catalog
+    credentials: CredentialStore
+    tokens: TokenStore
+    broker: Broker
+    http: httpx.AsyncClient
+
+
+@asynccontextmanager
+async def open_context(
+    config: Config,
+    *,
+    clock: Clock | None = None,
+    catalog: Catalog | None = None,
+    http: httpx.AsyncClient | None = None,
+) -> AsyncIterator[Context]:
+    """Everything a command needs, closed again on exit."""
+    timer = config.values["timer"]
+    engine = await FlowEngine.open(
+        config.ledger_path,
+        clock=clock,
+        awaiting_ttl=timer["awaiting_ttl"],
+        code_ttl=timer["code_ttl"],
+    )
+    own_http = http is None
+    client = http or httpx.AsyncClient(timeout=httpx.Timeout(20.0, connect=10.0))
+    try:
+        cat = catalog or load_catalog()
+        credentials = CredentialStore(config.credentials_path)
+        tokens = TokenStore(config.auth_file)
+        broker = Broker(engine, catalog=cat, credentials=credentials, tokens=tokens, http=client)
+        yield Context(config, engine, cat, credentials, tokens, broker, client)
+    finally:
+        if own_http:
+            await client.aclose()
+        await engine.close()
+
+
+def api_token(config: Config, *, create: bool = False) -> str:
+    """The API bearer token: from config, else the state dir's file (created when asked)."""
+    configured = config.values["server"]["api_token"]
+    if configured:
+        return str(configured)
+    path: Path = config.api_token_path
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        if not create:
+            raise ConfigError(
+                "no API token yet",
+                file=str(path),
+                hint="start `agentd serve` once, or set server.api_token",
+            ) from None
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    token = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(token + "\n")
+    return token
+
+
+def redirect_uri(config: Config, public_name: str | None = None) -> str:
+    """The exact redirect URI registered at providers."""
+    server = config.values["server"]
+    if server["redirect_uri"]:
+        return str(server["redirect_uri"])
+    name = public_name or server["public_name"]
+    if not name:
+        raise ConfigError(
+            "the daemon's MagicDNS name is unknown",
+            key="server.public_name",
+            hint="set server.public_name (e.g. host.tailnet.ts.net) or server.redirect_uri",
+        )
+    port = int(server["public_port"] or server["port"])
+    return (
+        f"https://{name}:{port}/oauth/callback" if port != 443 else f"https://{name}/oauth/callback"
+    )
+
+
+def daemon_base_url(config: Config, public_name: str | None = None) -> str:
+    """Where the CLI and the bot reach the daemon's API."""
+    explicit = config.values["client"]["api_base_url"]
+    if explicit:
+        return str(explicit).rstrip("/")
+    server = config.values["server"]
+    if server["mode"] == "serve":
+        host = server["host"] or "127.0.0.1"
+        return f"http://{host}:{int(server['port'])}"
+    parts = urlsplit(redirect_uri(config, public_name))
+    return f"{parts.scheme}://{parts.netloc}"
