@@ -1,0 +1,307 @@
+"""The provider catalog: provider id -> ProviderSpec. [pure]
+
+A provider is declarative data: endpoints, scopes and the quirks real providers have
+(token endpoint client auth, scope separator, extra token-request parameters, a response
+envelope, revocation, whether refresh tokens rotate). The built-in catalog ships in the
+package as ``providers.toml``; a user file (``$XDG_CONFIG_HOME/agent/providers.toml``)
+adds providers or overrides fields of built-in ones, table by table::
+
+    [providers.dexcom]
+    scopes = ["offline_access"]
+
+    [providers.myhealth]
+    name = "My Health"
+    authorize_url = "https://auth.example.org/authorize"
+    token_url = "https://auth.example.org/token"
+    token_auth_method = "client_secret_basic"
+
+Client credentials are not part of the catalog (see credentials.py). Every validation
+error is a ConfigError naming the file, the provider and the field.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import tomllib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from . import paths
+from .errors import ConfigError, UnknownProviderError
+
+__all__ = [
+    "BUILTIN_CATALOG",
+    "Catalog",
+    "ProviderSpec",
+    "TOKEN_AUTH_METHODS",
+    "load_catalog",
+    "parse_catalog",
+]
+
+TokenAuthMethod = Literal["client_secret_basic", "client_secret_post", "none"]
+
+#: how the client authenticates at the token endpoint (RFC 6749 §2.3.1, RFC 7591 §2)
+TOKEN_AUTH_METHODS: tuple[str, ...] = ("client_secret_basic", "client_secret_post", "none")
+
+#: the catalog shipped with the package
+BUILTIN_CATALOG = Path(__file__).with_name("providers.toml")
+
+_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderSpec:
+    """What the broker knows about one OAuth 2.0 provider. Holds no secret."""
+
+    id: str
+    name: str
+    authorize_url: str
+    token_url: str
+    revocation_url: str | None = None
+    api_base_url: str | None = None
+    scopes: tuple[str, ...] = ()
+    scope_separator: str = " "
+    use_pkce: bool = True
+    token_auth_method: TokenAuthMethod = "client_secret_basic"
+    authorize_params: Mapping[str, str] = field(default_factory=dict)
+    token_params: Mapping[str, str] = field(default_factory=dict)
+    #: key of the object holding the token response (Withings: "body"), or None
+    response_envelope: str | None = None
+    #: key of the envelope's status; any value but 0 is an error (Withings: "status")
+    envelope_status_key: str = "status"
+    #: True: every refresh returns a new refresh token and the old one dies;
+    #: False: the refresh token stays; None: unknown (handled like True)
+    rotates_refresh_tokens: bool | None = None
+    #: documented access-token lifetime in seconds, when the response omits expires_in
+    access_token_lifetime: int | None = None
+    docs_url: str | None = None
+    notes: str | None = None
+
+    @property
+    def needs_secret(self) -> bool:
+        """True unless the client is public (token_auth_method = "none")."""
+        return self.token_auth_method != "none"
+
+    def public(self) -> dict[str, Any]:
+        """JSON-ready view (a spec holds no secret)."""
+        return {
+            "id": self.id,
+            "name": self.name,
+            "authorize_url": self.authorize_url,
+            "token_url": self.token_url,
+            "revocation_url": self.revocation_url,
+            "api_base_url": self.api_base_url,
+            "scopes": list(self.scopes),
+            "scope_separator": self.scope_separator,
+            "use_pkce": self.use_pkce,
+            "token_auth_method": self.token_auth_method,
+            "authorize_params": dict(self.authorize_params),
+            "token_params": dict(self.token_params),
+            "response_envelope": self.response_envelope,
+            "rotates_refresh_tokens": self.rotates_refresh_tokens,
+            "access_token_lifetime": self.access_token_lifetime,
+            "docs_url": self.docs_url,
+            "needs_secret": self.needs_secret,
+        }
+
+
+_FIELDS = {f.name for f in fields(ProviderSpec)} - {"id"}
+_REQUIRED = ("authorize_url", "token_url")
+
+
+class Catalog:
+    """An immutable set of providers; ``with_override`` returns a new catalog."""
+
+    def __init__(self, specs: Mapping[str, ProviderSpec] | None = None) -> None:
+        self._specs: dict[str, ProviderSpec] = dict(sorted((specs or {}).items()))
+
+    def get(self, provider_id: str) -> ProviderSpec:
+        spec = self._specs.get(provider_id)
+        if spec is None:
+            close = difflib.get_close_matches(provider_id, list(self._specs), n=3, cutoff=0.6)
+            raise UnknownProviderError(provider_id, suggestions=close)
+        return spec
+
+    def ids(self) -> list[str]:
+        return list(self._specs)
+
+    def all(self) -> list[ProviderSpec]:
+        return list(self._specs.values())
+
+    def __contains__(self, provider_id: object) -> bool:
+        return provider_id in self._specs
+
+    def __iter__(self) -> Iterator[ProviderSpec]:
+        return iter(self._specs.values())
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+    def with_override(self, spec: ProviderSpec) -> Catalog:
+        """A new catalog with ``spec`` added (or replacing the provider of the same id)."""
+        _validate(spec, file="<code>")
+        return Catalog({**self._specs, spec.id: spec})
+
+    def register(self, spec: ProviderSpec) -> None:
+        """Add or replace a provider in place (tests, the demo's simulated provider)."""
+        _validate(spec, file="<code>")
+        self._specs[spec.id] = spec
+        self._specs = dict(sorted(self._specs.items()))
+
+    def __repr__(self) -> str:
+        return f"Catalog({', '.join(self._specs)})"
+
+
+# --------------------------------------------------------------------- parsing
+
+
+def _err(file: str, provider: str, key: str | None, message: str) -> ConfigError:
+    where = f"providers.{provider}" + (f".{key}" if key else "")
+    return ConfigError(message, file=file, key=where)
+
+
+def _url(file: str, pid: str, key: str, value: Any, *, optional: bool) -> str | None:
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or not value:
+        raise _err(file, pid, key, "must be a non-empty URL string")
+    parts = urlsplit(value)
+    if parts.scheme not in ("https", "http") or not parts.netloc:
+        raise _err(file, pid, key, f"must be an absolute http(s) URL, got {value!r}")
+    if parts.scheme == "http" and parts.hostname not in ("127.0.0.1", "localhost", "::1"):
+        raise _err(file, pid, key, "must use https (plain http only for localhost)")
+    return value
+
+
+def _str_map(file: str, pid: str, key: str, value: Any) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise _err(file, pid, key, "must be a table of string values")
+    out: dict[str, str] = {}
+    for k, v in value.items():
+        if isinstance(v, bool) or not isinstance(v, str | int):
+            raise _err(file, pid, f"{key}.{k}", "must be a string")
+        out[str(k)] = str(v)
+    return out
+
+
+def _coerce(file: str, pid: str, raw: Mapping[str, Any]) -> dict[str, Any]:
+    """Check types of the fields present in ``raw`` and convert them."""
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in _FIELDS:
+            close = difflib.get_close_matches(key, sorted(_FIELDS), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise _err(file, pid, key, f"unknown field{hint}")
+        if key in ("authorize_url", "token_url"):
+            out[key] = _url(file, pid, key, value, optional=False)
+        elif key in ("revocation_url", "api_base_url"):
+            out[key] = _url(file, pid, key, value or None, optional=True)
+        elif key == "scopes":
+            if isinstance(value, str):
+                value = value.split()
+            if not isinstance(value, list) or not all(isinstance(s, str) and s for s in value):
+                raise _err(file, pid, key, "must be a list of non-empty strings")
+            if any(" " in s for s in value):
+                raise _err(file, pid, key, "a scope may not contain a space")
+            out[key] = tuple(value)
+        elif key == "scope_separator":
+            if value not in (" ", ",", "+"):
+                raise _err(file, pid, key, "must be ' ', ',' or '+'")
+            out[key] = value
+        elif key == "use_pkce":
+            if not isinstance(value, bool):
+                raise _err(file, pid, key, "must be true or false")
+            out[key] = value
+        elif key == "rotates_refresh_tokens":
+            if value is not None and not isinstance(value, bool):
+                raise _err(file, pid, key, "must be true or false")
+            out[key] = value
+        elif key == "token_auth_method":
+            if value not in TOKEN_AUTH_METHODS:
+                raise _err(file, pid, key, f"must be one of {', '.join(TOKEN_AUTH_METHODS)}")
+            out[key] = value
+        elif key in ("authorize_params", "token_params"):
+            out[key] = _str_map(file, pid, key, value)
+        elif key == "access_token_lifetime":
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise _err(file, pid, key, "must be a positive number of seconds")
+            out[key] = value
+        elif key in ("name", "docs_url", "notes", "response_envelope", "envelope_status_key"):
+            if value is not None and (not isinstance(value, str) or not value):
+                raise _err(file, pid, key, "must be a non-empty string")
+            out[key] = value
+        else:  # pragma: no cover - every field is handled above
+            out[key] = value
+    return out
+
+
+def _validate(spec: ProviderSpec, *, file: str) -> None:
+    pid = spec.id
+    if not _ID_RE.match(pid):
+        raise _err(file, pid, None, "provider id must be lowercase letters, digits, '-' or '_'")
+    raw = {f: getattr(spec, f) for f in _FIELDS}
+    raw["scopes"] = list(spec.scopes)
+    raw["authorize_params"] = dict(spec.authorize_params)
+    raw["token_params"] = dict(spec.token_params)
+    _coerce(file, pid, {k: v for k, v in raw.items() if v is not None})
+    for key in _REQUIRED:
+        if not getattr(spec, key):
+            raise _err(file, pid, key, "is required")
+
+
+def parse_catalog(
+    data: Mapping[str, Any],
+    *,
+    file: str,
+    base: Mapping[str, ProviderSpec] | None = None,
+) -> dict[str, ProviderSpec]:
+    """Providers of one parsed TOML document, merged over ``base`` field by field."""
+    specs = dict(base or {})
+    unknown = set(data) - {"providers"}
+    if unknown:
+        key = sorted(unknown)[0]
+        raise ConfigError(
+            "unknown top-level key (expected [providers.<id>] tables)", file=file, key=key
+        )
+    providers = data.get("providers", {})
+    if not isinstance(providers, dict):
+        raise ConfigError("must be a table of [providers.<id>] tables", file=file, key="providers")
+    for pid, raw in providers.items():
+        if not _ID_RE.match(pid):
+            raise _err(file, pid, None, "provider id must be lowercase letters, digits, '-' or '_'")
+        if not isinstance(raw, dict):
+            raise _err(file, pid, None, "must be a table")
+        values = _coerce(file, pid, raw)
+        if pid in specs:
+            specs[pid] = replace(specs[pid], **values)
+            continue
+        for key in _REQUIRED:
+            if key not in values:
+                raise _err(file, pid, key, "is required for a new provider")
+        values.setdefault("name", pid)
+        specs[pid] = ProviderSpec(id=pid, **values)
+    return specs
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"not valid TOML: {err}", file=str(path)) from err
+    except OSError as err:
+        raise ConfigError(f"cannot read: {err.strerror or err}", file=str(path)) from err
+
+
+def load_catalog(user_file: Path | None = None, *, builtin: Path | None = None) -> Catalog:
+    """The built-in catalog merged with the user's file (absent file: built-ins only)."""
+    builtin_path = builtin or BUILTIN_CATALOG
+    specs = parse_catalog(_read(builtin_path), file=str(builtin_path))
+    user = user_file if user_file is not None else paths.user_catalog_path()
+    if user.exists():
+        specs = parse_catalog(_read(user), file=str(user), base=specs)
+    return Catalog(specs)
