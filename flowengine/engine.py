@@ -328,12 +328,21 @@ class FlowEngine:
         next_check_at: int | None = None,
         detail: Mapping[str, Any] | None = None,
     ) -> Flow:
-        """Tokens are in auth.json: -> stored. Older connections of the provider are superseded."""
+        """Tokens are in auth.json: -> stored. Older connections of the provider are superseded.
+
+        ``next_check_at`` defaults to now: the refresh timer looks at the new connection on
+        its next sweep and schedules it from its tokens.
+        """
+        now = self.now_ms()
         flow = await self._move(
             flow_id,
             FlowTrigger.STORE,
             actor=actor,
-            updates={"token_expires_at": token_expires_at, "next_check_at": next_check_at},
+            at=now,
+            updates={
+                "token_expires_at": token_expires_at,
+                "next_check_at": now if next_check_at is None else next_check_at,
+            },
             detail=detail,
         )
         older = await self.ledger.list(
@@ -374,13 +383,15 @@ class FlowEngine:
         next_check_at: int | None = None,
         detail: Mapping[str, Any] | None = None,
     ) -> Flow:
+        now = self.now_ms()
         return await self._move(
             flow_id,
             FlowTrigger.REFRESHED,
             actor=actor,
+            at=now,
             updates={
                 "token_expires_at": token_expires_at,
-                "next_check_at": next_check_at,
+                "next_check_at": now if next_check_at is None else next_check_at,
                 "error_code": None,
                 "error_description": None,
             },
@@ -398,12 +409,20 @@ class FlowEngine:
         next_check_at: int | None = None,
         detail: Mapping[str, Any] | None = None,
     ) -> Flow:
-        """Transient: back to stored (token kept). Permanent: -> expired, reconnect needed."""
+        """Transient: back to stored (token kept). Permanent: -> expired, reconnect needed.
+
+        A transient failure keeps the connection scheduled: ``next_check_at`` defaults to
+        one minute from now (the timer sets its own backoff).
+        """
         data = {"error": error_code, **(detail or {})}
+        now = self.now_ms()
+        if not permanent and next_check_at is None:
+            next_check_at = now + 60_000
         return await self._move(
             flow_id,
             FlowTrigger.REFRESH_FAILED,
             actor=actor,
+            at=now,
             condition=Condition.PERMANENT if permanent else Condition.TRANSIENT,
             updates={
                 "error_code": error_code,
