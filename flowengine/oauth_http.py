@@ -1,0 +1,333 @@
+"""HTTP to providers' token and revocation endpoints (RFC 6749 §4.1.3, §6; RFC 7009).
+
+The ``httpx.AsyncClient`` is injected (tests pass one on an ``httpx.MockTransport``).
+Client authentication is Authlib's (``authlib.oauth2.auth.ClientAuth``: client_secret_basic,
+client_secret_post or none); the request itself goes through httpx so that the caller's
+client, timeouts and error mapping stay ours.
+
+Every answer is validated before anything is returned, so a caller never persists a bad
+response: no ``access_token``, a body that is not JSON, or an error inside an envelope
+(Withings ``{"status": 601, ...}`` with HTTP 200) raise instead. Errors map onto
+errors.py:
+
+* network trouble, timeouts, HTTP 5xx, HTTP 429 (``Retry-After`` parsed) ->
+  :class:`ProviderTransientError` (retry later; stored tokens stay);
+* ``invalid_grant``, ``invalid_client``, ``unauthorized_client`` ... ->
+  :class:`ReauthorizationRequired` (the owner must connect again);
+* anything else malformed -> :class:`ProviderError`.
+
+No message carries a secret or a raw response body: only the provider id, the HTTP
+status and the OAuth error code. The provider's ``error_description`` is kept (cut short)
+in the exception's ``description`` attribute, never in its text.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlencode
+
+import httpx
+from authlib.oauth2.auth import ClientAuth
+
+from .catalog import ProviderSpec
+from .credentials import ClientCredentials
+from .errors import ProviderError, ProviderTransientError, ReauthorizationRequired
+from .tokens import TokenSet
+
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "PERMANENT_ERRORS",
+    "exchange_code",
+    "parse_retry_after",
+    "refresh_tokens",
+    "revoke",
+]
+
+log = logging.getLogger("flowengine.oauth_http")
+
+DEFAULT_TIMEOUT = httpx.Timeout(15.0, connect=5.0)
+
+#: OAuth error codes after which only a new authorization helps
+PERMANENT_ERRORS = frozenset(
+    {
+        "invalid_grant",
+        "invalid_client",
+        "unauthorized_client",
+        "access_denied",
+        "invalid_token",
+        # GitHub's spellings (HTTP 200 with an "error" key)
+        "bad_refresh_token",
+        "bad_verification_code",
+        "incorrect_client_credentials",
+    }
+)
+
+# Withings envelope statuses: https://developer.withings.com/api-reference/#section/Response-status
+_ENVELOPE_TRANSIENT = frozenset({601, 2554, 2555, *range(5000, 5007)})
+_ENVELOPE_AUTH = frozenset({100, 101, 102, 200, 401})
+_MAX_DESCRIPTION = 200
+
+
+def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or HTTP-date), or None."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:  # pragma: no cover - older Pythons returned None
+        return None
+    current = time.time() if now is None else now
+    return max(0.0, when.timestamp() - current)
+
+
+def _short(text: Any) -> str | None:
+    if not isinstance(text, str) or not text:
+        return None
+    return text[:_MAX_DESCRIPTION]
+
+
+def _oauth_failure(
+    spec: ProviderSpec, what: str, error: str, description: Any, status: int
+) -> ProviderError:
+    cls = ReauthorizationRequired if error in PERMANENT_ERRORS else ProviderError
+    message = f"{spec.name} refused the {what}: {error} (HTTP {status})"
+    if cls is ReauthorizationRequired:
+        message += f"; reconnect {spec.id}"
+    return cls(
+        message,
+        provider=spec.id,
+        oauth_error=error[:64],
+        description=_short(description),
+        http_status=status,
+    )
+
+
+def _unwrap_envelope(spec: ProviderSpec, what: str, data: Any, status: int) -> Any:
+    key = spec.response_envelope
+    if not key:
+        return data
+    if not isinstance(data, dict) or spec.envelope_status_key not in data:
+        raise ProviderError(
+            f"{spec.name} answered the {what} without its {spec.envelope_status_key!r} envelope",
+            provider=spec.id,
+            http_status=status,
+        )
+    code = data.get(spec.envelope_status_key)
+    if code != 0:
+        error = f"status_{code}"
+        description = _short(data.get("error"))
+        if isinstance(code, int) and code in _ENVELOPE_TRANSIENT:
+            raise ProviderTransientError(
+                f"{spec.name} is busy or failing ({error}); try again later",
+                provider=spec.id,
+                oauth_error=error,
+                description=description,
+                http_status=status,
+            )
+        text = (description or "").lower()
+        if (isinstance(code, int) and code in _ENVELOPE_AUTH) or (
+            "invalid" in text and ("refresh_token" in text or "code" in text)
+        ):
+            raise ReauthorizationRequired(
+                f"{spec.name} refused the {what}: {error}; reconnect {spec.id}",
+                provider=spec.id,
+                oauth_error=error,
+                description=description,
+                http_status=status,
+            )
+        raise ProviderError(
+            f"{spec.name} refused the {what}: {error}",
+            provider=spec.id,
+            oauth_error=error,
+            description=description,
+            http_status=status,
+        )
+    return data.get(key)
+
+
+def _check_response(spec: ProviderSpec, what: str, response: httpx.Response) -> dict[str, Any]:
+    """The token response's JSON object, or the right exception. Never echoes the body."""
+    status = response.status_code
+    if status == 429:
+        raise ProviderTransientError(
+            f"{spec.name} is rate limiting the {what} (HTTP 429)",
+            provider=spec.id,
+            http_status=status,
+            retry_after=parse_retry_after(response.headers.get("Retry-After")),
+        )
+    if status >= 500:
+        raise ProviderTransientError(
+            f"{spec.name} failed the {what} (HTTP {status}); try again later",
+            provider=spec.id,
+            http_status=status,
+            retry_after=parse_retry_after(response.headers.get("Retry-After")),
+        )
+    try:
+        data: Any = response.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        data = None
+    if isinstance(data, dict) and isinstance(data.get("error"), str) and data["error"]:
+        if not spec.response_envelope or spec.envelope_status_key not in data:
+            raise _oauth_failure(spec, what, data["error"], data.get("error_description"), status)
+    if status >= 400:
+        if status == 401:
+            # RFC 6749 §5.2: a client authentication failure may come without a body
+            raise _oauth_failure(spec, what, "invalid_client", None, status)
+        raise ProviderError(
+            f"{spec.name} refused the {what} (HTTP {status})",
+            provider=spec.id,
+            http_status=status,
+        )
+    if data is None:
+        raise ProviderError(
+            f"{spec.name} answered the {what} with something that is not JSON (HTTP {status})",
+            provider=spec.id,
+            http_status=status,
+        )
+    data = _unwrap_envelope(spec, what, data, status)
+    if not isinstance(data, dict):
+        raise ProviderError(
+            f"{spec.name} answered the {what} with no token object",
+            provider=spec.id,
+            http_status=status,
+        )
+    return data
+
+
+def _require_access_token(spec: ProviderSpec, what: str, data: Mapping[str, Any]) -> None:
+    access = data.get("access_token")
+    if not isinstance(access, str) or not access:
+        raise ProviderError(
+            f"{spec.name} answered the {what} without an access_token; nothing was stored",
+            provider=spec.id,
+        )
+
+
+async def _post(
+    spec: ProviderSpec,
+    creds: ClientCredentials,
+    url: str,
+    form: list[tuple[str, str]],
+    *,
+    what: str,
+    client: httpx.AsyncClient,
+    timeout: httpx.Timeout | float | None,
+) -> httpx.Response:
+    if spec.needs_secret and not creds.client_secret:
+        from .errors import CredentialsMissingError
+
+        raise CredentialsMissingError(spec.id, needs_secret=True)
+    body = urlencode(form)
+    headers = {
+        "Accept": "application/json",
+        "Content-Type": "application/x-www-form-urlencoded",
+    }
+    auth = ClientAuth(creds.client_id, creds.client_secret or "", spec.token_auth_method)
+    url, headers, body = auth.prepare("POST", url, headers, body)
+    log.info("%s request to %s (%s)", what, spec.id, spec.token_auth_method)
+    try:
+        return await client.post(
+            url,
+            content=body.encode("utf-8"),
+            headers=headers,
+            timeout=DEFAULT_TIMEOUT if timeout is None else timeout,
+        )
+    except httpx.TimeoutException as err:
+        raise ProviderTransientError(
+            f"{spec.name} did not answer the {what} in time", provider=spec.id
+        ) from err
+    except httpx.TransportError as err:
+        raise ProviderTransientError(
+            f"cannot reach {spec.name} for the {what}: {type(err).__name__}", provider=spec.id
+        ) from err
+
+
+async def exchange_code(
+    spec: ProviderSpec,
+    creds: ClientCredentials,
+    *,
+    code: str,
+    redirect_uri: str,
+    code_verifier: str | None,
+    client: httpx.AsyncClient,
+    now_ms: int,
+    timeout: httpx.Timeout | float | None = None,
+) -> TokenSet:
+    """Trade an authorization code for tokens (RFC 6749 §4.1.3, RFC 7636 §4.5)."""
+    form = [
+        ("grant_type", "authorization_code"),
+        ("code", code),
+        ("redirect_uri", redirect_uri),
+    ]
+    if code_verifier is not None:
+        form.append(("code_verifier", code_verifier))
+    if spec.token_auth_method == "client_secret_basic":
+        # RFC 6749 allows it; some providers (Fitbit) want it even with Basic auth
+        form.append(("client_id", creds.client_id))
+    form += list(spec.token_params.items())
+    what = "code exchange"
+    response = await _post(
+        spec, creds, spec.token_url, form, what=what, client=client, timeout=timeout
+    )
+    data = _check_response(spec, what, response)
+    _require_access_token(spec, what, data)
+    return TokenSet.from_response(data, now_ms=now_ms)
+
+
+async def refresh_tokens(
+    spec: ProviderSpec,
+    creds: ClientCredentials,
+    *,
+    refresh_token: str,
+    client: httpx.AsyncClient,
+    now_ms: int,
+    timeout: httpx.Timeout | float | None = None,
+) -> TokenSet:
+    """Use a refresh token (RFC 6749 §6). No refresh_token in the answer keeps the old one."""
+    form = [("grant_type", "refresh_token"), ("refresh_token", refresh_token)]
+    form += list(spec.token_params.items())
+    what = "refresh"
+    response = await _post(
+        spec, creds, spec.token_url, form, what=what, client=client, timeout=timeout
+    )
+    data = _check_response(spec, what, response)
+    _require_access_token(spec, what, data)
+    return TokenSet.from_response(data, now_ms=now_ms, previous_refresh=refresh_token)
+
+
+async def revoke(
+    spec: ProviderSpec,
+    creds: ClientCredentials,
+    *,
+    token: str,
+    token_type_hint: str | None = "refresh_token",
+    client: httpx.AsyncClient,
+    timeout: httpx.Timeout | float | None = None,
+) -> bool:
+    """Revoke a token at the provider (RFC 7009). False when it has no revocation endpoint.
+
+    Raises ProviderTransientError (network, 5xx, 429) or ProviderError (refused).
+    """
+    if not spec.revocation_url:
+        return False
+    form = [("token", token)]
+    if token_type_hint:
+        form.append(("token_type_hint", token_type_hint))
+    what = "revocation"
+    response = await _post(
+        spec, creds, spec.revocation_url, form, what=what, client=client, timeout=timeout
+    )
+    if response.is_success:
+        return True
+    _check_response(spec, what, response)  # raises for every error status
+    return False  # pragma: no cover - _check_response raised
