@@ -1,0 +1,177 @@
+"""create_app: the Quart application of the daemon's HTTP API.
+
+Routes (see api/oauth.py and api/inspection.py)::
+
+    GET /oauth/callback              provider redirect -> HTML page     (no bearer)
+    GET /oauth/pending/<state>       one-time code for the poller      (bearer)
+    GET /oauth/flows                 flow list                         (bearer)
+    GET /oauth/flows/<id>            flow + ledger events              (bearer)
+    GET /oauth/flows/<id>/diagram    Mermaid / SVG / dot               (bearer)
+    GET /healthz                     liveness                          (no bearer)
+
+Every request first passes :class:`api.guard.TailnetGuard` (tailnet or loopback sources,
+no Funnel, optional owner check). Errors are mapped in one handler: JSON for the API,
+an HTML page for the callback. Every response carries no-store, no-referrer, nosniff and
+a strict Content-Security-Policy.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from quart import Quart, Response, current_app, jsonify, render_template, request
+from werkzeug.exceptions import HTTPException
+
+from flowengine.catalog import Catalog
+from flowengine.engine import FlowEngine
+from flowengine.errors import BrokerError
+
+from .errors import status_for
+from .guard import SECURITY_HEADERS, TailnetGuard
+from .settings import ApiSettings
+from .tailscale import LocalAPI, TailscaleClient
+
+__all__ = ["ApiContext", "api_context", "create_app", "provider_name"]
+
+log = logging.getLogger("api")
+
+HTML_PATHS = ("/oauth/callback",)
+
+
+@dataclass(slots=True)
+class ApiContext:
+    """What handlers need, stored on the app as ``app.extensions["agentd"]``."""
+
+    engine: FlowEngine
+    settings: ApiSettings
+    catalog: Catalog | None = None
+    tailscale: TailscaleClient | None = None
+
+
+def api_context() -> ApiContext:
+    ctx: ApiContext = current_app.extensions["agentd"]
+    return ctx
+
+
+def provider_name(provider_id: str) -> str:
+    """The provider's display name from the catalog, else its id."""
+    catalog = api_context().catalog
+    if catalog is not None and provider_id in catalog:
+        return catalog.get(provider_id).name
+    return provider_id
+
+
+def _wants_html() -> bool:
+    return request.path in HTML_PATHS
+
+
+async def _error_page(status: int, title: str, message: str) -> Response:
+    body = await render_template("message.html", kind="error", title=title, message=message)
+    return Response(body, status=status, content_type="text/html; charset=utf-8")
+
+
+def _json(status: int, payload: dict[str, Any]) -> Response:
+    response = jsonify(payload)
+    response.status_code = status
+    return response
+
+
+async def _handle_broker_error(error: BrokerError) -> Response:
+    status = status_for(error)
+    if status >= 500:
+        log.error("%s %s failed: %s", request.method, request.path, error.message)
+    if _wants_html():
+        from .oauth import error_page_text
+
+        title, message = error_page_text(error)
+        return await _error_page(status, title, message)
+    payload: dict[str, Any] = {"error": error.code, "message": error.message}
+    parameter = getattr(error, "parameter", None)
+    if parameter:
+        payload["parameter"] = parameter
+    response = _json(status, payload)
+    if status == 401:
+        response.headers["WWW-Authenticate"] = 'Bearer realm="agentd"'
+    return response
+
+
+async def _handle_http_exception(error: HTTPException) -> Response:
+    status = error.code or 500
+    if _wants_html():
+        return await _error_page(status, "Something went wrong", error.name)
+    return _json(status, {"error": error.name.lower().replace(" ", "_"), "message": error.name})
+
+
+async def _handle_unexpected(error: Exception) -> Response:
+    # the message may hold anything: log the type only, show nothing
+    log.exception("%s %s: unexpected %s", request.method, request.path, type(error).__name__)
+    if _wants_html():
+        return await _error_page(
+            500, "Something went wrong", "The daemon could not handle this request."
+        )
+    return _json(500, {"error": "internal_error", "message": "internal error"})
+
+
+def create_app(
+    engine: FlowEngine,
+    *,
+    settings: ApiSettings,
+    catalog: Catalog | None = None,
+    tailscale: TailscaleClient | None = None,
+) -> Quart:
+    """The API application; ``engine`` and friends are on ``app.extensions["agentd"]``.
+
+    ``tailscale`` answers whois for the owner check in tls mode; when the check is on and
+    none is given, a LocalAPI client on ``settings.localapi_socket`` is made (and closed
+    after serving).
+    """
+    from .inspection import blueprint as inspection_blueprint
+    from .oauth import blueprint as oauth_blueprint
+
+    app = Quart(
+        __name__,
+        static_folder="static",
+        static_url_path="/static",
+        template_folder="templates",
+    )
+    app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    own_localapi: LocalAPI | None = None
+    if tailscale is None and settings.owner_check and settings.mode == "tls":
+        own_localapi = LocalAPI(settings.localapi_socket)
+        tailscale = own_localapi
+    app.extensions["agentd"] = ApiContext(engine, settings, catalog, tailscale)
+    app.engine = engine  # type: ignore[attr-defined]
+
+    app.register_blueprint(oauth_blueprint)
+    app.register_blueprint(inspection_blueprint)
+    app.register_error_handler(BrokerError, _handle_broker_error)
+    app.register_error_handler(HTTPException, _handle_http_exception)
+    app.register_error_handler(Exception, _handle_unexpected)
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        return _json(200, {"status": "ok", "mode": settings.mode})
+
+    @app.after_request
+    async def security_headers(response: Response) -> Response:
+        for name, value in SECURITY_HEADERS:
+            response.headers[name.decode()] = value.decode()
+        return response
+
+    if own_localapi is not None:
+
+        @app.after_serving
+        async def close_localapi() -> None:
+            await own_localapi.aclose()
+
+    app.asgi_app = TailnetGuard(  # type: ignore[method-assign]
+        app.asgi_app,
+        mode=settings.mode,
+        allowed_logins=settings.allowed_logins,
+        whois=tailscale.whois if tailscale is not None else None,
+        html_paths=HTML_PATHS,
+    )
+    return app

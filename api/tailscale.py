@@ -1,0 +1,303 @@
+"""Talking to tailscaled: the LocalAPI over its unix socket, and the ``tailscale`` CLI.
+
+Three calls are all the daemon needs (see shared/tailscale.md §2-§4):
+
+- ``status``: own MagicDNS name (``CertDomains[0]``, else ``Self.DNSName`` minus the dot),
+  Tailscale IPs, backend state, TUN mode, whether HTTPS certificates are enabled;
+- ``whois``: who is behind a peer ``ip:port`` (404 = not a tailnet node);
+- ``cert_pair``: the Let's Encrypt key and certificate chain for the node's name.
+
+:class:`LocalAPI` uses httpx over the unix socket; :class:`TailscaleCLI` runs the
+``tailscale`` executable as a fallback (``status --json``, ``whois --json``,
+``cert --cert-file --key-file``). Neither ever logs key material.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import quote
+
+import anyio
+import httpx
+
+from flowengine.errors import BrokerError
+
+__all__ = [
+    "CertPair",
+    "LocalAPI",
+    "TailscaleCLI",
+    "TailscaleClient",
+    "TailscaleError",
+    "TailscaleStatus",
+    "WhoIs",
+    "split_pair",
+]
+
+log = logging.getLogger("api.tailscale")
+
+LOCALAPI_HOST = "local-tailscaled.sock"
+TAGGED_LOGIN = "tagged-devices"
+_CERT_MARK = "-----BEGIN CERTIFICATE-----"
+
+
+class TailscaleError(BrokerError):
+    """tailscaled could not be asked, or refused; ``http_status``/``retry_after`` when known."""
+
+    code = "tailscale_error"
+
+    def __init__(
+        self, message: str, *, http_status: int | None = None, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message)
+        self.http_status = http_status
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True, slots=True)
+class TailscaleStatus:
+    """The fields of ``ipnstate.Status`` the daemon uses."""
+
+    backend_state: str
+    dns_name: str  # Self.DNSName without the trailing dot ("" when unknown)
+    cert_domains: tuple[str, ...]
+    tailscale_ips: tuple[str, ...]
+    tun: bool
+    https_capable: bool
+    self_tags: tuple[str, ...] = ()
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def running(self) -> bool:
+        return self.backend_state == "Running"
+
+    @property
+    def magicdns_name(self) -> str:
+        """The name to build URLs from: ``CertDomains[0]``, else ``Self.DNSName``."""
+        return self.cert_domains[0] if self.cert_domains else self.dns_name
+
+    @property
+    def ipv4(self) -> str | None:
+        return next((ip for ip in self.tailscale_ips if ":" not in ip), None)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TailscaleStatus:
+        me = data.get("Self") or {}
+        caps = set(me.get("Capabilities") or ()) | set((me.get("CapMap") or {}).keys())
+        cert_domains = tuple(d.rstrip(".") for d in data.get("CertDomains") or () if d)
+        return cls(
+            backend_state=str(data.get("BackendState") or ""),
+            dns_name=str(me.get("DNSName") or "").rstrip("."),
+            cert_domains=cert_domains,
+            tailscale_ips=tuple(data.get("TailscaleIPs") or me.get("TailscaleIPs") or ()),
+            tun=bool(data.get("TUN", True)),
+            https_capable="https" in caps and bool(cert_domains),
+            self_tags=tuple(me.get("Tags") or ()),
+            raw=data,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class WhoIs:
+    """The peer behind an address, from ``/localapi/v0/whois``."""
+
+    login: str
+    display_name: str
+    node_name: str
+    tags: tuple[str, ...] = ()
+    addresses: tuple[str, ...] = ()
+
+    @property
+    def tagged(self) -> bool:
+        """Tagged nodes have no user: Node.Tags set and the literal login "tagged-devices"."""
+        return bool(self.tags) or self.login == TAGGED_LOGIN
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> WhoIs:
+        node = data.get("Node") or {}
+        profile = data.get("UserProfile") or {}
+        return cls(
+            login=str(profile.get("LoginName") or ""),
+            display_name=str(profile.get("DisplayName") or ""),
+            node_name=str(node.get("Name") or "").rstrip("."),
+            tags=tuple(node.get("Tags") or ()),
+            addresses=tuple(node.get("Addresses") or ()),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class CertPair:
+    """A PEM key and certificate chain. ``repr`` hides the key."""
+
+    key_pem: bytes = field(repr=False)
+    cert_pem: bytes
+
+
+def split_pair(body: bytes) -> CertPair:
+    """Split a ``?type=pair`` body (key PEM first, then certificates) into its two parts."""
+    text = body.decode("ascii", errors="strict")
+    at = text.find(_CERT_MARK)
+    if at <= 0 or "PRIVATE KEY-----" not in text[:at]:
+        raise TailscaleError("tailscaled sent a certificate pair in an unexpected format")
+    return CertPair(key_pem=text[:at].encode("ascii"), cert_pem=text[at:].encode("ascii"))
+
+
+class TailscaleClient(Protocol):
+    """What the daemon asks tailscaled; LocalAPI and TailscaleCLI both provide it."""
+
+    async def status(self) -> TailscaleStatus: ...
+
+    async def whois(self, addr: str) -> WhoIs | None: ...
+
+    async def cert_pair(self, domain: str) -> CertPair: ...
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("Retry-After")
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+class LocalAPI:
+    """Async client of tailscaled's LocalAPI on its unix socket."""
+
+    def __init__(
+        self,
+        socket_path: str | Path = "/var/run/tailscale/tailscaled.sock",
+        *,
+        timeout: float = 60.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.socket_path = str(socket_path)
+        self._http = httpx.AsyncClient(
+            transport=transport or httpx.AsyncHTTPTransport(uds=self.socket_path),
+            base_url=f"http://{LOCALAPI_HOST}",
+            timeout=httpx.Timeout(timeout, connect=5.0),
+        )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> LocalAPI:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def _get(self, path: str, params: dict[str, str] | None = None) -> httpx.Response:
+        try:
+            return await self._http.get(f"/localapi/v0/{path}", params=params)
+        except httpx.HTTPError as err:
+            raise TailscaleError(
+                f"tailscaled's LocalAPI at {self.socket_path} could not be reached"
+                f" ({type(err).__name__})"
+            ) from err
+
+    @staticmethod
+    def _fail(what: str, response: httpx.Response) -> TailscaleError:
+        # Go's http.Error: a short text/plain message; it never holds key material
+        message = response.text.strip()[:200]
+        return TailscaleError(
+            f"tailscaled refused {what}: HTTP {response.status_code} {message}",
+            http_status=response.status_code,
+            retry_after=_retry_after(response),
+        )
+
+    async def status(self) -> TailscaleStatus:
+        response = await self._get("status", {"peers": "false"})
+        if response.status_code != 200:
+            raise self._fail("status", response)
+        try:
+            return TailscaleStatus.from_json(response.json())
+        except ValueError as err:
+            raise TailscaleError("tailscaled sent a status that is not JSON") from err
+
+    async def whois(self, addr: str) -> WhoIs | None:
+        """The peer at ``ip[:port]``, or None when it is not a tailnet node (404)."""
+        response = await self._get("whois", {"addr": addr})
+        if response.status_code == 404:
+            return None
+        if response.status_code != 200:
+            raise self._fail("whois", response)
+        try:
+            return WhoIs.from_json(response.json())
+        except ValueError as err:
+            raise TailscaleError("tailscaled sent a whois answer that is not JSON") from err
+
+    async def cert_pair(self, domain: str) -> CertPair:
+        response = await self._get(f"cert/{quote(domain, safe='')}", {"type": "pair"})
+        if response.status_code != 200:
+            raise self._fail(f"the certificate for {domain}", response)
+        return split_pair(response.content)
+
+    async def serve_config(self) -> dict[str, Any]:
+        response = await self._get("serve-config")
+        if response.status_code != 200:
+            raise self._fail("serve-config", response)
+        try:
+            data = response.json()
+        except ValueError as err:
+            raise TailscaleError("tailscaled sent a serve config that is not JSON") from err
+        return data if isinstance(data, dict) else {}
+
+
+class TailscaleCLI:
+    """The same questions through the ``tailscale`` executable (no LocalAPI socket access)."""
+
+    def __init__(self, executable: str = "tailscale", *, timeout: float = 90.0) -> None:
+        self.executable = executable
+        self.timeout = timeout
+
+    def _exe(self) -> str:
+        found = shutil.which(self.executable)
+        if found is None:
+            raise TailscaleError(f"the {self.executable!r} command is not on PATH")
+        return found
+
+    async def _run(self, *args: str) -> bytes:
+        exe = self._exe()
+        try:
+            with anyio.fail_after(self.timeout):
+                proc = await anyio.run_process([exe, *args], check=False)
+        except TimeoutError as err:
+            raise TailscaleError(f"`tailscale {args[0]}` timed out") from err
+        if proc.returncode != 0:
+            message = proc.stderr.decode("utf-8", errors="replace").strip()[:300]
+            raise TailscaleError(f"`tailscale {args[0]}` failed ({proc.returncode}): {message}")
+        return proc.stdout
+
+    async def status(self) -> TailscaleStatus:
+        out = await self._run("status", "--json", "--peers=false")
+        try:
+            return TailscaleStatus.from_json(json.loads(out))
+        except ValueError as err:
+            raise TailscaleError("`tailscale status --json` did not print JSON") from err
+
+    async def whois(self, addr: str) -> WhoIs | None:
+        exe = self._exe()
+        proc = await anyio.run_process([exe, "whois", "--json", addr], check=False)
+        if proc.returncode != 0:
+            text = proc.stderr.decode("utf-8", errors="replace")
+            if "no match" in text:
+                return None
+            raise TailscaleError(f"`tailscale whois` failed ({proc.returncode}): {text[:300]}")
+        try:
+            return WhoIs.from_json(json.loads(proc.stdout))
+        except ValueError as err:
+            raise TailscaleError("`tailscale whois --json` did not print JSON") from err
+
+    async def cert_files(self, domain: str, cert_file: Path, key_file: Path) -> None:
+        """Run ``tailscale cert --cert-file --key-file <domain>`` (atomic, only if changed)."""
+        await self._run("cert", "--cert-file", str(cert_file), "--key-file", str(key_file), domain)
+
+    async def cert_pair(self, domain: str) -> CertPair:
+        async with anyio.TemporaryDirectory() as tmp:
+            cert_file, key_file = Path(tmp) / "cert.pem", Path(tmp) / "key.pem"
+            await self.cert_files(domain, cert_file, key_file)
+            return CertPair(key_pem=key_file.read_bytes(), cert_pem=cert_file.read_bytes())
