@@ -569,7 +569,7 @@ class SimProvider:
             return {"start": self._common(times[0]), "end": self._common(times[-1])}
 
         egv_ks = self._window(start, end)
-        egvs = [k * _CADENCE + _PHASE for k in (egv_ks[:1] + egv_ks[-1:] if egv_ks else [])]
+        egvs = [k * _CADENCE + _PHASE for k in ([egv_ks[0], egv_ks[-1]] if egv_ks else [])]
         return {
             "recordType": "dataRange",
             "recordVersion": "3.0",
