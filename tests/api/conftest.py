@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -12,10 +13,13 @@ from quart.typing import TestClientProtocol as Client
 
 from api.app import create_app
 from api.settings import ApiSettings
+from api.tailscale import LocalAPI
 from flowengine.catalog import Catalog, load_catalog
 from flowengine.clock import ManualClock
 from flowengine.engine import FlowEngine
 from flowengine.models import StartedFlow
+
+from .fake_tailscale import FakeTailnet, run_localapi
 
 TOKEN = "test-api-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -76,3 +80,22 @@ def count_rows(ledger_file: Path) -> dict[str, int]:
             table: conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
             for table in ("flows", "flow_events", "oauth_pending")
         }
+
+
+@pytest.fixture(name="tailnet")
+def _tailnet() -> FakeTailnet:
+    return FakeTailnet()
+
+
+@pytest.fixture(name="localapi_socket")
+async def _localapi_socket(tailnet: FakeTailnet) -> AsyncIterator[Path]:
+    # unix socket paths are limited to ~108 bytes: keep it short, outside tmp_path
+    with tempfile.TemporaryDirectory(prefix="ts") as tmp:
+        async with run_localapi(tailnet, Path(tmp) / "tailscaled.sock") as path:
+            yield path
+
+
+@pytest.fixture(name="localapi")
+async def _localapi(localapi_socket: Path) -> AsyncIterator[LocalAPI]:
+    async with LocalAPI(localapi_socket, timeout=10) as client:
+        yield client
