@@ -1,0 +1,682 @@
+"""The bot's conversation as a pure table: ``step(state, inbound) -> (state, effects)``. [pure]
+
+Nothing here does I/O. The runner (bot/runner.py) feeds in what the owner said or tapped
+(:class:`Message`, :class:`Tap`) and what its own I/O produced (the ``*Result``-like
+inbounds below: :class:`ConnectStarted`, :class:`FlowEnded`, ...), then carries out the
+effects it gets back, in order:
+
+* outgoing messages — :class:`Send`, :class:`Edit`, :class:`SendImage`, :class:`AnswerTap`;
+* commands for the runner — :class:`BeginConnect`, :class:`SaveCredentials`,
+  :class:`DeleteSecret`, :class:`ListConnections`, :class:`Disconnect`, :class:`ListFlows`,
+  :class:`CancelFlows`, :class:`FetchGlucose`, :class:`MarkDelivered`, :class:`LogRefusal`.
+  Each command's outcome comes back as another inbound.
+
+Per chat the conversation is in one of three modes::
+
+    IDLE --connect, no credentials--> AWAITING_CLIENT_ID --id--> AWAITING_CLIENT_SECRET
+      ^                                   |  (public client: id only)    |
+      +------------ cancel / a /command / the credentials were sent -----+
+
+Only owners are served: anyone else gets :data:`texts.REFUSAL` once and is ignored after
+that (the runner logs each attempt, never its content). Message text and client secrets
+are ``repr=False`` so a logged effect or state never shows them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+
+from . import texts
+
+__all__ = [
+    "AnswerTap",
+    "BeginConnect",
+    "CallbackButton",
+    "CancelFlows",
+    "ChatState",
+    "CommandFailed",
+    "ConnectStarted",
+    "ConnectionView",
+    "ConnectionsListed",
+    "ConversationState",
+    "CredentialsNeeded",
+    "CredentialsSaved",
+    "DeleteSecret",
+    "Disconnect",
+    "Disconnected",
+    "Edit",
+    "Effect",
+    "FetchGlucose",
+    "FlowEnded",
+    "FlowView",
+    "FlowsCancelled",
+    "FlowsListed",
+    "GlucoseReady",
+    "GlucoseUnavailable",
+    "Inbound",
+    "ListConnections",
+    "ListFlows",
+    "LogRefusal",
+    "MarkDelivered",
+    "Message",
+    "Mode",
+    "NotConnected",
+    "NotificationDue",
+    "Outcome",
+    "ProviderUnknown",
+    "SaveCredentials",
+    "SecretDeleted",
+    "Send",
+    "SendImage",
+    "Tap",
+    "UrlButton",
+    "Watch",
+    "GLUCOSE_WINDOWS",
+    "RECONNECT_PREFIX",
+    "step",
+]
+
+#: callback data of a "Reconnect <Provider>" button is this prefix + the provider id
+RECONNECT_PREFIX = "connect:"
+#: glucose window argument -> hours
+GLUCOSE_WINDOWS: Mapping[str, int] = {"6h": 6, "24h": 24, "1d": 24, "7d": 168}
+_DEFAULT_GLUCOSE_WINDOW = "24h"
+
+
+# =========================================================================== state
+
+
+class Mode(StrEnum):
+    IDLE = "idle"
+    AWAITING_CLIENT_ID = "awaiting_client_id"
+    AWAITING_CLIENT_SECRET = "awaiting_client_secret"
+
+
+@dataclass(frozen=True, slots=True)
+class ChatState:
+    """Where the conversation in one chat stands. The client id is not a secret."""
+
+    mode: Mode = Mode.IDLE
+    provider: str | None = None
+    name: str | None = None
+    needs_secret: bool = True
+    client_id: str | None = None
+
+
+_IDLE = ChatState()
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationState:
+    """The whole bot: who may talk to it, each chat's state, who was already refused."""
+
+    owners: frozenset[int]
+    tz: str = "UTC"
+    chats: Mapping[int, ChatState] = field(default_factory=dict)
+    refused: frozenset[int] = frozenset()
+
+    def chat(self, chat_id: int) -> ChatState:
+        return self.chats.get(chat_id, _IDLE)
+
+    def with_chat(self, chat_id: int, chat: ChatState) -> ConversationState:
+        chats = dict(self.chats)
+        if chat == _IDLE:
+            chats.pop(chat_id, None)
+        else:
+            chats[chat_id] = chat
+        return replace(self, chats=chats)
+
+
+# ========================================================================= inbound
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A text message to the bot."""
+
+    chat_id: int
+    sender_id: int
+    message_id: int
+    text: str = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Tap:
+    """An inline (callback) button was tapped."""
+
+    chat_id: int
+    sender_id: int
+    message_id: int
+    query_id: int
+    data: str
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectStarted:
+    """The broker started a flow; ``state`` is the raw OAuth state (for polling only)."""
+
+    chat_id: int
+    provider: str
+    name: str
+    flow_id: str
+    url: str = field(repr=False)
+    state: str = field(repr=False)
+    valid_seconds: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderUnknown:
+    chat_id: int
+    provider: str
+    suggestions: tuple[str, ...] = ()
+    known: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class CredentialsNeeded:
+    chat_id: int
+    provider: str
+    name: str
+    needs_secret: bool
+
+
+@dataclass(frozen=True, slots=True)
+class CredentialsSaved:
+    chat_id: int
+    provider: str
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class SecretDeleted:
+    chat_id: int
+    ok: bool
+
+
+@dataclass(frozen=True, slots=True)
+class CommandFailed:
+    """A command's I/O raised a BrokerError: its ``code`` and (secret-free) ``message``."""
+
+    chat_id: int
+    code: str
+    message: str
+
+
+class Outcome(StrEnum):
+    CONNECTED = "connected"
+    DENIED = "denied"
+    TIMED_OUT = "timed_out"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class FlowEnded:
+    """A watched authorization finished; ``message_id`` is the link message (None: unknown)."""
+
+    chat_id: int
+    message_id: int | None
+    flow_id: str
+    provider: str
+    name: str
+    outcome: Outcome
+    now_ms: int = 0
+    scopes: tuple[str, ...] = ()
+    expires: int | None = None
+    detail: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionView:
+    provider: str
+    name: str
+    state: str
+    expires: int | None
+    last_refresh: int | None
+    scopes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionsListed:
+    chat_id: int
+    items: tuple[ConnectionView, ...]
+    now_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnected:
+    chat_id: int
+    provider: str
+    name: str
+    revoked_remotely: bool
+    has_revocation_endpoint: bool
+
+
+@dataclass(frozen=True, slots=True)
+class NotConnected:
+    chat_id: int
+    provider: str
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class FlowView:
+    id: str
+    provider: str
+    state: str
+    updated_at: int
+    error_code: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FlowsListed:
+    chat_id: int
+    provider: str | None
+    items: tuple[FlowView, ...]
+    now_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class FlowsCancelled:
+    chat_id: int
+    names: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class GlucoseReady:
+    chat_id: int
+    text: str
+    image: bytes | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class GlucoseUnavailable:
+    chat_id: int
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NotificationDue:
+    """An undelivered ledger notification; ``chat_id`` None means every owner."""
+
+    id: int
+    kind: str
+    provider: str
+    name: str
+    message: str
+    chat_id: int | None = None
+
+
+Inbound = (
+    Message
+    | Tap
+    | ConnectStarted
+    | ProviderUnknown
+    | CredentialsNeeded
+    | CredentialsSaved
+    | SecretDeleted
+    | CommandFailed
+    | FlowEnded
+    | ConnectionsListed
+    | Disconnected
+    | NotConnected
+    | FlowsListed
+    | FlowsCancelled
+    | GlucoseReady
+    | GlucoseUnavailable
+    | NotificationDue
+)
+
+
+# ========================================================================= effects
+
+
+@dataclass(frozen=True, slots=True)
+class UrlButton:
+    text: str
+    url: str = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class CallbackButton:
+    text: str
+    data: str
+
+
+@dataclass(frozen=True, slots=True)
+class Watch:
+    """Poll this flow until it ends, and edit the message just sent when it does."""
+
+    flow_id: str
+    provider: str
+    name: str
+    state: str = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    chat_id: int
+    text: str
+    buttons: tuple[UrlButton | CallbackButton, ...] = ()
+    watch: Watch | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Edit:
+    chat_id: int
+    message_id: int
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class SendImage:
+    chat_id: int
+    data: bytes = field(repr=False)
+    caption: str = ""
+    filename: str = "chart.png"
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerTap:
+    query_id: int
+    text: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BeginConnect:
+    chat_id: int
+    provider: str
+
+
+@dataclass(frozen=True, slots=True)
+class SaveCredentials:
+    chat_id: int
+    provider: str
+    name: str
+    client_id: str
+    client_secret: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteSecret:
+    chat_id: int
+    message_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class ListConnections:
+    chat_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnect:
+    chat_id: int
+    provider: str
+
+
+@dataclass(frozen=True, slots=True)
+class ListFlows:
+    chat_id: int
+    provider: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CancelFlows:
+    chat_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class FetchGlucose:
+    chat_id: int
+    hours: int
+
+
+@dataclass(frozen=True, slots=True)
+class MarkDelivered:
+    notification_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class LogRefusal:
+    sender_id: int
+    chat_id: int
+    kind: str  # "message" or "tap"
+
+
+Effect = (
+    Send
+    | Edit
+    | SendImage
+    | AnswerTap
+    | BeginConnect
+    | SaveCredentials
+    | DeleteSecret
+    | ListConnections
+    | Disconnect
+    | ListFlows
+    | CancelFlows
+    | FetchGlucose
+    | MarkDelivered
+    | LogRefusal
+)
+
+Step = tuple[ConversationState, list[Effect]]
+
+
+# ========================================================================= parsing
+
+_COMMAND_RE = re.compile(r"^/?(?P<cmd>[A-Za-z_]+)(?:@\w+)?(?:\s+(?P<args>.*))?$", re.DOTALL)
+_ALIASES = {
+    "start": "help",
+    "help": "help",
+    "connect": "connect",
+    "connections": "connections",
+    "status": "connections",
+    "disconnect": "disconnect",
+    "flows": "flows",
+    "cancel": "cancel",
+    "glucose": "glucose",
+}
+
+
+def parse_command(text: str) -> tuple[str, list[str]] | None:
+    """``"/connect@bot Dexcom"`` -> ``("connect", ["dexcom"])``; None if not a command."""
+    match = _COMMAND_RE.match(text.strip())
+    if match is None:
+        return None
+    command = _ALIASES.get(match["cmd"].lower())
+    if command is None:
+        return None
+    args = [a.lower() for a in (match["args"] or "").split()]
+    return command, args
+
+
+# ========================================================================== step
+
+
+def step(state: ConversationState, inbound: Inbound) -> Step:
+    """One move of the conversation. Pure: same input, same output, no I/O."""
+    if isinstance(inbound, Message):
+        return _message(state, inbound)
+    if isinstance(inbound, Tap):
+        return _tap(state, inbound)
+    if isinstance(inbound, CredentialsNeeded):
+        chat = ChatState(
+            mode=Mode.AWAITING_CLIENT_ID,
+            provider=inbound.provider,
+            name=inbound.name,
+            needs_secret=inbound.needs_secret,
+        )
+        state = state.with_chat(inbound.chat_id, chat)
+        return state, [Send(inbound.chat_id, texts.ASK_CLIENT_ID.format(name=inbound.name))]
+    return state, _result(state, inbound)
+
+
+def _refuse(state: ConversationState, sender_id: int, chat_id: int, kind: str) -> Step:
+    effects: list[Effect] = [LogRefusal(sender_id=sender_id, chat_id=chat_id, kind=kind)]
+    first = sender_id not in state.refused
+    if first:
+        state = replace(state, refused=state.refused | {sender_id})
+    return state, effects + ([Send(chat_id, texts.REFUSAL)] if first else [])
+
+
+def _message(state: ConversationState, msg: Message) -> Step:
+    if msg.sender_id not in state.owners:
+        return _refuse(state, msg.sender_id, msg.chat_id, "message")
+    chat = state.chat(msg.chat_id)
+    text = msg.text.strip()
+    if chat.mode is Mode.IDLE:
+        return _command(state, msg.chat_id, text)
+
+    parsed = parse_command(text)
+    name = chat.name or chat.provider or ""
+    if parsed is not None and parsed[0] == "cancel":
+        return state.with_chat(msg.chat_id, _IDLE), [Send(msg.chat_id, texts.CREDENTIALS_CANCELLED)]
+    if text.startswith("/"):
+        # any other slash command leaves the credential entry, then runs
+        state = state.with_chat(msg.chat_id, _IDLE)
+        state, effects = _command(state, msg.chat_id, text)
+        return state, [Send(msg.chat_id, texts.LEFT_CREDENTIALS.format(name=name)), *effects]
+
+    if chat.mode is Mode.AWAITING_CLIENT_ID:
+        if not text or any(c.isspace() for c in text):
+            return state, [Send(msg.chat_id, texts.BAD_CLIENT_ID)]
+        assert chat.provider is not None
+        if chat.needs_secret:
+            state = state.with_chat(
+                msg.chat_id, replace(chat, mode=Mode.AWAITING_CLIENT_SECRET, client_id=text)
+            )
+            return state, [Send(msg.chat_id, texts.ASK_CLIENT_SECRET.format(name=name))]
+        state = state.with_chat(msg.chat_id, _IDLE)
+        return state, [SaveCredentials(msg.chat_id, chat.provider, name, text, None)]
+
+    # AWAITING_CLIENT_SECRET: whatever came, it may be the secret: delete it first
+    assert chat.provider is not None
+    assert chat.client_id is not None
+    delete = DeleteSecret(msg.chat_id, msg.message_id)
+    if not text or any(c.isspace() for c in text):
+        return state, [delete, Send(msg.chat_id, texts.BAD_SECRET)]
+    state = state.with_chat(msg.chat_id, _IDLE)
+    return state, [delete, SaveCredentials(msg.chat_id, chat.provider, name, chat.client_id, text)]
+
+
+def _command(state: ConversationState, chat_id: int, text: str) -> Step:
+    parsed = parse_command(text)
+    if parsed is None:
+        return state, [Send(chat_id, texts.UNKNOWN_COMMAND)]
+    command, args = parsed
+    if command == "help":
+        return state, [Send(chat_id, texts.HELP)]
+    if command == "connect":
+        return state, [BeginConnect(chat_id, args[0] if args else "")]
+    if command == "connections":
+        return state, [ListConnections(chat_id)]
+    if command == "disconnect":
+        if not args:
+            return state, [Send(chat_id, texts.HELP)]
+        return state, [Disconnect(chat_id, args[0])]
+    if command == "flows":
+        return state, [ListFlows(chat_id, args[0] if args else None)]
+    if command == "cancel":
+        return state, [CancelFlows(chat_id)]
+    if command == "glucose":
+        window = args[0] if args else _DEFAULT_GLUCOSE_WINDOW
+        hours = GLUCOSE_WINDOWS.get(window)
+        if hours is None or len(args) > 1:
+            return state, [Send(chat_id, texts.GLUCOSE_USAGE)]
+        return state, [FetchGlucose(chat_id, hours)]
+    raise AssertionError(command)  # pragma: no cover - _ALIASES lists every command
+
+
+def _tap(state: ConversationState, tap: Tap) -> Step:
+    if tap.sender_id not in state.owners:
+        state, effects = _refuse(state, tap.sender_id, tap.chat_id, "tap")
+        # a tap must be answered or the button spins; the refusal goes there, not in chat
+        answer = AnswerTap(tap.query_id, texts.REFUSAL if len(effects) > 1 else None)
+        return state, [effects[0], answer]
+    if tap.data.startswith(RECONNECT_PREFIX):
+        provider = tap.data[len(RECONNECT_PREFIX) :]
+        state = state.with_chat(tap.chat_id, _IDLE)
+        return state, [AnswerTap(tap.query_id), BeginConnect(tap.chat_id, provider)]
+    return state, [AnswerTap(tap.query_id)]
+
+
+def _result(state: ConversationState, inbound: Inbound) -> list[Effect]:
+    tz = state.tz
+    match inbound:
+        case ConnectStarted():
+            return [
+                Send(
+                    inbound.chat_id,
+                    texts.authorize_prompt(inbound.name, inbound.valid_seconds),
+                    buttons=(UrlButton(texts.authorize_button(inbound.name), inbound.url),),
+                    watch=Watch(inbound.flow_id, inbound.provider, inbound.name, inbound.state),
+                )
+            ]
+        case ProviderUnknown():
+            text = texts.unknown_provider(inbound.provider, inbound.suggestions, inbound.known)
+            return [Send(inbound.chat_id, text)]
+        case CredentialsSaved():
+            return [
+                Send(inbound.chat_id, texts.CREDENTIALS_SAVED.format(name=inbound.name)),
+                BeginConnect(inbound.chat_id, inbound.provider),
+            ]
+        case SecretDeleted():
+            text = texts.SECRET_DELETED if inbound.ok else texts.SECRET_NOT_DELETED
+            return [Send(inbound.chat_id, text)]
+        case CommandFailed():
+            return [Send(inbound.chat_id, texts.error(inbound.code, inbound.message))]
+        case FlowEnded():
+            text = _ending(inbound, tz)
+            if inbound.message_id is None:
+                return [Send(inbound.chat_id, text)]
+            return [Edit(inbound.chat_id, inbound.message_id, text)]
+        case ConnectionsListed():
+            rows = [(c.name, c.state, c.expires, c.last_refresh, c.scopes) for c in inbound.items]
+            return [Send(inbound.chat_id, texts.connections(rows, inbound.now_ms, tz))]
+        case Disconnected():
+            text = texts.disconnected(
+                inbound.name,
+                revoked_remotely=inbound.revoked_remotely,
+                has_revocation_endpoint=inbound.has_revocation_endpoint,
+            )
+            return [Send(inbound.chat_id, text)]
+        case NotConnected():
+            return [Send(inbound.chat_id, texts.not_connected(inbound.name))]
+        case FlowsListed():
+            rows = [(f.id, f.provider, f.state, f.updated_at, f.error_code) for f in inbound.items]
+            return [Send(inbound.chat_id, texts.flows(rows, inbound.now_ms, inbound.provider))]
+        case FlowsCancelled():
+            return [Send(inbound.chat_id, texts.cancelled_flows(inbound.names))]
+        case GlucoseReady():
+            if inbound.image is None:
+                return [Send(inbound.chat_id, inbound.text)]
+            return [SendImage(inbound.chat_id, inbound.image, caption=inbound.text)]
+        case GlucoseUnavailable():
+            if inbound.reason is None:
+                return [Send(inbound.chat_id, texts.GLUCOSE_NOT_SET_UP)]
+            return [Send(inbound.chat_id, texts.glucose_unavailable(inbound.reason))]
+        case NotificationDue():
+            targets = (inbound.chat_id,) if inbound.chat_id is not None else sorted(state.owners)
+            text = texts.notification(inbound.kind, inbound.name, inbound.message)
+            button = CallbackButton(
+                texts.reconnect_button(inbound.name), RECONNECT_PREFIX + inbound.provider
+            )
+            sends: list[Effect] = [Send(chat, text, buttons=(button,)) for chat in targets]
+            return [*sends, MarkDelivered(inbound.id)]
+    raise TypeError(f"not an inbound: {type(inbound).__name__}")  # pragma: no cover
+
+
+def _ending(ended: FlowEnded, tz: str) -> str:
+    if ended.outcome is Outcome.CONNECTED:
+        return texts.flow_connected(ended.name, ended.scopes, ended.expires, ended.now_ms, tz)
+    if ended.outcome is Outcome.DENIED:
+        return texts.flow_denied(ended.name)
+    if ended.outcome is Outcome.TIMED_OUT:
+        return texts.flow_timed_out(ended.provider)
+    if ended.outcome is Outcome.CANCELLED:
+        return texts.flow_cancelled(ended.name)
+    return texts.flow_failed(ended.name, ended.provider, ended.detail)

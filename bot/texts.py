@@ -1,0 +1,311 @@
+"""Every user-facing string of the Telegram bot, and the small formatters they need. [pure]
+
+Nothing else in bot/ spells out a sentence for the owner: the dialogue picks a text from
+here, the runner never writes one. Times are shown in the owner's time zone (``tz``, an
+IANA name; UTC by default) and, where it helps, relative to ``now_ms``. No text ever
+includes a secret: the functions only receive provider names, states, times and scopes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+__all__ = [
+    "ASK_CLIENT_ID",
+    "ASK_CLIENT_SECRET",
+    "BAD_CLIENT_ID",
+    "BAD_SECRET",
+    "CREDENTIALS_CANCELLED",
+    "CREDENTIALS_SAVED",
+    "GLUCOSE_NOT_SET_UP",
+    "GLUCOSE_USAGE",
+    "HELP",
+    "LEFT_CREDENTIALS",
+    "NOTHING_TO_CANCEL",
+    "NO_CONNECTIONS",
+    "NO_FLOWS",
+    "REFUSAL",
+    "SECRET_DELETED",
+    "SECRET_NOT_DELETED",
+    "UNKNOWN_COMMAND",
+    "authorize_button",
+    "authorize_prompt",
+    "cancelled_flows",
+    "connections",
+    "disconnected",
+    "duration",
+    "error",
+    "flow_cancelled",
+    "flow_connected",
+    "flow_denied",
+    "flow_failed",
+    "flow_timed_out",
+    "flows",
+    "glucose_unavailable",
+    "local_time",
+    "not_connected",
+    "notification",
+    "reconnect_button",
+    "relative",
+    "unknown_provider",
+]
+
+# ---------------------------------------------------------------- fixed replies
+
+REFUSAL = "Sorry, this is a private bot."
+
+HELP = (
+    "I connect your agent to OAuth providers.\n"
+    "\n"
+    "connect <provider> — authorize a provider (asks for client credentials if needed)\n"
+    "connections — every connection with its state, expiry and last refresh (also /status)\n"
+    "disconnect <provider> — revoke and remove a provider's tokens\n"
+    "flows [provider] — recent authorization flows and their states\n"
+    "cancel — stop what is in progress (credential entry or a pending authorization)\n"
+    "glucose [6h|24h|7d] — latest glucose reading and a chart\n"
+    "help — this text"
+)
+
+UNKNOWN_COMMAND = "I did not understand that. Say help for what I can do."
+
+ASK_CLIENT_ID = (
+    "No client credentials are stored for {name} yet.\n"
+    "Send me the client id of your {name} app (or say cancel)."
+)
+ASK_CLIENT_SECRET = (
+    "Now send the client secret of your {name} app.\n"
+    "I delete your message as soon as I have read it."
+)
+BAD_CLIENT_ID = "A client id has no spaces. Send it again, or say cancel."
+BAD_SECRET = (
+    "That does not look like a client secret (it has spaces). Send it again, or say cancel."
+)
+CREDENTIALS_CANCELLED = "OK, nothing was stored."
+LEFT_CREDENTIALS = "(I stopped waiting for the {name} client credentials; nothing was stored.)"
+CREDENTIALS_SAVED = "🔑 Client credentials for {name} stored."
+SECRET_DELETED = "🔒 I deleted your message with the client secret."
+SECRET_NOT_DELETED = (
+    "⚠️ I could not delete your message with the client secret: please delete it yourself."
+)
+
+NO_CONNECTIONS = "No connections yet. Say connect <provider> to add one."
+NO_FLOWS = "No authorization flows yet."
+NOTHING_TO_CANCEL = "Nothing to cancel."
+
+GLUCOSE_USAGE = "Say glucose, glucose 6h, glucose 24h or glucose 7d."
+GLUCOSE_NOT_SET_UP = "Glucose readings are not set up on this bot."
+
+_STATE_ICONS = {
+    "stored": "✅",
+    "refreshing": "🔄",
+    "expired": "⚠️",
+    "revoked": "🔌",
+    "superseded": "↪️",
+    "failed": "❌",
+    "cancelled": "🚫",
+    "initiated": "⏳",
+    "awaiting_code": "⏳",
+    "code_received": "⏳",
+    "exchanged": "⏳",
+}
+
+
+# ------------------------------------------------------------------- formatting
+
+
+def _zone(tz: str) -> ZoneInfo:
+    try:
+        return ZoneInfo(tz)
+    except (ZoneInfoNotFoundError, ValueError):
+        return ZoneInfo("UTC")
+
+
+def duration(seconds: float) -> str:
+    """A short human duration: ``45 s``, ``12 min``, ``2 h 5 min``, ``3 d 4 h``."""
+    seconds = abs(int(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes = seconds // 60
+    if minutes < 60:
+        return f"{minutes} min"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 24:
+        return f"{hours} h {minutes} min" if minutes else f"{hours} h"
+    days, hours = divmod(hours, 24)
+    return f"{days} d {hours} h" if hours else f"{days} d"
+
+
+def relative(at_ms: int, now_ms: int) -> str:
+    """``in 2 h 5 min`` or ``12 min ago`` (``just now`` within a second)."""
+    delta = (at_ms - now_ms) / 1000
+    if abs(delta) < 1:
+        return "just now"
+    return f"in {duration(delta)}" if delta > 0 else f"{duration(delta)} ago"
+
+
+def local_time(at_ms: int, tz: str = "UTC") -> str:
+    """``2026-11-24 13:05 CET``: a wall-clock time in the owner's zone."""
+    when = datetime.fromtimestamp(at_ms / 1000, tz=UTC).astimezone(_zone(tz))
+    return when.strftime("%Y-%m-%d %H:%M %Z")
+
+
+def _expiry(expires: int | None, now_ms: int, tz: str) -> str:
+    if expires is None:
+        return "expiry unknown"
+    if expires <= now_ms:
+        return f"expired {relative(expires, now_ms)} ({local_time(expires, tz)})"
+    return f"expires {relative(expires, now_ms)} ({local_time(expires, tz)})"
+
+
+def _scopes(scopes: Sequence[str]) -> str:
+    return ", ".join(scopes) if scopes else "none listed"
+
+
+# ------------------------------------------------------------------- connecting
+
+
+def unknown_provider(provider: str, suggestions: Sequence[str], known: Sequence[str]) -> str:
+    listing = ", ".join(known) if known else "none"
+    if not provider:
+        return f"Which provider? Say connect <provider>. Known providers: {listing}."
+    text = f"I don't know a provider called {provider!r}."
+    if suggestions:
+        text += f" Did you mean {' or '.join(suggestions)}?"
+    return f"{text}\nKnown providers: {listing}."
+
+
+def authorize_prompt(name: str, valid_seconds: float | None) -> str:
+    text = f"Tap the button to authorize {name}."
+    if valid_seconds:
+        text += f" The link is valid for {duration(valid_seconds)}."
+    return text
+
+
+def authorize_button(name: str) -> str:
+    return f"Authorize {name}"
+
+
+def flow_connected(
+    name: str, scopes: Sequence[str], expires: int | None, now_ms: int, tz: str = "UTC"
+) -> str:
+    return f"✅ {name} connected\nScopes: {_scopes(scopes)}\nToken {_expiry(expires, now_ms, tz)}"
+
+
+def flow_denied(name: str) -> str:
+    return f"❌ {name} authorization was denied"
+
+
+def flow_timed_out(provider: str) -> str:
+    return f"⌛ link expired — say connect {provider} to try again"
+
+
+def flow_cancelled(name: str) -> str:
+    return f"🚫 {name} authorization cancelled"
+
+
+def flow_failed(name: str, provider: str, detail: str | None) -> str:
+    why = f": {detail}" if detail else ""
+    return f"❌ {name} connection failed{why}\nSay connect {provider} to try again."
+
+
+def cancelled_flows(names: Sequence[str]) -> str:
+    if not names:
+        return NOTHING_TO_CANCEL
+    return f"Cancelled the pending authorization of {', '.join(names)}."
+
+
+# ------------------------------------------------------------------ connections
+
+
+def connections(
+    items: Sequence[tuple[str, str, int | None, int | None, Sequence[str]]],
+    now_ms: int,
+    tz: str = "UTC",
+) -> str:
+    """``items``: (name, state, expires ms, last refresh ms, scopes) per connection."""
+    if not items:
+        return NO_CONNECTIONS
+    lines: list[str] = []
+    for name, state, expires, last_refresh, scopes in items:
+        icon = _STATE_ICONS.get(state, "•")
+        lines.append(f"{icon} {name} — {state}")
+        refreshed = (
+            f"last refresh {relative(last_refresh, now_ms)}"
+            if last_refresh is not None
+            else "never refreshed"
+        )
+        lines.append(f"    token {_expiry(expires, now_ms, tz)}; {refreshed}")
+        if scopes:
+            lines.append(f"    scopes: {_scopes(scopes)}")
+    return "\n".join(lines)
+
+
+def disconnected(name: str, *, revoked_remotely: bool, has_revocation_endpoint: bool) -> str:
+    if revoked_remotely:
+        return f"🔌 {name} disconnected: access revoked at {name} and the tokens removed."
+    if has_revocation_endpoint:
+        return (
+            f"🔌 {name} disconnected: the tokens are removed here, but revoking them at {name}"
+            f" failed — remove the app's access in your {name} account settings."
+        )
+    return (
+        f"🔌 {name} disconnected: the tokens are removed here. {name} has no revocation"
+        f" endpoint — remove the app's access in your {name} account settings."
+    )
+
+
+def not_connected(name: str) -> str:
+    return f"{name} is not connected."
+
+
+def flows(
+    items: Sequence[tuple[str, str, str, int, str | None]],
+    now_ms: int,
+    provider: str | None = None,
+) -> str:
+    """``items``: (flow id, provider, state, updated ms, error code) per flow, newest first."""
+    if not items:
+        return f"No authorization flows for {provider} yet." if provider else NO_FLOWS
+    lines = [f"Recent flows{f' of {provider}' if provider else ''}:"]
+    for flow_id, prov, state, updated, error_code in items:
+        icon = _STATE_ICONS.get(state, "•")
+        why = f" ({error_code})" if error_code else ""
+        lines.append(f"{icon} {flow_id} {prov} — {state}{why}, {relative(updated, now_ms)}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- notifications
+
+
+def notification(kind: str, name: str, message: str) -> str:
+    if kind == "expired":
+        return f"⚠️ {name} connection expired — tap to reconnect."
+    if kind in ("refresh_failing", "refresh_failed"):
+        return f"⚠️ {name} token refresh keeps failing — tap to reconnect."
+    return f"ℹ️ {message}" if message else f"ℹ️ {name}: {kind}"
+
+
+def reconnect_button(name: str) -> str:
+    return f"Reconnect {name}"
+
+
+# ----------------------------------------------------------------------- errors
+
+
+def error(code: str, message: str) -> str:
+    """The one place a BrokerError (by its code) becomes text for the owner."""
+    if code == "provider_unavailable":
+        return f"⚠️ The provider could not be reached; try again in a moment. ({message})"
+    if code == "reauthorization_required":
+        return f"⚠️ The provider refused the grant: {message}"
+    if code == "daemon_unauthorized":
+        return "⚠️ The daemon refused my API token: check server.api_token."
+    if code in ("config_error", "storage_error", "token_file_corrupt"):
+        return f"⚠️ {message}"
+    return f"⚠️ Something went wrong: {message}"
+
+
+def glucose_unavailable(reason: str) -> str:
+    return f"⚠️ No glucose reading: {reason}"

@@ -1,0 +1,420 @@
+"""The pure conversation table: whole conversations, the whole state after each step."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from bot import texts
+from bot.dialogue import (
+    AnswerTap,
+    BeginConnect,
+    CallbackButton,
+    CancelFlows,
+    ChatState,
+    CommandFailed,
+    ConnectionsListed,
+    ConnectionView,
+    ConnectStarted,
+    ConversationState,
+    CredentialsNeeded,
+    CredentialsSaved,
+    DeleteSecret,
+    Disconnect,
+    Disconnected,
+    Edit,
+    FetchGlucose,
+    FlowEnded,
+    FlowsCancelled,
+    FlowsListed,
+    FlowView,
+    GlucoseReady,
+    GlucoseUnavailable,
+    ListConnections,
+    ListFlows,
+    LogRefusal,
+    MarkDelivered,
+    Message,
+    Mode,
+    NotConnected,
+    NotificationDue,
+    Outcome,
+    ProviderUnknown,
+    SaveCredentials,
+    SecretDeleted,
+    Send,
+    SendImage,
+    Tap,
+    UrlButton,
+    Watch,
+    parse_command,
+    step,
+)
+
+OWNER = 100
+STRANGER = 666
+CHAT = 100
+NOW = 1_800_000_000_000
+
+_next_id = iter(range(1, 10_000))
+
+
+def msg(text: str, *, sender: int = OWNER, chat: int = CHAT) -> Message:
+    return Message(chat_id=chat, sender_id=sender, message_id=next(_next_id), text=text)
+
+
+@pytest.fixture(name="state")
+def _state() -> ConversationState:
+    return ConversationState(owners=frozenset({OWNER, 101}))
+
+
+# ------------------------------------------------------------------- parsing
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("connect dexcom", ("connect", ["dexcom"])),
+        ("/connect Dexcom", ("connect", ["dexcom"])),
+        ("/connect@agentd_bot  withings ", ("connect", ["withings"])),
+        ("Connect", ("connect", [])),
+        ("/status", ("connections", [])),
+        ("connections", ("connections", [])),
+        ("/start", ("help", [])),
+        ("flows fake", ("flows", ["fake"])),
+        ("glucose 7d", ("glucose", ["7d"])),
+        ("cancel", ("cancel", [])),
+        ("hello there", None),
+        ("", None),
+        ("/connectx dexcom", None),
+    ],
+)
+def test_parse_command(text: str, expected: tuple[str, list[str]] | None) -> None:
+    assert parse_command(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "effect"),
+    [
+        ("connect fake", BeginConnect(CHAT, "fake")),
+        ("/connect", BeginConnect(CHAT, "")),
+        ("/status", ListConnections(CHAT)),
+        ("connections", ListConnections(CHAT)),
+        ("disconnect fake", Disconnect(CHAT, "fake")),
+        ("flows", ListFlows(CHAT, None)),
+        ("flows fake", ListFlows(CHAT, "fake")),
+        ("cancel", CancelFlows(CHAT)),
+        ("glucose", FetchGlucose(CHAT, 24)),
+        ("glucose 6h", FetchGlucose(CHAT, 6)),
+        ("glucose 7d", FetchGlucose(CHAT, 168)),
+        ("help", Send(CHAT, texts.HELP)),
+        ("disconnect", Send(CHAT, texts.HELP)),
+        ("glucose 3w", Send(CHAT, texts.GLUCOSE_USAGE)),
+        ("what?", Send(CHAT, texts.UNKNOWN_COMMAND)),
+    ],
+)
+def test_owner_commands(state: ConversationState, text: str, effect: object) -> None:
+    new, effects = step(state, msg(text))
+    assert new == state
+    assert effects == [effect]
+
+
+# -------------------------------------------------------------- conversations
+
+
+def test_connect_with_stored_credentials_whole_conversation(state: ConversationState) -> None:
+    state, effects = step(state, msg("connect fake"))
+    assert effects == [BeginConnect(CHAT, "fake")]
+
+    started = ConnectStarted(CHAT, "fake", "Fake", "f1", "https://x/auth?s", "st", 600.0)
+    state, effects = step(state, started)
+    assert effects == [
+        Send(
+            CHAT,
+            "Tap the button to authorize Fake. The link is valid for 10 min.",
+            buttons=(UrlButton("Authorize Fake", "https://x/auth?s"),),
+            watch=Watch("f1", "fake", "Fake", "st"),
+        )
+    ]
+    ended = FlowEnded(
+        CHAT, 55, "f1", "fake", "Fake", Outcome.CONNECTED, NOW, ("read",), NOW + 3_600_000
+    )
+    state, effects = step(state, ended)
+    assert effects == [
+        Edit(
+            CHAT,
+            55,
+            "✅ Fake connected\nScopes: read\nToken expires in 1 h (2027-01-15 09:00 UTC)",
+        )
+    ]
+    assert state.chats == {}
+
+
+def test_connect_asking_for_credentials_whole_conversation(state: ConversationState) -> None:
+    state, effects = step(state, msg("connect fake"))
+    assert effects == [BeginConnect(CHAT, "fake")]
+
+    state, effects = step(state, CredentialsNeeded(CHAT, "fake", "Fake", needs_secret=True))
+    assert state.chat(CHAT) == ChatState(Mode.AWAITING_CLIENT_ID, "fake", "Fake", True, None)
+    assert effects == [Send(CHAT, texts.ASK_CLIENT_ID.format(name="Fake"))]
+
+    state, effects = step(state, msg("client 123"))
+    assert state.chat(CHAT).mode is Mode.AWAITING_CLIENT_ID
+    assert effects == [Send(CHAT, texts.BAD_CLIENT_ID)]
+
+    state, effects = step(state, msg("client-123"))
+    assert state.chat(CHAT) == ChatState(
+        Mode.AWAITING_CLIENT_SECRET, "fake", "Fake", True, "client-123"
+    )
+    assert effects == [Send(CHAT, texts.ASK_CLIENT_SECRET.format(name="Fake"))]
+
+    secret = msg("  s3cr3t-value ")
+    state, effects = step(state, secret)
+    assert state.chats == {}
+    assert effects == [
+        DeleteSecret(CHAT, secret.message_id),
+        SaveCredentials(CHAT, "fake", "Fake", "client-123", "s3cr3t-value"),
+    ]
+    # the secret never shows in a repr of the effect, the inbound or the state
+    assert "s3cr3t" not in repr(effects) + repr(secret) + repr(state)
+
+    state, effects = step(state, SecretDeleted(CHAT, ok=True))
+    assert effects == [Send(CHAT, texts.SECRET_DELETED)]
+    state, effects = step(state, CredentialsSaved(CHAT, "fake", "Fake"))
+    assert effects == [
+        Send(CHAT, texts.CREDENTIALS_SAVED.format(name="Fake")),
+        BeginConnect(CHAT, "fake"),
+    ]
+    assert state.chats == {}
+
+
+def test_public_client_needs_only_the_client_id(state: ConversationState) -> None:
+    state, _ = step(state, CredentialsNeeded(CHAT, "pub", "Pub", needs_secret=False))
+    state, effects = step(state, msg("pub-id"))
+    assert state.chats == {}
+    assert effects == [SaveCredentials(CHAT, "pub", "Pub", "pub-id", None)]
+
+
+def test_a_secret_with_spaces_is_deleted_and_asked_again(state: ConversationState) -> None:
+    state, _ = step(state, CredentialsNeeded(CHAT, "fake", "Fake", needs_secret=True))
+    state, _ = step(state, msg("cid"))
+    bad = msg("two words")
+    new, effects = step(state, bad)
+    assert new == state
+    assert effects == [DeleteSecret(CHAT, bad.message_id), Send(CHAT, texts.BAD_SECRET)]
+
+
+def test_secret_not_deletable_is_said(state: ConversationState) -> None:
+    _, effects = step(state, SecretDeleted(CHAT, ok=False))
+    assert effects == [Send(CHAT, texts.SECRET_NOT_DELETED)]
+
+
+@pytest.mark.parametrize("word", ["cancel", "/cancel", "CANCEL"])
+def test_cancel_during_credential_entry(state: ConversationState, word: str) -> None:
+    state, _ = step(state, CredentialsNeeded(CHAT, "fake", "Fake", needs_secret=True))
+    state, _ = step(state, msg("cid"))
+    state, effects = step(state, msg(word))
+    assert state.chats == {}
+    assert effects == [Send(CHAT, texts.CREDENTIALS_CANCELLED)]
+
+
+def test_a_slash_command_leaves_credential_entry_and_runs(state: ConversationState) -> None:
+    state, _ = step(state, CredentialsNeeded(CHAT, "fake", "Fake", needs_secret=True))
+    state, effects = step(state, msg("/status"))
+    assert state.chats == {}
+    assert effects == [
+        Send(CHAT, texts.LEFT_CREDENTIALS.format(name="Fake")),
+        ListConnections(CHAT),
+    ]
+
+
+def test_credential_entry_is_per_chat(state: ConversationState) -> None:
+    state, _ = step(state, CredentialsNeeded(CHAT, "fake", "Fake", needs_secret=True))
+    _, effects = step(state, msg("connections", sender=101, chat=101))
+    assert effects == [ListConnections(101)]
+
+
+@pytest.mark.parametrize(
+    ("outcome", "detail", "text"),
+    [
+        (Outcome.DENIED, None, "❌ Fake authorization was denied"),
+        (Outcome.TIMED_OUT, None, "⌛ link expired — say connect fake to try again"),
+        (Outcome.CANCELLED, None, "🚫 Fake authorization cancelled"),
+        (
+            Outcome.FAILED,
+            "invalid_grant",
+            "❌ Fake connection failed: invalid_grant\nSay connect fake to try again.",
+        ),
+    ],
+)
+def test_flow_endings_edit_the_link_message(
+    state: ConversationState, outcome: Outcome, detail: str | None, text: str
+) -> None:
+    ended = FlowEnded(CHAT, 55, "f1", "fake", "Fake", outcome, NOW, detail=detail)
+    assert step(state, ended) == (state, [Edit(CHAT, 55, text)])
+    # without a known link message the ending is sent as a new message
+    assert step(state, replace(ended, message_id=None)) == (state, [Send(CHAT, text)])
+
+
+# ------------------------------------------------------------------ strangers
+
+
+def test_stranger_gets_one_refusal_then_nothing(state: ConversationState) -> None:
+    state, effects = step(state, msg("connect fake", sender=STRANGER, chat=STRANGER))
+    assert effects == [LogRefusal(STRANGER, STRANGER, "message"), Send(STRANGER, texts.REFUSAL)]
+    assert state.refused == {STRANGER}
+    state, effects = step(state, msg("help", sender=STRANGER, chat=STRANGER))
+    assert effects == [LogRefusal(STRANGER, STRANGER, "message")]
+    tap = Tap(STRANGER, STRANGER, 5, 77, "connect:fake")
+    state, effects = step(state, tap)
+    assert effects == [LogRefusal(STRANGER, STRANGER, "tap"), AnswerTap(77, None)]
+    assert state.chats == {}
+
+
+def test_stranger_tap_first_gets_the_refusal_as_a_toast(state: ConversationState) -> None:
+    state, effects = step(state, Tap(STRANGER, STRANGER, 5, 77, "connect:fake"))
+    assert effects == [LogRefusal(STRANGER, STRANGER, "tap"), AnswerTap(77, texts.REFUSAL)]
+
+
+def test_a_stranger_in_an_owner_chat_is_refused(state: ConversationState) -> None:
+    _, effects = step(state, msg("connect fake", sender=STRANGER, chat=CHAT))
+    assert effects == [LogRefusal(STRANGER, CHAT, "message"), Send(CHAT, texts.REFUSAL)]
+
+
+# -------------------------------------------------------------- notifications
+
+
+def test_notification_goes_to_its_chat_with_a_reconnect_button(state: ConversationState) -> None:
+    note = NotificationDue(9, "expired", "fake", "Fake", "whatever", chat_id=CHAT)
+    _, effects = step(state, note)
+    assert effects == [
+        Send(
+            CHAT,
+            "⚠️ Fake connection expired — tap to reconnect.",
+            buttons=(CallbackButton("Reconnect Fake", "connect:fake"),),
+        ),
+        MarkDelivered(9),
+    ]
+
+
+def test_notification_without_chat_goes_to_every_owner(state: ConversationState) -> None:
+    note = NotificationDue(3, "refresh_failing", "fake", "Fake", "", chat_id=None)
+    _, effects = step(state, note)
+    text = "⚠️ Fake token refresh keeps failing — tap to reconnect."
+    button = (CallbackButton("Reconnect Fake", "connect:fake"),)
+    assert effects == [
+        Send(100, text, buttons=button),
+        Send(101, text, buttons=button),
+        MarkDelivered(3),
+    ]
+
+
+def test_reconnect_tap_starts_connect_and_leaves_credential_entry(
+    state: ConversationState,
+) -> None:
+    state, _ = step(state, CredentialsNeeded(CHAT, "other", "Other", needs_secret=True))
+    state, effects = step(state, Tap(CHAT, OWNER, 5, 78, "connect:fake"))
+    assert state.chats == {}
+    assert effects == [AnswerTap(78), BeginConnect(CHAT, "fake")]
+
+
+def test_unknown_tap_is_just_answered(state: ConversationState) -> None:
+    assert step(state, Tap(CHAT, OWNER, 5, 79, "zzz")) == (state, [AnswerTap(79)])
+
+
+# -------------------------------------------------------------------- results
+
+
+@pytest.mark.parametrize(
+    ("inbound", "text"),
+    [
+        (
+            ProviderUnknown(CHAT, "fak", ("fake",), ("dexcom", "fake")),
+            "I don't know a provider called 'fak'. Did you mean fake?\n"
+            "Known providers: dexcom, fake.",
+        ),
+        (
+            ProviderUnknown(CHAT, "", (), ("dexcom", "fake")),
+            "Which provider? Say connect <provider>. Known providers: dexcom, fake.",
+        ),
+        (
+            Disconnected(CHAT, "fake", "Fake", revoked_remotely=True, has_revocation_endpoint=True),
+            "🔌 Fake disconnected: access revoked at Fake and the tokens removed.",
+        ),
+        (NotConnected(CHAT, "fake", "Fake"), "Fake is not connected."),
+        (FlowsCancelled(CHAT, ()), texts.NOTHING_TO_CANCEL),
+        (FlowsCancelled(CHAT, ("Fake",)), "Cancelled the pending authorization of Fake."),
+        (ConnectionsListed(CHAT, (), NOW), texts.NO_CONNECTIONS),
+        (FlowsListed(CHAT, None, (), NOW), texts.NO_FLOWS),
+        (GlucoseUnavailable(CHAT), texts.GLUCOSE_NOT_SET_UP),
+        (
+            GlucoseUnavailable(CHAT, "Dexcom is not connected"),
+            "⚠️ No glucose reading: Dexcom is not connected",
+        ),
+        (GlucoseReady(CHAT, "120 mg/dL →", None), "120 mg/dL →"),
+        (
+            CommandFailed(CHAT, "provider_unavailable", "HTTP 503"),
+            "⚠️ The provider could not be reached; try again in a moment. (HTTP 503)",
+        ),
+    ],
+)
+def test_results_become_replies(state: ConversationState, inbound: object, text: str) -> None:
+    assert step(state, inbound) == (state, [Send(CHAT, text)])  # type: ignore[arg-type]
+
+
+def test_no_revocation_endpoint_is_said(state: ConversationState) -> None:
+    _, effects = step(
+        state,
+        Disconnected(CHAT, "w", "Withings", revoked_remotely=False, has_revocation_endpoint=False),
+    )
+    assert len(effects) == 1
+    assert isinstance(effects[0], Send)
+    assert "Withings has no revocation endpoint" in effects[0].text
+
+
+def test_connections_list_shows_state_expiry_and_last_refresh(state: ConversationState) -> None:
+    items = (
+        ConnectionView("dexcom", "Dexcom", "stored", NOW + 7_200_000, NOW - 300_000, ("offline",)),
+        ConnectionView("fake", "Fake", "expired", NOW - 60_000, None),
+    )
+    _, effects = step(state, ConnectionsListed(CHAT, items, NOW))
+    assert effects == [
+        Send(
+            CHAT,
+            "✅ Dexcom — stored\n"
+            "    token expires in 2 h (2027-01-15 10:00 UTC); last refresh 5 min ago\n"
+            "    scopes: offline\n"
+            "⚠️ Fake — expired\n"
+            "    token expired 1 min ago (2027-01-15 07:59 UTC); never refreshed",
+        )
+    ]
+
+
+def test_connections_use_the_owners_time_zone() -> None:
+    state = ConversationState(owners=frozenset({OWNER}), tz="Europe/Berlin")
+    items = (ConnectionView("fake", "Fake", "stored", NOW + 60_000, None),)
+    _, effects = step(state, ConnectionsListed(CHAT, items, NOW))
+    assert isinstance(effects[0], Send)
+    assert "(2027-01-15 09:01 CET)" in effects[0].text
+
+
+def test_flows_list(state: ConversationState) -> None:
+    items = (
+        FlowView("ab12", "fake", "failed", NOW - 120_000, "access_denied"),
+        FlowView("cd34", "fake", "stored", NOW - 7_200_000),
+    )
+    _, effects = step(state, FlowsListed(CHAT, "fake", items, NOW))
+    assert effects == [
+        Send(
+            CHAT,
+            "Recent flows of fake:\n"
+            "❌ ab12 fake — failed (access_denied), 2 min ago\n"
+            "✅ cd34 fake — stored, 2 h ago",
+        )
+    ]
+
+
+def test_glucose_with_chart_is_an_image(state: ConversationState) -> None:
+    _, effects = step(state, GlucoseReady(CHAT, "112 mg/dL ↗", b"\x89PNG..."))
+    assert effects == [SendImage(CHAT, b"\x89PNG...", caption="112 mg/dL ↗")]
