@@ -124,7 +124,7 @@ def _zone(tz: str) -> ZoneInfo:
 
 def duration(seconds: float) -> str:
     """A short human duration: ``45 s``, ``12 min``, ``2 h 5 min``, ``3 d 4 h``."""
-    seconds = abs(int(seconds))
+    seconds = abs(round(seconds))
     if seconds < 60:
         return f"{seconds} s"
     minutes = seconds // 60
