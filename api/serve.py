@@ -23,6 +23,7 @@ import logging
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -244,15 +245,12 @@ def build_config(plan: ServePlan, *, certs: CertManager | None = None) -> OwnCon
 
 
 async def _cert_manager(
-    settings: ApiSettings,
-    plan: ServePlan,
-    tailscale: TailscaleClient | None,
-    tg: anyio.abc.TaskGroup,
-) -> CertManager:
+    settings: ApiSettings, plan: ServePlan, tailscale: TailscaleClient | None
+) -> tuple[CertManager, list[Callable[[], Awaitable[None]]]]:
+    """The certificate manager for tls mode and the loops that keep it current."""
     if settings.cert_file is not None and settings.key_file is not None:
         manager = CertManager(settings.cert_file, settings.key_file)
-        tg.start_soon(manager.watch, settings.cert_check_interval)
-        return manager
+        return manager, [partial(manager.watch, settings.cert_check_interval)]
     if tailscale is None or settings.tls_dir is None or not plan.public_name:
         raise ConfigError(
             "tls mode needs a certificate: set server.cert_file and server.key_file, or let"
@@ -270,9 +268,10 @@ async def _cert_manager(
             "TS_PERMIT_CERT_UID",
         ) from err
     manager = CertManager(source.cert_file, source.key_file)
-    tg.start_soon(manager.watch, settings.cert_check_interval)
-    tg.start_soon(source.refresh_forever, manager, settings.cert_refetch_interval)
-    return manager
+    return manager, [
+        partial(manager.watch, settings.cert_check_interval),
+        partial(source.refresh_forever, manager, settings.cert_refetch_interval),
+    ]
 
 
 async def serve(
@@ -282,35 +281,58 @@ async def serve(
     shutdown_trigger: Callable[[], Awaitable[Any]],
     tailscale: TailscaleClient | None = None,
     plan: ServePlan | None = None,
+    certs: CertManager | None = None,
     task_status: TaskStatus[ServePlan] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run Hypercorn for ``app`` until ``shutdown_trigger`` returns."""
+    """Run Hypercorn for ``app`` until ``shutdown_trigger`` returns.
+
+    tls mode: ``certs`` (a CertManager the caller keeps) or one made from
+    ``settings.cert_file``/``key_file``, else a pair fetched from tailscaled into
+    ``settings.tls_dir``; the files are watched (and refetched) and reloaded in place.
+    """
     if plan is None:
         plan = await plan_serving(settings, tailscale=tailscale)
     for warning in plan.warnings:
         log.warning("%s", warning)
-    async with anyio.create_task_group() as tg:
-        certs = await _cert_manager(settings, plan, tailscale, tg) if plan.mode == "tls" else None
-        config = build_config(plan, certs=certs)
-        sockets = config.create_sockets()
-        bound = [*sockets.secure_sockets, *sockets.insecure_sockets]
+    watchers: list[Callable[[], Awaitable[None]]] = []
+    if plan.mode != "tls":
+        certs = None
+    elif certs is not None:
+        watchers.append(partial(certs.watch, settings.cert_check_interval))
+    else:
+        certs, watchers = await _cert_manager(settings, plan, tailscale)
+    config = build_config(plan, certs=certs)
+    sockets = config.create_sockets()
+    bound = [*sockets.secure_sockets, *sockets.insecure_sockets]
+    try:
         for sock in bound:
             sock.listen(config.backlog)
-        port = bound[0].getsockname()[1] if bound else plan.port
-        plan = replace(plan, port=port)
-        if plan.mode == "plain-test" and not (settings.redirect_uri or settings.public_name):
-            plan = replace(plan, redirect_uri=f"http://{plan.bind}/oauth/callback")
-        log.info(
-            "API listening on %s (%s mode), redirect URI %s",
-            plan.base_url,
-            plan.mode,
-            plan.redirect_uri,
-        )
-        task_status.started(plan)
-        await worker_serve(
-            wrap_app(app, config.wsgi_max_body_size, "asgi"),
-            config,
-            sockets=sockets,
-            shutdown_trigger=shutdown_trigger,
-        )
-        tg.cancel_scope.cancel()
+    except OSError:
+        for sock in bound:
+            sock.close()
+        raise
+    port = bound[0].getsockname()[1] if bound else plan.port
+    plan = replace(plan, port=port)
+    if plan.mode == "plain-test" and not (settings.redirect_uri or settings.public_name):
+        plan = replace(plan, redirect_uri=f"http://{plan.bind}/oauth/callback")
+    log.info(
+        "API listening on %s (%s mode), redirect URI %s",
+        plan.base_url,
+        plan.mode,
+        plan.redirect_uri,
+    )
+    try:
+        async with anyio.create_task_group() as tg:
+            for watcher in watchers:
+                tg.start_soon(watcher)
+            task_status.started(plan)
+            await worker_serve(
+                wrap_app(app, config.wsgi_max_body_size, "asgi"),
+                config,
+                sockets=sockets,
+                shutdown_trigger=shutdown_trigger,
+            )
+            tg.cancel_scope.cancel()
+    finally:
+        for sock in bound:
+            sock.close()

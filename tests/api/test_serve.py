@@ -1,0 +1,207 @@
+"""Choosing the bind address and redirect URI; real Hypercorn serving (plain and TLS)."""
+
+from __future__ import annotations
+
+import ssl
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+
+from api.app import create_app
+from api.serve import ServePlan, plan_serving, serve, validate_bind
+from api.settings import ApiSettings
+from api.tailscale import LocalAPI
+from flowengine.catalog import Catalog
+from flowengine.engine import FlowEngine
+from flowengine.errors import ConfigError
+
+from .conftest import AUTH, TOKEN, start_flow
+from .fake_tailscale import DOMAIN, SELF_V4, FakeTailnet, status_json
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.mark.parametrize(
+    ("host", "mode", "ok"),
+    [
+        ("127.0.0.1", "tls", True),
+        ("::1", "tls", True),
+        ("localhost", "serve", True),
+        ("100.101.102.103", "tls", True),
+        ("fd7a:115c:a1e0::1", "tls", True),
+        ("100.101.102.103", "serve", False),  # plain HTTP must stay on loopback
+        ("0.0.0.0", "tls", False),
+        ("::", "tls", False),
+        ("", "tls", False),
+        ("192.168.1.5", "tls", False),
+        ("203.0.113.7", "plain-test", False),
+        ("example.org", "tls", False),
+    ],
+)
+def test_validate_bind(host: str, mode: str, ok: bool) -> None:
+    if ok:
+        assert validate_bind(host, mode=mode, allow_public=False) == []
+        return
+    with pytest.raises(ConfigError, match="refusing to listen") as info:
+        validate_bind(host, mode=mode, allow_public=False)
+    assert info.value.key == "server.host"
+    warnings = validate_bind(host, mode=mode, allow_public=True)
+    assert len(warnings) == 1
+    assert "allow_public_bind" in warnings[0]
+
+
+async def test_plan_tls_binds_the_tailscale_ip_and_derives_the_redirect(
+    localapi: LocalAPI,
+) -> None:
+    plan = await plan_serving(ApiSettings(mode="tls"), tailscale=localapi)
+    assert plan == ServePlan(
+        mode="tls",
+        host=SELF_V4,
+        port=8400,
+        redirect_uri=f"https://{DOMAIN}:8400/oauth/callback",
+        public_name=DOMAIN,
+    )
+
+
+async def test_plan_userspace_networking_binds_loopback(
+    localapi: LocalAPI, tailnet: FakeTailnet
+) -> None:
+    tailnet.status = status_json(tun=False)
+    plan = await plan_serving(ApiSettings(mode="tls", public_port=443), tailscale=localapi)
+    assert (plan.host, plan.redirect_uri) == ("127.0.0.1", f"https://{DOMAIN}/oauth/callback")
+
+
+async def test_plan_serve_mode_is_loopback_with_public_port_8400(localapi: LocalAPI) -> None:
+    plan = await plan_serving(ApiSettings(mode="serve", port=8401), tailscale=localapi)
+    assert (plan.host, plan.port, plan.redirect_uri) == (
+        "127.0.0.1",
+        8401,
+        f"https://{DOMAIN}:8400/oauth/callback",
+    )
+
+
+async def test_plan_refuses_a_redirect_uri_for_another_name(localapi: LocalAPI) -> None:
+    settings = ApiSettings(
+        mode="tls", redirect_uri="https://old.tailnet-name.ts.net:8400/oauth/callback"
+    )
+    with pytest.raises(ConfigError, match="not this machine's MagicDNS name") as info:
+        await plan_serving(settings, tailscale=localapi)
+    assert info.value.key == "server.redirect_uri"
+
+
+async def test_plan_accepts_a_matching_configured_redirect_uri(localapi: LocalAPI) -> None:
+    uri = f"https://{DOMAIN.upper()}:9443/oauth/callback"
+    plan = await plan_serving(ApiSettings(mode="tls", redirect_uri=uri), tailscale=localapi)
+    assert plan.redirect_uri == uri
+
+
+async def test_plan_needs_tailscale_running(localapi: LocalAPI, tailnet: FakeTailnet) -> None:
+    tailnet.status = status_json(backend_state="NeedsLogin")
+    with pytest.raises(ConfigError, match="tailscale is not running"):
+        await plan_serving(ApiSettings(mode="tls"), tailscale=localapi)
+
+
+async def test_plan_needs_https_certificates_enabled(
+    localapi: LocalAPI, tailnet: FakeTailnet
+) -> None:
+    tailnet.status = status_json(https=False)
+    with pytest.raises(ConfigError, match="HTTPS certificates are not enabled"):
+        await plan_serving(ApiSettings(mode="tls"), tailscale=localapi)
+
+
+async def test_plan_without_tailscaled_explains(tmp_path: Path) -> None:
+    async with LocalAPI(tmp_path / "none.sock", timeout=2) as dead:
+        with pytest.raises(ConfigError, match="tailscaled could not be asked"):
+            await plan_serving(ApiSettings(mode="tls"), tailscale=dead)
+    plan = await plan_serving(ApiSettings(mode="serve", public_name=DOMAIN), tailscale=None)
+    assert plan.redirect_uri == f"https://{DOMAIN}:8400/oauth/callback"
+
+
+# ---------------------------------------------------------------- real Hypercorn
+
+
+@asynccontextmanager
+async def running(app: Any, settings: ApiSettings, **kwargs: Any) -> AsyncIterator[ServePlan]:
+    stop = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        plan = await tg.start(partial(serve, app, settings, shutdown_trigger=stop.wait, **kwargs))
+        try:
+            yield plan
+        finally:
+            stop.set()
+
+
+async def test_long_poll_over_real_http_returns_within_50ms_of_the_callback(
+    engine: FlowEngine, catalog: Catalog
+) -> None:
+    settings = ApiSettings(mode="plain-test", port=0, api_token=TOKEN)
+    app = create_app(engine, settings=settings, catalog=catalog)
+    lags: list[float] = []
+    async with running(app, settings) as plan, httpx.AsyncClient(base_url=plan.base_url) as http:
+        assert plan.redirect_uri == f"{plan.base_url}/oauth/callback"
+        for _ in range(5):
+            started = await start_flow(engine)
+            polled: dict[str, Any] = {}
+
+            async def poll(state: str = started.state, out: dict[str, Any] = polled) -> None:
+                response = await http.get(
+                    f"/oauth/pending/{state}", params={"wait": "30"}, headers=AUTH, timeout=40
+                )
+                out["at"] = time.perf_counter()
+                out["response"] = response
+
+            with anyio.fail_after(20):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(poll)
+                    await anyio.sleep(0.3)  # the poller is parked on the server
+                    assert "at" not in polled
+                    sent = time.perf_counter()
+                    callback = await http.get(
+                        "/oauth/callback", params={"code": "c0de", "state": started.state}
+                    )
+                    assert callback.status_code == 200
+            lags.append(polled["at"] - sent)
+            assert polled["response"].status_code == 200
+            assert polled["response"].json()["code"] == "c0de"
+    print(
+        f"long-poll answer after the callback was sent: max {max(lags) * 1000:.1f} ms, "
+        f"all {[round(x * 1000, 1) for x in lags]} ms"
+    )
+    assert max(lags) < 0.05
+
+
+async def test_tls_mode_fetches_the_certificate_from_tailscaled(
+    engine: FlowEngine, localapi: LocalAPI, tailnet: FakeTailnet, tmp_path: Path
+) -> None:
+    tls_dir = tmp_path / "state" / "tls"
+    settings = ApiSettings(
+        mode="tls", host="127.0.0.1", port=0, public_port=8400, api_token=TOKEN, tls_dir=tls_dir
+    )
+    app = create_app(engine, settings=settings)
+    trust = ssl.create_default_context()
+    tailnet.ca.configure_trust(trust)
+    async with running(app, settings, tailscale=localapi) as plan:
+        assert plan.redirect_uri == f"https://{DOMAIN}:8400/oauth/callback"
+        async with httpx.AsyncClient(verify=trust) as http:
+            response = await http.get(f"https://127.0.0.1:{plan.port}/healthz")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok", "mode": "tls"}
+    key_file, cert_file = tls_dir / f"{DOMAIN}.key", tls_dir / f"{DOMAIN}.crt"
+    assert (key_file.read_bytes(), cert_file.read_bytes()) == tailnet.pair_pem()
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    assert tls_dir.stat().st_mode & 0o777 == 0o700
+    assert f"GET /localapi/v0/cert/{DOMAIN}?type=pair" in tailnet.requests
+
+
+async def test_tls_mode_without_a_certificate_source_refuses(engine: FlowEngine) -> None:
+    settings = ApiSettings(mode="tls", host="127.0.0.1", port=0, public_name=DOMAIN)
+    app = create_app(engine, settings=settings)
+    with pytest.raises(ConfigError, match="needs a certificate"):
+        await serve(app, settings, shutdown_trigger=anyio.Event().wait)
