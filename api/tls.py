@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 import ssl
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -39,12 +40,8 @@ def server_context(alpn: Sequence[str] = ALPN) -> ssl.SSLContext:
     return ctx
 
 
-def _fingerprint(*files: Path) -> str:
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(path.read_bytes())
-        digest.update(b"\0")
-    return digest.hexdigest()
+def _fingerprint(cert: bytes, key: bytes) -> str:
+    return hashlib.sha256(cert + b"\0" + key).hexdigest()
 
 
 class CertManager:
@@ -65,22 +62,38 @@ class CertManager:
                 hint="run `tailscale cert` or check server.cert_file / server.key_file",
             ) from err
 
-    def _load(self) -> None:
-        fingerprint = _fingerprint(self.cert_file, self.key_file)
-        self.context.load_cert_chain(certfile=self.cert_file, keyfile=self.key_file)
-        self._fingerprint = fingerprint
+    def _read(self) -> tuple[bytes, bytes]:
+        return self.cert_file.read_bytes(), self.key_file.read_bytes()
+
+    def _load(self, cert: bytes | None = None, key: bytes | None = None) -> None:
+        """Load one snapshot of the pair: first into a scratch context, then the live one.
+
+        A failing ``load_cert_chain`` can leave a context half-updated (new certificate,
+        old key: every handshake fails), so the live context only sees a pair that loaded.
+        """
+        if cert is None or key is None:
+            cert, key = self._read()
+        with tempfile.TemporaryDirectory(prefix="agentd-tls-") as tmp:
+            cert_copy, key_copy = Path(tmp) / "cert.pem", Path(tmp) / "key.pem"
+            for path, data in ((cert_copy, cert), (key_copy, key)):
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(data)
+            server_context().load_cert_chain(certfile=cert_copy, keyfile=key_copy)
+            self.context.load_cert_chain(certfile=cert_copy, keyfile=key_copy)
+        self._fingerprint = _fingerprint(cert, key)
 
     def reload_if_changed(self) -> bool:
         """Load the files again if their bytes changed. A broken pair keeps the old one."""
         try:
-            fingerprint = _fingerprint(self.cert_file, self.key_file)
+            cert, key = self._read()
         except OSError as err:
             log.warning("certificate files unreadable, keeping the loaded pair: %s", err)
             return False
-        if fingerprint == self._fingerprint:
+        if _fingerprint(cert, key) == self._fingerprint:
             return False
         try:
-            self._load()
+            self._load(cert, key)
         except (OSError, ssl.SSLError) as err:
             # e.g. the key was replaced but the certificate not yet: try again next round
             log.warning("new certificate pair not loadable yet, keeping the old one: %s", err)
