@@ -44,6 +44,7 @@ __all__ = [
     "OwnContextConfig",
     "ServePlan",
     "build_config",
+    "check_serve_config",
     "plan_serving",
     "redirect_uri_for",
     "serve",
@@ -116,6 +117,39 @@ def validate_bind(host: str, *, mode: str, allow_public: bool) -> list[str]:
         )
     warning = f"listening on {text or '(empty)'} although {what} (allow_public_bind is set)"
     return [warning]
+
+
+def check_serve_config(
+    serve_config: dict[str, Any], *, mode: str, name: str, public_port: int
+) -> list[str]:
+    """Startup self-check against ``tailscale serve status --json`` (LocalAPI serve-config).
+
+    Refuses when Funnel is on for our host:port (public internet) or, in tls mode, when
+    serve claims our port (it would intercept tailnet traffic before Hypercorn). In serve
+    mode, warns when no serve handler exists for our host:port yet.
+    """
+    key = f"{name}:{public_port}"
+    funnel = serve_config.get("AllowFunnel") or {}
+    if funnel.get(key):
+        raise ConfigError(
+            f"Tailscale Funnel is enabled for {key}: the daemon would be on the public internet",
+            key="server.mode",
+            hint=f"run `tailscale funnel --https={public_port} off`",
+        )
+    tcp = serve_config.get("TCP") or {}
+    if mode == "tls" and str(public_port) in tcp:
+        raise ConfigError(
+            f"`tailscale serve` already handles port {public_port}; it would intercept the"
+            " daemon's connections",
+            key="server.port",
+            hint=f'run `tailscale serve --https={public_port} off`, or use mode = "serve"',
+        )
+    if mode == "serve" and key not in (serve_config.get("Web") or {}):
+        return [
+            f"no `tailscale serve` handler for {key} yet; run: tailscale serve --bg"
+            f" --https={public_port} http://127.0.0.1:<port>"
+        ]
+    return []
 
 
 def redirect_uri_for(name: str, port: int) -> str:
@@ -218,6 +252,24 @@ async def plan_serving(
                 "HTTPS certificates are not enabled for this tailnet",
                 key="server.mode",
                 hint="enable MagicDNS and HTTPS in the admin console (tailscale.com/kb/1153)",
+            )
+    if settings.mode == "serve" and status is not None and not status.tun:
+        warnings.append(
+            "tailscaled runs in userspace-networking mode: the loopback backend port is also"
+            " reachable from the tailnet, where identity headers could be forged"
+            " (set allowed_logins only together with a kernel TUN, or keep the bearer token"
+            " secret)"
+        )
+    serve_config_of = getattr(tailscale, "serve_config", None)
+    if serve_config_of is not None and public_name and settings.mode != "plain-test":
+        try:
+            serve_config = await serve_config_of()
+        except TailscaleError as err:
+            warnings.append(f"could not read the serve config: {err.message}")
+        else:
+            port = int(urlsplit(redirect).port or 443)
+            warnings += check_serve_config(
+                serve_config, mode=settings.mode, name=public_name, public_port=port
             )
     return ServePlan(
         mode=settings.mode,

@@ -23,7 +23,7 @@ from flowengine.engine import FlowEngine
 from flowengine.errors import ConfigError
 
 from .conftest import AUTH, TOKEN, start_flow
-from .fake_tailscale import DOMAIN, SELF_V4, FakeTailnet, status_json
+from .fake_tailscale import DOMAIN, OWNER, SELF_V4, FakeTailnet, status_json
 
 pytestmark = pytest.mark.anyio
 
@@ -182,9 +182,15 @@ async def test_tls_mode_fetches_the_certificate_from_tailscaled(
 ) -> None:
     tls_dir = tmp_path / "state" / "tls"
     settings = ApiSettings(
-        mode="tls", host="127.0.0.1", port=0, public_port=8400, api_token=TOKEN, tls_dir=tls_dir
+        mode="tls",
+        host="127.0.0.1",
+        port=0,
+        public_port=8400,
+        api_token=TOKEN,
+        tls_dir=tls_dir,
+        allowed_logins=(OWNER,),
     )
-    app = create_app(engine, settings=settings)
+    app = create_app(engine, settings=settings, tailscale=localapi)
     trust = ssl.create_default_context()
     tailnet.ca.configure_trust(trust)
     async with running(app, settings, tailscale=localapi) as plan:
@@ -193,6 +199,12 @@ async def test_tls_mode_fetches_the_certificate_from_tailscaled(
             response = await http.get(f"https://127.0.0.1:{plan.port}/healthz")
     assert response.status_code == 200
     assert response.json() == {"status": "ok", "mode": "tls"}
+    # the owner check asked whois about the real TCP peer, with its port
+    whois = [
+        r for r in tailnet.requests if r.startswith("GET /localapi/v0/whois?addr=127.0.0.1%3A")
+    ]
+    assert len(whois) == 1
+    assert int(whois[0].rsplit("%3A", 1)[1]) > 0
     key_file, cert_file = tls_dir / f"{DOMAIN}.key", tls_dir / f"{DOMAIN}.crt"
     assert (key_file.read_bytes(), cert_file.read_bytes()) == tailnet.pair_pem()
     assert key_file.stat().st_mode & 0o777 == 0o600
@@ -205,3 +217,48 @@ async def test_tls_mode_without_a_certificate_source_refuses(engine: FlowEngine)
     app = create_app(engine, settings=settings)
     with pytest.raises(ConfigError, match="needs a certificate"):
         await serve(app, settings, shutdown_trigger=anyio.Event().wait)
+
+
+SERVE_CONFIG = {
+    "TCP": {"8400": {"HTTPS": True}},
+    "Web": {f"{DOMAIN}:8400": {"Handlers": {"/": {"Proxy": "http://127.0.0.1:8401"}}}},
+}
+
+
+async def test_plan_serve_mode_checks_the_serve_config(
+    localapi: LocalAPI, tailnet: FakeTailnet
+) -> None:
+    settings = ApiSettings(mode="serve", port=8401)
+    plan = await plan_serving(settings, tailscale=localapi)
+    assert len(plan.warnings) == 1
+    assert "tailscale serve --bg --https=8400" in plan.warnings[0]
+    tailnet.serve_config = SERVE_CONFIG
+    assert (await plan_serving(settings, tailscale=localapi)).warnings == ()
+    assert "GET /localapi/v0/serve-config" in tailnet.requests
+
+
+async def test_plan_refuses_funnel_on_our_port(localapi: LocalAPI, tailnet: FakeTailnet) -> None:
+    tailnet.serve_config = {**SERVE_CONFIG, "AllowFunnel": {f"{DOMAIN}:8400": True}}
+    with pytest.raises(ConfigError, match="Funnel is enabled"):
+        await plan_serving(ApiSettings(mode="serve", port=8401), tailscale=localapi)
+
+
+async def test_plan_tls_refuses_when_serve_owns_the_port(
+    localapi: LocalAPI, tailnet: FakeTailnet
+) -> None:
+    tailnet.serve_config = SERVE_CONFIG
+    with pytest.raises(ConfigError, match="would intercept"):
+        await plan_serving(ApiSettings(mode="tls"), tailscale=localapi)
+    # another port is fine
+    plan = await plan_serving(ApiSettings(mode="tls", port=9443), tailscale=localapi)
+    assert plan.redirect_uri == f"https://{DOMAIN}:9443/oauth/callback"
+
+
+async def test_plan_serve_mode_warns_in_userspace_networking(
+    localapi: LocalAPI, tailnet: FakeTailnet
+) -> None:
+    tailnet.status = status_json(tun=False)
+    tailnet.serve_config = SERVE_CONFIG
+    plan = await plan_serving(ApiSettings(mode="serve", port=8401), tailscale=localapi)
+    assert len(plan.warnings) == 1
+    assert "userspace-networking" in plan.warnings[0]
