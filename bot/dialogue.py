@@ -294,8 +294,12 @@ class GlucoseReady:
 
 @dataclass(frozen=True, slots=True)
 class GlucoseUnavailable:
+    """No reading: ``reason`` None = not set up; ``provider`` set = it is not connected."""
+
     chat_id: int
     reason: str | None = None
+    provider: str | None = None
+    name: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -656,6 +660,9 @@ def _result(state: ConversationState, inbound: Inbound) -> list[Effect]:
                 return [Send(inbound.chat_id, inbound.text)]
             return [SendImage(inbound.chat_id, inbound.image, caption=inbound.text)]
         case GlucoseUnavailable():
+            if inbound.provider is not None:
+                name = inbound.name or inbound.provider
+                return [Send(inbound.chat_id, texts.glucose_not_connected(name, inbound.provider))]
             if inbound.reason is None:
                 return [Send(inbound.chat_id, texts.GLUCOSE_NOT_SET_UP)]
             return [Send(inbound.chat_id, texts.glucose_unavailable(inbound.reason))]

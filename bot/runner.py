@@ -384,6 +384,10 @@ class BotRunner:
             return d.GlucoseUnavailable(effect.chat_id)
         try:
             report = await self.glucose(effect.hours)
+        except NotConnectedError as err:
+            return d.GlucoseUnavailable(
+                effect.chat_id, err.message, err.provider, self._name(err.provider)
+            )
         except BrokerError as err:
             log.warning("glucose failed: %s", err.code)
             return d.GlucoseUnavailable(effect.chat_id, err.message)

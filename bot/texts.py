@@ -43,6 +43,8 @@ __all__ = [
     "flow_failed",
     "flow_timed_out",
     "flows",
+    "glucose_caption",
+    "glucose_not_connected",
     "glucose_unavailable",
     "local_time",
     "not_connected",
@@ -309,3 +311,15 @@ def error(code: str, message: str) -> str:
 
 def glucose_unavailable(reason: str) -> str:
     return f"⚠️ No glucose reading: {reason}"
+
+
+def glucose_not_connected(name: str, provider: str) -> str:
+    return f"{name} is not connected. Say connect {provider} first."
+
+
+def glucose_caption(reading: str | None, hours: int) -> str:
+    """``reading`` is one formatted line (value, unit, trend arrow, age) or None."""
+    window = f"{hours // 24} d" if hours % 24 == 0 and hours >= 48 else f"{hours} h"
+    if reading is None:
+        return f"🩸 No glucose readings in the last {window}."
+    return f"🩸 {reading}\nLast {window}"

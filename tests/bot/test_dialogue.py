@@ -354,6 +354,10 @@ def test_unknown_tap_is_just_answered(state: ConversationState) -> None:
         ),
         (GlucoseReady(CHAT, "120 mg/dL →", None), "120 mg/dL →"),
         (
+            GlucoseUnavailable(CHAT, "not connected", "dexcom", "Dexcom"),
+            "Dexcom is not connected. Say connect dexcom first.",
+        ),
+        (
             CommandFailed(CHAT, "provider_unavailable", "HTTP 503"),
             "⚠️ The provider could not be reached; try again in a moment. (HTTP 503)",
         ),
