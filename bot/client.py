@@ -2,7 +2,8 @@
 
 * :class:`TelethonTransport` implements :class:`~bot.transport.ChatTransport` on a
   ``TelegramClient`` logged in as a bot: inline URL / callback buttons, edits, deletes,
-  images, callback answers. FloodWait is slept through (up to ``max_flood_wait`` seconds,
+  images, callback answers; texts go out as plain text (no Markdown parsing, so ids like
+  ``access_denied`` stay as they are). FloodWait is slept through (up to ``max_flood_wait`` seconds,
   then :class:`~bot.transport.TransportError`); network trouble is retried briefly; every
   other Telegram error becomes a TransportError. Nothing else escapes.
 * :func:`to_inbound` turns a NewMessage / CallbackQuery event into a dialogue inbound;
@@ -106,7 +107,9 @@ class TelethonTransport:
         markup = _markup(buttons)
         message = await self._call(
             "send_message",
-            lambda: self.client.send_message(chat_id, text, buttons=markup, link_preview=False),
+            lambda: self.client.send_message(
+                chat_id, text, buttons=markup, link_preview=False, parse_mode=None
+            ),
         )
         return int(message.id)
 
@@ -114,7 +117,9 @@ class TelethonTransport:
         try:
             await self._call(
                 "edit_message",
-                lambda: self.client.edit_message(chat_id, message_id, text, link_preview=False),
+                lambda: self.client.edit_message(
+                    chat_id, message_id, text, link_preview=False, parse_mode=None
+                ),
             )
         except TransportError as err:
             if isinstance(err.__cause__, errors.MessageNotModifiedError):
@@ -138,7 +143,9 @@ class TelethonTransport:
         def upload() -> Awaitable[Any]:
             stream = io.BytesIO(data)
             stream.name = filename
-            return self.client.send_file(chat_id, stream, caption=caption, force_document=False)
+            return self.client.send_file(
+                chat_id, stream, caption=caption, force_document=False, parse_mode=None
+            )
 
         message = await self._call("send_image", upload)
         return int(message.id)

@@ -140,7 +140,10 @@ class BotRunner:
         async with anyio.create_task_group() as tg:
             self._tg = tg
             try:
-                await self.resume()
+                try:
+                    await self.resume()
+                except Exception:  # noqa: BLE001 - serve new requests even if resuming failed
+                    log.exception("resuming watched flows failed")
                 task_status.started()
                 while True:
                     await self.deliver_notifications()
@@ -399,9 +402,13 @@ class BotRunner:
         watched = _Watched(
             watch.flow_id, watch.provider, watch.name, chat_id, message_id, watch.state
         )
-        self.resume_file.put(
-            ResumeEntry(watch.flow_id, watch.provider, chat_id, message_id, watch.state)
-        )
+        try:
+            self.resume_file.put(
+                ResumeEntry(watch.flow_id, watch.provider, chat_id, message_id, watch.state)
+            )
+        except BrokerError as err:
+            # still watched now; only a restart would lose it
+            log.warning("resume file: %s", err.message)
         self._watching[watch.flow_id] = watched
         self._spawn(self._watch, watched)
 

@@ -231,21 +231,19 @@ class BotRig:
             tokens=self.tokens,
             http=self.provider_http,
         )
-        options: dict[str, Any] = {"notify_interval": 3600.0, "poll_step": 5.0}
+        options: dict[str, Any] = {
+            "owners": {OWNER},
+            "api_base_url": self.daemon.base_url,
+            "api_token": API_TOKEN,
+            "redirect_uri": self.daemon.redirect_uri,
+            "resume_path": self.resume_path,
+            "http": self.http,
+            "glucose": self.glucose,
+            "notify_interval": 3600.0,
+            "poll_step": 5.0,
+        }
         options.update(runner_options)
-        runner = BotRunner(
-            self.chat,
-            broker=broker,
-            engine=engine,
-            owners={OWNER},
-            api_base_url=self.daemon.base_url,
-            api_token=API_TOKEN,
-            redirect_uri=self.daemon.redirect_uri,
-            resume_path=self.resume_path,
-            http=self.http,
-            glucose=self.glucose,
-            **options,
-        )
+        runner = BotRunner(self.chat, broker=broker, engine=engine, **options)
         self.engine, self.broker, self.runner = engine, broker, runner
         try:
             async with anyio.create_task_group() as tg:

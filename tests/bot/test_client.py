@@ -125,10 +125,11 @@ async def test_send_message_with_url_and_callback_buttons(
         UrlButton("Authorize Fake", "https://fake.test/authorize?state=s"),
         CallbackButton("Reconnect Fake", "connect:fake"),
     )
-    message_id = await transport.send_message(OWNER, "Tap the button", buttons=buttons)
+    message_id = await transport.send_message(OWNER, "Tap the `fake_x` button", buttons=buttons)
     assert message_id == 501
     (request,) = client.sent(functions.messages.SendMessageRequest)
-    assert request.message == "Tap the button"
+    assert request.message == "Tap the `fake_x` button"
+    assert not request.entities
     assert request.peer == types.InputPeerUser(OWNER, 77)
     assert request.no_webpage is True
     assert isinstance(request.reply_markup, types.ReplyInlineMarkup)
@@ -152,9 +153,14 @@ async def test_callback_data_over_64_bytes_is_left_out(
 async def test_edit_delete_answer_and_image(
     client: OfflineClient, transport: TelethonTransport
 ) -> None:
-    await transport.edit_message(OWNER, 42, "✅ Fake connected")
+    await transport.edit_message(OWNER, 42, "❌ failed: access_denied **x**")
     (edit,) = client.sent(functions.messages.EditMessageRequest)
-    assert (edit.id, edit.message, edit.reply_markup) == (42, "✅ Fake connected", None)
+    assert (edit.id, edit.message, edit.reply_markup) == (
+        42,
+        "❌ failed: access_denied **x**",
+        None,
+    )
+    assert not edit.entities  # plain text: no Markdown parsing
 
     assert await transport.delete_message(OWNER, 43) is True
     (delete,) = client.sent(functions.messages.DeleteMessagesRequest)
@@ -165,10 +171,11 @@ async def test_edit_delete_answer_and_image(
     assert (answer.query_id, answer.message, answer.alert) == (99, "Sorry", False)
 
     png = b"\x89PNG\r\n\x1a\n" + b"\0" * 64
-    message_id = await transport.send_image(OWNER, png, caption="112 mg/dL ↗", filename="g.png")
+    message_id = await transport.send_image(OWNER, png, caption="112 mg/dL ↗ _", filename="g.png")
     (media,) = client.sent(functions.messages.SendMediaRequest)
     assert message_id == client.next_id
-    assert media.message == "112 mg/dL ↗"
+    assert media.message == "112 mg/dL ↗ _"
+    assert not media.entities
     assert isinstance(media.media, types.InputMediaUploadedPhoto)
     parts = client.sent(functions.upload.SaveFilePartRequest)
     assert b"".join(p.bytes for p in parts) == png

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import stat
 import time
 
@@ -155,6 +156,28 @@ async def test_timeout(rig: BotRig) -> None:
         flow_id = await _only_flow(rig)
         assert (await _states(rig, flow_id))[-1][0] == "expired"
         assert json.loads(rig.resume_path.read_text()) == {}
+
+
+async def test_daemon_unreachable_is_reported_when_the_link_runs_out(rig: BotRig) -> None:
+    rig.awaiting_ttl = 0.5
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        nobody = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    async with rig.running(api_base_url=nobody, watch_grace=0.3, retry_delay=0.05):
+        await rig.say("connect fake")
+        link = await rig.authorize_message()
+        await rig.chat.wait_for(lambda: link.edits)
+        assert link.current.startswith(
+            "❌ Fake connection failed: the daemon could not be reached: ConnectError"
+        )
+
+
+async def test_a_wrong_api_token_is_reported(rig: BotRig) -> None:
+    async with rig.running(api_token="wrong-token"):
+        await rig.say("connect fake")
+        link = await rig.authorize_message()
+        await rig.chat.wait_for(lambda: link.edits)
+        assert "the daemon refused the API token" in link.current
 
 
 async def test_exchange_refused_by_the_provider(rig: BotRig) -> None:
