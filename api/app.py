@@ -29,7 +29,7 @@ from flowengine.engine import FlowEngine
 from flowengine.errors import BrokerError
 
 from .errors import status_for
-from .guard import SECURITY_HEADERS, TailnetGuard
+from .guard import SECURITY_HEADERS, TailnetGuard, loggable_path
 from .settings import ApiSettings
 from .tailscale import LocalAPI, TailscaleClient
 
@@ -81,7 +81,7 @@ def _json(status: int, payload: dict[str, Any]) -> Response:
 async def _handle_broker_error(error: BrokerError) -> Response:
     status = status_for(error)
     if status >= 500:
-        log.error("%s %s failed: %s", request.method, request.path, error.message)
+        log.error("%s %s failed: %s", request.method, loggable_path(request.path), error.message)
     if _wants_html():
         from .oauth import error_page_text
 
@@ -106,7 +106,9 @@ async def _handle_http_exception(error: HTTPException) -> Response:
 
 async def _handle_unexpected(error: Exception) -> Response:
     # the message may hold anything: log the type only, show nothing
-    log.exception("%s %s: unexpected %s", request.method, request.path, type(error).__name__)
+    log.exception(
+        "%s %s: unexpected %s", request.method, loggable_path(request.path), type(error).__name__
+    )
     if _wants_html():
         return await _error_page(
             500, "Something went wrong", "The daemon could not handle this request."

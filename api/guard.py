@@ -39,6 +39,7 @@ __all__ = [
     "decode_login",
     "is_loopback",
     "is_tailnet_address",
+    "loggable_path",
     "parse_ip",
     "source_allowed",
 ]
@@ -57,6 +58,7 @@ CHROMEOS_V4 = ipaddress.ip_network("100.115.92.0/23")
 TAILNET_V6 = ipaddress.ip_network("fd7a:115c:a1e0::/48")
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+_LOOPBACK = ipaddress.IPv4Address("127.0.0.1")
 
 SECURITY_HEADERS: tuple[tuple[bytes, bytes], ...] = (
     (b"cache-control", b"no-store"),
@@ -77,6 +79,13 @@ class Identity:
     address: str
     login: str | None = None
     via: str = "direct"  # direct | serve | whois | loopback
+
+
+def loggable_path(path: str) -> str:
+    """A request path safe for logs: the OAuth state in /oauth/pending/<state> is cut off."""
+    if path.startswith("/oauth/pending/"):
+        return "/oauth/pending/…"
+    return path[:200]
 
 
 def parse_ip(host: str | None) -> IPAddress | None:
@@ -172,7 +181,7 @@ class TailnetGuard:
             client = scope.get("client")
             log.warning(
                 "refused %s from %s: %s",
-                scope.get("path", "?"),
+                loggable_path(str(scope.get("path", "?"))),
                 client[0] if client else "unix",
                 refused.reason,
             )
@@ -187,7 +196,11 @@ class TailnetGuard:
             raise _Refused("requests through Tailscale Funnel are not accepted")
         client = scope.get("client")
         if client is None:
-            # a unix-socket listener: whoever can open the socket is on this host
+            # a unix-socket listener: whoever can open the socket is on this host, and
+            # `tailscale serve` may proxy to it (serve mode checks its headers as for loopback)
+            if self.mode == "serve":
+                identity = self._check_serve(scope, _LOOPBACK)
+                return identity if identity.via == "serve" else Identity("unix", via="loopback")
             return Identity(address="unix", via="loopback")
         ip = parse_ip(str(client[0]))
         if not source_allowed(ip):

@@ -80,12 +80,19 @@ class ServePlan:
 
     @property
     def bind(self) -> str:
+        if self.is_unix:
+            return self.host
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
     @property
+    def is_unix(self) -> bool:
+        return self.host.startswith("unix:")
+
+    @property
     def base_url(self) -> str:
+        """Where a local client reaches the API (for a unix socket: use httpx ``uds=``)."""
         scheme = "https" if self.mode == "tls" else "http"
-        return f"{scheme}://{self.bind}"
+        return "http://localhost" if self.is_unix else f"{scheme}://{self.bind}"
 
 
 def validate_bind(host: str, *, mode: str, allow_public: bool) -> list[str]:
@@ -94,6 +101,14 @@ def validate_bind(host: str, *, mode: str, allow_public: bool) -> list[str]:
     tls: loopback or a Tailscale address. serve / plain-test: loopback only (plain HTTP).
     """
     text = host.strip()
+    if text.startswith("unix:"):
+        if mode == "tls":
+            raise ConfigError(
+                "tls mode listens on the Tailscale address, not a unix socket",
+                key="server.host",
+                hint='use mode = "serve" with `tailscale serve ... unix:<path>`',
+            )
+        return []
     ip = parse_ip(text)
     if text.lower() == "localhost":
         return []
@@ -363,7 +378,9 @@ async def serve(
         for sock in bound:
             sock.close()
         raise
-    port = bound[0].getsockname()[1] if bound else plan.port
+    port = plan.port
+    if bound and not plan.is_unix:
+        port = bound[0].getsockname()[1]
     plan = replace(plan, port=port)
     if plan.mode == "plain-test" and not (settings.redirect_uri or settings.public_name):
         plan = replace(plan, redirect_uri=f"http://{plan.bind}/oauth/callback")

@@ -219,3 +219,15 @@ async def test_serve_mode_identity_headers(
 ) -> None:
     response = await _get(serve_app, "/healthz", client, headers=headers)
     assert response.status_code == status
+
+
+async def test_refusal_logs_never_hold_the_oauth_state(
+    engine: FlowEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    started = await start_flow(engine)
+    app = create_app(engine, settings=ApiSettings(mode="tls", api_token=TOKEN))
+    with caplog.at_level("WARNING", logger="api.guard"):
+        response = await _get(app, f"/oauth/pending/{started.state}", ("8.8.8.8", 1))
+    assert response.status_code == 403
+    assert "refused /oauth/pending/… from 8.8.8.8" in caplog.text
+    assert started.state not in caplog.text

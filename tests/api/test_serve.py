@@ -262,3 +262,42 @@ async def test_plan_serve_mode_warns_in_userspace_networking(
     plan = await plan_serving(ApiSettings(mode="serve", port=8401), tailscale=localapi)
     assert len(plan.warnings) == 1
     assert "userspace-networking" in plan.warnings[0]
+
+
+async def test_serve_mode_on_a_unix_socket_checks_proxied_requests(
+    engine: FlowEngine, tmp_path: Path
+) -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="ag") as tmp:
+        sock = Path(tmp) / "http.sock"
+        settings = ApiSettings(
+            mode="serve",
+            host=f"unix:{sock}",
+            public_name=DOMAIN,
+            api_token=TOKEN,
+            allowed_logins=(OWNER,),
+        )
+        app = create_app(engine, settings=settings)
+        transport = httpx.AsyncHTTPTransport(uds=str(sock))
+        async with (
+            running(app, settings) as plan,
+            httpx.AsyncClient(transport=transport, base_url=plan.base_url) as http,
+        ):
+            assert plan.redirect_uri == f"https://{DOMAIN}:8400/oauth/callback"
+            direct = await http.get("/healthz")
+            proxied = await http.get(
+                "/healthz",
+                headers={"X-Forwarded-For": "100.90.1.2", "Tailscale-User-Login": OWNER},
+            )
+            tagged = await http.get("/healthz", headers={"X-Forwarded-For": "100.90.1.4"})
+            public = await http.get(
+                "/healthz", headers={"X-Forwarded-For": "8.8.8.8", "Tailscale-User-Login": OWNER}
+            )
+    assert (direct.status_code, proxied.status_code) == (200, 200)
+    assert (tagged.status_code, public.status_code) == (403, 403)
+
+
+def test_tls_mode_cannot_bind_a_unix_socket() -> None:
+    with pytest.raises(ConfigError, match="not a unix socket"):
+        validate_bind("unix:/run/agentd.sock", mode="tls", allow_public=False)
