@@ -80,9 +80,18 @@ class ApiSettings:
 
     @classmethod
     def from_server_section(
-        cls, server: Mapping[str, Any], *, tls_dir: Path | None = None, **overrides: Any
+        cls,
+        server: Mapping[str, Any],
+        *,
+        tls_dir: Path | None = None,
+        token_file: Path | None = None,
+        **overrides: Any,
     ) -> ApiSettings:
-        """Build from agentd.toml's ``[server]`` values (keys as in agentd.config.SCHEMA)."""
+        """Build from agentd.toml's ``[server]`` values (keys as in agentd.config.SCHEMA).
+
+        With ``token_file`` the bearer token is ``server.api_token`` or that file's content
+        (generated 0600 on first start).
+        """
 
         def path(key: str) -> Path | None:
             value = server.get(key) or ""
@@ -103,6 +112,8 @@ class ApiSettings:
             "allow_public_bind": bool(server.get("allow_public_bind", False)),
             "localapi_socket": server.get("localapi_socket", DEFAULT_SOCKET) or DEFAULT_SOCKET,
         }
+        if token_file is not None:
+            values["api_token"] = load_api_token(token_file, values["api_token"])
         values.update(overrides)
         return cls(**values)
 

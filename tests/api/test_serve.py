@@ -301,3 +301,25 @@ async def test_serve_mode_on_a_unix_socket_checks_proxied_requests(
 def test_tls_mode_cannot_bind_a_unix_socket() -> None:
     with pytest.raises(ConfigError, match="not a unix socket"):
         validate_bind("unix:/run/agentd.sock", mode="tls", allow_public=False)
+
+
+async def test_tls_mode_with_the_cli_fallback(
+    engine: FlowEngine, tailnet: FakeTailnet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from api.tailscale import TailscaleCLI
+
+    from .fake_tailscale import install_fake_cli
+
+    argv_log = install_fake_cli(tmp_path / "bin", tailnet, monkeypatch)
+    settings = ApiSettings(
+        mode="tls", host="127.0.0.1", port=0, api_token=TOKEN, tls_dir=tmp_path / "tls"
+    )
+    trust = ssl.create_default_context()
+    tailnet.ca.configure_trust(trust)
+    app = create_app(engine, settings=settings)
+    async with running(app, settings, tailscale=TailscaleCLI()) as plan:
+        async with httpx.AsyncClient(verify=trust) as http:
+            response = await http.get(f"https://127.0.0.1:{plan.port}/healthz")
+    assert response.status_code == 200
+    commands = [line.split('"')[1] for line in argv_log.read_text().splitlines()]
+    assert commands == ["status", "cert"]

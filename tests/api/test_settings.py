@@ -128,3 +128,12 @@ async def test_unexpected_errors_are_500_without_details(
     assert "Something went wrong" in body
     assert "Traceback" not in body
     assert page.headers["Content-Security-Policy"].startswith("default-src 'none'")
+
+
+def test_from_server_section_loads_or_creates_the_token_file(tmp_path: Path) -> None:
+    token_file = tmp_path / "state" / "api-token"
+    first = ApiSettings.from_server_section({"api_token": ""}, token_file=token_file)
+    again = ApiSettings.from_server_section({}, token_file=token_file)
+    assert first.api_token == again.api_token == token_file.read_text().strip()
+    configured = ApiSettings.from_server_section({"api_token": "cfg"}, token_file=token_file)
+    assert configured.api_token == "cfg"
