@@ -140,7 +140,7 @@ class TelethonTransport:
     async def send_image(
         self, chat_id: int, data: bytes, *, caption: str = "", filename: str = "image.png"
     ) -> int:
-        def upload() -> Awaitable[Any]:
+        def upload() -> Any:
             stream = io.BytesIO(data)
             stream.name = filename
             return self.client.send_file(

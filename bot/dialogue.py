@@ -651,8 +651,8 @@ def _result(state: ConversationState, inbound: Inbound) -> list[Effect]:
         case NotConnected():
             return [Send(inbound.chat_id, texts.not_connected(inbound.name))]
         case FlowsListed():
-            rows = [(f.id, f.provider, f.state, f.updated_at, f.error_code) for f in inbound.items]
-            return [Send(inbound.chat_id, texts.flows(rows, inbound.now_ms, inbound.provider))]
+            lines = [(f.id, f.provider, f.state, f.updated_at, f.error_code) for f in inbound.items]
+            return [Send(inbound.chat_id, texts.flows(lines, inbound.now_ms, inbound.provider))]
         case FlowsCancelled():
             return [Send(inbound.chat_id, texts.cancelled_flows(inbound.names))]
         case GlucoseReady():

@@ -18,7 +18,7 @@ owner is waiting for an answer, told to them.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -56,6 +56,8 @@ ACTOR = "bot"
 
 _WATCHABLE = (FlowState.INITIATED, FlowState.AWAITING_CODE, FlowState.CODE_RECEIVED)
 _CANCELLABLE = (FlowState.INITIATED, FlowState.AWAITING_CODE)
+#: effects that are messages (their failure is not reported by another message)
+_OUTPUT = (d.Send, d.Edit, d.SendImage, d.AnswerTap)
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +126,7 @@ class BotRunner:
         self.state = d.ConversationState(owners=frozenset(owners), tz=tz)
         self._tg: anyio.abc.TaskGroup | None = None
         self._watching: dict[str, _Watched] = {}
+        self._early: list[tuple[Callable[..., Coroutine[Any, Any, Any]], tuple[Any, ...]]] = []
 
     def __repr__(self) -> str:
         return f"BotRunner(owners={len(self.state.owners)}, watching={len(self._watching)})"
@@ -139,6 +142,9 @@ class BotRunner:
         """Resume watched flows, deliver notifications every few seconds, until cancelled."""
         async with anyio.create_task_group() as tg:
             self._tg = tg
+            early, self._early = self._early, []
+            for fn, args in early:
+                tg.start_soon(fn, *args)
             try:
                 try:
                     await self.resume()
@@ -151,9 +157,11 @@ class BotRunner:
             finally:
                 self._tg = None
 
-    def _spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+    def _spawn(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
         if self._tg is None:
-            raise RuntimeError("BotRunner.run() is not running")
+            # an update handled before run() started: start it as soon as run() does
+            self._early.append((fn, args))
+            return
         self._tg.start_soon(fn, *args)
 
     # =================================================================== input
@@ -177,11 +185,12 @@ class BotRunner:
                 return
             except Exception:  # noqa: BLE001 - nothing may escape into the client loop
                 log.exception("%s failed", type(effect).__name__)
+                if isinstance(effect, _OUTPUT):
+                    return  # telling the owner would go the same way
                 chat_id = getattr(effect, "chat_id", None)
-                if chat_id is not None:
-                    follow = d.CommandFailed(chat_id, "internal_error", "internal error")
-                else:
+                if chat_id is None:
                     return
+                follow = d.CommandFailed(chat_id, "internal_error", "internal error")
             if follow is not None:
                 await self.handle(follow)
 
@@ -538,6 +547,8 @@ class BotRunner:
                 entry.message_id,
                 entry.state,
             )
+            if entry.flow_id in self._watching:
+                continue  # started before run() (see _spawn)
             if flow.state in _WATCHABLE:
                 self._watching[entry.flow_id] = watched
                 self._spawn(self._watch, watched)

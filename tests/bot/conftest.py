@@ -8,7 +8,7 @@ processes do on one host; the bot reaches the daemon only over HTTP.
 from __future__ import annotations
 
 import itertools
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -221,7 +221,11 @@ class BotRig:
         return self.tmp / "state" / "telegram-flows.json"
 
     @asynccontextmanager
-    async def running(self, **runner_options: Any) -> AsyncIterator[BotRunner]:
+    async def running(
+        self,
+        before_run: Callable[[], Awaitable[None]] | None = None,
+        **runner_options: Any,
+    ) -> AsyncIterator[BotRunner]:
         """A bot process: its own engine and broker on the shared ledger, runner running."""
         engine = await FlowEngine.open(self.ledger, awaiting_ttl=self.awaiting_ttl)
         broker = Broker(
@@ -246,6 +250,8 @@ class BotRig:
         runner = BotRunner(self.chat, broker=broker, engine=engine, **options)
         self.engine, self.broker, self.runner = engine, broker, runner
         try:
+            if before_run is not None:
+                await before_run()  # updates handled before run() starts
             async with anyio.create_task_group() as tg:
                 await tg.start(runner.run)
                 try:

@@ -373,6 +373,20 @@ async def test_restart_mid_flow_resumes_polling(rig: BotRig) -> None:
     assert json.loads(rig.resume_path.read_text()) == {}
 
 
+async def test_a_link_sent_before_the_runner_started_is_watched_once(rig: BotRig) -> None:
+    async def early() -> None:
+        await rig.say("connect fake")
+
+    async with rig.running(before_run=early) as runner:
+        link = await rig.authorize_message()
+        flow_id = await _only_flow(rig)
+        assert runner.watching == [flow_id]
+        await rig.browser(link)
+        await rig.chat.wait_for(lambda: link.edits)
+        assert link.edits == [link.current]
+        assert link.current.startswith("✅ Fake connected")
+
+
 async def test_a_flow_that_ended_while_the_bot_was_down_is_reported(rig: BotRig) -> None:
     async with rig.running():
         await rig.say("connect fake")
