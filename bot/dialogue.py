@@ -539,8 +539,11 @@ def _message(state: ConversationState, msg: Message) -> Step:
     name = chat.name or chat.provider or ""
     if parsed is not None and parsed[0] == "cancel":
         return state.with_chat(msg.chat_id, _IDLE), [Send(msg.chat_id, texts.CREDENTIALS_CANCELLED)]
-    if text.startswith("/"):
-        # any other slash command leaves the credential entry, then runs
+    # a slash command leaves the credential entry, then runs; so does a plain command with
+    # arguments while a client id is expected (client ids have no spaces). A lone word is
+    # taken as the value, and at the secret prompt only a slash command counts.
+    wordy = parsed is not None and any(c.isspace() for c in text)
+    if text.startswith("/") or (wordy and chat.mode is Mode.AWAITING_CLIENT_ID):
         state = state.with_chat(msg.chat_id, _IDLE)
         state, effects = _command(state, msg.chat_id, text)
         return state, [Send(msg.chat_id, texts.LEFT_CREDENTIALS.format(name=name)), *effects]

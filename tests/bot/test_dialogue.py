@@ -229,6 +229,29 @@ def test_a_slash_command_leaves_credential_entry_and_runs(state: ConversationSta
     ]
 
 
+def test_a_command_with_arguments_leaves_client_id_entry(state: ConversationState) -> None:
+    state, _ = step(state, CredentialsNeeded(CHAT, "fake", "Fake", needs_secret=True))
+    state, effects = step(state, msg("connect plain"))
+    assert state.chats == {}
+    assert effects == [
+        Send(CHAT, texts.LEFT_CREDENTIALS.format(name="Fake")),
+        BeginConnect(CHAT, "plain"),
+    ]
+
+
+def test_at_the_secret_prompt_only_slash_commands_count(state: ConversationState) -> None:
+    state, _ = step(state, CredentialsNeeded(CHAT, "fake", "Fake", needs_secret=True))
+    state, _ = step(state, msg("cid"))
+    words = msg("connect plain")
+    new, effects = step(state, words)
+    assert new == state
+    assert effects == [DeleteSecret(CHAT, words.message_id), Send(CHAT, texts.BAD_SECRET)]
+    # a single word that looks like a command is a value, not a command
+    state, effects = step(state, msg("connections"))
+    assert state.chats == {}
+    assert effects[1] == SaveCredentials(CHAT, "fake", "Fake", "cid", "connections")
+
+
 def test_credential_entry_is_per_chat(state: ConversationState) -> None:
     state, _ = step(state, CredentialsNeeded(CHAT, "fake", "Fake", needs_secret=True))
     _, effects = step(state, msg("connections", sender=101, chat=101))
