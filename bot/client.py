@@ -288,6 +288,8 @@ async def run_bot(
                     log.warning("telegram connection closed; reconnecting")
                 except (errors.RPCError, *_NETWORK_ERRORS) as err:
                     log.warning("telegram: %s; retrying in %.0f s", type(err).__name__, backoff)
+                except Exception:  # noqa: BLE001 - the bot keeps trying; cancellation still ends it
+                    log.exception("telegram client failed; retrying in %.0f s", backoff)
                 await anyio.sleep(backoff)
                 backoff = min(backoff * 2, max_backoff)
     finally:

@@ -414,14 +414,14 @@ class LoopClient(OfflineClient):
     def __init__(self) -> None:
         super().__init__()
         self.logins: list[str] = []
-        self.fail_logins = 1
+        self.fail_logins = 2
         self.drop = anyio.Event()
 
     async def start(self, *, bot_token: str) -> LoopClient:  # type: ignore[override]
         self.logins.append(bot_token)
         if self.fail_logins:
             self.fail_logins -= 1
-            raise ConnectionError("no route")
+            raise ConnectionError("no route") if self.fail_logins else RuntimeError("odd")
         return self
 
     async def run_until_disconnected(self) -> None:  # type: ignore[override]
@@ -461,7 +461,7 @@ async def test_run_bot_logs_in_retries_and_serves(tmp_path: Path) -> None:
                     task_status=task_status,
                 )
             )
-            assert client.logins == ["123:bot-token-value", "123:bot-token-value"]
+            assert client.logins == ["123:bot-token-value"] * 3
             # an owner's message goes through the registered handler to the runner
             ((handler, _), *_) = client.list_event_handlers()
             await handler(_message_event(client, "help"))
@@ -470,7 +470,7 @@ async def test_run_bot_logs_in_retries_and_serves(tmp_path: Path) -> None:
             # a dropped connection logs in again
             client.drop.set()
             with anyio.fail_after(5):
-                while len(client.logins) < 3:
+                while len(client.logins) < 4:
                     await anyio.sleep(0.01)
             assert runner.watching == []
             tg.cancel_scope.cancel()
