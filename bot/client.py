@@ -245,7 +245,9 @@ async def run_bot(
 ) -> None:
     """Run the bot until cancelled: log in, serve the owners, reconnect after failures.
 
-    ``task_status.started(runner)`` hands the BotRunner to the caller once logged in.
+    ``task_status.started(runner)`` hands the BotRunner over at once, before the login,
+    so a daemon starting the bot in its task group never waits for Telegram; the runner's
+    own loop (resumed flows, notifications) starts after the first successful login.
     """
     settings.check()
     own_http = http is None
@@ -269,6 +271,7 @@ async def run_bot(
         notify_interval=settings.notify_interval,
     )
     attach(tg_client, runner.handle)
+    task_status.started(runner)
     started = False
     first_backoff = backoff
     try:
@@ -282,7 +285,6 @@ async def run_bot(
                         await tg.start(runner.run)
                         started = True
                         log.info("telegram bot running for %d owner(s)", len(settings.owner_ids))
-                        task_status.started(runner)
                     backoff = first_backoff
                     await tg_client.run_until_disconnected()
                     log.warning("telegram connection closed; reconnecting")

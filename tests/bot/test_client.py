@@ -461,6 +461,10 @@ async def test_run_bot_logs_in_retries_and_serves(tmp_path: Path) -> None:
                     task_status=task_status,
                 )
             )
+            # handed over before the login; serving once logged in (after two failures)
+            with anyio.fail_after(5):
+                while len(client.logins) < 3:
+                    await anyio.sleep(0.01)
             assert client.logins == ["123:bot-token-value"] * 3
             # an owner's message goes through the registered handler to the runner
             ((handler, _), *_) = client.list_event_handlers()
