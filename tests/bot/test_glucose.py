@@ -138,3 +138,45 @@ async def test_a_provider_without_api_base_url_cannot_serve_glucose(
 )
 def test_caption(reading: str | None, hours: int, caption: str) -> None:
     assert texts.glucose_caption(reading, hours) == caption
+
+
+async def test_connect_dexcom_at_the_simulator_then_glucose(rig: BotRig) -> None:
+    """The whole story in one chat: credentials asked, consent at the simulated Dexcom, the
+    redirect to the daemon over HTTP, the exchange, then a glucose chart on the new token."""
+    sim_app = create_sim_app(
+        clients={"sim-client": "sim-secret"},
+        redirect_uris=[rig.daemon.redirect_uri],
+        consent="allow",
+    )
+    sim = get_sim(sim_app)
+    rig.catalog.register(load_catalog().get("dexcom"))  # api.dexcom.com, routed to the sim
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=sim_app)) as sim_http:
+        rig.provider_http = sim_http
+        async with rig.running() as runner:
+            assert rig.broker is not None
+            runner.glucose = dexcom_glucose(rig.broker, http=sim_http)
+            await rig.say("connect dexcom")
+            await rig.say("sim-client")
+            await rig.say("sim-secret")
+            link = await rig.authorize_message("Dexcom")
+            # the owner's browser: consent at Dexcom, redirected to the daemon's callback
+            url = link.buttons[0].url  # type: ignore[union-attr]
+            consent = await sim_http.get(url)
+            assert consent.status_code == 302
+            callback = consent.headers["location"]
+            assert callback.startswith(rig.daemon.redirect_uri + "?")
+            assert (await rig.http.get(callback)).status_code == 200
+            await rig.chat.wait_for(lambda: link.edits)
+            assert link.current.startswith(
+                "✅ Dexcom connected\nScopes: offline_access\nToken expires in 2 h"
+            )
+            assert sim.counters.token_requests["authorization_code"] == 1
+
+            await rig.say("glucose 24h")
+            chart = await rig.chat.wait_message(lambda m: m.image is not None)
+    assert chart.image is not None
+    assert _png_size(chart.image) == (1000, 500)
+    assert chart.text.startswith("🩸 ")
+    assert chart.text.endswith("\nLast 24 h")
+    assert sim.counters.api_requests["egvs"] == 1
+    assert sim.counters.api_unauthorized == 0
