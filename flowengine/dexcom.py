@@ -39,8 +39,14 @@ from typing import Any, Literal, Protocol
 import anyio
 import httpx
 
+from flowengine.catalog import ProviderSpec
 from flowengine.clock import Clock, SystemClock
-from flowengine.errors import ProviderError, ProviderTransientError, ReauthorizationRequired
+from flowengine.errors import (
+    ConfigError,
+    ProviderError,
+    ProviderTransientError,
+    ReauthorizationRequired,
+)
 from flowengine.oauth_http import parse_retry_after
 
 __all__ = [
@@ -345,6 +351,24 @@ class DexcomClient:
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
         self.max_retry_after = max_retry_after
+
+    @classmethod
+    def from_spec(
+        cls,
+        spec: ProviderSpec,
+        tokens: TokenSource,
+        *,
+        http: httpx.AsyncClient,
+        **options: Any,
+    ) -> DexcomClient:
+        """A client for a catalog entry (dexcom, dexcom-eu, dexcom-jp, dexcom-sandbox, ...)."""
+        if not spec.api_base_url:
+            raise ConfigError(
+                f"provider {spec.id!r} has no api_base_url",
+                key=f"providers.{spec.id}.api_base_url",
+                hint="set api_base_url to the Dexcom API host of your region",
+            )
+        return cls(tokens, provider_id=spec.id, base_url=spec.api_base_url, http=http, **options)
 
     # -------------------------------------------------------------------- public
 

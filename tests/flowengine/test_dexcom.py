@@ -13,6 +13,7 @@ import pytest
 from quart import Quart
 
 from agentd.simprovider import SimProvider, create_sim_app, get_sim
+from flowengine.catalog import ProviderSpec
 from flowengine.clock import ManualClock
 from flowengine.dexcom import (
     DexcomClient,
@@ -25,7 +26,12 @@ from flowengine.dexcom import (
     readings_to_json,
     split_window,
 )
-from flowengine.errors import ProviderError, ProviderTransientError, ReauthorizationRequired
+from flowengine.errors import (
+    ConfigError,
+    ProviderError,
+    ProviderTransientError,
+    ReauthorizationRequired,
+)
 
 NOW = datetime(2026, 11, 20, 18, 0, tzinfo=UTC)
 BASE = "https://sim-dexcom.test"
@@ -389,6 +395,29 @@ async def test_events_calibrations_alerts_devices(dexcom: DexcomClient, sim: Sim
         "/v3/users/self/alerts",
         "/v3/users/self/devices",
     ]
+
+
+@pytest.mark.anyio
+async def test_from_spec_uses_the_catalog_base_url_and_id(
+    sim: SimProvider, http: httpx.AsyncClient, clock: ManualClock, sleeps: Sleeps
+) -> None:
+    spec = ProviderSpec(
+        id="dexcom-sim",
+        name="Dexcom (sim)",
+        authorize_url=f"{BASE}/v2/oauth2/login",
+        token_url=f"{BASE}/v2/oauth2/token",
+        api_base_url=BASE + "/",
+    )
+    tokens = FakeTokens(sim)
+    client = DexcomClient.from_spec(spec, tokens, http=http, clock=clock, sleep=sleeps)
+    assert client.provider_id == "dexcom-sim"
+    assert client.base_url == BASE
+    await client.devices()
+    assert tokens.gets == ["dexcom-sim"]
+    with pytest.raises(ConfigError, match="api_base_url"):
+        DexcomClient.from_spec(
+            ProviderSpec(id="x", name="x", authorize_url="a", token_url="t"), tokens, http=http
+        )
 
 
 # ------------------------------------------------------------------- pure helpers
