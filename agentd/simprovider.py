@@ -17,6 +17,7 @@ Endpoints (paths as on ``api.dexcom.com``)::
     GET  /v3/users/self/alerts   startDate, endDate (required)
     GET  /v3/users/self/dataRange     lastSyncTime (optional)
     GET  /v3/users/self/devices
+    GET  /_sim/counters          the sim's counters as JSON (demo dashboards; not Dexcom)
 
 What was checked against Dexcom's documentation (developer.dexcom.com), and what is a choice
 of this simulator:
@@ -317,6 +318,22 @@ class SimProvider:
         now = self.clock.now()
         for entry in self._access.values():
             entry.expires_at = min(entry.expires_at, now)
+
+    def counters_snapshot(self) -> dict[str, Any]:
+        """The counters as plain JSON-ready data (no secrets in them)."""
+        c = self.counters
+        return {
+            "token_requests": dict(c.token_requests),
+            "token_errors": dict(c.token_errors),
+            "codes_issued": c.codes_issued,
+            "access_tokens_issued": c.access_tokens_issued,
+            "refresh_issued": c.refresh_issued,
+            "refresh_rejected": c.refresh_rejected,
+            "revocations": c.revocations,
+            "api_requests": dict(c.api_requests),
+            "api_unauthorized": c.api_unauthorized,
+            "injected": c.injected,
+        }
 
     def latest_egv_time(self) -> datetime:
         """systemTime of the newest reading the API would serve right now."""
@@ -973,6 +990,10 @@ def create_sim_app(
                 "records": sim.device_records(),
             },
         )
+
+    @app.get("/_sim/counters")
+    async def counters() -> Response:
+        return _json(sim.counters_snapshot())
 
     return app
 

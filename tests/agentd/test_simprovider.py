@@ -378,6 +378,10 @@ async def test_refresh_tokens_rotate(http: httpx.AsyncClient, sim: SimProvider) 
     assert sim.counters.token_requests == {"authorization_code": 1, "refresh_token": 3}
     assert sim.counters.refresh_issued == 3
     assert sim.counters.refresh_rejected == 1
+    snapshot = (await http.get("/_sim/counters")).json()
+    assert snapshot["token_requests"] == {"authorization_code": 1, "refresh_token": 3}
+    assert snapshot["refresh_rejected"] == 1
+    assert snapshot["token_errors"] == {"invalid_grant": 1}
 
 
 @pytest.mark.anyio
@@ -616,3 +620,64 @@ async def test_data_range_and_devices(http: httpx.AsyncClient, sim: SimProvider)
     (device,) = devices["records"]
     assert device["transmitterGeneration"] == "g7"
     assert device["alertSchedules"][0]["alertSettings"][0]["alertName"] == "low"
+
+
+# ------------------------------------------------------------------ product interop
+
+
+@pytest.mark.anyio
+async def test_the_products_oauth_client_speaks_to_the_sim(clock: ManualClock) -> None:
+    """The catalog's Dexcom entry, pointed at the sim, drives a full connect and refresh."""
+    import dataclasses
+
+    from flowengine.catalog import load_catalog
+    from flowengine.credentials import ClientCredentials
+    from flowengine.errors import ReauthorizationRequired
+    from flowengine.oauth_http import exchange_code, refresh_tokens
+    from flowengine.protocol import build_authorize_url, new_state
+
+    base = "https://sim.test"
+    spec = dataclasses.replace(
+        load_catalog().get("dexcom"),
+        authorize_url=f"{base}/v2/oauth2/login",
+        token_url=f"{base}/v2/oauth2/token",
+        api_base_url=base,
+    )
+    app = create_sim_app(
+        clock=clock, clients={"cid": "secret"}, redirect_uris=[REDIRECT], consent="allow"
+    )
+    sim = get_sim(app)
+    creds = ClientCredentials("cid", "secret")
+    state = new_state()
+    url = build_authorize_url(
+        spec.authorize_url,
+        client_id="cid",
+        redirect_uri=REDIRECT,
+        state=state,
+        scopes=spec.scopes,
+        scope_separator=spec.scope_separator,
+    )
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=base) as c:
+        redirected = await c.get(url)
+        query = _query(redirected.headers["location"])
+        assert query["state"] == state
+        now_ms = int(clock.now() * 1000)
+        tokens = await exchange_code(
+            spec,
+            creds,
+            code=query["code"],
+            redirect_uri=REDIRECT,
+            code_verifier=None,
+            client=c,
+            now_ms=now_ms,
+        )
+        rotated = await refresh_tokens(
+            spec, creds, refresh_token=tokens.refresh or "", client=c, now_ms=now_ms
+        )
+        assert rotated.refresh != tokens.refresh
+        with pytest.raises(ReauthorizationRequired):
+            await refresh_tokens(
+                spec, creds, refresh_token=tokens.refresh or "", client=c, now_ms=now_ms
+            )
+    assert sim.counters.token_requests == {"authorization_code": 1, "refresh_token": 2}
+    assert sim.counters.refresh_rejected == 1
