@@ -106,7 +106,7 @@ __all__ = [
 DEXCOM_MAX_WINDOW = timedelta(days=30)
 _CADENCE = 300  # seconds between EGVs
 _PHASE = 23  # seconds past the 5-minute grid, so systemTimes do not look synthetic
-_DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}$")
+_DATE_RE = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}")
 _EXTENSION = "simprovider"
 _EVENT_TIMES = (45_600, 45_900)  # seconds of the UTC day: insulin 12:40, carbs 12:45
 _CALIBRATION_TIME = 28_800  # 08:00 UTC
@@ -586,7 +586,7 @@ class SimProvider:
             return {"start": self._common(times[0]), "end": self._common(times[-1])}
 
         egv_ks = self._window(start, end)
-        egvs = [k * _CADENCE + _PHASE for k in ([egv_ks[0], egv_ks[-1]] if egv_ks else [])]
+        egvs = [float(k * _CADENCE + _PHASE) for k in ([egv_ks[0], egv_ks[-1]] if egv_ks else [])]
         return {
             "recordType": "dataRange",
             "recordVersion": "3.0",
@@ -902,7 +902,7 @@ def create_sim_app(
         raw = request.args.get(name)
         if raw is None:
             raise _OAuthError("invalid_request", f"{name} is required")
-        if not _DATE_RE.match(raw):
+        if not _DATE_RE.fullmatch(raw):
             raise _OAuthError("invalid_request", f"{name} must be YYYY-MM-DDThh:mm:ss (UTC)")
         try:
             return datetime.strptime(raw, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC).timestamp()

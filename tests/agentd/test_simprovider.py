@@ -510,6 +510,7 @@ async def test_receiver_records_have_no_offsets(clock: ManualClock) -> None:
         ({"startDate": "2026-11-20T12:00:00Z", "endDate": "2026-11-20T13:00:00"}, "YYYY-MM-DD"),
         ({"startDate": "2026-11-20T12:00:00.000", "endDate": "2026-11-20T13:00:00"}, "YYYY"),
         ({"startDate": "2026-11-20", "endDate": "2026-11-21"}, "YYYY-MM-DD"),
+        ({"startDate": "2026-11-20T12:00:00\n", "endDate": "2026-11-20T13:00:00"}, "YYYY"),
         ({"startDate": "2026-02-30T00:00:00", "endDate": "2026-03-01T00:00:00"}, "not a valid"),
         ({"startDate": "2026-11-20T13:00:00", "endDate": "2026-11-20T12:00:00"}, "after"),
         ({"startDate": "2026-10-01T00:00:00", "endDate": "2026-10-31T00:00:01"}, "30 days"),
