@@ -1,0 +1,96 @@
+"""The real authorization server (npm oidc-provider) for the end-to-end tests.
+
+Started once per session on 127.0.0.1 with a random port. Skipped only when
+tests/e2e/oidc/node_modules is missing (CI runs ``npm install`` there first).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+OIDC_DIR = Path(__file__).parent / "oidc"
+
+
+@dataclass(frozen=True)
+class OidcServer:
+    issuer: str
+    grant_log: Path
+    basic_secret: str
+    post_secret: str
+
+    def grants(self) -> list[dict[str, object]]:
+        """Every token-endpoint request the server saw, oldest first."""
+        if not self.grant_log.exists():
+            return []
+        return [json.loads(line) for line in self.grant_log.read_text().splitlines() if line]
+
+
+@pytest.fixture(name="oidc_server", scope="session")
+def _oidc_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OidcServer]:
+    if not (OIDC_DIR / "node_modules" / "oidc-provider").is_dir():
+        pytest.skip(
+            "tests/e2e/oidc/node_modules is missing: run `npm install` in tests/e2e/oidc"
+            " (.ci/run does) to run the end-to-end tests against oidc-provider"
+        )
+    node = shutil.which("node")
+    assert node, "node is required for the end-to-end tests (node_modules is installed)"
+    workdir = tmp_path_factory.mktemp("oidc")
+    server = OidcServer(
+        issuer="",
+        grant_log=workdir / "grants.jsonl",
+        basic_secret="basic-" + secrets.token_urlsafe(16),
+        post_secret="post-" + secrets.token_urlsafe(16),
+    )
+    env = {
+        **os.environ,
+        "PORT": "0",
+        "GRANT_LOG": str(server.grant_log),
+        "BASIC_SECRET": server.basic_secret,
+        "POST_SECRET": server.post_secret,
+        "NODE_NO_WARNINGS": "1",
+    }
+    stderr = (workdir / "server.stderr").open("wb")
+    proc = subprocess.Popen(
+        [node, "server.mjs"], cwd=OIDC_DIR, env=env, stdout=subprocess.PIPE, stderr=stderr
+    )
+    ready: list[str] = []
+
+    def read_first_line() -> None:
+        assert proc.stdout is not None
+        ready.append(proc.stdout.readline().decode())
+
+    reader = threading.Thread(target=read_first_line, daemon=True)
+    reader.start()
+    reader.join(30)
+    try:
+        if not ready or not ready[0].strip():
+            raise RuntimeError(
+                "oidc-provider did not start: " + (workdir / "server.stderr").read_text()[-2000:]
+            )
+        info = json.loads(ready[0])
+        yield OidcServer(
+            issuer=info["issuer"],
+            grant_log=server.grant_log,
+            basic_secret=server.basic_secret,
+            post_secret=server.post_secret,
+        )
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:  # pragma: no cover
+            proc.kill()
+            proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+        stderr.close()
