@@ -22,7 +22,8 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -290,6 +291,23 @@ class Ledger:
         except sqlite3.OperationalError as err:
             raise StorageError(f"ledger is busy: {err}", path=str(self.path)) from err
 
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[None]:
+        """One ``BEGIN IMMEDIATE`` transaction, serialised in-process by the lock.
+
+        Shielded from cancellation: a transition that has begun commits (or rolls back)
+        even when its caller is cancelled, e.g. by a shutdown signal.
+        """
+        async with self._lock:
+            with anyio.CancelScope(shield=True):
+                await self._begin()
+                try:
+                    yield
+                    await self._conn.execute("COMMIT")
+                except BaseException:
+                    await self._conn.execute("ROLLBACK")
+                    raise
+
     async def _fetch_flow(self, where: str, args: Sequence[Any]) -> Flow | None:
         async with self._conn.execute(
             f"SELECT {_FLOW_COLUMNS} FROM flows WHERE {where}", args
@@ -314,40 +332,34 @@ class Ledger:
     ) -> Flow:
         """Insert a new flow in ``initiated`` with its creating event (seq 1)."""
         detail_json = check_detail(detail or {})
-        async with self._lock:
-            await self._begin()
-            try:
+        async with self._transaction():
+            await self._conn.execute(
+                "INSERT INTO flows (id, provider, state, version, created_at, updated_at,"
+                " redirect_uri, scopes, actor, chat_id, state_hash, uses_pkce, deadline)"
+                " VALUES (?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    flow_id,
+                    provider,
+                    FlowState.INITIATED.value,
+                    at,
+                    at,
+                    redirect_uri,
+                    " ".join(scopes),
+                    actor,
+                    chat_id,
+                    state_hash,
+                    int(code_verifier is not None),
+                    deadline,
+                ),
+            )
+            await self._conn.execute(
+                "INSERT INTO flow_events VALUES (?, 1, ?, NULL, ?, NULL, ?, ?)",
+                (flow_id, at, FlowState.INITIATED.value, actor, detail_json),
+            )
+            if code_verifier is not None:
                 await self._conn.execute(
-                    "INSERT INTO flows (id, provider, state, version, created_at, updated_at,"
-                    " redirect_uri, scopes, actor, chat_id, state_hash, uses_pkce, deadline)"
-                    " VALUES (?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        flow_id,
-                        provider,
-                        FlowState.INITIATED.value,
-                        at,
-                        at,
-                        redirect_uri,
-                        " ".join(scopes),
-                        actor,
-                        chat_id,
-                        state_hash,
-                        int(code_verifier is not None),
-                        deadline,
-                    ),
+                    "INSERT INTO flow_secrets VALUES (?, ?)", (flow_id, code_verifier)
                 )
-                await self._conn.execute(
-                    "INSERT INTO flow_events VALUES (?, 1, ?, NULL, ?, NULL, ?, ?)",
-                    (flow_id, at, FlowState.INITIATED.value, actor, detail_json),
-                )
-                if code_verifier is not None:
-                    await self._conn.execute(
-                        "INSERT INTO flow_secrets VALUES (?, ?)", (flow_id, code_verifier)
-                    )
-                await self._conn.execute("COMMIT")
-            except BaseException:
-                await self._conn.execute("ROLLBACK")
-                raise
         flow = await self.get(flow_id)
         assert flow is not None
         return flow
@@ -377,56 +389,48 @@ class Ledger:
         unknown = set(changes) - _UPDATABLE
         if unknown:
             raise ValueError(f"a transition cannot set {sorted(unknown)}")
-        async with self._lock:
-            await self._begin()
-            try:
-                flow = await self._fetch_flow("id = ?", (flow_id,))
-                if flow is None:
-                    raise FlowNotFound(f"no flow {flow_id}", flow_id=flow_id)
-                if expected_version is not None and flow.version != expected_version:
-                    raise ConcurrentUpdateError(
-                        flow_id=flow_id, expected=expected_version, actual=flow.version
-                    )
-                dest = self._machine.fire(flow.state, trigger, condition=condition, flow_id=flow_id)
-                assignments = ["state = ?", "version = version + 1", "updated_at = ?"]
-                args: list[Any] = [dest.value, at]
-                for column, value in sorted(changes.items()):
-                    assignments.append(f"{column} = ?")
-                    args.append(value)
-                args += [flow_id, flow.version]
-                cur = await self._conn.execute(
-                    f"UPDATE flows SET {', '.join(assignments)} WHERE id = ? AND version = ?",
-                    args,
+        async with self._transaction():
+            flow = await self._fetch_flow("id = ?", (flow_id,))
+            if flow is None:
+                raise FlowNotFound(f"no flow {flow_id}", flow_id=flow_id)
+            if expected_version is not None and flow.version != expected_version:
+                raise ConcurrentUpdateError(
+                    flow_id=flow_id, expected=expected_version, actual=flow.version
                 )
-                if cur.rowcount != 1:  # pragma: no cover - guarded by the write lock
-                    raise ConcurrentUpdateError(flow_id=flow_id, expected=flow.version, actual=-1)
+            dest = self._machine.fire(flow.state, trigger, condition=condition, flow_id=flow_id)
+            assignments = ["state = ?", "version = version + 1", "updated_at = ?"]
+            args: list[Any] = [dest.value, at]
+            for column, value in sorted(changes.items()):
+                assignments.append(f"{column} = ?")
+                args.append(value)
+            args += [flow_id, flow.version]
+            cur = await self._conn.execute(
+                f"UPDATE flows SET {', '.join(assignments)} WHERE id = ? AND version = ?",
+                args,
+            )
+            if cur.rowcount != 1:  # pragma: no cover - guarded by the write lock
+                raise ConcurrentUpdateError(flow_id=flow_id, expected=flow.version, actual=-1)
+            await self._conn.execute(
+                "INSERT INTO flow_events VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    flow_id,
+                    flow.version + 1,
+                    at,
+                    flow.state.value,
+                    dest.value,
+                    trigger.value,
+                    actor,
+                    detail_json,
+                ),
+            )
+            if pending_code is not None:
                 await self._conn.execute(
-                    "INSERT INTO flow_events VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        flow_id,
-                        flow.version + 1,
-                        at,
-                        flow.state.value,
-                        dest.value,
-                        trigger.value,
-                        actor,
-                        detail_json,
-                    ),
+                    "INSERT INTO oauth_pending (state, flow_id, code, received_at)"
+                    " VALUES (?, ?, ?, ?)",
+                    (pending_code[0], flow_id, pending_code[1], at),
                 )
-                if pending_code is not None:
-                    await self._conn.execute(
-                        "INSERT INTO oauth_pending (state, flow_id, code, received_at)"
-                        " VALUES (?, ?, ?, ?)",
-                        (pending_code[0], flow_id, pending_code[1], at),
-                    )
-                if drop_verifier:
-                    await self._conn.execute(
-                        "DELETE FROM flow_secrets WHERE flow_id = ?", (flow_id,)
-                    )
-                await self._conn.execute("COMMIT")
-            except BaseException:
-                await self._conn.execute("ROLLBACK")
-                raise
+            if drop_verifier:
+                await self._conn.execute("DELETE FROM flow_secrets WHERE flow_id = ?", (flow_id,))
         new = await self.get(flow_id)
         assert new is not None
         return new
@@ -549,25 +553,19 @@ class Ledger:
 
     async def consume(self, state: str, at: int) -> tuple[str, str, int] | None:
         """Hand out the code once: (flow_id, code, received_at); wipes it from the table."""
-        async with self._lock:
-            await self._begin()
-            try:
-                # RETURNING would give the wiped value: read first, then wipe
-                async with self._conn.execute(
-                    "SELECT flow_id, code, received_at FROM oauth_pending"
-                    " WHERE state = ? AND consumed_at IS NULL AND code IS NOT NULL",
-                    (state,),
-                ) as cur:
-                    row = await cur.fetchone()
-                if row is not None:
-                    await self._conn.execute(
-                        "UPDATE oauth_pending SET consumed_at = ?, code = NULL WHERE state = ?",
-                        (at, state),
-                    )
-                await self._conn.execute("COMMIT")
-            except BaseException:
-                await self._conn.execute("ROLLBACK")
-                raise
+        async with self._transaction():
+            # RETURNING would give the wiped value: read first, then wipe
+            async with self._conn.execute(
+                "SELECT flow_id, code, received_at FROM oauth_pending"
+                " WHERE state = ? AND consumed_at IS NULL AND code IS NOT NULL",
+                (state,),
+            ) as cur:
+                row = await cur.fetchone()
+            if row is not None:
+                await self._conn.execute(
+                    "UPDATE oauth_pending SET consumed_at = ?, code = NULL WHERE state = ?",
+                    (at, state),
+                )
         if row is None:
             return None
         return row[0], row[1], int(row[2])

@@ -59,7 +59,7 @@ class FlowMachine:
             auto_transitions=False,
             send_event=True,
             ignore_invalid_triggers=False,
-            model_override=True,
+            model_override=False,
         )
         self._model = _FlowModel()
         self._machine.add_model(self._model, initial=FlowState.INITIATED.value)
