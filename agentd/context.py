@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
 
 from agentd.config import Config
+from api.settings import load_api_token
 from flowengine.broker import Broker
 from flowengine.catalog import Catalog, load_catalog
 from flowengine.clock import Clock
@@ -65,27 +63,9 @@ async def open_context(
         await engine.close()
 
 
-def api_token(config: Config, *, create: bool = False) -> str:
-    """The API bearer token: from config, else the state dir's file (created when asked)."""
-    configured = config.values["server"]["api_token"]
-    if configured:
-        return str(configured)
-    path: Path = config.api_token_path
-    try:
-        return path.read_text(encoding="utf-8").strip()
-    except FileNotFoundError:
-        if not create:
-            raise ConfigError(
-                "no API token yet",
-                file=str(path),
-                hint="start `agentd serve` once, or set server.api_token",
-            ) from None
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    token = secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(token + "\n")
-    return token
+def api_token(config: Config) -> str:
+    """The API bearer token: ``server.api_token``, else the state dir's file (made 0600)."""
+    return load_api_token(config.api_token_path, str(config.values["server"]["api_token"]))
 
 
 def redirect_uri(config: Config, public_name: str | None = None) -> str:

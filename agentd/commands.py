@@ -1,0 +1,344 @@
+"""The ``agentd`` subcommands. Imported only after argument parsing (see cli.py)."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import logging
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+import anyio
+
+from agentd.cli import EXIT
+from agentd.config import Config, load_config
+from flowengine.errors import (
+    BrokerError,
+    ConfigError,
+    CredentialsMissingError,
+    FlowError,
+    NotConnectedError,
+    ProviderTransientError,
+    ReauthorizationRequired,
+    UnknownProviderError,
+)
+
+__all__ = ["dispatch", "exit_code_for"]
+
+log = logging.getLogger("agentd")
+
+
+def exit_code_for(err: BaseException) -> int:
+    """One place that maps the engine's errors to documented exit codes."""
+    if isinstance(err, NotConnectedError):
+        return EXIT["not_connected"]
+    if isinstance(err, ReauthorizationRequired):
+        return EXIT["reauthorize"]
+    if isinstance(err, ProviderTransientError):
+        return EXIT["unavailable"]
+    if isinstance(err, FlowError):
+        return EXIT["flow_failed"]
+    if isinstance(err, (ConfigError, CredentialsMissingError)):
+        return EXIT["usage"]
+    return EXIT["error"]
+
+
+def _when(ms: int | None) -> str:
+    if ms is None:
+        return "unknown"
+    stamp = datetime.fromtimestamp(ms / 1000, tz=UTC)
+    delta = ms / 1000 - time.time()
+    rel = f"in {_span(delta)}" if delta >= 0 else f"{_span(-delta)} ago"
+    return f"{stamp:%Y-%m-%d %H:%M:%S}Z ({rel})"
+
+
+def _span(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 90:
+        return f"{seconds}s"
+    if seconds < 5400:
+        return f"{seconds // 60}m"
+    if seconds < 2 * 86400:
+        return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
+    return f"{seconds // 86400}d"
+
+
+def _table(rows: list[list[str]], header: list[str], out: TextIO) -> None:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=False)]
+    line = "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=False))
+    out.write(line.rstrip() + "\n")
+    for row in rows:
+        out.write(
+            "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=False)).rstrip() + "\n"
+        )
+
+
+def _run(config: Config, body: Callable[[Any], Awaitable[int]]) -> int:
+    from agentd.context import open_context
+
+    async def main() -> int:
+        async with open_context(config) as ctx:
+            return await body(ctx)
+
+    return anyio.run(main)
+
+
+# ---------------------------------------------------------------------- commands
+
+
+def cmd_config(args: argparse.Namespace, config: Config) -> int:
+    if args.action == "path":
+        print(config.file)
+        return EXIT["ok"]
+    if args.action == "show":
+        print(f"# {config.file}{'' if config.file_exists else ' (not present: defaults)'}")
+        print(json.dumps(config.redacted(), indent=2, sort_keys=True))
+        return EXIT["ok"] if not config.problems else EXIT["usage"]
+    if not config.problems:
+        where = config.file if config.file_exists else f"{config.file} (absent, defaults used)"
+        print(f"configuration OK: {where}")
+        return EXIT["ok"]
+    for problem in config.problems:
+        print(f"error: {problem}", file=sys.stderr)
+    print(f"{len(config.problems)} problem(s)", file=sys.stderr)
+    return EXIT["usage"]
+
+
+def cmd_providers(args: argparse.Namespace, config: Config) -> int:
+    from flowengine.catalog import load_catalog
+    from flowengine.credentials import CredentialStore
+
+    catalog = load_catalog()
+    stored = set(CredentialStore(config.credentials_path).providers())
+    rows = []
+    for spec in catalog.all():
+        rows.append(
+            [
+                spec.id,
+                spec.name,
+                "yes" if spec.use_pkce else "no",
+                spec.token_auth_method,
+                " ".join(spec.scopes) or "-",
+                "stored" if spec.id in stored else "-",
+            ]
+        )
+    _table(rows, ["PROVIDER", "NAME", "PKCE", "CLIENT AUTH", "SCOPES", "CREDENTIALS"], sys.stdout)
+    return EXIT["ok"]
+
+
+def cmd_credentials(args: argparse.Namespace, config: Config) -> int:
+    from flowengine.catalog import load_catalog
+    from flowengine.credentials import ClientCredentials, CredentialStore
+
+    spec = load_catalog().get(args.provider)
+    client_id = args.client_id or input(f"{spec.name} client id: ").strip()
+    if not client_id:
+        raise ConfigError("a client id is required", key="client_id")
+    secret: str | None = None
+    if spec.needs_secret:
+        if args.secret_stdin:
+            secret = sys.stdin.readline().strip()
+        else:
+            secret = getpass.getpass(f"{spec.name} client secret (not echoed): ").strip()
+        if not secret:
+            raise ConfigError(f"{spec.name} needs a client secret", key="client_secret")
+    CredentialStore(config.credentials_path).put(spec.id, ClientCredentials(client_id, secret))
+    print(f"stored client credentials for {spec.name} in {config.credentials_path}")
+    return EXIT["ok"]
+
+
+def cmd_token(args: argparse.Namespace, config: Config) -> int:
+    async def body(ctx: Any) -> int:
+        token = await ctx.broker.get_token(args.provider, actor="cli")
+        sys.stdout.write(token + "\n")
+        return EXIT["ok"]
+
+    return _run(config, body)
+
+
+def cmd_status(args: argparse.Namespace, config: Config) -> int:
+    async def body(ctx: Any) -> int:
+        statuses = await ctx.broker.status()
+        if not statuses:
+            print("no connections yet: agentd connect <provider>")
+            return EXIT["ok"]
+        rows = [
+            [
+                s.provider,
+                s.state,
+                _when(s.expires),
+                _when(s.last_refresh) if s.last_refresh else "never",
+                " ".join(s.scopes) if s.scopes else "-",
+            ]
+            for s in statuses
+        ]
+        _table(rows, ["PROVIDER", "STATE", "TOKEN EXPIRES", "LAST REFRESH", "SCOPES"], sys.stdout)
+        return EXIT["ok"]
+
+    return _run(config, body)
+
+
+def cmd_flows(args: argparse.Namespace, config: Config) -> int:
+    async def body(ctx: Any) -> int:
+        flows = await ctx.engine.list_flows(
+            provider=args.provider, states=args.states, limit=args.limit
+        )
+        rows = [
+            [f.id, f.provider, f.state.value, _when(f.created_at), f.actor, f.error_code or ""]
+            for f in flows
+        ]
+        _table(rows, ["FLOW", "PROVIDER", "STATE", "CREATED", "BY", "ERROR"], sys.stdout)
+        return EXIT["ok"]
+
+    return _run(config, body)
+
+
+def cmd_flow(args: argparse.Namespace, config: Config) -> int:
+    async def body(ctx: Any) -> int:
+        record = await ctx.engine.inspect(args.flow_id)
+        flow = record.flow
+        print(f"flow {flow.id}  {flow.provider}  {flow.state.value}")
+        print(f"  redirect_uri  {flow.redirect_uri}")
+        print(f"  scopes        {' '.join(flow.scopes) or '-'}")
+        print(f"  started by    {flow.actor}" + (f" (chat {flow.chat_id})" if flow.chat_id else ""))
+        if flow.error_code:
+            print(f"  error         {flow.error_code}: {flow.error_description or ''}")
+        rows = [
+            [
+                str(e.seq),
+                datetime.fromtimestamp(e.at / 1000, tz=UTC).strftime("%H:%M:%S.%f")[:-3],
+                e.from_state.value if e.from_state else "",
+                e.trigger.value if e.trigger else "create",
+                e.to_state.value,
+                e.actor,
+                json.dumps(e.detail, sort_keys=True) if e.detail else "",
+            ]
+            for e in record.events
+        ]
+        _table(rows, ["SEQ", "AT (UTC)", "FROM", "TRIGGER", "TO", "ACTOR", "DETAIL"], sys.stdout)
+        return EXIT["ok"]
+
+    return _run(config, body)
+
+
+def cmd_diagram(args: argparse.Namespace, config: Config) -> int:
+    from flowengine import diagrams
+
+    if args.flow_id:
+
+        async def body(ctx: Any) -> int:
+            text = await ctx.engine.flow_diagram(args.flow_id, fmt=args.format)
+            _emit(text, args.output)
+            return EXIT["ok"]
+
+        return _run(config, body)
+    if args.format == "mermaid":
+        text = diagrams.machine_mermaid()
+    elif args.format == "dot":
+        text = diagrams.machine_dot()
+    else:
+        text = diagrams.render_svg(diagrams.machine_dot())
+    _emit(text, args.output)
+    return EXIT["ok"]
+
+
+def _emit(text: str, output: str | None) -> None:
+    if output:
+        with open(output, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        print(f"wrote {output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+
+
+def cmd_disconnect(args: argparse.Namespace, config: Config) -> int:
+    async def body(ctx: Any) -> int:
+        spec = ctx.catalog.get(args.provider)
+        result = await ctx.broker.disconnect(spec.id, actor="cli")
+        if result.revoked_remotely:
+            print(f"{spec.name}: revoked at the provider and removed from auth.json")
+        elif result.has_revocation_endpoint:
+            print(f"{spec.name}: removed from auth.json; the provider's revocation did not confirm")
+        else:
+            print(
+                f"{spec.name}: removed from auth.json; {spec.name} has no revocation endpoint,"
+                " revoke the app's access in your account settings there"
+            )
+        return EXIT["ok"]
+
+    return _run(config, body)
+
+
+def cmd_connect(args: argparse.Namespace, config: Config) -> int:
+    from agentd.connect import connect
+
+    return _run(config, lambda ctx: connect(ctx, args))
+
+
+def cmd_serve(args: argparse.Namespace, config: Config) -> int:
+    from agentd.daemon import serve
+
+    return serve(config, verbose=args.verbose)
+
+
+def cmd_demo(args: argparse.Namespace, config: Config) -> int:
+    from agentd.demo import run_demo
+
+    return run_demo(keep=args.keep)
+
+
+def cmd_dexcom(args: argparse.Namespace, config: Config) -> int:
+    from agentd.dexcom_cli import run
+
+    return _run(config, lambda ctx: run(ctx, args))
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace, Config], int]] = {
+    "config": cmd_config,
+    "providers": cmd_providers,
+    "credentials": cmd_credentials,
+    "token": cmd_token,
+    "status": cmd_status,
+    "flows": cmd_flows,
+    "flow": cmd_flow,
+    "diagram": cmd_diagram,
+    "disconnect": cmd_disconnect,
+    "connect": cmd_connect,
+    "serve": cmd_serve,
+    "demo": cmd_demo,
+    "dexcom": cmd_dexcom,
+}
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    config = load_config(args.config)
+    if config.problems and args.command not in ("config", "demo"):
+        for problem in config.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        print("run `agentd config check` for the whole list", file=sys.stderr)
+        return EXIT["usage"]
+    try:
+        return COMMANDS[args.command](args, config)
+    except UnknownProviderError as err:
+        print(f"error: {err.message}", file=sys.stderr)
+        if err.suggestions:
+            print(f"did you mean: {', '.join(err.suggestions)}?", file=sys.stderr)
+        print("see `agentd providers` for the catalog", file=sys.stderr)
+        return EXIT["usage"]
+    except CredentialsMissingError as err:
+        print(f"error: {err.message}; run: agentd credentials {err.provider}", file=sys.stderr)
+        return EXIT["usage"]
+    except BrokerError as err:
+        print(f"error: {err.message}", file=sys.stderr)
+        return exit_code_for(err)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

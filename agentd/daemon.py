@@ -1,0 +1,168 @@
+"""``agentd serve``: the API, the refresh timer and the bot in one anyio task group.
+
+Start-up order: open the ledger and stores, plan the listener (bind address, redirect URI,
+TLS mode; asks tailscaled when reachable), bind, recover crashed flows and start the
+timer, then the bot (it never delays start-up: Telegram logs in in the background).
+
+Shutdown on SIGINT/SIGTERM: Hypercorn stops accepting and finishes in-flight requests,
+then the timer and the bot are cancelled. Ledger transitions are shielded transactions,
+so one that has begun commits; auth.json writes are atomic renames under a lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+from functools import partial
+from typing import Any
+
+import anyio
+
+from agentd.config import Config
+from agentd.context import Context, daemon_base_url, open_context
+from api.app import create_app
+from api.serve import ServePlan, plan_serving
+from api.serve import serve as serve_api
+from api.settings import ApiSettings
+from api.tailscale import LocalAPI, TailscaleCLI, TailscaleClient
+from flowengine.refresh import RefreshTimer, TimerPolicy
+
+__all__ = ["run_daemon", "serve", "tailscale_client", "timer_policy"]
+
+log = logging.getLogger("agentd.daemon")
+
+
+def configure_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        force=True,
+    )
+    # libraries that would log request lines or per-transition debug chatter
+    for noisy in ("transitions", "httpx", "httpcore", "hypercorn", "telethon", "aiosqlite"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def tailscale_client(settings: ApiSettings) -> TailscaleClient | None:
+    """LocalAPI when tailscaled's socket is there, else the CLI when installed, else None."""
+    if os.path.exists(settings.localapi_socket):
+        return LocalAPI(settings.localapi_socket)
+    if shutil.which("tailscale"):
+        return TailscaleCLI()
+    return None
+
+
+def timer_policy(config: Config) -> TimerPolicy:
+    timer = config.values["timer"]
+    return TimerPolicy(
+        interval=float(timer["interval"]),
+        refresh_fraction=float(timer["refresh_fraction"]),
+        refresh_floor=float(timer["refresh_floor"]),
+        unknown_expiry_check=float(timer["unknown_expiry_check"]),
+    )
+
+
+async def _watch_signals(stop: anyio.Event) -> None:
+    """Set ``stop`` on SIGINT/SIGTERM; return as soon as ``stop`` is set by anyone."""
+    async with anyio.create_task_group() as tg:
+
+        async def listen() -> None:
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for signum in signals:
+                    log.info("received %s: shutting down", signal.Signals(signum).name)
+                    stop.set()
+                    return
+
+        tg.start_soon(listen)
+        await stop.wait()
+        tg.cancel_scope.cancel()
+
+
+async def run_daemon(
+    config: Config,
+    *,
+    stop: anyio.Event | None = None,
+    task_status: Any = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run until ``stop`` is set (or a signal arrives); ``task_status.started(plan)``."""
+    stop = stop or anyio.Event()
+    settings = ApiSettings.from_server_section(
+        config.values["server"],
+        tls_dir=config.state_dir / "tls",
+        token_file=config.api_token_path,
+    )
+    tailscale = tailscale_client(settings)
+    async with open_context(config) as ctx:
+        plan = await plan_serving(settings, tailscale=tailscale)
+        app = create_app(ctx.engine, settings=settings, catalog=ctx.catalog, tailscale=tailscale)
+        timer = RefreshTimer(ctx.engine, ctx.broker, policy=timer_policy(config))
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_watch_signals, stop)
+            plan = await tg.start(
+                partial(
+                    serve_api,
+                    app,
+                    settings,
+                    shutdown_trigger=stop.wait,
+                    tailscale=tailscale,
+                    plan=plan,
+                )
+            )
+            components = ["api"]
+            async with anyio.create_task_group() as workers:
+                await workers.start(timer.run)
+                components.append(f"timer (every {timer.policy.interval:g} s)")
+                if config.telegram_enabled:
+                    await _start_bot(workers, ctx, config, settings, plan)
+                    components.append("telegram bot")
+                _log_start(plan, settings, components)
+                task_status.started(plan)
+                await stop.wait()
+                log.info("stopping: finishing in-flight requests")
+                workers.cancel_scope.cancel()
+            # leaving tg waits for serve_api: Hypercorn drains in-flight requests first
+    if isinstance(tailscale, LocalAPI):
+        await tailscale.aclose()
+    log.info("stopped")
+
+
+async def _start_bot(
+    workers: Any, ctx: Context, config: Config, settings: ApiSettings, plan: ServePlan
+) -> None:
+    from bot import BotSettings, dexcom_glucose, run_bot
+
+    bot_settings = BotSettings.from_config(
+        config.values,
+        api_base_url=daemon_base_url(config, plan.public_name),
+        api_token=settings.api_token,
+        redirect_uri=plan.redirect_uri,
+        state_dir=config.state_dir,
+    )
+    glucose = dexcom_glucose(ctx.broker, http=ctx.http, tz=bot_settings.timezone)
+    await workers.start(
+        partial(run_bot, bot_settings, broker=ctx.broker, engine=ctx.engine, glucose=glucose)
+    )
+
+
+def _log_start(plan: ServePlan, settings: ApiSettings, components: list[str]) -> None:
+    tls = {
+        "tls": "TLS terminated here (certificate from tailscaled or cert_file)",
+        "serve": "plain HTTP on loopback behind `tailscale serve` (TLS at tailscaled)",
+        "plain-test": "plain HTTP (tests only)",
+    }[plan.mode]
+    log.info("redirect URI: %s", plan.redirect_uri)
+    log.info("listening on: %s", plan.base_url)
+    log.info("TLS mode: %s", tls)
+    log.info(
+        "owner check: %s",
+        ", ".join(settings.allowed_logins) if settings.allowed_logins else "any tailnet user",
+    )
+    log.info("running: %s", ", ".join(components))
+
+
+def serve(config: Config, *, verbose: bool = False) -> int:
+    configure_logging(verbose)
+    anyio.run(run_daemon, config)
+    return 0
