@@ -11,16 +11,21 @@ from typing import TYPE_CHECKING, Any
 
 __all__ = [
     "ACTIVE_STATES",
-    "PENDING_STATES",
-    "TERMINAL_STATES",
-    "TRANSITIONS",
+    "Broker",
     "BrokerError",
     "CallbackParams",
+    "Catalog",
+    "ClientCredentials",
     "Clock",
     "CodeAlreadyUsedError",
     "ConcurrentUpdateError",
     "ConfigError",
+    "ConnectStart",
+    "ConnectionStatus",
+    "CredentialStore",
     "CredentialsMissingError",
+    "DexcomClient",
+    "DisconnectResult",
     "Flow",
     "FlowEngine",
     "FlowError",
@@ -35,20 +40,47 @@ __all__ = [
     "Ledger",
     "ManualClock",
     "NotConnectedError",
+    "PENDING_STATES",
     "PendingCode",
     "PendingStatus",
     "ProviderError",
+    "ProviderSpec",
     "ProviderTransientError",
+    "Reading",
     "ReauthorizationRequired",
+    "RecoveryReport",
+    "RefreshTimer",
     "StartedFlow",
     "StateMismatchError",
     "StorageError",
     "SystemClock",
+    "TERMINAL_STATES",
+    "TRANSITIONS",
+    "TimerPolicy",
     "TokenFileCorruptError",
+    "TokenSet",
+    "TokenStore",
     "UnknownProviderError",
+    "load_catalog",
 ]
 
 _WHERE = {
+    "Broker": "broker",
+    "ConnectStart": "broker",
+    "ConnectionStatus": "broker",
+    "DisconnectResult": "broker",
+    "Catalog": "catalog",
+    "ProviderSpec": "catalog",
+    "load_catalog": "catalog",
+    "ClientCredentials": "credentials",
+    "CredentialStore": "credentials",
+    "TokenSet": "tokens",
+    "TokenStore": "tokens",
+    "RefreshTimer": "refresh",
+    "TimerPolicy": "refresh",
+    "DexcomClient": "dexcom",
+    "Reading": "dexcom",
+    "RecoveryReport": "engine",
     "ACTIVE_STATES": "states",
     "PENDING_STATES": "states",
     "TERMINAL_STATES": "states",
@@ -71,8 +103,12 @@ _WHERE = {
 }
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .broker import Broker, ConnectionStatus, ConnectStart, DisconnectResult
+    from .catalog import Catalog, ProviderSpec, load_catalog
     from .clock import Clock, ManualClock, SystemClock
-    from .engine import FlowEngine
+    from .credentials import ClientCredentials, CredentialStore
+    from .dexcom import DexcomClient, Reading
+    from .engine import FlowEngine, RecoveryReport
     from .errors import (
         BrokerError,
         CodeAlreadyUsedError,
@@ -96,6 +132,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .machine import FlowMachine
     from .models import Flow, FlowEvent, FlowRecord, PendingCode, PendingStatus, StartedFlow
     from .protocol import CallbackParams
+    from .refresh import RefreshTimer, TimerPolicy
     from .states import (
         ACTIVE_STATES,
         PENDING_STATES,
@@ -104,6 +141,7 @@ if TYPE_CHECKING:  # pragma: no cover
         FlowState,
         FlowTrigger,
     )
+    from .tokens import TokenSet, TokenStore
 
 
 def __getattr__(name: str) -> Any:
