@@ -187,6 +187,9 @@ def _validate(values: dict[str, dict[str, Any]], where: str) -> list[ConfigProbl
     for key in ("cert_file", "key_file"):
         if server[key] and not Path(server[key]).expanduser().is_file():
             bad("server", key, f"no such file: {server[key]}")
+    ca_file = values["client"]["ca_file"]
+    if ca_file and not Path(ca_file).expanduser().is_file():
+        bad("client", "ca_file", f"no such file: {ca_file}")
     uri = server["redirect_uri"]
     if uri and not (uri.startswith("https://") and uri.endswith("/oauth/callback")):
         bad("server", "redirect_uri", "must be https://<name>:<port>/oauth/callback")

@@ -5,17 +5,20 @@ from __future__ import annotations
 import argparse
 import getpass
 import itertools
+import ssl
 import sys
+from pathlib import Path
 from typing import Any
 
 import httpx
 
+from agentd.config import Config
 from agentd.context import Context, api_token, daemon_base_url, redirect_uri
 from flowengine.credentials import ClientCredentials
 from flowengine.daemon_client import wait_for_code
 from flowengine.errors import CredentialsMissingError, FlowExpiredError
 
-__all__ = ["connect", "ensure_credentials", "print_qr"]
+__all__ = ["connect", "daemon_ssl_context", "ensure_credentials", "print_qr"]
 
 
 def ensure_credentials(ctx: Context, provider: str, *, interactive: bool) -> None:
@@ -33,6 +36,15 @@ def ensure_credentials(ctx: Context, provider: str, *, interactive: bool) -> Non
     if not client_id or (spec.needs_secret and not secret):
         raise CredentialsMissingError(spec.id, needs_secret=spec.needs_secret)
     ctx.credentials.put(spec.id, ClientCredentials(client_id, secret))
+
+
+def daemon_ssl_context(config: Config) -> ssl.SSLContext:
+    """System CAs plus ``client.ca_file`` (an extra CA, e.g. for a self-signed daemon)."""
+    context = ssl.create_default_context()
+    ca_file = config.values["client"]["ca_file"]
+    if ca_file:
+        context.load_verify_locations(cafile=str(Path(ca_file).expanduser()))
+    return context
 
 
 def print_qr(url: str, out: Any = sys.stdout) -> None:
@@ -69,9 +81,9 @@ async def connect(ctx: Context, args: argparse.Namespace) -> int:
     print(f"Open this link to authorize {spec.name}:\n\n  {start.authorize_url}\n")
     if not args.no_qr:
         print_qr(start.authorize_url)
-    ca_file = ctx.config.values["client"]["ca_file"]
+    sys.stdout.flush()  # the link must show now, also when stdout is a pipe (tee, a log)
     spinner = _Spinner(sys.stderr)
-    async with httpx.AsyncClient(verify=ca_file or True) as http:
+    async with httpx.AsyncClient(verify=daemon_ssl_context(ctx.config)) as http:
         try:
             result = await wait_for_code(
                 http,

@@ -1,0 +1,611 @@
+"""The ``agentd`` command as subprocesses against a running ``agentd serve`` (real server,
+real TLS) and the simulated Dexcom (``agentd.simprovider``) over HTTPS.
+
+The module shares one daemon, one sim and one temp installation (module-scoped fixtures);
+tests that need a connection call :func:`ensure_connected`, tests that break it repair it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import stat
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+
+from agentd.simprovider import SimProvider
+from tests.agentd.cli_helpers import (
+    SIM_CLIENT_ID,
+    SIM_CLIENT_SECRET,
+    AgentdInstance,
+    DaemonProcess,
+    LineReader,
+    SimServer,
+)
+
+# every secret the module saw (tokens, codes, the client secret): never in any output
+SECRETS: set[str] = {SIM_CLIENT_SECRET}
+
+
+@pytest.fixture(name="instance", scope="module")
+def _instance(tmp_path_factory: pytest.TempPathFactory) -> AgentdInstance:
+    instance = AgentdInstance(tmp_path_factory.mktemp("agentd-cli"))
+    instance.write_config()
+    return instance
+
+
+@pytest.fixture(name="sim_server", scope="module")
+def _sim_server(instance: AgentdInstance) -> Iterator[SimServer]:
+    server = SimServer(
+        instance.cert_file,
+        instance.key_file,
+        clients={SIM_CLIENT_ID: SIM_CLIENT_SECRET},
+        redirect_uris=[instance.redirect_uri],
+        consent="allow",
+    )
+    server.start()
+    instance.write_catalog(server.base_url)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(name="daemon", scope="module")
+def _daemon(instance: AgentdInstance, sim_server: SimServer) -> Iterator[DaemonProcess]:
+    daemon = DaemonProcess(instance)
+    try:
+        daemon.wait_healthy()
+        yield daemon
+    finally:
+        daemon.stop()
+
+
+@pytest.fixture(name="cli", scope="module")
+def _cli(instance: AgentdInstance, daemon: DaemonProcess) -> AgentdInstance:
+    """The installation with the daemon running and Dexcom's client credentials stored."""
+    result = instance.run(
+        "credentials", "dexcom", "--client-id", SIM_CLIENT_ID, "--secret-stdin",
+        input=SIM_CLIENT_SECRET + "\n",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return instance
+
+
+@pytest.fixture(name="sim")
+def _sim(sim_server: SimServer) -> SimProvider:
+    return sim_server.sim
+
+
+# --------------------------------------------------------------------- helpers
+
+
+class ConnectRun:
+    def __init__(self, returncode: int, stdout: str, stderr: str, callback_query: dict[str, Any]):
+        self.returncode = returncode
+        self.stdout = stdout
+        self.stderr = stderr
+        self.callback_query = callback_query
+
+
+def run_connect(instance: AgentdInstance, *args: str) -> ConnectRun:
+    """``agentd connect dexcom``, with httpx as the browser that opens the printed link."""
+    process = instance.popen("connect", "dexcom", "--timeout", "30", *args)
+    assert process.stdout is not None
+    assert process.stderr is not None
+    out = LineReader(process.stdout)
+    err = LineReader(process.stderr)
+    try:
+        line = out.wait_for(lambda text: "/v2/oauth2/login?" in text)
+        url = line.strip()
+        assert url.startswith("https://localhost:")
+        with instance.browser() as browser:
+            response = browser.get(url)
+        assert response.history, "the provider should redirect to the daemon's callback"
+        callback = urlsplit(str(response.url))
+        assert f"{callback.scheme}://{callback.netloc}{callback.path}" == instance.redirect_uri
+        query = {k: v[0] for k, v in parse_qs(callback.query).items()}
+        if "code" in query:
+            SECRETS.add(query["code"])
+        returncode = process.wait(30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(5)
+        stdout, stderr = out.rest(), err.rest()
+        process.stdout.close()
+        process.stderr.close()
+    return ConnectRun(returncode, stdout, stderr, query)
+
+
+def remember_tokens(instance: AgentdInstance) -> dict[str, Any]:
+    entry = instance.auth_entries().get("dexcom", {})
+    for key in ("access", "refresh"):
+        if isinstance(entry.get(key), str):
+            SECRETS.add(entry[key])
+    return entry
+
+
+def ensure_connected(instance: AgentdInstance) -> dict[str, Any]:
+    """A usable Dexcom connection (connects when there is none); its auth.json entry."""
+    entry = instance.auth_entries().get("dexcom")
+    if not entry or entry.get("refresh") == "revoked-by-test":
+        result = run_connect(instance, "--no-qr")
+        assert result.returncode == 0, result.stdout + result.stderr
+    return remember_tokens(instance)
+
+
+def assert_no_secrets(*texts: str) -> None:
+    for text in texts:
+        for secret in SECRETS:
+            assert secret not in text
+
+
+def import_names(importtime_stderr: str) -> set[str]:
+    """Module names from ``python -X importtime`` output."""
+    names = set()
+    for line in importtime_stderr.splitlines():
+        if line.startswith("import time:") and "|" in line:
+            names.add(line.rsplit("|", 1)[1].strip())
+    return names
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+# ----------------------------------------------------------------------- serve
+
+
+def test_serve_logs_redirect_uri_bind_tls_mode_and_components(
+    instance: AgentdInstance, daemon: DaemonProcess
+) -> None:
+    log = daemon.log()
+    assert f"redirect URI: {instance.redirect_uri}" in log
+    assert re.search(rf"listening on: https://127\.0\.0\.1:{instance.daemon_port}\b", log), log
+    assert "TLS mode: TLS terminated here" in log
+    running = [line for line in log.splitlines() if "running:" in line]
+    assert len(running) == 1
+    assert "api" in running[0]
+    assert "timer (every 1 s)" in running[0]
+    assert "telegram" not in running[0]  # no bot token configured
+
+
+# ----------------------------------------------------------------- credentials
+
+
+def test_credentials_are_stored_0600_and_never_echoed(cli: AgentdInstance) -> None:
+    stored = cli.state_dir / "credentials.json"
+    assert stat.S_IMODE(stored.stat().st_mode) == 0o600
+    assert json.loads(stored.read_text())  # the store holds something
+    result = cli.run("providers")
+    assert result.returncode == 0
+    rows = {line.split()[0]: line for line in result.stdout.splitlines()[1:] if line.strip()}
+    assert rows["dexcom"].rstrip().endswith("stored")
+    assert rows["oura"].rstrip().endswith("-")
+    assert_no_secrets(result.stdout, result.stderr)
+
+
+def test_credentials_without_secret_is_a_usage_error(cli: AgentdInstance) -> None:
+    result = cli.run("credentials", "oura", "--client-id", "x", "--secret-stdin", input="\n")
+    assert result.returncode == 2
+    assert "needs a client secret" in result.stderr
+
+
+# --------------------------------------------------------------------- connect
+
+
+def test_connect_prints_link_and_qr_then_stores_tokens(
+    cli: AgentdInstance, sim: SimProvider
+) -> None:
+    before = sim.counters.token_requests["authorization_code"]
+    result = run_connect(cli)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Open this link to authorize Dexcom" in result.stdout
+    assert "█" in result.stdout or "▀" in result.stdout or "▄" in result.stdout  # the QR code
+    assert "✅ Dexcom connected" in result.stdout
+    assert sim.counters.token_requests["authorization_code"] == before + 1
+
+    entry = remember_tokens(cli)
+    assert isinstance(entry["access"], str)
+    assert isinstance(entry["refresh"], str)
+    # expires in epoch milliseconds, about the sim's 7200 s from now
+    assert abs(entry["expires"] - (now_ms() + 7_200_000)) < 120_000
+    assert stat.S_IMODE(cli.auth_file.stat().st_mode) == 0o600
+    assert_no_secrets(result.stdout, result.stderr)
+
+
+def test_denied_connect_exits_6(cli: AgentdInstance, sim: SimProvider) -> None:
+    sim.consent = "deny"
+    try:
+        result = run_connect(cli, "--no-qr")
+    finally:
+        sim.consent = "allow"
+    assert result.callback_query.get("error") == "access_denied"
+    assert result.returncode == 6
+    assert "denied" in result.stdout
+
+
+# ----------------------------------------------------------------------- token
+
+
+def test_token_fast_path_prints_token_without_the_async_stack(cli: AgentdInstance) -> None:
+    entry = ensure_connected(cli)
+    result = cli.run("token", "dexcom", python_args=("-X", "importtime"))
+    assert result.returncode == 0
+    assert result.stdout == entry["access"] + "\n"
+    names = import_names(result.stderr)
+    assert "agentd.cli" in names or "flowengine.tokens" in names  # importtime did report
+    assert not names & {"httpx", "anyio", "aiosqlite", "quart", "hypercorn", "agentd.commands"}
+
+
+def test_token_refreshes_when_near_expiry(cli: AgentdInstance, sim: SimProvider) -> None:
+    entry = ensure_connected(cli)
+    cli.edit_auth("dexcom", expires=now_ms() + 30_000)  # inside the 60 s leeway
+    before = sim.counters.token_requests["refresh_token"]
+    result = cli.run("token", "dexcom", python_args=("-X", "importtime"))
+    assert result.returncode == 0, result.stderr
+    assert "httpx" in import_names(result.stderr)  # the slow path ran
+    new = remember_tokens(cli)
+    assert result.stdout == new["access"] + "\n"
+    assert new["access"] != entry["access"]
+    assert new["expires"] > now_ms() + 7_000_000
+    assert sim.counters.token_requests["refresh_token"] == before + 1
+
+
+def test_token_not_connected_exits_3(cli: AgentdInstance) -> None:
+    result = cli.run("token", "oura")
+    assert result.returncode == 3
+    assert "not connected" in result.stderr
+    assert result.stdout == ""
+
+
+def test_token_unknown_provider_exits_2(cli: AgentdInstance) -> None:
+    result = cli.run("token", "dexcon")
+    assert result.returncode == 2
+    assert "dexcom" in result.stderr  # the suggestion
+
+
+def test_token_provider_down_exits_5_then_recovers(cli: AgentdInstance, sim: SimProvider) -> None:
+    entry = ensure_connected(cli)
+    cli.edit_auth("dexcom", expires=now_ms() - 1_000)
+    injected = sim.counters.injected
+    sim.inject(503, count=1, path_prefix="/v2/oauth2/token")
+    result = cli.run("token", "dexcom")
+    assert result.returncode == 5, result.stderr
+    assert sim.counters.injected == injected + 1
+    assert result.stdout == ""
+    # the stored tokens stay; once the provider is back, the same command works
+    assert cli.auth_entries()["dexcom"]["refresh"] == entry["refresh"]
+    again = cli.run("token", "dexcom")
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == remember_tokens(cli)["access"] + "\n"
+
+
+def test_token_provider_unreachable_exits_5(cli: AgentdInstance) -> None:
+    ensure_connected(cli)
+    cli.edit_auth("dexcom", expires=now_ms() - 1_000)
+    catalog = cli.config_home / "agent" / "providers.toml"
+    original = catalog.read_text()
+    dead = "https://localhost:9/v2/oauth2/token"
+    catalog.write_text(re.sub(r'token_url = "[^"]*"', f'token_url = "{dead}"', original))
+    try:
+        result = cli.run("token", "dexcom")
+    finally:
+        catalog.write_text(original)
+    assert result.returncode == 5, result.stderr
+    again = cli.run("token", "dexcom")
+    assert again.returncode == 0, again.stderr
+
+
+def test_token_rejected_refresh_exits_4(cli: AgentdInstance, sim: SimProvider) -> None:
+    ensure_connected(cli)
+    rejected = sim.counters.refresh_rejected
+    cli.edit_auth("dexcom", expires=now_ms() - 1_000, refresh="revoked-by-test")
+    result = cli.run("token", "dexcom")
+    assert result.returncode == 4, result.stderr
+    assert "agentd connect dexcom" in result.stderr
+    assert sim.counters.refresh_rejected == rejected + 1
+    status = cli.run("status")
+    assert re.search(r"^dexcom\s+expired\s", status.stdout, re.MULTILINE), status.stdout
+    # asking again does not hammer the provider: the ledger already says "expired"
+    assert cli.run("token", "dexcom").returncode == 4
+    assert sim.counters.refresh_rejected == rejected + 1
+    ensure_connected(cli)
+    assert cli.run("token", "dexcom").returncode == 0
+
+
+# ------------------------------------------------------------- status and flows
+
+
+def test_status_table(cli: AgentdInstance) -> None:
+    ensure_connected(cli)
+    result = cli.run("status")
+    assert result.returncode == 0
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == [
+        "PROVIDER",
+        "STATE",
+        "TOKEN",
+        "EXPIRES",
+        "LAST",
+        "REFRESH",
+        "SCOPES",
+    ]
+    row = next(line for line in lines[1:] if line.startswith("dexcom "))
+    assert re.match(
+        r"dexcom\s+stored\s+\d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ \(in (1h5\dm|2h00m)\)\s+\S.*"
+        r"offline_access$",
+        row,
+    ), row
+    assert_no_secrets(result.stdout, result.stderr)
+
+
+def flow_rows(stdout: str) -> list[list[str]]:
+    lines = stdout.splitlines()
+    assert lines[0].split()[:3] == ["FLOW", "PROVIDER", "STATE"]
+    return [line.split() for line in lines[1:] if line.strip()]
+
+
+def test_flows_lists_and_filters(cli: AgentdInstance) -> None:
+    ensure_connected(cli)
+    result = cli.run("flows", "--provider", "dexcom")
+    assert result.returncode == 0
+    rows = flow_rows(result.stdout)
+    states = {row[2] for row in rows}
+    # the module connected, was denied, superseded a connection, expired one ...
+    assert {"stored", "failed"} <= states
+    assert all(row[1] == "dexcom" for row in rows)
+    only = cli.run("flows", "--state", "failed")
+    assert only.returncode == 0
+    failed = flow_rows(only.stdout)
+    assert failed
+    assert all(row[2] == "failed" for row in failed)
+    assert {row[0] for row in failed} <= {row[0] for row in rows}
+    none = cli.run("flows", "--provider", "oura")
+    assert none.returncode == 0
+    assert flow_rows(none.stdout) == []
+    assert_no_secrets(result.stdout, only.stdout)
+
+
+def current_flow_id(instance: AgentdInstance) -> str:
+    flow_id = instance.auth_entries()["dexcom"]["flow_id"]
+    assert isinstance(flow_id, str)
+    return flow_id
+
+
+def test_flow_shows_its_ledger_without_secrets(cli: AgentdInstance, sim: SimProvider) -> None:
+    ensure_connected(cli)
+    flow_id = current_flow_id(cli)
+    cli.edit_auth("dexcom", expires=now_ms() + 1_000)
+    assert cli.run("token", "dexcom").returncode == 0  # one refresh in this flow's ledger
+    remember_tokens(cli)
+    result = cli.run("flow", flow_id)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"flow {flow_id}  dexcom  stored")
+    assert f"redirect_uri  {cli.redirect_uri}" in result.stdout
+    lines = result.stdout.splitlines()
+    header = next(line for line in lines if line.startswith("SEQ "))
+    start, end = header.index("TRIGGER"), header.index("TO ")
+    triggers = [
+        line[start:end].strip()
+        for line in lines
+        if re.match(r"\d+\s+\d\d:\d\d:\d\d\.\d{3}\s", line)
+    ]
+    assert triggers[:6] == ["create", "issue_url", "receive_code", "exchange", "store",
+                            "begin_refresh"]  # fmt: skip
+    assert "refreshed" in triggers
+    assert_no_secrets(result.stdout, result.stderr)
+    missing = cli.run("flow", "no-such-flow")
+    assert missing.returncode == 6
+    assert "no-such-flow" in missing.stderr
+
+
+# ---------------------------------------------------------------------- diagram
+
+
+def test_diagram_formats(cli: AgentdInstance, tmp_path: Path) -> None:
+    mermaid = cli.run("diagram")
+    assert mermaid.returncode == 0
+    assert mermaid.stdout.lstrip().startswith("stateDiagram")
+    assert "awaiting_code" in mermaid.stdout.lower()
+    dot = cli.run("diagram", "--format", "dot")
+    assert dot.returncode == 0
+    assert "digraph" in dot.stdout
+    target = tmp_path / "machine.svg"
+    svg = cli.run("diagram", "--format", "svg", "-o", str(target))
+    assert svg.returncode == 0, svg.stderr
+    assert svg.stdout == ""
+    assert "<svg" in target.read_text(encoding="utf-8")
+
+
+def test_diagram_of_one_flow(cli: AgentdInstance) -> None:
+    ensure_connected(cli)
+    flow_id = current_flow_id(cli)
+    machine = cli.run("diagram").stdout
+    result = cli.run("diagram", "--flow", flow_id)
+    assert result.returncode == 0, result.stderr
+    assert f"title: flow {flow_id} (dexcom): stored" in result.stdout
+    assert "stateDiagram" in result.stdout
+    assert "class stored current" in result.stdout
+    assert "class refreshing visited" in result.stdout
+    assert "class stored current" not in machine
+    svg = cli.run("diagram", "--flow", flow_id, "--format", "svg")
+    assert svg.returncode == 0, svg.stderr
+    assert "<svg" in svg.stdout
+
+
+# ---------------------------------------------------------------------- dexcom
+
+
+def sim_value(sim: SimProvider, when: datetime) -> int:
+    t = when.timestamp()
+    records = sim.egv_records(t - 1, t + 1)
+    assert len(records) == 1
+    value = records[0]["value"]
+    assert isinstance(value, int)
+    return value
+
+
+def test_dexcom_latest(cli: AgentdInstance, sim: SimProvider) -> None:
+    ensure_connected(cli)
+    candidates = {sim_value(sim, sim.latest_egv_time())}
+    result = cli.run("dexcom", "latest")
+    candidates.add(sim_value(sim, sim.latest_egv_time()))
+    assert result.returncode == 0, result.stderr
+    match = re.match(r"(\d+) mg/dL \S+ ", result.stdout)
+    assert match, result.stdout
+    assert int(match.group(1)) in candidates
+    mmol = cli.run("dexcom", "latest", "--unit", "mmol/L")
+    assert mmol.returncode == 0
+    assert re.match(r"\d+\.\d mmol/L ", mmol.stdout), mmol.stdout
+
+
+def test_dexcom_egvs_json_and_csv_match_the_provider(cli: AgentdInstance, sim: SimProvider) -> None:
+    ensure_connected(cli)
+    result = cli.run("dexcom", "egvs", "--since", "2h", "--json")
+    assert result.returncode == 0, result.stderr
+    readings = json.loads(result.stdout)
+    assert 23 <= len(readings) <= 25  # 5-minute cadence
+    for reading in readings:
+        when = datetime.fromisoformat(reading["system_time"].replace("Z", "+00:00"))
+        assert reading["value_mgdl"] == sim_value(sim, when)
+    times = [r["system_time"] for r in readings]
+    assert times == sorted(times)
+
+    as_csv = cli.run("dexcom", "egvs", "--since", "2h", "--csv")
+    assert as_csv.returncode == 0, as_csv.stderr
+    rows = list(csv.DictReader(io.StringIO(as_csv.stdout)))
+    assert 23 <= len(rows) <= 25
+    for row in rows:
+        when = datetime.fromisoformat(row["system_time"].replace("Z", "+00:00"))
+        assert int(row["value_mgdl"]) == sim_value(sim, when)
+
+    table = cli.run("dexcom", "egvs", "--since", "1h")
+    assert table.returncode == 0
+    assert re.search(r"^\d+ readings$", table.stderr, re.MULTILINE)
+
+    bad = cli.run("dexcom", "egvs", "--since", "soon")
+    assert bad.returncode == 2
+    assert "--since" in bad.stderr
+
+
+def test_dexcom_range(cli: AgentdInstance) -> None:
+    ensure_connected(cli)
+    result = cli.run("dexcom", "range")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == ["egvs", "events", "calibrations"]
+    assert re.match(
+        r"egvs\s+\d{4}-\d\d-\d\d \d\d:\d\d \.\. \d{4}-\d\d-\d\d \d\d:\d\d UTC$", lines[0]
+    )
+
+
+def test_dexcom_not_connected_exits_3(cli: AgentdInstance) -> None:
+    result = cli.run("dexcom", "latest", "--provider", "dexcom-eu")
+    assert result.returncode == 3, result.stderr
+
+
+# ------------------------------------------------------------------ disconnect
+
+
+def test_disconnect_revokes_and_forgets(cli: AgentdInstance, sim: SimProvider) -> None:
+    ensure_connected(cli)
+    flow_id = current_flow_id(cli)
+    revocations = sim.counters.revocations
+    result = cli.run("disconnect", "dexcom")
+    assert result.returncode == 0, result.stderr
+    assert "revoked at the provider" in result.stdout
+    assert sim.counters.revocations == revocations + 1
+    assert "dexcom" not in cli.auth_entries()
+    flow = cli.run("flow", flow_id)
+    assert re.search(r"\srevoke\s+revoked\s+cli\b", flow.stdout), flow.stdout
+    assert cli.run("token", "dexcom").returncode == 3
+    assert_no_secrets(result.stdout, result.stderr, flow.stdout)
+
+
+# ---------------------------------------------------------------------- config
+
+
+def test_config_check_ok(cli: AgentdInstance) -> None:
+    result = cli.run("config", "check")
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"configuration OK: {cli.config_file}"
+
+
+def test_config_check_reports_every_problem(cli: AgentdInstance) -> None:
+    broken = cli.root / "broken.toml"
+    broken.write_text(
+        """
+[server]
+mode = "bogus"
+port = 70000
+cert_file = "/nonexistent/cert.pem"
+colour = "blue"
+
+[timer]
+interval = -1
+
+[telegram]
+bot_token = "123:abc"
+
+[client]
+ca_file = "/nonexistent/ca.pem"
+""",
+        encoding="utf-8",
+    )
+    env = cli.env(AGENTD_CONFIG=str(broken), AGENTD_TIMER_CODE_TTL="soon")
+    result = cli.run("config", "check", env=env)
+    assert result.returncode == 2
+    problems = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    expected = {
+        "server.mode",
+        "server.port",
+        "server.cert_file",
+        "server.key_file",
+        "server.colour",
+        "timer.interval",
+        "timer.code_ttl",
+        "telegram.api_id",
+        "telegram.api_hash",
+        "telegram.owner_ids",
+        "client.ca_file",
+    }
+    keys = set()
+    for line in problems:
+        match = re.match(r"error: (\S+): (\S+): .+ \(hint: .+\)$", line)
+        assert match, line
+        where, key = match.groups()
+        assert where == ("$AGENTD_TIMER_CODE_TTL" if key == "timer.code_ttl" else str(broken))
+        keys.add(key)
+    assert keys == expected
+    assert f"{len(problems)} problem(s)" in result.stderr
+    assert "123:abc" not in result.stderr + result.stdout
+    # every other command refuses to run on a broken configuration
+    status = cli.run("status", env=env)
+    assert status.returncode == 2
+    assert "agentd config check" in status.stderr
+
+
+def test_usage_errors_exit_2(cli: AgentdInstance) -> None:
+    assert cli.run().returncode == 2
+    assert cli.run("frobnicate").returncode == 2
+    assert cli.run("diagram", "--format", "png").returncode == 2
+
+
+# ------------------------------------------------------------ serve: shutdown
+
+
+def test_serve_stops_cleanly_on_sigterm(daemon: DaemonProcess) -> None:
+    assert daemon.stop() == 0
+    log = daemon.log()
+    assert "received SIGTERM: shutting down" in log
+    assert log.rstrip().endswith("stopped")
+    assert "Traceback" not in log
+    assert_no_secrets(log)
