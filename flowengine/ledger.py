@@ -175,9 +175,23 @@ def _create_private(file: Path) -> None:
     os.close(fd)
 
 
+def _secret_keys(value: Any) -> set[str]:
+    """Keys naming a secret anywhere in ``value`` (nested mappings and lists included)."""
+    found: set[str] = set()
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if str(key).lower() in SECRET_KEYS:
+                found.add(str(key))
+            found |= _secret_keys(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            found |= _secret_keys(item)
+    return found
+
+
 def check_detail(detail: Mapping[str, Any]) -> str:
-    """Serialise event detail, refusing any key that names a secret."""
-    bad = sorted(k for k in detail if k.lower() in SECRET_KEYS)
+    """Serialise event detail, refusing any key, at any depth, that names a secret."""
+    bad = sorted(_secret_keys(detail))
     if bad:
         raise ValueError(f"event detail may not hold secrets: {', '.join(bad)}")
     return json.dumps(dict(detail), sort_keys=True, separators=(",", ":"))
@@ -235,11 +249,18 @@ class Ledger:
             await conn.execute("PRAGMA journal_mode = WAL")
             await conn.execute("PRAGMA synchronous = NORMAL")
             await conn.execute("PRAGMA foreign_keys = ON")
+            # wiped codes and dropped verifiers are zeroed on disk, not left in free space
+            # (Debian's SQLite defaults to this; other builds do not)
+            await conn.execute("PRAGMA secure_delete = ON")
             ledger = cls(conn, file, FlowMachine())
             await ledger._migrate()
         except sqlite3.Error as err:
             await conn.close()
             raise StorageError(f"cannot prepare the ledger: {err}", path=str(file)) from err
+        except BaseException:
+            # e.g. a newer schema: an unclosed connection's thread would block interpreter exit
+            await conn.close()
+            raise
         return ledger
 
     async def close(self) -> None:

@@ -1,0 +1,501 @@
+"""The SQLite ledger on a real file: transitions, guards, secrets, schema and reads."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from flowengine.errors import ConcurrentUpdateError, FlowNotFound, InvalidTransition, StorageError
+from flowengine.ledger import SCHEMA_VERSION, SECRET_KEYS, Ledger, check_detail
+from flowengine.models import Flow
+from flowengine.states import Condition, FlowState, FlowTrigger
+
+from .helpers_flows import ALL_COMBOS, EXPECTED, combo_id, file_mode, path_to, replay, snapshot
+
+pytestmark = pytest.mark.anyio
+
+VERIFIER = "verifier-" + "v" * 50
+_ids = itertools.count(1)
+
+
+@pytest.fixture(name="db")
+def _db(tmp_path: Path) -> Path:
+    return tmp_path / "state" / "ledger.sqlite3"
+
+
+@pytest.fixture(name="ledger")
+async def _ledger(db: Path) -> AsyncIterator[Ledger]:
+    ledger = await Ledger.open(db)
+    yield ledger
+    await ledger.close()
+
+
+async def new_flow(
+    ledger: Ledger,
+    *,
+    provider: str = "dexcom",
+    at: int = 1_000,
+    verifier: str | None = VERIFIER,
+    deadline: int | None = None,
+) -> Flow:
+    n = next(_ids)
+    return await ledger.create(
+        flow_id=f"flow{n:04d}",
+        provider=provider,
+        at=at,
+        redirect_uri="https://broker.example.ts.net/oauth/callback",
+        scopes=["offline_access", "egv"],
+        actor="test",
+        chat_id=42,
+        state_hash=f"{n:064x}",
+        code_verifier=verifier,
+        deadline=deadline,
+    )
+
+
+async def drive(ledger: Ledger, flow: Flow, target: FlowState) -> Flow:
+    at = flow.updated_at
+    for trigger, condition in path_to(target):
+        at += 10
+        flow = await ledger.transition(flow.id, trigger, actor="test", at=at, condition=condition)
+    assert flow.state is target
+    return flow
+
+
+# ------------------------------------------------------------------ the table, persisted
+
+
+@pytest.fixture(name="anyio_backend", scope="module")
+def _module_anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(name="shared", scope="module")
+async def _shared(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> AsyncIterator[tuple[Ledger, sqlite3.Connection]]:
+    """One ledger for the 462 table cases, and an observer connection on the same file.
+
+    The observer's ``PRAGMA data_version`` changes if and only if another connection
+    committed something: a forbidden transition must leave it unchanged.
+    """
+    path = tmp_path_factory.mktemp("table") / "ledger.sqlite3"
+    ledger = await Ledger.open(path)
+    observer = sqlite3.connect(path)
+    yield ledger, observer
+    observer.close()
+    await ledger.close()
+
+
+def data_version(observer: sqlite3.Connection) -> int:
+    return int(observer.execute("PRAGMA data_version").fetchone()[0])
+
+
+def flow_rows(observer: sqlite3.Connection, flow_id: str) -> list[list[tuple[object, ...]]]:
+    return [
+        observer.execute(f"SELECT * FROM {table} WHERE {key} = ?", (flow_id,)).fetchall()
+        for table, key in (
+            ("flows", "id"),
+            ("flow_events", "flow_id"),
+            ("flow_secrets", "flow_id"),
+            ("oauth_pending", "flow_id"),
+        )
+    ]
+
+
+@pytest.mark.parametrize("combo", ALL_COMBOS, ids=combo_id)
+async def test_every_transition_through_the_ledger(
+    shared: tuple[Ledger, sqlite3.Connection],
+    combo: tuple[FlowState, FlowTrigger, Condition | None],
+) -> None:
+    ledger, observer = shared
+    state, trigger, condition = combo
+    flow = await drive(ledger, await new_flow(ledger), state)
+    expected = EXPECTED.get(combo)
+    version = data_version(observer)
+    rows = flow_rows(observer, flow.id)
+    if expected is None:
+        with pytest.raises(InvalidTransition) as info:
+            await ledger.transition(
+                flow.id, trigger, actor="test", at=flow.updated_at + 5, condition=condition
+            )
+        assert (info.value.state, info.value.trigger) == (state.value, trigger.value)
+        assert info.value.flow_id == flow.id
+        assert data_version(observer) == version, "a forbidden transition committed something"
+        assert flow_rows(observer, flow.id) == rows
+        assert await ledger.get(flow.id) == flow
+    else:
+        moved = await ledger.transition(
+            flow.id,
+            trigger,
+            actor="test",
+            at=flow.updated_at + 5,
+            condition=condition,
+            detail={"why": "table"},
+        )
+        assert data_version(observer) != version
+        assert moved.state is expected
+        assert moved.version == flow.version + 1
+        assert moved.updated_at == flow.updated_at + 5
+        events = await ledger.events(flow.id)
+        last = events[-1]
+        assert (last.seq, last.from_state, last.trigger, last.to_state) == (
+            flow.version + 1,
+            state,
+            trigger,
+            expected,
+        )
+        assert (last.actor, last.detail, last.at) == ("test", {"why": "table"}, moved.updated_at)
+        assert replay(moved, events) is expected
+        after = flow_rows(observer, flow.id)
+        assert after[1][:-1] == rows[1], "earlier events were rewritten"
+        assert after[2:] == rows[2:], "secrets or pending codes changed"
+
+
+# --------------------------------------------------------------------------- creation
+
+
+async def test_create_writes_the_flow_and_its_first_event(ledger: Ledger, db: Path) -> None:
+    flow = await new_flow(ledger, at=5_000, deadline=65_000)
+    assert flow.state is FlowState.INITIATED
+    assert (flow.version, flow.created_at, flow.updated_at, flow.deadline) == (1, 5000, 5000, 65000)
+    assert flow.scopes == ("offline_access", "egv")
+    assert flow.uses_pkce is True
+    assert (flow.chat_id, flow.actor, flow.provider) == (42, "test", "dexcom")
+    events = await ledger.events(flow.id)
+    assert len(events) == 1
+    assert events[0].public() == {
+        "seq": 1,
+        "at": 5000,
+        "from": None,
+        "to": "initiated",
+        "trigger": "create",
+        "actor": "test",
+        "detail": {},
+    }
+    assert await ledger.verifier(flow.id) == VERIFIER
+    assert await ledger.by_state_hash(flow.state_hash) == flow
+    snap = snapshot(db)
+    assert snap["flow_secrets"] == [(flow.id, VERIFIER)]
+    assert VERIFIER not in repr(snap["flows"]) + repr(snap["flow_events"])
+
+
+async def test_create_without_pkce_stores_no_verifier(ledger: Ledger, db: Path) -> None:
+    flow = await new_flow(ledger, verifier=None)
+    assert flow.uses_pkce is False
+    assert await ledger.verifier(flow.id) is None
+    assert snapshot(db)["flow_secrets"] == []
+
+
+async def test_create_refuses_secret_detail_and_writes_nothing(ledger: Ledger, db: Path) -> None:
+    before = snapshot(db)
+    with pytest.raises(ValueError, match="secrets"):
+        await ledger.create(
+            flow_id="x",
+            provider="p",
+            at=1,
+            redirect_uri="https://h/cb",
+            scopes=[],
+            actor="test",
+            chat_id=None,
+            state_hash="h",
+            code_verifier=None,
+            deadline=None,
+            detail={"code_verifier": "zzz"},
+        )
+    assert snapshot(db) == before
+
+
+async def test_duplicate_state_hash_is_refused_atomically(ledger: Ledger, db: Path) -> None:
+    flow = await new_flow(ledger)
+    before = snapshot(db)
+    with pytest.raises(sqlite3.IntegrityError):
+        await ledger.create(
+            flow_id="other",
+            provider="p",
+            at=1,
+            redirect_uri="https://h/cb",
+            scopes=[],
+            actor="test",
+            chat_id=None,
+            state_hash=flow.state_hash,
+            code_verifier=VERIFIER,
+            deadline=None,
+        )
+    assert snapshot(db) == before
+
+
+# ------------------------------------------------------------------------- transitions
+
+
+async def test_transition_of_an_unknown_flow(ledger: Ledger, db: Path) -> None:
+    before = snapshot(db)
+    with pytest.raises(FlowNotFound) as info:
+        await ledger.transition("nope", FlowTrigger.ISSUE_URL, actor="test", at=1)
+    assert info.value.flow_id == "nope"
+    assert snapshot(db) == before
+
+
+async def test_stale_expected_version_writes_nothing(ledger: Ledger, db: Path) -> None:
+    flow = await new_flow(ledger)
+    before = snapshot(db)
+    with pytest.raises(ConcurrentUpdateError) as info:
+        await ledger.transition(
+            flow.id, FlowTrigger.ISSUE_URL, actor="test", at=2_000, expected_version=7
+        )
+    assert (info.value.expected, info.value.actual) == (7, 1)
+    assert snapshot(db) == before
+    moved = await ledger.transition(
+        flow.id, FlowTrigger.ISSUE_URL, actor="test", at=2_000, expected_version=1
+    )
+    assert moved.version == 2
+
+
+SECRET_VALUE = "s3cr3t-value-never-echoed"
+
+
+@pytest.mark.parametrize(
+    "detail",
+    [{key: SECRET_VALUE} for key in sorted(SECRET_KEYS)]
+    + [
+        {"Access_Token": SECRET_VALUE},
+        {"ok": 1, "REFRESH_TOKEN": SECRET_VALUE},
+        {"response": {"token_type": "Bearer", "access_token": SECRET_VALUE}},
+        {"attempts": [{"n": 1}, {"n": 2, "code": SECRET_VALUE}]},
+    ],
+    ids=repr,
+)
+async def test_event_detail_refuses_secret_keys(
+    ledger: Ledger, db: Path, detail: dict[str, object]
+) -> None:
+    flow = await new_flow(ledger)
+    before = snapshot(db)
+    with pytest.raises(ValueError, match="may not hold secrets") as info:
+        await ledger.transition(flow.id, FlowTrigger.ISSUE_URL, actor="test", at=2, detail=detail)
+    assert SECRET_VALUE not in str(info.value)
+    assert snapshot(db) == before
+
+
+def test_check_detail_serialises_stably() -> None:
+    assert check_detail({"b": 1, "a": [1, "x"]}) == '{"a":[1,"x"],"b":1}'
+    assert check_detail({}) == "{}"
+    # keys that merely contain a secret's name are fine; so are secret-looking values
+    assert check_detail({"token_type": "Bearer", "states": ["a"], "error": "code"})
+
+
+async def test_updates_outside_the_allowed_columns_are_refused(ledger: Ledger, db: Path) -> None:
+    flow = await new_flow(ledger)
+    before = snapshot(db)
+    for column in ("state", "version", "provider", "state_hash"):
+        with pytest.raises(ValueError, match="cannot set"):
+            await ledger.transition(
+                flow.id, FlowTrigger.ISSUE_URL, actor="test", at=2, updates={column: "x"}
+            )
+    assert snapshot(db) == before
+
+
+async def test_transition_updates_columns_and_drops_the_verifier(ledger: Ledger) -> None:
+    flow = await drive(ledger, await new_flow(ledger, deadline=9), FlowState.CODE_RECEIVED)
+    moved = await ledger.transition(
+        flow.id,
+        FlowTrigger.EXCHANGE_FAILED,
+        actor="test",
+        at=flow.updated_at + 1,
+        updates={"deadline": None, "error_code": "invalid_grant", "error_description": "no"},
+        drop_verifier=True,
+    )
+    assert (moved.deadline, moved.error_code, moved.error_description) == (
+        None,
+        "invalid_grant",
+        "no",
+    )
+    assert await ledger.verifier(flow.id) is None
+
+
+async def test_a_failing_statement_rolls_the_whole_transition_back(
+    ledger: Ledger, db: Path
+) -> None:
+    a = await drive(ledger, await new_flow(ledger), FlowState.AWAITING_CODE)
+    b = await drive(ledger, await new_flow(ledger), FlowState.AWAITING_CODE)
+    await ledger.transition(
+        a.id, FlowTrigger.RECEIVE_CODE, actor="test", at=3_000, pending_code=("st", "c1")
+    )
+    before = snapshot(db)
+    # the oauth_pending insert fails (state is the primary key): the move is undone
+    with pytest.raises(sqlite3.IntegrityError):
+        await ledger.transition(
+            b.id, FlowTrigger.RECEIVE_CODE, actor="test", at=3_000, pending_code=("st", "c2")
+        )
+    assert snapshot(db) == before
+    assert (await ledger.get(b.id)) == b
+
+
+# ------------------------------------------------------------------------ oauth_pending
+
+
+async def test_a_code_is_handed_out_once_and_wiped(ledger: Ledger, db: Path) -> None:
+    flow = await drive(ledger, await new_flow(ledger), FlowState.AWAITING_CODE)
+    await ledger.transition(
+        flow.id,
+        FlowTrigger.RECEIVE_CODE,
+        actor="test",
+        at=4_000,
+        pending_code=("raw-state", "raw-code"),
+    )
+    assert await ledger.pending("raw-state") == (flow.id, True, 4000, None)
+    assert await ledger.pending("other") is None
+    assert await ledger.consume("raw-state", 4_500) == (flow.id, "raw-code", 4000)
+    assert await ledger.consume("raw-state", 4_600) is None
+    assert await ledger.pending("raw-state") == (flow.id, False, 4000, 4500)
+    assert "raw-code" not in repr(snapshot(db))
+
+
+async def test_wipe_pending_forgets_an_unconsumed_code(ledger: Ledger, db: Path) -> None:
+    flow = await drive(ledger, await new_flow(ledger), FlowState.AWAITING_CODE)
+    await ledger.transition(
+        flow.id, FlowTrigger.RECEIVE_CODE, actor="test", at=4_000, pending_code=("s1", "c-xyz")
+    )
+    await ledger.wipe_pending(flow.id, 4_100)
+    assert await ledger.pending("s1") == (flow.id, False, 4000, 4100)
+    assert await ledger.consume("s1", 4_200) is None
+    assert "c-xyz" not in repr(snapshot(db))
+
+
+# ------------------------------------------------------------------------------ reads
+
+
+async def test_list_filters_and_orders_newest_first(ledger: Ledger) -> None:
+    a = await new_flow(ledger, provider="dexcom", at=1)
+    b = await new_flow(ledger, provider="oura", at=2)
+    c = await drive(ledger, await new_flow(ledger, provider="dexcom", at=3), FlowState.STORED)
+    d = await new_flow(ledger, provider="dexcom", at=3)  # same time as c: insertion order
+    assert [f.id for f in await ledger.list()] == [d.id, c.id, b.id, a.id]
+    assert [f.id for f in await ledger.list(provider="dexcom")] == [d.id, c.id, a.id]
+    assert [f.id for f in await ledger.list(states=[FlowState.STORED])] == [c.id]
+    assert [f.id for f in await ledger.list(provider="oura", states=[FlowState.INITIATED])] == [
+        b.id
+    ]
+    assert [f.id for f in await ledger.list(limit=2)] == [d.id, c.id]
+    assert await ledger.list(provider="withings") == []
+    assert await ledger.counts() == {"initiated": 3, "stored": 1}
+
+
+async def test_due_returns_overdue_flows_by_deadline(ledger: Ledger) -> None:
+    late = await new_flow(ledger, deadline=500)
+    later = await new_flow(ledger, deadline=800)
+    await new_flow(ledger, deadline=5_000)
+    await new_flow(ledger, deadline=None)
+    assert [f.id for f in await ledger.due(1_000)] == [late.id, later.id]
+    assert [f.id for f in await ledger.due(1_000, limit=1)] == [late.id]
+    assert await ledger.due(499) == []
+
+
+async def test_next_check_schedule(ledger: Ledger) -> None:
+    a = await new_flow(ledger)
+    b = await new_flow(ledger)
+    assert await ledger.next_check_at(a.id) is None
+    await ledger.set_next_check(a.id, 700)
+    await ledger.set_next_check(b.id, 300)
+    assert await ledger.next_check_at(a.id) == 700
+    assert [f.id for f in await ledger.due_checks(1_000)] == [b.id, a.id]
+    assert [f.id for f in await ledger.due_checks(500)] == [b.id]
+    await ledger.set_next_check(b.id, None)
+    assert [f.id for f in await ledger.due_checks(1_000)] == [a.id]
+    # scheduling is not a transition: no event, same version
+    assert (await ledger.get(a.id)) == a
+    assert len(await ledger.events(a.id)) == 1
+
+
+async def test_notifications_are_delivered_once(ledger: Ledger) -> None:
+    first = await ledger.notify(at=1, kind="expired", provider="dexcom", message="reconnect")
+    second = await ledger.notify(
+        at=2, kind="refresh_failing", provider="oura", message="m", flow_id="f", chat_id=5
+    )
+    pending = await ledger.undelivered()
+    assert [(n.id, n.kind, n.provider, n.flow_id, n.chat_id) for n in pending] == [
+        (first, "expired", "dexcom", None, None),
+        (second, "refresh_failing", "oura", "f", 5),
+    ]
+    assert "reconnect" not in repr(pending[0])
+    assert await ledger.mark_delivered(first, 10) is True
+    assert await ledger.mark_delivered(first, 11) is False
+    assert [n.id for n in await ledger.undelivered()] == [second]
+
+
+# ---------------------------------------------------------------------- file and schema
+
+
+async def test_file_is_private_and_in_wal_mode(ledger: Ledger, db: Path) -> None:
+    await new_flow(ledger)
+    assert file_mode(db) == 0o600
+    assert file_mode(db.parent) == 0o700
+    for side in (Path(f"{db}-wal"), Path(f"{db}-shm")):
+        if side.exists():
+            assert file_mode(side) & 0o077 == 0, side
+    conn = sqlite3.connect(db)
+    try:
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    finally:
+        conn.close()
+
+
+async def test_file_is_private_even_with_a_lax_umask(tmp_path: Path) -> None:
+    old = os.umask(0o002)
+    try:
+        ledger = await Ledger.open(tmp_path / "lax" / "l.sqlite3")
+    finally:
+        os.umask(old)
+    await ledger.close()
+    assert file_mode(tmp_path / "lax" / "l.sqlite3") == 0o600
+
+
+async def test_schema_version_is_recorded_once_and_reopening_keeps_data(db: Path) -> None:
+    ledger = await Ledger.open(db)
+    flow = await drive(ledger, await new_flow(ledger), FlowState.STORED)
+    assert await ledger.schema_version() == SCHEMA_VERSION >= 1
+    await ledger.close()
+
+    again = await Ledger.open(db)
+    try:
+        assert await again.schema_version() == SCHEMA_VERSION
+        assert await again.get(flow.id) == flow
+        assert replay(flow, await again.events(flow.id)) is FlowState.STORED
+        moved = await again.transition(flow.id, FlowTrigger.BEGIN_REFRESH, actor="test", at=9_999)
+        assert moved.version == flow.version + 1
+    finally:
+        await again.close()
+    rows = snapshot(db)["schema_migrations"]
+    assert [r[0] for r in rows] == list(range(1, SCHEMA_VERSION + 1))
+
+
+async def test_a_newer_schema_is_refused(db: Path) -> None:
+    ledger = await Ledger.open(db)
+    await ledger.close()
+    conn = sqlite3.connect(db)
+    conn.execute("INSERT INTO schema_migrations VALUES (?, 'future')", (SCHEMA_VERSION + 1,))
+    conn.commit()
+    conn.close()
+    with pytest.raises(StorageError, match="newer") as info:
+        await Ledger.open(db)
+    assert info.value.path == str(db)
+
+
+async def test_a_file_that_is_not_a_database_is_refused(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.sqlite3"
+    junk.write_bytes(b"this is not sqlite at all" * 100)
+    with pytest.raises(StorageError) as info:
+        await Ledger.open(junk)
+    assert info.value.path == str(junk)
+    assert junk.read_bytes() == b"this is not sqlite at all" * 100
+
+
+async def test_an_unusable_directory_is_a_storage_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(StorageError):
+        await Ledger.open(blocker / "ledger.sqlite3")
