@@ -81,9 +81,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("status", help="table of connections")
 
+    from flowengine.states import FlowState
+
     p = sub.add_parser("flows", help="recent authorization flows")
     p.add_argument("--provider")
-    p.add_argument("--state", action="append", dest="states")
+    p.add_argument(
+        "--state",
+        action="append",
+        dest="states",
+        choices=[state.value for state in FlowState],
+        metavar="STATE",
+        help="only flows in this state (repeatable): "
+        + ", ".join(state.value for state in FlowState),
+    )
     p.add_argument("--limit", type=int, default=20)
 
     p = sub.add_parser("flow", help="one flow with its ledger")

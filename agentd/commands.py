@@ -21,6 +21,7 @@ from flowengine.errors import (
     ConfigError,
     CredentialsMissingError,
     FlowError,
+    FlowNotFound,
     NotConnectedError,
     ProviderTransientError,
     ReauthorizationRequired,
@@ -135,9 +136,18 @@ def cmd_credentials(args: argparse.Namespace, config: Config) -> int:
     from flowengine.credentials import ClientCredentials, CredentialStore
 
     spec = load_catalog().get(args.provider)
-    client_id = args.client_id or input(f"{spec.name} client id: ").strip()
+    if args.client_id:
+        client_id = args.client_id.strip()
+    elif args.secret_stdin or not sys.stdin.isatty():
+        # standard input carries the secret (or is no terminal): never read the id from it
+        raise ConfigError(
+            "required when standard input carries the secret or is not a terminal",
+            key="--client-id",
+        )
+    else:
+        client_id = input(f"{spec.name} client id: ").strip()
     if not client_id:
-        raise ConfigError("a client id is required", key="client_id")
+        raise ConfigError("a client id is required", key="--client-id")
     secret: str | None = None
     if spec.needs_secret:
         if args.secret_stdin:
@@ -332,6 +342,10 @@ def dispatch(args: argparse.Namespace) -> int:
         if err.suggestions:
             print(f"did you mean: {', '.join(err.suggestions)}?", file=sys.stderr)
         print("see `agentd providers` for the catalog", file=sys.stderr)
+        return EXIT["usage"]
+    except FlowNotFound as err:
+        # only `flow` and `diagram --flow` look flows up by id: a mistyped id is a usage error
+        print(f"error: {err.message}; see `agentd flows`", file=sys.stderr)
         return EXIT["usage"]
     except CredentialsMissingError as err:
         print(f"error: {err.message}; run: agentd credentials {err.provider}", file=sys.stderr)

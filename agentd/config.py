@@ -237,6 +237,16 @@ def load_config(
     problems: list[ConfigProblem] = []
     where = str(path)
     exists = path.is_file()
+    if not exists and (file or environ.get("AGENTD_CONFIG")):
+        # the default file is optional; one named explicitly must be there
+        problems.append(
+            ConfigProblem(
+                where,
+                "-",
+                "no such file",
+                "check --config / $AGENTD_CONFIG, or drop it to use the default location",
+            )
+        )
     if exists:
         try:
             data = tomllib.loads(path.read_text(encoding="utf-8"))

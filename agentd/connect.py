@@ -5,20 +5,47 @@ from __future__ import annotations
 import argparse
 import getpass
 import itertools
+import logging
+import shutil
 import ssl
 import sys
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 
 from agentd.config import Config
 from agentd.context import Context, api_token, daemon_base_url, redirect_uri
 from flowengine.credentials import ClientCredentials
 from flowengine.daemon_client import wait_for_code
-from flowengine.errors import CredentialsMissingError, FlowExpiredError
+from flowengine.errors import (
+    BrokerError,
+    ConfigError,
+    CredentialsMissingError,
+    FlowExpiredError,
+    FlowNotFound,
+    ProviderTransientError,
+)
 
-__all__ = ["connect", "daemon_ssl_context", "ensure_credentials", "print_qr"]
+__all__ = [
+    "check_daemon",
+    "connect",
+    "daemon_ssl_context",
+    "ensure_credentials",
+    "magicdns_name",
+    "print_qr",
+    "resolve_urls",
+]
+
+log = logging.getLogger("agentd.connect")
+
+
+async def _cancel_quietly(ctx: Context, flow_id: str) -> None:
+    try:
+        await ctx.engine.cancel(flow_id, actor="cli")
+    except BrokerError as err:  # already ended (e.g. the timer expired it)
+        log.debug("flow %s not cancelled: %s", flow_id, err.code)
 
 
 def ensure_credentials(ctx: Context, provider: str, *, interactive: bool) -> None:
@@ -70,31 +97,97 @@ class _Spinner:
             self._out.flush()
 
 
+async def magicdns_name(config: Config) -> str | None:
+    """This machine's MagicDNS name from tailscaled (LocalAPI socket, else the CLI), or None."""
+    from api.tailscale import LocalAPI, TailscaleCLI, TailscaleClient, TailscaleError
+
+    socket_path = str(config.values["server"]["localapi_socket"])
+    client: TailscaleClient
+    if await anyio.Path(socket_path).exists():
+        client = LocalAPI(socket_path, timeout=10.0)
+    elif shutil.which("tailscale"):
+        client = TailscaleCLI(timeout=10.0)
+    else:
+        return None
+    try:
+        status = await client.status()
+    except TailscaleError:
+        return None
+    finally:
+        if isinstance(client, LocalAPI):
+            await client.aclose()
+    return status.magicdns_name or None
+
+
+async def resolve_urls(config: Config) -> tuple[str, str]:
+    """The redirect URI and the daemon's base URL; asks tailscaled for the name if needed."""
+    try:
+        return redirect_uri(config), daemon_base_url(config)
+    except ConfigError:
+        name = await magicdns_name(config)
+        if not name:
+            raise
+        return redirect_uri(config, name), daemon_base_url(config, name)
+
+
+async def check_daemon(http: httpx.AsyncClient, base_url: str) -> None:
+    """Fail fast (before a flow starts) when the daemon that receives the callback is not up."""
+    try:
+        response = await http.get(f"{base_url}/healthz", timeout=httpx.Timeout(10.0))
+    except httpx.HTTPError as err:
+        raise ProviderTransientError(
+            f"the daemon is not reachable at {base_url} ({type(err).__name__}: {err});"
+            " is `agentd serve` running? (client.api_base_url, client.ca_file)",
+            provider="agentd",
+        ) from err
+    if response.status_code != 200:
+        raise ProviderTransientError(
+            f"the daemon at {base_url} answered /healthz with HTTP {response.status_code}",
+            provider="agentd",
+            http_status=response.status_code,
+        )
+
+
 async def connect(ctx: Context, args: argparse.Namespace) -> int:
     from agentd.cli import EXIT
 
     spec = ctx.catalog.get(args.provider)
     ensure_credentials(ctx, spec.id, interactive=sys.stdin.isatty())
-    start = await ctx.broker.begin(
-        spec.id, redirect_uri=redirect_uri(ctx.config), actor="cli", scopes=args.scopes
-    )
-    print(f"Open this link to authorize {spec.name}:\n\n  {start.authorize_url}\n")
-    if not args.no_qr:
-        print_qr(start.authorize_url)
-    sys.stdout.flush()  # the link must show now, also when stdout is a pipe (tee, a log)
+    redirect, base_url = await resolve_urls(ctx.config)
     spinner = _Spinner(sys.stderr)
     async with httpx.AsyncClient(verify=daemon_ssl_context(ctx.config)) as http:
+        await check_daemon(http, base_url)
+        start = await ctx.broker.begin(
+            spec.id, redirect_uri=redirect, actor="cli", scopes=args.scopes
+        )
         try:
-            result = await wait_for_code(
-                http,
-                daemon_base_url(ctx.config),
-                start.state,
-                api_token(ctx.config),
-                timeout=args.timeout,
-                on_wait=spinner.tick,
-            )
-        finally:
-            spinner.clear()
+            print(f"Open this link to authorize {spec.name}:\n\n  {start.authorize_url}\n")
+            if not args.no_qr:
+                print_qr(start.authorize_url)
+            sys.stdout.flush()  # the link must show now, also when stdout is a pipe (tee, a log)
+            try:
+                result = await wait_for_code(
+                    http,
+                    base_url,
+                    start.state,
+                    api_token(ctx.config),
+                    timeout=args.timeout,
+                    on_wait=spinner.tick,
+                )
+            finally:
+                spinner.clear()
+        except FlowNotFound as err:
+            await _cancel_quietly(ctx, start.flow.id)
+            raise ConfigError(
+                f"the daemon at {base_url} does not know this authorization",
+                key="paths.state_dir",
+                hint="the daemon and this command must share the ledger (same state_dir)",
+            ) from err
+        except BaseException:
+            # Ctrl-C or an error while waiting: the link must stop working, nothing left open
+            with anyio.CancelScope(shield=True):
+                await _cancel_quietly(ctx, start.flow.id)
+            raise
     if result.status == "timeout":
         await ctx.engine.cancel(start.flow.id, actor="cli")
         print(f"⌛ no answer within {int(args.timeout)} s; run agentd connect {spec.id} again")

@@ -80,7 +80,8 @@ def redirect_uri(config: Config, public_name: str | None = None) -> str:
             key="server.public_name",
             hint="set server.public_name (e.g. host.tailnet.ts.net) or server.redirect_uri",
         )
-    port = int(server["public_port"] or server["port"])
+    # as api.serve plans it: behind `tailscale serve` the public port is 8400 unless set
+    port = int(server["public_port"] or (8400 if server["mode"] == "serve" else server["port"]))
     return (
         f"https://{name}:{port}/oauth/callback" if port != 443 else f"https://{name}/oauth/callback"
     )

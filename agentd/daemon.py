@@ -11,6 +11,7 @@ so one that has begun commits; auth.json writes are atomic renames under a lock.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -27,11 +28,14 @@ from api.serve import ServePlan, plan_serving
 from api.serve import serve as serve_api
 from api.settings import ApiSettings
 from api.tailscale import LocalAPI, TailscaleCLI, TailscaleClient
+from flowengine.errors import BrokerError
 from flowengine.refresh import RefreshTimer, TimerPolicy
 
 __all__ = ["run_daemon", "serve", "tailscale_client", "timer_policy"]
 
 log = logging.getLogger("agentd.daemon")
+
+_BIND_ERRNOS = {errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES}
 
 
 def configure_logging(verbose: bool = False) -> None:
@@ -162,7 +166,42 @@ def _log_start(plan: ServePlan, settings: ApiSettings, components: list[str]) ->
     log.info("running: %s", ", ".join(components))
 
 
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
+
+
 def serve(config: Config, *, verbose: bool = False) -> int:
+    """``agentd serve``: 0 after a clean shutdown, 2 when the listener cannot bind.
+
+    Errors raised inside the task group arrive as exception groups; a single
+    :class:`BrokerError` is re-raised as itself so the CLI maps it to its exit code.
+    """
+    from agentd.cli import EXIT
+
     configure_logging(verbose)
-    anyio.run(run_daemon, config)
-    return 0
+    try:
+        anyio.run(run_daemon, config)
+    except BaseExceptionGroup as group:
+        leaves = _leaves(group)
+        if len(leaves) != 1 or not isinstance(leaves[0], BrokerError | OSError):
+            raise
+        error: BaseException = leaves[0]
+    except (BrokerError, OSError) as err:
+        error = err
+    else:
+        return EXIT["ok"]
+    if isinstance(error, OSError) and error.errno in _BIND_ERRNOS:
+        server = config.values["server"]
+        log.error(
+            "cannot listen on %s:%s: %s (hint: is another agentd serve running? see server.host"
+            " and server.port in %s)",
+            server["host"] or "the Tailscale address",
+            server["port"],
+            error.strerror or error,
+            config.file,
+        )
+        return EXIT["usage"]
+    raise error

@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import re
+import signal
 import stat
 import time
 from collections.abc import Iterator
@@ -29,7 +30,10 @@ from tests.agentd.cli_helpers import (
     DaemonProcess,
     LineReader,
     SimServer,
+    free_port,
 )
+from tests.api.fake_tailscale import DOMAIN as TAILNET_DOMAIN
+from tests.api.fake_tailscale import FakeTailnet, install_fake_cli
 
 # every secret the module saw (tokens, codes, the client secret): never in any output
 SECRETS: set[str] = {SIM_CLIENT_SECRET}
@@ -198,6 +202,13 @@ def test_credentials_without_secret_is_a_usage_error(cli: AgentdInstance) -> Non
     assert "needs a client secret" in result.stderr
 
 
+def test_credentials_never_take_the_client_id_from_piped_stdin(cli: AgentdInstance) -> None:
+    result = cli.run("credentials", "oura", "--secret-stdin", input="oura-secret\n")
+    assert result.returncode == 2
+    assert "--client-id" in result.stderr
+    assert "oura" not in json.loads((cli.state_dir / "credentials.json").read_text())
+
+
 # --------------------------------------------------------------------- connect
 
 
@@ -230,6 +241,81 @@ def test_denied_connect_exits_6(cli: AgentdInstance, sim: SimProvider) -> None:
     assert result.callback_query.get("error") == "access_denied"
     assert result.returncode == 6
     assert "denied" in result.stdout
+
+
+def flows_by_state(instance: AgentdInstance) -> dict[str, int]:
+    result = instance.run("flows", "--provider", "dexcom", "--limit", "100")
+    assert result.returncode == 0, result.stderr
+    counts: dict[str, int] = {}
+    for row in flow_rows(result.stdout):
+        counts[row[2]] = counts.get(row[2], 0) + 1
+    return counts
+
+
+def test_connect_fails_fast_when_the_daemon_is_down(cli: AgentdInstance) -> None:
+    before = flows_by_state(cli)
+    dead = f"https://localhost:{free_port()}"
+    result = cli.run("connect", "dexcom", "--no-qr", env=cli.env(AGENTD_CLIENT_API_BASE_URL=dead))
+    assert result.returncode == 5
+    assert f"the daemon is not reachable at {dead}" in result.stderr
+    assert "agentd serve" in result.stderr
+    assert result.stdout == ""  # no link printed: no flow was started
+    assert flows_by_state(cli) == before
+
+
+def test_connect_asks_tailscaled_for_the_name_and_cancels_on_timeout(
+    cli: AgentdInstance, tmp_path: Path
+) -> None:
+    class Env:
+        def __init__(self) -> None:
+            self.values: dict[str, str] = {}
+
+        def setenv(self, name: str, value: str) -> None:
+            self.values[name] = value
+
+    fake = Env()
+    install_fake_cli(tmp_path / "bin", FakeTailnet(), fake)
+    env = cli.env(
+        AGENTD_SERVER_PUBLIC_NAME="",  # ask tailscaled
+        AGENTD_CLIENT_API_BASE_URL=cli.base_url,
+        **fake.values,
+    )
+    before = flows_by_state(cli)
+    result = cli.run("connect", "dexcom", "--no-qr", "--timeout", "1", env=env)
+    assert result.returncode == 6, result.stderr
+    url = next(line.strip() for line in result.stdout.splitlines() if "/v2/oauth2/login?" in line)
+    query = parse_qs(urlsplit(url).query)
+    assert query["redirect_uri"] == [f"https://{TAILNET_DOMAIN}:{cli.daemon_port}/oauth/callback"]
+    assert "⌛ no answer within 1 s" in result.stdout
+    after = flows_by_state(cli)
+    assert after.get("cancelled", 0) == before.get("cancelled", 0) + 1
+
+
+def test_interrupted_connect_cancels_its_flow(cli: AgentdInstance) -> None:
+    before = flows_by_state(cli)
+    process = cli.popen("connect", "dexcom", "--no-qr")
+    assert process.stdout is not None
+    assert process.stderr is not None
+    out = LineReader(process.stdout)
+    err = LineReader(process.stderr)
+    try:
+        out.wait_for(lambda text: "/v2/oauth2/login?" in text)
+        process.send_signal(signal.SIGINT)
+        returncode = process.wait(15)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(5)
+        stderr = err.rest()
+        out.rest()
+        process.stdout.close()
+        process.stderr.close()
+    assert returncode == 130, stderr
+    assert "interrupted" in stderr
+    assert "Traceback" not in stderr
+    after = flows_by_state(cli)
+    assert after.get("cancelled", 0) == before.get("cancelled", 0) + 1
+    assert after.get("awaiting_code", 0) == before.get("awaiting_code", 0)
 
 
 # ----------------------------------------------------------------------- token
@@ -403,7 +489,7 @@ def test_flow_shows_its_ledger_without_secrets(cli: AgentdInstance, sim: SimProv
     assert "refreshed" in triggers
     assert_no_secrets(result.stdout, result.stderr)
     missing = cli.run("flow", "no-such-flow")
-    assert missing.returncode == 6
+    assert missing.returncode == 2
     assert "no-such-flow" in missing.stderr
 
 
@@ -593,10 +679,30 @@ ca_file = "/nonexistent/ca.pem"
     assert "agentd config check" in status.stderr
 
 
+def test_config_check_named_file_must_exist(cli: AgentdInstance) -> None:
+    missing = cli.root / "missing.toml"
+    result = cli.run("config", "check", env=cli.env(AGENTD_CONFIG=str(missing)))
+    assert result.returncode == 2
+    assert f"error: {missing}: -: no such file (hint: " in result.stderr
+    explicit = cli.run("--config", str(missing), "status")
+    assert explicit.returncode == 2
+    assert "no such file" in explicit.stderr
+
+
 def test_usage_errors_exit_2(cli: AgentdInstance) -> None:
     assert cli.run().returncode == 2
     assert cli.run("frobnicate").returncode == 2
     assert cli.run("diagram", "--format", "png").returncode == 2
+    bad_state = cli.run("flows", "--state", "bogus")
+    assert bad_state.returncode == 2
+    assert "awaiting_code" in bad_state.stderr  # the valid choices
+
+
+def test_second_serve_on_the_same_port_exits_2(cli: AgentdInstance) -> None:
+    result = cli.run("serve", timeout=30)
+    assert result.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{cli.daemon_port}" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 # ------------------------------------------------------------ serve: shutdown
