@@ -94,7 +94,7 @@ class SimServer:
         config.accesslog = None
         config.errorlog = None
         self._loop.call_soon(self._started.set)
-        await hypercorn_serve(self.app, config, shutdown_trigger=self._stop.wait)  # type: ignore[arg-type]
+        await hypercorn_serve(self.app, config, shutdown_trigger=self._stop.wait)
 
     def start(self) -> None:
         self._thread.start()

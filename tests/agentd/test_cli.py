@@ -22,6 +22,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
+from agentd.config import load_config
+from agentd.context import daemon_base_url, redirect_uri
 from agentd.simprovider import SimProvider
 from tests.agentd.cli_helpers import (
     SIM_CLIENT_ID,
@@ -129,7 +131,7 @@ def run_connect(instance: AgentdInstance, *args: str) -> ConnectRun:
 
 
 def remember_tokens(instance: AgentdInstance) -> dict[str, Any]:
-    entry = instance.auth_entries().get("dexcom", {})
+    entry: dict[str, Any] = instance.auth_entries().get("dexcom", {})
     for key in ("access", "refresh"):
         if isinstance(entry.get(key), str):
             SECRETS.add(entry[key])
@@ -617,6 +619,38 @@ def test_disconnect_revokes_and_forgets(cli: AgentdInstance, sim: SimProvider) -
 
 
 # ---------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize(
+    ("server", "redirect", "base"),
+    [
+        (
+            {"mode": "tls", "port": "9443", "public_name": "h.t.ts.net"},
+            "https://h.t.ts.net:9443/oauth/callback",
+            "https://h.t.ts.net:9443",
+        ),
+        (
+            {"mode": "tls", "port": "9443", "public_port": "443", "public_name": "h.t.ts.net"},
+            "https://h.t.ts.net/oauth/callback",
+            "https://h.t.ts.net",
+        ),
+        # behind `tailscale serve` the public port is 8400 unless set, as the daemon plans it
+        (
+            {"mode": "serve", "port": "9000", "public_name": "h.t.ts.net"},
+            "https://h.t.ts.net:8400/oauth/callback",
+            "http://127.0.0.1:9000",
+        ),
+    ],
+)
+def test_redirect_uri_and_daemon_url_match_the_daemon_plan(
+    server: dict[str, str], redirect: str, base: str, tmp_path: Path
+) -> None:
+    env = {f"AGENTD_SERVER_{key.upper()}": value for key, value in server.items()}
+    config = load_config(tmp_path / "absent.toml", env={"HOME": str(tmp_path), **env})
+    problems = [p for p in config.problems if p.message != "no such file"]
+    assert problems == []
+    assert redirect_uri(config) == redirect
+    assert daemon_base_url(config) == base
 
 
 def test_config_check_ok(cli: AgentdInstance) -> None:
