@@ -11,6 +11,7 @@ so one that has begun commits; auth.json writes are atomic renames under a lock.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import os
@@ -102,6 +103,7 @@ async def run_daemon(
         plan = await plan_serving(settings, tailscale=tailscale)
         app = create_app(ctx.engine, settings=settings, catalog=ctx.catalog, tailscale=tailscale)
         timer = RefreshTimer(ctx.engine, ctx.broker, policy=timer_policy(config))
+        requests = _track_requests(app)
         async with anyio.create_task_group() as tg:
             tg.start_soon(_watch_signals, stop)
             plan = await tg.start(
@@ -127,9 +129,51 @@ async def run_daemon(
                 log.info("stopping: finishing in-flight requests")
                 workers.cancel_scope.cancel()
             # leaving tg waits for serve_api: Hypercorn drains in-flight requests first
+        # ... but a request still running at its graceful timeout (a long-poll) is left
+        # behind by Quart: end it while the ledger is still open
+        await _drain_requests(requests)
     if isinstance(tailscale, LocalAPI):
         await tailscale.aclose()
     log.info("stopped")
+
+
+def _track_requests(app: Any) -> set[asyncio.Task[Any]]:
+    """The tasks running the app's requests right now (filled by a before_request hook)."""
+    tasks: set[asyncio.Task[Any]] = set()
+
+    @app.before_request
+    async def track() -> None:
+        task = asyncio.current_task()
+        if task is not None and task not in tasks:
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+    return tasks
+
+
+async def _drain_requests(tasks: set[asyncio.Task[Any]], timeout: float = 5.0) -> None:
+    """Cancel requests that outlived Hypercorn and wait for them (ledger writes are shielded)."""
+    pending = [task for task in tasks if not task.done()]
+    if not pending:
+        return
+    log.info("ending %d request(s) still open after the graceful timeout", len(pending))
+    for task in pending:
+        task.cancel()
+    await asyncio.wait(pending, timeout=timeout)
+
+
+def _ignore_cancelled(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """Python 3.11's stream callback reports a connection task cancelled at Hypercorn's
+    graceful timeout as an error; a cancellation at shutdown is expected."""
+    if isinstance(context.get("exception"), asyncio.CancelledError):
+        log.debug("cancelled at shutdown: %s", context.get("message"))
+        return
+    loop.default_exception_handler(context)
+
+
+async def _main(config: Config) -> None:
+    asyncio.get_running_loop().set_exception_handler(_ignore_cancelled)
+    await run_daemon(config)
 
 
 async def _start_bot(
@@ -183,7 +227,7 @@ def serve(config: Config, *, verbose: bool = False) -> int:
 
     configure_logging(verbose)
     try:
-        anyio.run(run_daemon, config)
+        anyio.run(_main, config, backend="asyncio")
     except BaseExceptionGroup as group:
         leaves = _leaves(group)
         if len(leaves) != 1 or not isinstance(leaves[0], BrokerError | OSError):

@@ -742,10 +742,36 @@ def test_second_serve_on_the_same_port_exits_2(cli: AgentdInstance) -> None:
 # ------------------------------------------------------------ serve: shutdown
 
 
-def test_serve_stops_cleanly_on_sigterm(daemon: DaemonProcess) -> None:
-    assert daemon.stop() == 0
+def test_serve_stops_cleanly_on_sigterm(cli: AgentdInstance, daemon: DaemonProcess) -> None:
+    # a terminal connect is long-polling the daemon while it stops
+    before = flows_by_state(cli)
+    process = cli.popen("connect", "dexcom", "--no-qr", "--timeout", "6")
+    assert process.stdout is not None
+    assert process.stderr is not None
+    out = LineReader(process.stdout)
+    err = LineReader(process.stderr)
+    try:
+        out.wait_for(lambda text: "/v2/oauth2/login?" in text)
+        time.sleep(0.5)  # the long-poll is in flight
+        assert daemon.stop() == 0
+        returncode = process.wait(30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(5)
+        stderr = err.rest()
+        out.rest()
+        process.stdout.close()
+        process.stderr.close()
+    # the poller gives up at its deadline and cancels its flow (the ledger is the CLI's too)
+    assert returncode == 5, stderr
+    assert "the daemon could not be reached" in stderr
+    after = flows_by_state(cli)
+    assert after.get("cancelled", 0) == before.get("cancelled", 0) + 1
+    assert after.get("awaiting_code", 0) == before.get("awaiting_code", 0)
     log = daemon.log()
     assert "received SIGTERM: shutting down" in log
     assert log.rstrip().endswith("stopped")
     assert "Traceback" not in log
+    assert "ERROR" not in log
     assert_no_secrets(log)
