@@ -10,7 +10,6 @@ from urllib.parse import urlsplit
 import httpx
 
 from agentd.config import Config
-from api.settings import load_api_token
 from flowengine.broker import Broker
 from flowengine.catalog import Catalog, load_catalog
 from flowengine.clock import Clock
@@ -65,6 +64,9 @@ async def open_context(
 
 def api_token(config: Config) -> str:
     """The API bearer token: ``server.api_token``, else the state dir's file (made 0600)."""
+    # imported here: the api package loads Quart and Hypercorn, which most commands never use
+    from api.settings import load_api_token
+
     return load_api_token(config.api_token_path, str(config.values["server"]["api_token"]))
 
 
