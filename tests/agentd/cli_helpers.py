@@ -316,16 +316,22 @@ class LineReader:
 class DaemonProcess:
     """``agentd serve`` as a subprocess; its stderr (the log) goes to a file."""
 
-    def __init__(self, instance: AgentdInstance, *extra_args: str) -> None:
+    def __init__(
+        self, instance: AgentdInstance, *, port: int | None = None, name: str = "daemon"
+    ) -> None:
+        """``port``: listen there instead of the configured port (AGENTD_SERVER_PORT)."""
         self.instance = instance
-        self.log_file = instance.root / "daemon.log"
+        self.port = port or instance.daemon_port
+        self.base_url = f"https://localhost:{self.port}"
+        self.log_file = instance.root / f"{name}.log"
         self._log = self.log_file.open("w", encoding="utf-8")
+        env = instance.env(**({"AGENTD_SERVER_PORT": str(port)} if port else {}))
         self.process = subprocess.Popen(
-            [*agentd_command(), *extra_args, "serve"],
+            [*agentd_command(), "serve"],
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            env=instance.env(),
+            env=env,
             cwd=instance.root,
         )
 
@@ -343,7 +349,7 @@ class DaemonProcess:
                 if self.process.poll() is not None:
                     raise RuntimeError(f"agentd serve exited early:\n{self.log()}")
                 try:
-                    if client.get(f"{self.instance.base_url}/healthz").status_code == 200:
+                    if client.get(f"{self.base_url}/healthz").status_code == 200:
                         return
                 except httpx.HTTPError:
                     pass
@@ -351,10 +357,10 @@ class DaemonProcess:
                     raise TimeoutError(f"agentd serve did not become healthy:\n{self.log()}")
                 time.sleep(0.1)
 
-    def stop(self, timeout: float = 20) -> int:
-        """SIGTERM and wait; the exit status."""
+    def stop(self, timeout: float = 20, signum: int = signal.SIGTERM) -> int:
+        """Send ``signum`` and wait; the exit status."""
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+            self.process.send_signal(signum)
         try:
             return self.process.wait(timeout)
         finally:

@@ -734,6 +734,19 @@ def test_usage_errors_exit_2(cli: AgentdInstance) -> None:
     assert "awaiting_code" in bad_state.stderr  # the valid choices
 
 
+def test_serve_stops_cleanly_on_sigint(cli: AgentdInstance) -> None:
+    second = DaemonProcess(cli, port=free_port(), name="sigint")
+    try:
+        second.wait_healthy()
+    finally:
+        code = second.stop(signum=signal.SIGINT)
+    assert code == 0
+    log = second.log()
+    assert "received SIGINT: shutting down" in log
+    assert log.rstrip().endswith("stopped")
+    assert "Traceback" not in log
+
+
 def test_second_serve_on_the_same_port_exits_2(cli: AgentdInstance) -> None:
     result = cli.run("serve", timeout=30)
     assert result.returncode == 2
