@@ -709,6 +709,10 @@ ca_file = "/nonexistent/ca.pem"
     assert keys == expected
     assert f"{len(problems)} problem(s)" in result.stderr
     assert "123:abc" not in result.stderr + result.stdout
+    shown = cli.run("config", "show", env=env)
+    assert shown.returncode == 2  # shown, but the problems still count
+    assert json.loads(shown.stdout.split("\n", 1)[1])["telegram"]["bot_token"] == "********"
+    assert "123:abc" not in shown.stdout + shown.stderr
     # every other command refuses to run on a broken configuration
     status = cli.run("status", env=env)
     assert status.returncode == 2
