@@ -86,7 +86,10 @@ def machine_dot(
     """Graphviz source of the machine; ``path`` edges drawn bold green."""
     taken = list(path)
     visited = {e[0] for e in taken} | {e[2] for e in taken}
-    order = {(e[0], e[1], e[2]): i + 1 for i, e in enumerate(taken)}
+    # step numbers per edge: an edge taken again (a refresh loop) lists every step
+    order: dict[Edge, list[int]] = {}
+    for i, e in enumerate(taken):
+        order.setdefault((e[0], e[1], e[2]), []).append(i + 1)
     out = [
         "digraph flow {",
         '    graph [rankdir=LR, fontname="DejaVu Sans", fontsize=12, nodesep=0.4, ranksep=0.6'
@@ -112,7 +115,8 @@ def machine_dot(
         key = (source, trigger, dest)
         if key in order:
             out.append(
-                f'    {source.value} -> {dest.value} [label="{order[key]}. {label}",'
+                f"    {source.value} -> {dest.value}"
+                f' [label="{", ".join(map(str, order[key]))}. {label}",'
                 ' color="#2e7d32", fontcolor="#2e7d32", penwidth=2.5];'
             )
         else:
