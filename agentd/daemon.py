@@ -21,6 +21,7 @@ from functools import partial
 from typing import Any
 
 import anyio
+from quart import Quart
 
 from agentd.config import Config
 from agentd.context import Context, daemon_base_url, open_context
@@ -137,7 +138,7 @@ async def run_daemon(
     log.info("stopped")
 
 
-def _track_requests(app: Any) -> set[asyncio.Task[Any]]:
+def _track_requests(app: Quart) -> set[asyncio.Task[Any]]:
     """The tasks running the app's requests right now (filled by a before_request hook)."""
     tasks: set[asyncio.Task[Any]] = set()
 
