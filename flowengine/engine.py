@@ -350,13 +350,18 @@ class FlowEngine:
         )
         for other in older:
             if other.id != flow.id:
-                await self._move(
-                    other.id,
-                    FlowTrigger.SUPERSEDE,
-                    actor=actor,
-                    updates={"next_check_at": None},
-                    detail={"by": flow.id},
-                )
+                try:
+                    await self._move(
+                        other.id,
+                        FlowTrigger.SUPERSEDE,
+                        actor=actor,
+                        updates={"next_check_at": None},
+                        detail={"by": flow.id},
+                    )
+                except InvalidTransition:
+                    # it moved on meanwhile (e.g. another process began refreshing it);
+                    # the new connection is stored all the same
+                    continue
         return flow
 
     async def record_store_failed(self, flow_id: str, *, actor: str, description: str) -> Flow:
