@@ -259,15 +259,21 @@ class FlowEngine:
         if status.status != "waiting" or timeout <= 0:
             return status
         state_hash = hash_state(state)
-        with anyio.move_on_after(timeout):
-            while True:
-                event = self._arrivals.setdefault(state_hash, anyio.Event())
-                with anyio.move_on_after(self.poll_interval):
-                    await event.wait()
-                status = await self.pending_status(state)
-                if status.status != "waiting":
-                    return status
-        return await self.pending_status(state)
+        try:
+            with anyio.move_on_after(timeout):
+                while True:
+                    event = self._arrivals.setdefault(state_hash, anyio.Event())
+                    with anyio.move_on_after(self.poll_interval):
+                        await event.wait()
+                    status = await self.pending_status(state)
+                    if status.status != "waiting":
+                        return status
+            return await self.pending_status(state)
+        finally:
+            # a waiter that gave up must not leave its event behind (one per state)
+            event = self._arrivals.get(state_hash)
+            if event is not None and not event.is_set():
+                self._arrivals.pop(state_hash, None)
 
     async def take_code(self, state: str, *, actor: str = "api") -> PendingCode:
         """Hand out the code for ``state`` exactly once."""
@@ -448,7 +454,6 @@ class FlowEngine:
             detail={"reason": reason},
             drop_verifier=True,
         )
-        await self.ledger.wipe_pending(flow_id, self.now_ms())
         self._signal(flow.state_hash)
         return flow
 

@@ -123,6 +123,12 @@ _MIGRATIONS: tuple[tuple[int, str], ...] = (
         CREATE INDEX notifications_undelivered ON notifications(id) WHERE delivered_at IS NULL;
         """,
     ),
+    (
+        2,
+        """
+        CREATE INDEX flows_created ON flows(created_at);
+        """,
+    ),
 )
 
 SCHEMA_VERSION = _MIGRATIONS[-1][0]
@@ -451,7 +457,13 @@ class Ledger:
                     (pending_code[0], flow_id, pending_code[1], at),
                 )
             if drop_verifier:
+                # the flow can no longer exchange: its verifier and any unconsumed code go
                 await self._conn.execute("DELETE FROM flow_secrets WHERE flow_id = ?", (flow_id,))
+                await self._conn.execute(
+                    "UPDATE oauth_pending SET code = NULL, consumed_at = COALESCE(consumed_at, ?)"
+                    " WHERE flow_id = ? AND code IS NOT NULL",
+                    (at, flow_id),
+                )
         new = await self.get(flow_id)
         assert new is not None
         return new

@@ -366,6 +366,19 @@ async def test_wipe_pending_forgets_an_unconsumed_code(ledger: Ledger, db: Path)
     assert "c-xyz" not in repr(snapshot(db))
 
 
+async def test_ending_a_flow_wipes_its_unconsumed_code_in_the_same_transaction(
+    ledger: Ledger, db: Path
+) -> None:
+    flow = await drive(ledger, await new_flow(ledger), FlowState.AWAITING_CODE)
+    await ledger.transition(
+        flow.id, FlowTrigger.RECEIVE_CODE, actor="test", at=4_000, pending_code=("s2", "c-abc")
+    )
+    await ledger.transition(flow.id, FlowTrigger.EXPIRE, actor="test", at=4_300, drop_verifier=True)
+    assert await ledger.pending("s2") == (flow.id, False, 4000, 4300)
+    assert await ledger.consume("s2", 4_400) is None
+    assert "c-abc" not in repr(snapshot(db))
+
+
 # ------------------------------------------------------------------------------ reads
 
 
