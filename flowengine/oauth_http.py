@@ -32,7 +32,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 import httpx
-from authlib.oauth2.auth import ClientAuth
+from authlib.oauth2.auth import ClientAuth  # type: ignore[import-untyped]
 
 from .catalog import ProviderSpec
 from .credentials import ClientCredentials

@@ -127,10 +127,10 @@ class TokenSet:
         return cls(
             access=access,
             refresh=refresh if isinstance(refresh, str) and refresh else None,
-            expires=int(expires) if _is_number(expires) else None,
+            expires=_ms(expires),
             token_type=str(entry.get("token_type") or "Bearer"),
             scope=entry.get("scope") if isinstance(entry.get("scope"), str) else None,
-            obtained_at=int(obtained) if _is_number(obtained) else None,
+            obtained_at=_ms(obtained),
             extra={k: v for k, v in entry.items() if k not in _KNOWN},
         )
 
@@ -149,8 +149,11 @@ class TokenSet:
         return None if self.expires is None else (self.expires - now_ms) / 1000.0
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+def _ms(value: Any) -> int | None:
+    """An epoch-ms number from JSON, or None (missing, null, bool, text)."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return int(value)
+    return None
 
 
 # ------------------------------------------------------------------ file helpers
