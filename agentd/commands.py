@@ -296,7 +296,7 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, config: Config) -> int:
-    from agentd.demo import run_demo
+    from agentd.demo_run import run_demo
 
     return run_demo(keep=args.keep)
 
