@@ -29,6 +29,9 @@ diagrams: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_ledger.py
+	$(BIN)/python benchmarks/bench_tokens.py
+	$(BIN)/python benchmarks/bench_timer.py
+	$(BIN)/python benchmarks/bench_cli.py
 
 clean:
 	rm -rf $(VENV) test-artifacts .pytest_cache .ruff_cache
