@@ -1,10 +1,15 @@
 """The provider catalog: provider id -> ProviderSpec. [pure]
 
 A provider is declarative data: endpoints, scopes and the quirks real providers have
-(token endpoint client auth, scope separator, extra token-request parameters, a response
-envelope, revocation, whether refresh tokens rotate). The built-in catalog ships in the
-package as ``providers.toml``; a user file (``$XDG_CONFIG_HOME/agent/providers.toml``)
-adds providers or overrides fields of built-in ones, table by table::
+(token endpoint client auth, scope separator, extra parameters for every token request or
+only for the code exchange or only for the refresh, a response envelope with its own error
+statuses, revocation, whether refresh tokens rotate, how long a grant lives). Each entry
+names its documentation (``docs_url``, ``sources``) and the fields checked against it
+(``verified``); everything else is flagged unverified by ``agentd providers <id>``.
+
+The built-in catalog ships in the package as ``providers.toml``; a user file
+(``$XDG_CONFIG_HOME/agent/providers.toml``) adds providers or overrides fields of
+built-in ones, table by table::
 
     [providers.dexcom]
     scopes = ["offline_access"]
@@ -35,8 +40,10 @@ from .errors import ConfigError, UnknownProviderError
 
 __all__ = [
     "BUILTIN_CATALOG",
+    "LIFETIME_RULES",
     "Catalog",
     "ProviderSpec",
+    "RefreshLifetime",
     "TOKEN_AUTH_METHODS",
     "load_catalog",
     "parse_catalog",
@@ -51,6 +58,53 @@ TOKEN_AUTH_METHODS: tuple[str, ...] = ("client_secret_basic", "client_secret_pos
 BUILTIN_CATALOG = Path(__file__).with_name("providers.toml")
 
 _ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+#: how a provider ends a grant on its own: ``absolute`` = a fixed time after the owner
+#: authorized, refreshing does not extend it; ``idle`` = a fixed time after the last
+#: refresh (each refresh starts it again); ``none`` = documented never to expire
+LIFETIME_RULES: tuple[str, ...] = ("absolute", "idle", "none")
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshLifetime:
+    """How long a grant (its refresh token) lives. Unknown = no RefreshLifetime at all.
+
+    ``months`` are calendar months (a grant authorized on 31 Aug with 6 months ends on
+    28/29 Feb); ``days`` are 24-hour days. ``condition`` makes the rule informational:
+    it holds only in some setups (Google apps in "Testing"), so no forecast uses it
+    unless a user catalog restates the rule without the condition.
+    """
+
+    rule: Literal["absolute", "idle", "none"]
+    months: int = 0
+    days: int = 0
+    condition: str | None = None
+
+    def describe(self) -> str:
+        if self.rule == "none":
+            return "never expires"
+        span = " ".join(
+            part
+            for part in (
+                f"{self.months} month{'s' if self.months != 1 else ''}" if self.months else "",
+                f"{self.days} day{'s' if self.days != 1 else ''}" if self.days else "",
+            )
+            if part
+        )
+        text = (
+            f"{span} after authorization (refreshing does not extend it)"
+            if self.rule == "absolute"
+            else f"{span} after the last refresh"
+        )
+        return f"{text}, if {self.condition}" if self.condition else text
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "rule": self.rule,
+            "months": self.months,
+            "days": self.days,
+            "condition": self.condition,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,17 +122,32 @@ class ProviderSpec:
     use_pkce: bool = True
     token_auth_method: TokenAuthMethod = "client_secret_basic"
     authorize_params: Mapping[str, str] = field(default_factory=dict)
+    #: sent with every token request: code exchange and refresh (Withings: action)
     token_params: Mapping[str, str] = field(default_factory=dict)
+    #: sent with the code exchange only
+    exchange_params: Mapping[str, str] = field(default_factory=dict)
+    #: sent with refresh requests only (WHOOP: scope=offline)
+    refresh_params: Mapping[str, str] = field(default_factory=dict)
     #: key of the object holding the token response (Withings: "body"), or None
     response_envelope: str | None = None
     #: key of the envelope's status; any value but 0 is an error (Withings: "status")
     envelope_status_key: str = "status"
+    #: envelope statuses that mean "try again later" (kept tokens, backoff)
+    envelope_transient: frozenset[int] = frozenset()
+    #: envelope statuses that mean the grant is gone (connect again)
+    envelope_reauthorize: frozenset[int] = frozenset()
     #: True: every refresh returns a new refresh token and the old one dies;
     #: False: the refresh token stays; None: unknown (handled like True)
     rotates_refresh_tokens: bool | None = None
     #: documented access-token lifetime in seconds, when the response omits expires_in
     access_token_lifetime: int | None = None
+    #: how long a grant lives; None = unknown
+    refresh_lifetime: RefreshLifetime | None = None
     docs_url: str | None = None
+    #: further documentation the entry was checked against
+    sources: tuple[str, ...] = ()
+    #: the fields checked against the documentation; every other field is unverified
+    verified: frozenset[str] = frozenset()
     notes: str | None = None
 
     @property
@@ -101,16 +170,55 @@ class ProviderSpec:
             "token_auth_method": self.token_auth_method,
             "authorize_params": dict(self.authorize_params),
             "token_params": dict(self.token_params),
+            "exchange_params": dict(self.exchange_params),
+            "refresh_params": dict(self.refresh_params),
             "response_envelope": self.response_envelope,
+            "envelope_status_key": self.envelope_status_key,
+            "envelope_transient": sorted(self.envelope_transient),
+            "envelope_reauthorize": sorted(self.envelope_reauthorize),
             "rotates_refresh_tokens": self.rotates_refresh_tokens,
             "access_token_lifetime": self.access_token_lifetime,
+            "refresh_lifetime": self.refresh_lifetime.public() if self.refresh_lifetime else None,
             "docs_url": self.docs_url,
+            "sources": list(self.sources),
+            "verified": sorted(self.verified),
+            "unverified": self.unverified_fields(),
             "needs_secret": self.needs_secret,
         }
+
+    def unverified_fields(self) -> list[str]:
+        """Fields that carry a value the documentation was not seen to confirm.
+
+        A field left at its default (nothing claimed) is not listed; a claim that is
+        verified (present or, like ``revocation_url``, documented to be absent) is not
+        listed either.
+        """
+        out = []
+        for name in CLAIM_FIELDS:
+            if name in self.verified:
+                continue
+            value = getattr(self, name)
+            if value == _DEFAULTS[name]:
+                continue
+            out.append(name)
+        return out
 
 
 _FIELDS = {f.name for f in fields(ProviderSpec)} - {"id"}
 _REQUIRED = ("authorize_url", "token_url")
+#: fields that state a fact about the provider (what ``verified`` speaks about)
+CLAIM_FIELDS: tuple[str, ...] = tuple(
+    f.name
+    for f in fields(ProviderSpec)
+    if f.name not in ("id", "name", "docs_url", "sources", "verified", "notes")
+)
+_DEFAULTS: dict[str, Any] = {
+    f.name: (f.default_factory() if callable(f.default_factory) else f.default)
+    for f in fields(ProviderSpec)
+    if f.name in CLAIM_FIELDS
+}
+_DEFAULTS["use_pkce"] = None  # PKCE on or off is always a claim
+_DEFAULTS["token_auth_method"] = None  # so is the client authentication
 
 
 class Catalog:
@@ -224,8 +332,31 @@ def _coerce(file: str, pid: str, raw: Mapping[str, Any]) -> dict[str, Any]:
             if value not in TOKEN_AUTH_METHODS:
                 raise _err(file, pid, key, f"must be one of {', '.join(TOKEN_AUTH_METHODS)}")
             out[key] = value
-        elif key in ("authorize_params", "token_params"):
+        elif key in ("authorize_params", "token_params", "exchange_params", "refresh_params"):
             out[key] = _str_map(file, pid, key, value)
+        elif key in ("envelope_transient", "envelope_reauthorize"):
+            if not isinstance(value, list) or not all(
+                isinstance(v, int) and not isinstance(v, bool) for v in value
+            ):
+                raise _err(file, pid, key, "must be a list of integer statuses")
+            out[key] = frozenset(value)
+        elif key == "refresh_lifetime":
+            out[key] = _lifetime(file, pid, value)
+        elif key == "sources":
+            if not isinstance(value, list):
+                raise _err(file, pid, key, "must be a list of URLs")
+            out[key] = tuple(
+                _url(file, pid, f"{key}[{i}]", v, optional=False) or "" for i, v in enumerate(value)
+            )
+        elif key == "verified":
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise _err(file, pid, key, "must be a list of field names")
+            for name in value:
+                if name not in CLAIM_FIELDS:
+                    close = difflib.get_close_matches(name, CLAIM_FIELDS, n=1)
+                    hint = f" (did you mean {close[0]!r}?)" if close else ""
+                    raise _err(file, pid, key, f"{name!r} is not a field that states a fact{hint}")
+            out[key] = frozenset(value)
         elif key == "access_token_lifetime":
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise _err(file, pid, key, "must be a positive number of seconds")
@@ -239,14 +370,48 @@ def _coerce(file: str, pid: str, raw: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _lifetime(file: str, pid: str, value: Any) -> RefreshLifetime:
+    key = "refresh_lifetime"
+    if not isinstance(value, dict):
+        raise _err(file, pid, key, 'must be a table: { rule = "absolute", months = 6 }')
+    unknown = set(value) - {"rule", "months", "days", "condition"}
+    if unknown:
+        raise _err(file, pid, f"{key}.{sorted(unknown)[0]}", "unknown field")
+    rule = value.get("rule")
+    if rule not in LIFETIME_RULES:
+        raise _err(file, pid, f"{key}.rule", f"must be one of {', '.join(LIFETIME_RULES)}")
+    spans = {}
+    for unit in ("months", "days"):
+        amount = value.get(unit, 0)
+        if isinstance(amount, bool) or not isinstance(amount, int) or amount < 0:
+            raise _err(file, pid, f"{key}.{unit}", "must be a whole number, 0 or more")
+        spans[unit] = amount
+    if rule == "none" and (spans["months"] or spans["days"]):
+        raise _err(file, pid, key, "rule 'none' takes no months or days")
+    if rule != "none" and not (spans["months"] or spans["days"]):
+        raise _err(file, pid, key, f"rule {rule!r} needs months or days")
+    condition = value.get("condition")
+    if condition is not None and (not isinstance(condition, str) or not condition):
+        raise _err(file, pid, f"{key}.condition", "must be a non-empty string")
+    return RefreshLifetime(rule, months=spans["months"], days=spans["days"], condition=condition)
+
+
 def _validate(spec: ProviderSpec, *, file: str) -> None:
     pid = spec.id
     if not _ID_RE.match(pid):
         raise _err(file, pid, None, "provider id must be lowercase letters, digits, '-' or '_'")
     raw = {f: getattr(spec, f) for f in _FIELDS}
     raw["scopes"] = list(spec.scopes)
-    raw["authorize_params"] = dict(spec.authorize_params)
-    raw["token_params"] = dict(spec.token_params)
+    for key in ("authorize_params", "token_params", "exchange_params", "refresh_params"):
+        raw[key] = dict(getattr(spec, key))
+    raw["envelope_transient"] = sorted(spec.envelope_transient)
+    raw["envelope_reauthorize"] = sorted(spec.envelope_reauthorize)
+    raw["sources"] = list(spec.sources)
+    raw["verified"] = sorted(spec.verified)
+    if spec.refresh_lifetime is not None:
+        raw["refresh_lifetime"] = {
+            k: v for k, v in spec.refresh_lifetime.public().items() if v is not None
+        }
     _coerce(file, pid, {k: v for k, v in raw.items() if v is not None})
     for key in _REQUIRED:
         if not getattr(spec, key):

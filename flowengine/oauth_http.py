@@ -7,8 +7,11 @@ client, timeouts and error mapping stay ours.
 
 Every answer is validated before anything is returned, so a caller never persists a bad
 response: no ``access_token``, a body that is not JSON, or an error inside an envelope
-(Withings ``{"status": 601, ...}`` with HTTP 200) raise instead. Errors map onto
-errors.py:
+(Withings ``{"status": 601, ...}`` with HTTP 200) raise instead. What a provider needs
+beyond RFC 6749 is catalog data read here generically: ``token_params`` go with every
+token request, ``exchange_params`` with the code exchange only, ``refresh_params`` with
+refreshes only; an envelope's statuses are sorted by ``envelope_transient`` and
+``envelope_reauthorize``. Errors map onto errors.py:
 
 * network trouble, timeouts, HTTP 5xx, HTTP 429 (``Retry-After`` parsed) ->
   :class:`ProviderTransientError` (retry later; stored tokens stay);
@@ -67,9 +70,6 @@ PERMANENT_ERRORS = frozenset(
     }
 )
 
-# Withings envelope statuses: https://developer.withings.com/api-reference/#section/Response-status
-_ENVELOPE_TRANSIENT = frozenset({601, 2554, 2555, *range(5000, 5007)})
-_ENVELOPE_AUTH = frozenset({100, 101, 102, 200, 401})
 _MAX_DESCRIPTION = 200
 
 
@@ -126,7 +126,8 @@ def _unwrap_envelope(spec: ProviderSpec, what: str, data: Any, status: int) -> A
     if code != 0:
         error = f"status_{code}"
         description = _short(data.get("error"))
-        if isinstance(code, int) and code in _ENVELOPE_TRANSIENT:
+        known = isinstance(code, int) and not isinstance(code, bool)
+        if known and code in spec.envelope_transient:
             raise ProviderTransientError(
                 f"{spec.name} is busy or failing ({error}); try again later",
                 provider=spec.id,
@@ -134,10 +135,7 @@ def _unwrap_envelope(spec: ProviderSpec, what: str, data: Any, status: int) -> A
                 description=description,
                 http_status=status,
             )
-        text = (description or "").lower()
-        if (isinstance(code, int) and code in _ENVELOPE_AUTH) or (
-            "invalid" in text and ("refresh_token" in text or "code" in text)
-        ):
+        if known and code in spec.envelope_reauthorize:
             raise ReauthorizationRequired(
                 f"{spec.name} refused the {what}: {error}; reconnect {spec.id}",
                 provider=spec.id,
@@ -274,7 +272,7 @@ async def exchange_code(
     if spec.token_auth_method == "client_secret_basic":
         # RFC 6749 allows it; some providers (Fitbit) want it even with Basic auth
         form.append(("client_id", creds.client_id))
-    form += list(spec.token_params.items())
+    form += list(spec.token_params.items()) + list(spec.exchange_params.items())
     what = "code exchange"
     response = await _post(
         spec, creds, spec.token_url, form, what=what, client=client, timeout=timeout
@@ -295,7 +293,7 @@ async def refresh_tokens(
 ) -> TokenSet:
     """Use a refresh token (RFC 6749 §6). No refresh_token in the answer keeps the old one."""
     form = [("grant_type", "refresh_token"), ("refresh_token", refresh_token)]
-    form += list(spec.token_params.items())
+    form += list(spec.token_params.items()) + list(spec.refresh_params.items())
     what = "refresh"
     response = await _post(
         spec, creds, spec.token_url, form, what=what, client=client, timeout=timeout

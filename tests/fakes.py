@@ -22,7 +22,7 @@ from urllib.parse import parse_qsl, unquote
 import anyio
 import httpx
 
-from flowengine.catalog import ProviderSpec
+from flowengine.catalog import ProviderSpec, load_catalog
 from flowengine.credentials import ClientCredentials
 
 
@@ -78,6 +78,11 @@ class FakeProvider:
             "token_params": dict(self.token_params),
             "response_envelope": "body" if self.envelope else None,
         }
+        if self.envelope:
+            # the envelope statuses of the built-in Withings entry, the provider it imitates
+            withings = load_catalog().get("withings")
+            values["envelope_transient"] = withings.envelope_transient
+            values["envelope_reauthorize"] = withings.envelope_reauthorize
         values.update(overrides)
         return ProviderSpec(**values)
 

@@ -115,9 +115,14 @@ async def test_begin_uses_separator_and_extra_params_from_the_catalog(tmp_path: 
         rig = await _rig(tmp_path, fake, client)
         rig.broker.catalog.register(withings)
         rig.creds.put("withings", ClientCredentials("wid", "wsecret"))
-        start = await rig.broker.begin("withings", redirect_uri=REDIRECT, actor="bot")
+        start = await rig.broker.begin(
+            "withings",
+            redirect_uri=REDIRECT,
+            actor="bot",
+            scopes=["user.metrics", "user.activity"],
+        )
         query = parse_qs(urlsplit(start.authorize_url).query)
-        assert query["scope"] == ["user.info,user.metrics,user.activity"]
+        assert query["scope"] == ["user.metrics,user.activity"]
         assert "code_challenge" not in query  # Withings: no PKCE
         google = load_catalog().get("google")
         rig.broker.catalog.register(google)
