@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("mermaid", "svg", "dot"), default="mermaid")
     p.add_argument("--output", "-o", help="write to this file instead of stdout")
 
-    sub.add_parser("providers", help="the provider catalog")
+    p = sub.add_parser("providers", help="the provider catalog, or one provider in detail")
+    p.add_argument("provider", nargs="?", help="show this provider's fields and their sources")
 
     p = sub.add_parser("disconnect", help="revoke and forget a provider's tokens")
     p.add_argument("provider")
@@ -122,21 +123,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run the whole flow against a simulated provider")
     p.add_argument("--keep", action="store_true", help="keep the demo's temp directory")
 
-    p = sub.add_parser("dexcom", help="Dexcom CGM data")
-    dsub = p.add_subparsers(dest="dexcom_command", metavar="WHAT", required=True)
-    d = dsub.add_parser("latest", help="the latest glucose reading")
-    d.add_argument("--provider", default="dexcom")
-    d.add_argument("--unit", choices=("mg/dL", "mmol/L"), default="mg/dL")
-    d = dsub.add_parser("egvs", help="estimated glucose values")
-    d.add_argument("--provider", default="dexcom")
-    d.add_argument("--since", default="24h", help="e.g. 6h, 24h, 7d")
-    d.add_argument("--unit", choices=("mg/dL", "mmol/L"), default="mg/dL")
-    fmt = d.add_mutually_exclusive_group()
-    fmt.add_argument("--json", action="store_true")
-    fmt.add_argument("--csv", action="store_true")
-    d = dsub.add_parser("range", help="the time range with data")
-    d.add_argument("--provider", default="dexcom")
+    _add_integrations(sub)
     return parser
+
+
+def _add_integrations(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``agentd <integration> …`` for every integration the package finds (none named here)."""
+    from integrations import discover
+
+    taken = set(sub.choices)
+    for integration in discover():
+        if integration.name in taken:
+            print(f"warning: integration {integration.name!r} shadows a command", file=sys.stderr)
+            continue
+        p = sub.add_parser(integration.name, help=integration.summary or integration.title)
+        integration.configure_cli(p)
+        p.set_defaults(integration=integration)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

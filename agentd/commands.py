@@ -115,6 +115,10 @@ def cmd_providers(args: argparse.Namespace, config: Config) -> int:
 
     catalog = load_catalog()
     stored = set(CredentialStore(config.credentials_path).providers())
+    if args.provider:
+        spec = catalog.get(args.provider)
+        _provider_detail(spec, spec.id in stored, sys.stdout)
+        return EXIT["ok"]
     rows = []
     for spec in catalog.all():
         rows.append(
@@ -129,6 +133,58 @@ def cmd_providers(args: argparse.Namespace, config: Config) -> int:
         )
     _table(rows, ["PROVIDER", "NAME", "PKCE", "CLIENT AUTH", "SCOPES", "CREDENTIALS"], sys.stdout)
     return EXIT["ok"]
+
+
+def _value(value: Any) -> str:
+    if value is None:
+        return "unknown"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, dict):
+        return " ".join(f"{k}={v}" for k, v in value.items()) or "-"
+    if isinstance(value, tuple | list | frozenset | set):
+        items = sorted(value) if isinstance(value, frozenset | set) else value
+        return ", ".join(str(v) for v in items) or "-"
+    return str(value)
+
+
+def _provider_detail(spec: Any, has_credentials: bool, out: TextIO) -> None:
+    """``agentd providers <id>``: every field, where it was checked, what is unverified."""
+    from flowengine.catalog import CLAIM_FIELDS
+
+    out.write(f"{spec.name} ({spec.id})\n")
+    out.write(f"documentation: {spec.docs_url or 'none named'}\n")
+    for source in spec.sources:
+        out.write(f"               {source}\n")
+    out.write(f"credentials:   {'stored' if has_credentials else 'not stored'}\n")
+    unverified = set(spec.unverified_fields())
+    always = ("revocation_url", "rotates_refresh_tokens", "refresh_lifetime")
+    rows = []
+    for name in CLAIM_FIELDS:
+        value = getattr(spec, name)
+        if name.startswith("envelope_") and not spec.response_envelope:
+            continue
+        if name not in unverified and name not in spec.verified and name not in always:
+            continue  # left at its default: the catalog claims nothing
+        if name == "refresh_lifetime":
+            shown = value.describe() if value is not None else "unknown"
+        elif name == "revocation_url" and value is None:
+            shown = "none (no RFC 7009 endpoint)"
+        elif name == "scope_separator":
+            shown = "space" if value == " " else repr(value)
+        else:
+            shown = _value(value)
+        mark = "UNVERIFIED" if name in unverified else ("verified" if name in spec.verified else "")
+        rows.append([name, shown, mark])
+    out.write("\n")
+    _table(rows, ["FIELD", "VALUE", "CHECKED"], out)
+    if spec.notes:
+        out.write(f"\nnotes: {spec.notes}\n")
+    if unverified:
+        out.write(
+            f"\n{len(unverified)} unverified field(s): {', '.join(sorted(unverified))}"
+            " — not confirmed by the documentation above; check before relying on them\n"
+        )
 
 
 def cmd_credentials(args: argparse.Namespace, config: Config) -> int:
@@ -301,10 +357,15 @@ def cmd_demo(args: argparse.Namespace, config: Config) -> int:
     return run_demo(keep=args.keep)
 
 
-def cmd_dexcom(args: argparse.Namespace, config: Config) -> int:
-    from agentd.dexcom_cli import run
+def cmd_integration(args: argparse.Namespace, config: Config) -> int:
+    """``agentd <integration> …``: the integration's own subcommand (see integrations/)."""
+    from integrations import Services
 
-    return _run(config, lambda ctx: run(ctx, args))
+    async def body(ctx: Any) -> int:
+        services = Services(broker=ctx.broker, http=ctx.http, clock=ctx.engine.clock, actor="cli")
+        return int(await args.integration.run_cli(args, services))
+
+    return _run(config, body)
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace, Config], int]] = {
@@ -320,7 +381,6 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Config], int]] = {
     "connect": cmd_connect,
     "serve": cmd_serve,
     "demo": cmd_demo,
-    "dexcom": cmd_dexcom,
 }
 
 
@@ -336,7 +396,8 @@ def dispatch(args: argparse.Namespace) -> int:
         print("run `agentd config check` for the whole list", file=sys.stderr)
         return EXIT["usage"]
     try:
-        return COMMANDS[args.command](args, config)
+        command = COMMANDS[args.command] if args.command in COMMANDS else cmd_integration
+        return command(args, config)
     except UnknownProviderError as err:
         print(f"error: {err.message}", file=sys.stderr)
         if err.suggestions:

@@ -180,7 +180,8 @@ async def _main(config: Config) -> None:
 async def _start_bot(
     workers: Any, ctx: Context, config: Config, settings: ApiSettings, plan: ServePlan
 ) -> None:
-    from bot import BotSettings, dexcom_glucose, run_bot
+    from bot import BotSettings, run_bot
+    from integrations import Services, bind_commands, discover
 
     bot_settings = BotSettings.from_config(
         config.values,
@@ -189,9 +190,16 @@ async def _start_bot(
         redirect_uri=plan.redirect_uri,
         state_dir=config.state_dir,
     )
-    glucose = dexcom_glucose(ctx.broker, http=ctx.http, tz=bot_settings.timezone)
+    services = Services(
+        broker=ctx.broker,
+        http=ctx.http,
+        clock=ctx.engine.clock,
+        actor="bot",
+        tz=bot_settings.timezone,
+    )
+    commands = bind_commands(discover(), services)
     await workers.start(
-        partial(run_bot, bot_settings, broker=ctx.broker, engine=ctx.engine, glucose=glucose)
+        partial(run_bot, bot_settings, broker=ctx.broker, engine=ctx.engine, commands=commands)
     )
 
 

@@ -1,11 +1,13 @@
-"""``agentd demo``: the whole connection flow on the real stack, against a SIMULATED provider.
+"""``agentd demo``: the whole connection flow on the real stack, against SIMULATED providers.
 
 Real parts: Hypercorn over TLS (a throwaway CA made with trustme), the Quart API with its
 tailnet guard, the SQLite flow ledger, auth.json (in a temp dir), the broker, the refresh
-timer, the Dexcom API v3 client. Simulated: the provider (agentd/simprovider.py: OAuth
-authorize/token/revoke with PKCE and rotating refresh tokens, Dexcom-shaped CGM data) and
-the browser (httpx following the redirect). No network, no account, nothing outside the
-temp dir is touched.
+timer, and every integration found by ``integrations.discover()`` with its API client, CLI
+and chart. Simulated: each integration's provider (agentd/simoauth.py, the OAuth server in
+the provider's dialect, plus the integration's own simulated data API) and the browser
+(httpx following the redirect). No network, no account, nothing outside the temp dir is
+touched. The first integration is walked through step by step; the others connect the
+same way, then every integration runs its own demo commands.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import html
+import io
 import re
 import shutil
 import socket
@@ -20,7 +23,7 @@ import ssl
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any, TextIO
@@ -31,16 +34,17 @@ import trustme
 
 from agentd.config import load_config
 from agentd.context import open_context
-from agentd.simprovider import create_sim_app, get_sim
+from agentd.simoauth import SimOAuth, create_sim_app, get_sim
 from api.app import create_app
 from api.serve import serve
 from api.settings import ApiSettings
-from flowengine.catalog import load_catalog
+from flowengine.catalog import ProviderSpec, load_catalog
+from flowengine.clock import SystemClock
 from flowengine.credentials import ClientCredentials
 from flowengine.daemon_client import wait_for_code
-from flowengine.dexcom import DexcomClient, format_reading
 from flowengine.diagrams import DotUnavailableError, flow_diagram
 from flowengine.refresh import RefreshTimer, TimerPolicy
+from integrations import Integration, Services, Simulator, discover
 
 __all__ = ["run_demo"]
 
@@ -92,9 +96,56 @@ def _visible_text(page: str) -> str:
     return html.unescape(re.sub(r"<[^>]+>", "", text)).strip()
 
 
+@dataclasses.dataclass
+class _Simulated:
+    """One integration's simulated provider, served on its own port."""
+
+    integration: Integration
+    api: Simulator
+    spec: ProviderSpec
+    sim: SimOAuth
+    app: Any
+    settings: ApiSettings
+
+
+def _simulated_spec(base: ProviderSpec, api: Simulator, url: str) -> ProviderSpec:
+    """The catalog entry, pointed at the simulator (its real paths, on localhost)."""
+    d = api.dialect
+    return dataclasses.replace(
+        base,
+        name=f"{base.name} (simulated)",
+        authorize_url=url + d.authorize_path,
+        token_url=url + d.token_path,
+        revocation_url=url + d.revoke_path if d.revoke_path else None,
+        api_base_url=url,
+        use_pkce=True,  # the simulated server checks S256 whenever a challenge is sent
+    )
+
+
+def _quirks(spec: ProviderSpec) -> str:
+    """What the catalog tells the engine about this provider beyond RFC 6749."""
+    parts = [f"client auth {spec.token_auth_method}"]
+    if spec.scope_separator != " ":
+        parts.append(f"scopes joined with {spec.scope_separator!r}")
+    for label, params in (
+        ("with every token request", spec.token_params),
+        ("with the code exchange", spec.exchange_params),
+        ("with refreshes", spec.refresh_params),
+    ):
+        if params:
+            sent = "&".join(f"{k}={v}" for k, v in params.items())
+            parts.append(f"{sent} {label}")
+    if spec.response_envelope:
+        parts.append(
+            f"answers inside {{{spec.envelope_status_key!r}, {spec.response_envelope!r}}}"
+            " (a non-zero status is an error, even with HTTP 200)"
+        )
+    return "; ".join(parts)
+
+
 async def _demo(root: Path, out: TextIO) -> int:
     p = _Printer(out)
-    p.banner("agentd demo — the provider is SIMULATED (no network, no account)")
+    p.banner("agentd demo — the providers are SIMULATED (no network, no account)")
     p.say(f"working directory: {root}")
 
     # ------------------------------------------------------------------ setup
@@ -107,9 +158,8 @@ async def _demo(root: Path, out: TextIO) -> int:
     client_ssl = ssl.create_default_context()
     ca.configure_trust(client_ssl)
 
-    daemon_port, sim_port = _free_port(), _free_port()
+    daemon_port = _free_port()
     redirect = f"https://localhost:{daemon_port}/oauth/callback"
-    sim_url = f"https://localhost:{sim_port}"
     env = {
         "HOME": str(root),
         "AGENTD_PATHS_STATE_DIR": str(root / "state"),
@@ -125,38 +175,43 @@ async def _demo(root: Path, out: TextIO) -> int:
     }
     api_token = "demo-" + hashlib.sha256(str(root).encode()).hexdigest()[:24]
     daemon_settings = ApiSettings(port=daemon_port, api_token=api_token, **common)
-    sim_settings = ApiSettings(port=sim_port, api_token="unused", **common)
-    sim_app = create_sim_app(
-        clients={CLIENT_ID: CLIENT_SECRET},
-        redirect_uris=[redirect],
-        consent="allow",
-        require_pkce=True,
-        access_ttl=7200,
-    )
-    sim = get_sim(sim_app)
     catalog = load_catalog(user_file=root / "providers.toml")
-    spec = dataclasses.replace(
-        catalog.get("dexcom"),
-        name="Dexcom (simulated)",
-        authorize_url=f"{sim_url}/v2/oauth2/login",
-        token_url=f"{sim_url}/v2/oauth2/token",
-        revocation_url=f"{sim_url}/v2/oauth2/revoke",
-        api_base_url=sim_url,
-        use_pkce=True,
-    )
-    catalog.register(spec)
+    clock = SystemClock()
+    simulated: list[_Simulated] = []
+    for integration in discover():
+        api = integration.simulator(clock=clock)
+        if api is None:
+            continue
+        port = _free_port()
+        app = create_sim_app(
+            api=api,
+            clock=clock,
+            clients={CLIENT_ID: CLIENT_SECRET},
+            redirect_uris=[redirect],
+            consent="allow",
+            require_pkce=True,
+        )
+        spec = _simulated_spec(catalog.get(api.provider), api, f"https://localhost:{port}")
+        catalog.register(spec)
+        settings = ApiSettings(port=port, api_token="unused", **common)
+        simulated.append(_Simulated(integration, api, spec, get_sim(app), app, settings))
+    if not simulated:
+        p.say("no integration offers a simulator: nothing to show")
+        return 1
 
     async with (
         httpx.AsyncClient(verify=client_ssl, timeout=10.0) as http,
         open_context(config, catalog=catalog, http=http) as ctx,
     ):
-        ctx.credentials.put(spec.id, ClientCredentials(CLIENT_ID, CLIENT_SECRET))
+        for item in simulated:
+            ctx.credentials.put(item.spec.id, ClientCredentials(CLIENT_ID, CLIENT_SECRET))
         app = create_app(ctx.engine, settings=daemon_settings, catalog=ctx.catalog)
         stop = anyio.Event()
         timer = RefreshTimer(ctx.engine, ctx.broker, policy=TimerPolicy(interval=1.0))
         async with anyio.create_task_group() as tg:
             plan = await tg.start(partial(serve, app, daemon_settings, shutdown_trigger=stop.wait))
-            await tg.start(partial(serve, sim_app, sim_settings, shutdown_trigger=stop.wait))
+            for item in simulated:
+                await tg.start(partial(serve, item.app, item.settings, shutdown_trigger=stop.wait))
             timer_scope = anyio.CancelScope()
 
             async def run_timer(*, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
@@ -167,12 +222,13 @@ async def _demo(root: Path, out: TextIO) -> int:
             p.section("The stack is up")
             p.say(f"daemon API (Hypercorn, TLS, throwaway CA): {plan.base_url}")
             p.say(f"redirect URI:                              {plan.redirect_uri}")
-            p.say(f"simulated provider (TLS):                  {sim_url}")
+            for item in simulated:
+                p.say(f"{item.spec.name + ' (TLS):':<43}{item.spec.api_base_url}")
             p.say(f"ledger:    {config.ledger_path}")
             p.say(f"auth.json: {config.auth_file}")
             try:
                 code = await _story(
-                    p, ctx, http, client_ssl, spec, sim, plan.redirect_uri, api_token
+                    p, ctx, http, client_ssl, simulated, plan.redirect_uri, api_token
                 )
             finally:
                 # close our keep-alive connections first so Hypercorn drains at once
@@ -183,69 +239,108 @@ async def _demo(root: Path, out: TextIO) -> int:
     return code
 
 
-async def _story(
+async def _connect(
     p: _Printer,
     ctx: Any,
     http: httpx.AsyncClient,
     client_ssl: ssl.SSLContext,
-    spec: Any,
-    sim: Any,
+    spec: ProviderSpec,
     redirect_uri: str,
     api_token: str,
-) -> int:
+    *,
+    verbose: bool,
+) -> str | None:
+    """connect <provider> from the link to stored tokens; returns the flow id."""
     daemon_url = redirect_uri.removesuffix("/oauth/callback")
-    sim_url = spec.api_base_url
-    # ---------------------------------------------------------- 1. the link
     start = await ctx.broker.begin(spec.id, redirect_uri=redirect_uri, actor="demo")
-    p.section("connect dexcom: a flow starts and the owner gets an authorization link")
-    p.say(f"flow {start.flow.id}: state 256 bits, PKCE S256")
     shown = re.sub(r"(state=)[^&]+", r"\1…", start.authorize_url)
+    if verbose:
+        p.section(f"connect {spec.id}: a flow starts and the owner gets an authorization link")
+        p.say(f"flow {start.flow.id}: state 256 bits, PKCE S256")
+    else:
+        p.section(f"connect {spec.id}: the same flow, in the provider's own dialect")
+        p.say(f"catalog quirks: {_quirks(spec)}")
     p.say(f"authorization URL: {shown}")
 
-    # --------------------------------------------------------- 2. the browser
-    p.section("The browser: the provider asks for consent and redirects to the callback")
+    if verbose:
+        p.section("The browser: the provider asks for consent and redirects to the callback")
     async with httpx.AsyncClient(verify=client_ssl) as browser:
         answer = await browser.get(start.authorize_url)
         location = answer.headers.get("location", "")
-        p.say(f"provider answered {answer.status_code}, redirect to {location.split('?')[0]}")
+        if verbose:
+            p.say(f"provider answered {answer.status_code}, redirect to {location.split('?')[0]}")
         if answer.status_code != 302 or not location.startswith(daemon_url):
-            p.say("the simulated provider did not redirect back: stopping")
-            return 1
+            p.say(f"the simulated provider did not redirect back ({location.split('?')[0]})")
+            return None
         page = await browser.get(location)
     p.say(f'callback answered {page.status_code}: "{_visible_text(page.text)}"')
-    p.say(
-        "headers: "
-        + ", ".join(
-            f"{h}: {page.headers.get(h)}"
-            for h in ("cache-control", "referrer-policy", "x-content-type-options")
+    if verbose:
+        p.say(
+            "headers: "
+            + ", ".join(
+                f"{h}: {page.headers.get(h)}"
+                for h in ("cache-control", "referrer-policy", "x-content-type-options")
+            )
         )
-    )
-
-    # ---------------------------------------- 3. the bot side: pending + exchange
-    p.section("The bot long-polls /oauth/pending/<state>, exchanges the code with the verifier")
+        p.section("The bot long-polls /oauth/pending/<state>, exchanges the code with the verifier")
     result = await wait_for_code(http, daemon_url, start.state, api_token, timeout=10)
     if result.status != "ready" or result.code is None:
         p.say(f"no code: {result.status} {result.reason or ''}")
-        return 1
-    p.say("pending answered: code received (handed out once; a second read gets 410)")
+        return None
+    if verbose:
+        p.say("pending answered: code received (handed out once; a second read gets 410)")
     tokens = await ctx.broker.complete(start.flow.id, result.code, actor="demo")
     expires = datetime.fromtimestamp((tokens.expires or 0) / 1000, tz=UTC)
     p.say(
         f"✅ {spec.name} connected: access {_mask(tokens.access)}, refresh {_mask(tokens.refresh)}"
     )
     p.say(f"   expires {expires:%Y-%m-%d %H:%M:%S}Z, stored in auth.json (mode 0600)")
+    return str(start.flow.id)
 
-    # -------------------------------------------------------------- 4. ledger
-    await _print_ledger(p, ctx, start.flow.id, "The flow ledger (one row per transition)")
 
-    # ------------------------------------------------------------- 5. diagram
+async def _replay(http: httpx.AsyncClient, spec: ProviderSpec, refresh: str | None) -> str:
+    """Send an old refresh token again, as an attacker with a copy would."""
+    form = {
+        "grant_type": "refresh_token",
+        "refresh_token": refresh or "",
+        "client_id": CLIENT_ID,
+        "client_secret": CLIENT_SECRET,
+        **spec.token_params,
+        **spec.refresh_params,
+    }
+    answer = await http.post(spec.token_url, data=form)
+    body = answer.json() if answer.content else {}
+    if spec.response_envelope and isinstance(body, dict) and spec.envelope_status_key in body:
+        status = body[spec.envelope_status_key]
+        verdict = "accepted!" if status == 0 else f"refused ({body.get('error', '')})"
+        return f"HTTP {answer.status_code}, {spec.envelope_status_key} {status}: {verdict}"
+    error = body.get("error") if answer.status_code >= 400 else "accepted!"
+    return f"HTTP {answer.status_code} {error}"
+
+
+async def _story(
+    p: _Printer,
+    ctx: Any,
+    http: httpx.AsyncClient,
+    client_ssl: ssl.SSLContext,
+    simulated: list[_Simulated],
+    redirect_uri: str,
+    api_token: str,
+) -> int:
+    first = simulated[0]
+    spec = first.spec
+    flow_id = await _connect(p, ctx, http, client_ssl, spec, redirect_uri, api_token, verbose=True)
+    if flow_id is None:
+        return 1
+    await _print_ledger(p, ctx, flow_id, "The flow ledger (one row per transition)")
+
     p.section("The flow's path through the state machine")
-    mermaid = await ctx.engine.flow_diagram(start.flow.id, fmt="mermaid")
-    target = ctx.config.state_dir / f"flow-{start.flow.id}.md"
+    mermaid = await ctx.engine.flow_diagram(flow_id, fmt="mermaid")
+    target = ctx.config.state_dir / f"flow-{flow_id}.md"
     target.write_text(f"```mermaid\n{mermaid}```\n", encoding="utf-8")
     p.say(f"Mermaid: {target}")
     try:
-        record = await ctx.engine.inspect(start.flow.id)
+        record = await ctx.engine.inspect(flow_id)
         svg = await anyio.to_thread.run_sync(partial(flow_diagram, record, fmt="svg"))
         svg_file = target.with_suffix(".svg")
         svg_file.write_text(svg, encoding="utf-8")
@@ -253,43 +348,66 @@ async def _story(
     except DotUnavailableError:
         p.say("SVG:     skipped (Graphviz `dot` is not installed)")
 
-    # ----------------------------------------------------------- 6. refresh
     p.section("A forced refresh: the provider rotates the refresh token")
     old = ctx.tokens.read(spec.id)
     new = await ctx.broker.refresh(spec.id, actor="demo", force=True)
     p.say(f"refresh token before: {_mask(old.refresh)}")
     p.say(f"refresh token after:  {_mask(new.refresh)}")
-    replay = await http.post(
-        f"{sim_url}/v2/oauth2/token",
-        data={
-            "grant_type": "refresh_token",
-            "refresh_token": old.refresh,
-            "client_id": CLIENT_ID,
-            "client_secret": CLIENT_SECRET,
-        },
-    )
-    error = replay.json().get("error") if replay.status_code >= 400 else "accepted!"
-    p.say(f"replaying the OLD refresh token: HTTP {replay.status_code} {error} (rotation works)")
-    counters = sim.counters_snapshot()
-    p.say(f"simulated provider counters: {_counter_line(counters)}")
+    verdict = await _replay(http, spec, old.refresh)
+    p.say(f"replaying the OLD refresh token: {verdict} (rotation works)")
+    p.say(f"simulated provider counters: {_counter_line(first.sim.counters_snapshot())}")
     token = await ctx.broker.get_token(spec.id, actor="demo")
-    p.say(f"agentd token dexcom -> {_mask(token)} (fresh, from auth.json, no request)")
-    await _print_ledger(p, ctx, start.flow.id, "The ledger after the refresh", last=3)
+    p.say(f"agentd token {spec.id} -> {_mask(token)} (fresh, from auth.json, no request)")
+    await _print_ledger(p, ctx, flow_id, "The ledger after the refresh", last=3)
 
-    # ------------------------------------------------------------ 7. Dexcom
-    p.section("Dexcom API v3 with the stored token: the last glucose readings")
-    dexcom = DexcomClient.from_spec(spec, ctx.broker, http=http, actor="demo")
-    now = datetime.now(UTC)
-    readings = await dexcom.egvs(now - timedelta(minutes=30), now)
-    for reading in readings[-6:]:
-        p.say(format_reading(reading, "mg/dL", now=now))
-    if readings:
-        last = readings[-1]
-        mgdl, mmol = last.value_in("mg/dL"), last.value_in("mmol/L")
-        p.say(f"latest: {mgdl} mg/dL = {mmol} mmol/L {last.arrow}")
-    else:
-        p.say("no readings in the last 30 minutes")
+    for item in simulated[1:]:
+        other = await _connect(
+            p, ctx, http, client_ssl, item.spec, redirect_uri, api_token, verbose=False
+        )
+        if other is None:
+            return 1
+        rotated = await ctx.broker.refresh(item.spec.id, actor="demo", force=True)
+        p.say(f"forced refresh: new refresh token {_mask(rotated.refresh)}")
+        p.say(f"simulated provider counters: {_counter_line(item.sim.counters_snapshot())}")
+
+    for item in simulated:
+        if not item.integration.demo_commands:
+            continue
+        p.section(f"{item.integration.title} with the stored token: the integration's commands")
+        for args in item.integration.demo_commands:
+            if not await _run_command(p, ctx, http, item.integration, args):
+                return 1
     return 0
+
+
+async def _run_command(
+    p: _Printer, ctx: Any, http: httpx.AsyncClient, integration: Integration, args: tuple[str, ...]
+) -> bool:
+    """``agentd <integration> <args…>`` in-process, its output shown indented."""
+    from agentd.cli import build_parser
+
+    namespace = build_parser().parse_args([integration.name, *args])
+    buffer = io.StringIO()
+    services = Services(
+        broker=ctx.broker,
+        http=http,
+        clock=ctx.engine.clock,
+        actor="demo",
+        out=buffer,
+        err=buffer,
+    )
+    p.say(f"$ agentd {integration.name} {' '.join(args)}")
+    try:
+        code = await integration.run_cli(namespace, services)
+    except Exception as err:  # noqa: BLE001 - shown, and the demo fails
+        p.say(f"  failed: {type(err).__name__}: {err}")
+        return False
+    lines = buffer.getvalue().splitlines()
+    for line in lines[:8]:
+        p.say(f"  {line}")
+    if len(lines) > 8:
+        p.say(f"  … {len(lines) - 8} more lines")
+    return code == 0
 
 
 def _counter_line(counters: dict[str, Any]) -> str:

@@ -13,31 +13,26 @@ from typing import TYPE_CHECKING, Any
 __all__ = [
     "BotRunner",
     "BotSettings",
+    "ChatCommandHandler",
     "ChatTransport",
-    "DexcomGlucose",
-    "GlucoseReport",
     "TelethonTransport",
     "TransportError",
-    "dexcom_glucose",
     "run_bot",
 ]
 
 _WHERE = {
     "BotRunner": "runner",
-    "GlucoseReport": "runner",
+    "ChatCommandHandler": "runner",
     "BotSettings": "settings",
     "ChatTransport": "transport",
     "TransportError": "transport",
-    "DexcomGlucose": "glucose",
-    "dexcom_glucose": "glucose",
     "TelethonTransport": "client",
     "run_bot": "client",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
     from .client import TelethonTransport, run_bot
-    from .glucose import DexcomGlucose, dexcom_glucose
-    from .runner import BotRunner, GlucoseReport
+    from .runner import BotRunner, ChatCommandHandler
     from .settings import BotSettings
     from .transport import ChatTransport, TransportError
 

@@ -30,7 +30,7 @@ from flowengine.broker import Broker
 from flowengine.engine import FlowEngine
 
 from . import dialogue as d
-from .runner import BotRunner, GlucoseSource
+from .runner import BotRunner, ChatCommandHandler
 from .settings import BotSettings
 from .transport import Button as ButtonSpec
 from .transport import TransportError
@@ -237,7 +237,7 @@ async def run_bot(
     broker: Broker,
     engine: FlowEngine,
     http: httpx.AsyncClient | None = None,
-    glucose: GlucoseSource | None = None,
+    commands: Sequence[ChatCommandHandler] = (),
     client: TelegramClient | None = None,
     backoff: float = 1.0,
     max_backoff: float = 300.0,
@@ -266,7 +266,7 @@ async def run_bot(
         redirect_uri=settings.redirect_uri,
         resume_path=settings.resume_path,
         http=http,
-        glucose=glucose,
+        commands=commands,
         tz=settings.timezone,
         notify_interval=settings.notify_interval,
     )

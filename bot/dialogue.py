@@ -8,8 +8,12 @@ effects it gets back, in order:
 * outgoing messages — :class:`Send`, :class:`Edit`, :class:`SendImage`, :class:`AnswerTap`;
 * commands for the runner — :class:`BeginConnect`, :class:`SaveCredentials`,
   :class:`DeleteSecret`, :class:`ListConnections`, :class:`Disconnect`, :class:`ListFlows`,
-  :class:`CancelFlows`, :class:`FetchGlucose`, :class:`MarkDelivered`, :class:`LogRefusal`.
+  :class:`CancelFlows`, :class:`RunCommand`, :class:`MarkDelivered`, :class:`LogRefusal`.
   Each command's outcome comes back as another inbound.
+
+Besides its own commands the bot offers those of the integrations (``glucose``, ...), which
+arrive as :class:`CommandSpec` rows in :attr:`ConversationState.commands`: a name, help and
+usage lines, and a pure ``parse`` of the words after the name. The table never names one.
 
 Per chat the conversation is in one of three modes::
 
@@ -25,7 +29,7 @@ are ``repr=False`` so a logged effect or state never shows them.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
@@ -37,7 +41,10 @@ __all__ = [
     "CallbackButton",
     "CancelFlows",
     "ChatState",
+    "CommandAnswered",
     "CommandFailed",
+    "CommandSpec",
+    "CommandUnavailable",
     "ConnectStarted",
     "ConnectionView",
     "ConnectionsListed",
@@ -49,13 +56,10 @@ __all__ = [
     "Disconnected",
     "Edit",
     "Effect",
-    "FetchGlucose",
     "FlowEnded",
     "FlowView",
     "FlowsCancelled",
     "FlowsListed",
-    "GlucoseReady",
-    "GlucoseUnavailable",
     "Inbound",
     "ListConnections",
     "ListFlows",
@@ -67,6 +71,7 @@ __all__ = [
     "NotificationDue",
     "Outcome",
     "ProviderUnknown",
+    "RunCommand",
     "SaveCredentials",
     "SecretDeleted",
     "Send",
@@ -74,16 +79,12 @@ __all__ = [
     "Tap",
     "UrlButton",
     "Watch",
-    "GLUCOSE_WINDOWS",
     "RECONNECT_PREFIX",
     "step",
 ]
 
 #: callback data of a "Reconnect <Provider>" button is this prefix + the provider id
 RECONNECT_PREFIX = "connect:"
-#: glucose window argument -> hours
-GLUCOSE_WINDOWS: Mapping[str, int] = {"6h": 6, "24h": 24, "1d": 24, "7d": 168}
-_DEFAULT_GLUCOSE_WINDOW = "24h"
 
 
 # =========================================================================== state
@@ -110,11 +111,30 @@ _IDLE = ChatState()
 
 
 @dataclass(frozen=True, slots=True)
+class CommandSpec:
+    """An integration's chat command as the table sees it.
+
+    ``parse`` is pure: the words after the command (lower-cased) -> a request, or None when
+    they do not fit (then ``usage`` is the answer). ``failure`` opens the line shown when
+    the command fails ("No glucose reading").
+    """
+
+    name: str
+    help: str
+    usage: str
+    failure: str
+    parse: Callable[[tuple[str, ...]], Hashable | None] = field(compare=False, repr=False)
+    aliases: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class ConversationState:
     """The whole bot: who may talk to it, each chat's state, who was already refused."""
 
     owners: frozenset[int]
     tz: str = "UTC"
+    #: integration commands by name
+    commands: Mapping[str, CommandSpec] = field(default_factory=dict)
     chats: Mapping[int, ChatState] = field(default_factory=dict)
     refused: frozenset[int] = frozenset()
 
@@ -286,17 +306,20 @@ class FlowsCancelled:
 
 
 @dataclass(frozen=True, slots=True)
-class GlucoseReady:
+class CommandAnswered:
+    """An integration command's answer: a caption and, optionally, a PNG."""
+
     chat_id: int
     text: str
     image: bytes | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
-class GlucoseUnavailable:
-    """No reading: ``reason`` None = not set up; ``provider`` set = it is not connected."""
+class CommandUnavailable:
+    """An integration command failed: ``provider`` set = it is not connected."""
 
     chat_id: int
+    command: str
     reason: str | None = None
     provider: str | None = None
     name: str | None = None
@@ -329,8 +352,8 @@ Inbound = (
     | NotConnected
     | FlowsListed
     | FlowsCancelled
-    | GlucoseReady
-    | GlucoseUnavailable
+    | CommandAnswered
+    | CommandUnavailable
     | NotificationDue
 )
 
@@ -433,9 +456,12 @@ class CancelFlows:
 
 
 @dataclass(frozen=True, slots=True)
-class FetchGlucose:
+class RunCommand:
+    """Run an integration's command with the request its ``parse`` made."""
+
     chat_id: int
-    hours: int
+    command: str
+    request: Hashable
 
 
 @dataclass(frozen=True, slots=True)
@@ -462,7 +488,7 @@ Effect = (
     | Disconnect
     | ListFlows
     | CancelFlows
-    | FetchGlucose
+    | RunCommand
     | MarkDelivered
     | LogRefusal
 )
@@ -482,20 +508,39 @@ _ALIASES = {
     "disconnect": "disconnect",
     "flows": "flows",
     "cancel": "cancel",
-    "glucose": "glucose",
 }
 
 
-def parse_command(text: str) -> tuple[str, list[str]] | None:
-    """``"/connect@bot Dexcom"`` -> ``("connect", ["dexcom"])``; None if not a command."""
+def parse_command(
+    text: str, commands: Mapping[str, CommandSpec] | None = None
+) -> tuple[str, list[str]] | None:
+    """``"/connect@bot Dexcom"`` -> ``("connect", ["dexcom"])``; None if not a command.
+
+    ``commands`` adds integration commands (by name and alias) to the built-in ones.
+    """
     match = _COMMAND_RE.match(text.strip())
     if match is None:
         return None
-    command = _ALIASES.get(match["cmd"].lower())
+    word = match["cmd"].lower()
+    command = _ALIASES.get(word)
     if command is None:
-        return None
+        spec = _extra(commands or {}, word)
+        if spec is None:
+            return None
+        command = spec.name
     args = [a.lower() for a in (match["args"] or "").split()]
     return command, args
+
+
+def _extra(commands: Mapping[str, CommandSpec], word: str) -> CommandSpec | None:
+    spec = commands.get(word)
+    if spec is not None:
+        return spec
+    return next((c for c in commands.values() if word in c.aliases), None)
+
+
+def _help(state: ConversationState) -> str:
+    return texts.help_text([spec.help for spec in state.commands.values()])
 
 
 # ========================================================================== step
@@ -535,7 +580,7 @@ def _message(state: ConversationState, msg: Message) -> Step:
     if chat.mode is Mode.IDLE:
         return _command(state, msg.chat_id, text)
 
-    parsed = parse_command(text)
+    parsed = parse_command(text, state.commands)
     name = chat.name or chat.provider or ""
     if parsed is not None and parsed[0] == "cancel":
         return state.with_chat(msg.chat_id, _IDLE), [Send(msg.chat_id, texts.CREDENTIALS_CANCELLED)]
@@ -571,31 +616,31 @@ def _message(state: ConversationState, msg: Message) -> Step:
 
 
 def _command(state: ConversationState, chat_id: int, text: str) -> Step:
-    parsed = parse_command(text)
+    parsed = parse_command(text, state.commands)
     if parsed is None:
         return state, [Send(chat_id, texts.UNKNOWN_COMMAND)]
     command, args = parsed
     if command == "help":
-        return state, [Send(chat_id, texts.HELP)]
+        return state, [Send(chat_id, _help(state))]
     if command == "connect":
         return state, [BeginConnect(chat_id, args[0] if args else "")]
     if command == "connections":
         return state, [ListConnections(chat_id)]
     if command == "disconnect":
         if not args:
-            return state, [Send(chat_id, texts.HELP)]
+            return state, [Send(chat_id, _help(state))]
         return state, [Disconnect(chat_id, args[0])]
     if command == "flows":
         return state, [ListFlows(chat_id, args[0] if args else None)]
     if command == "cancel":
         return state, [CancelFlows(chat_id)]
-    if command == "glucose":
-        window = args[0] if args else _DEFAULT_GLUCOSE_WINDOW
-        hours = GLUCOSE_WINDOWS.get(window)
-        if hours is None or len(args) > 1:
-            return state, [Send(chat_id, texts.GLUCOSE_USAGE)]
-        return state, [FetchGlucose(chat_id, hours)]
-    raise AssertionError(command)  # pragma: no cover - _ALIASES lists every command
+    spec = state.commands.get(command)
+    if spec is None:  # pragma: no cover - parse_command only returns known commands
+        raise AssertionError(command)
+    request = spec.parse(tuple(args))
+    if request is None:
+        return state, [Send(chat_id, spec.usage)]
+    return state, [RunCommand(chat_id, spec.name, request)]
 
 
 def _tap(state: ConversationState, tap: Tap) -> Step:
@@ -658,17 +703,17 @@ def _result(state: ConversationState, inbound: Inbound) -> list[Effect]:
             return [Send(inbound.chat_id, texts.flows(lines, inbound.now_ms, inbound.provider))]
         case FlowsCancelled():
             return [Send(inbound.chat_id, texts.cancelled_flows(inbound.names))]
-        case GlucoseReady():
+        case CommandAnswered():
             if inbound.image is None:
                 return [Send(inbound.chat_id, inbound.text)]
             return [SendImage(inbound.chat_id, inbound.image, caption=inbound.text)]
-        case GlucoseUnavailable():
+        case CommandUnavailable():
             if inbound.provider is not None:
                 name = inbound.name or inbound.provider
-                return [Send(inbound.chat_id, texts.glucose_not_connected(name, inbound.provider))]
-            if inbound.reason is None:
-                return [Send(inbound.chat_id, texts.GLUCOSE_NOT_SET_UP)]
-            return [Send(inbound.chat_id, texts.glucose_unavailable(inbound.reason))]
+                return [Send(inbound.chat_id, texts.command_not_connected(name, inbound.provider))]
+            spec = state.commands.get(inbound.command)
+            failure = spec.failure if spec is not None else inbound.command
+            return [Send(inbound.chat_id, texts.command_failed(failure, inbound.reason))]
         case NotificationDue():
             targets = (inbound.chat_id,) if inbound.chat_id is not None else sorted(state.owners)
             text = texts.notification(inbound.kind, inbound.name, inbound.message)

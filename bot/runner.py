@@ -10,6 +10,10 @@ Authorize links are watched by one task each: the task long-polls the daemon ove
 reports how the flow ended, which the dialogue turns into an edit of the link message.
 Watched flows are noted in the resume file, so a restarted bot picks them up again.
 
+Integration commands (``glucose``, ...) come in as :class:`ChatCommandHandler` objects
+(the composition root binds them, see integrations/); the runner lists them in the
+dialogue's state and calls the right one for a :class:`~bot.dialogue.RunCommand`.
+
 Nothing here lets an exception out of :meth:`BotRunner.handle` or the background loops:
 errors are logged (type and code only, never message content or secrets) and, where the
 owner is waiting for an answer, told to them.
@@ -18,7 +22,7 @@ owner is waiting for an answer, told to them.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -47,7 +51,7 @@ from . import dialogue as d
 from .resume import ResumeEntry, ResumeFile
 from .transport import ChatTransport, TransportError
 
-__all__ = ["ACTOR", "BotRunner", "GlucoseReport", "GlucoseSource"]
+__all__ = ["ACTOR", "BotRunner", "ChatCommandHandler", "CommandReply"]
 
 log = logging.getLogger("bot")
 
@@ -60,17 +64,40 @@ _CANCELLABLE = (FlowState.INITIATED, FlowState.AWAITING_CODE)
 _OUTPUT = (d.Send, d.Edit, d.SendImage, d.AnswerTap)
 
 
-@dataclass(frozen=True, slots=True)
-class GlucoseReport:
-    """What ``glucose`` answers: a caption (latest value, trend arrow) and a PNG chart."""
+class CommandReply(Protocol):
+    """What an integration command answers: a caption and, optionally, a PNG."""
 
-    text: str
-    image: bytes | None = field(default=None, repr=False)
+    @property
+    def text(self) -> str: ...
+
+    @property
+    def image(self) -> bytes | None: ...
 
 
-class GlucoseSource(Protocol):
-    async def __call__(self, hours: int) -> GlucoseReport:
-        """The latest reading and a chart of the last ``hours`` hours."""
+class ChatCommandHandler(Protocol):
+    """An integration's chat command, bound to its services (``integrations.BoundCommand``)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def aliases(self) -> tuple[str, ...]: ...
+
+    @property
+    def help(self) -> str: ...
+
+    @property
+    def usage(self) -> str: ...
+
+    @property
+    def failure(self) -> str: ...
+
+    def parse(self, args: tuple[str, ...]) -> Hashable | None:
+        """Pure: the words after the command -> a request, or None (answer ``usage``)."""
+        ...
+
+    async def __call__(self, request: Any) -> CommandReply:
+        """Carry the request out; BrokerError subclasses for failures."""
         ...
 
 
@@ -101,7 +128,7 @@ class BotRunner:
         http: httpx.AsyncClient,
         catalog: Catalog | None = None,
         credentials: CredentialStore | None = None,
-        glucose: GlucoseSource | None = None,
+        commands: Sequence[ChatCommandHandler] = (),
         tz: str = "UTC",
         notify_interval: float = 5.0,
         poll_step: float = 25.0,
@@ -118,12 +145,16 @@ class BotRunner:
         self.redirect_uri = redirect_uri
         self.resume_file = ResumeFile(resume_path)
         self.http = http
-        self.glucose = glucose
+        self.commands = {command.name: command for command in commands}
         self.notify_interval = notify_interval
         self.poll_step = poll_step
         self.watch_grace = watch_grace
         self.retry_delay = retry_delay
-        self.state = d.ConversationState(owners=frozenset(owners), tz=tz)
+        specs = {
+            c.name: d.CommandSpec(c.name, c.help, c.usage, c.failure, c.parse, c.aliases)
+            for c in self.commands.values()
+        }
+        self.state = d.ConversationState(owners=frozenset(owners), tz=tz, commands=specs)
         self._tg: anyio.abc.TaskGroup | None = None
         self._watching: dict[str, _Watched] = {}
         self._early: list[tuple[Callable[..., Coroutine[Any, Any, Any]], tuple[Any, ...]]] = []
@@ -249,8 +280,8 @@ class BotRunner:
                 return await self._guard(effect.chat_id, self._flows(effect))
             case d.CancelFlows():
                 return await self._guard(effect.chat_id, self._cancel(effect))
-            case d.FetchGlucose():
-                return await self._glucose(effect)
+            case d.RunCommand():
+                return await self._run_command(effect)
             case d.MarkDelivered():
                 await self.engine.mark_delivered(effect.notification_id)
                 return None
@@ -391,19 +422,18 @@ class BotRunner:
                 names.append(self._name(flow.provider))
         return d.FlowsCancelled(effect.chat_id, tuple(names))
 
-    async def _glucose(self, effect: d.FetchGlucose) -> d.Inbound:
-        if self.glucose is None:
-            return d.GlucoseUnavailable(effect.chat_id)
+    async def _run_command(self, effect: d.RunCommand) -> d.Inbound:
+        command = self.commands[effect.command]
         try:
-            report = await self.glucose(effect.hours)
+            reply = await command(effect.request)
         except NotConnectedError as err:
-            return d.GlucoseUnavailable(
-                effect.chat_id, err.message, err.provider, self._name(err.provider)
+            return d.CommandUnavailable(
+                effect.chat_id, command.name, err.message, err.provider, self._name(err.provider)
             )
         except BrokerError as err:
-            log.warning("glucose failed: %s", err.code)
-            return d.GlucoseUnavailable(effect.chat_id, err.message)
-        return d.GlucoseReady(effect.chat_id, report.text, report.image)
+            log.warning("%s failed: %s", command.name, err.code)
+            return d.CommandUnavailable(effect.chat_id, command.name, err.message)
+        return d.CommandAnswered(effect.chat_id, reply.text, reply.image)
 
     # ================================================================ watching
 

@@ -19,8 +19,6 @@ __all__ = [
     "BAD_SECRET",
     "CREDENTIALS_CANCELLED",
     "CREDENTIALS_SAVED",
-    "GLUCOSE_NOT_SET_UP",
-    "GLUCOSE_USAGE",
     "HELP",
     "LEFT_CREDENTIALS",
     "NOTHING_TO_CANCEL",
@@ -33,6 +31,8 @@ __all__ = [
     "authorize_button",
     "authorize_prompt",
     "cancelled_flows",
+    "command_failed",
+    "command_not_connected",
     "connections",
     "disconnected",
     "duration",
@@ -43,9 +43,7 @@ __all__ = [
     "flow_failed",
     "flow_timed_out",
     "flows",
-    "glucose_caption",
-    "glucose_not_connected",
-    "glucose_unavailable",
+    "help_text",
     "local_time",
     "not_connected",
     "notification",
@@ -58,17 +56,22 @@ __all__ = [
 
 REFUSAL = "Sorry, this is a private bot."
 
-HELP = (
-    "I connect your agent to OAuth providers.\n"
-    "\n"
-    "connect <provider> — authorize a provider (asks for client credentials if needed)\n"
-    "connections — every connection with its state, expiry and last refresh (also /status)\n"
-    "disconnect <provider> — revoke and remove a provider's tokens\n"
-    "flows [provider] — recent authorization flows and their states\n"
-    "cancel — stop what is in progress (credential entry or a pending authorization)\n"
-    "glucose [6h|24h|7d] — latest glucose reading and a chart\n"
-    "help — this text"
+_HELP_LINES = (
+    "connect <provider> — authorize a provider (asks for client credentials if needed)",
+    "connections — every connection with its state, expiry and last refresh (also /status)",
+    "disconnect <provider> — revoke and remove a provider's tokens",
+    "flows [provider] — recent authorization flows and their states",
+    "cancel — stop what is in progress (credential entry or a pending authorization)",
 )
+
+
+def help_text(extra: Sequence[str] = ()) -> str:
+    """The help, with one line per integration command (``extra``) before ``help``."""
+    lines = [*_HELP_LINES, *extra, "help — this text"]
+    return "I connect your agent to OAuth providers.\n\n" + "\n".join(lines)
+
+
+HELP = help_text()
 
 UNKNOWN_COMMAND = "I did not understand that. Say help for what I can do."
 
@@ -95,9 +98,6 @@ SECRET_NOT_DELETED = (
 NO_CONNECTIONS = "No connections yet. Say connect <provider> to add one."
 NO_FLOWS = "No authorization flows yet."
 NOTHING_TO_CANCEL = "Nothing to cancel."
-
-GLUCOSE_USAGE = "Say glucose, glucose 6h, glucose 24h or glucose 7d."
-GLUCOSE_NOT_SET_UP = "Glucose readings are not set up on this bot."
 
 _STATE_ICONS = {
     "stored": "✅",
@@ -309,17 +309,10 @@ def error(code: str, message: str) -> str:
     return f"⚠️ Something went wrong: {message}"
 
 
-def glucose_unavailable(reason: str) -> str:
-    return f"⚠️ No glucose reading: {reason}"
+def command_failed(failure: str, reason: str | None) -> str:
+    """An integration command failed: ``failure`` is its own opening ("No glucose reading")."""
+    return f"⚠️ {failure}: {reason}" if reason else f"⚠️ {failure}"
 
 
-def glucose_not_connected(name: str, provider: str) -> str:
+def command_not_connected(name: str, provider: str) -> str:
     return f"{name} is not connected. Say connect {provider} first."
-
-
-def glucose_caption(reading: str | None, hours: int) -> str:
-    """``reading`` is one formatted line (value, unit, trend arrow, age) or None."""
-    window = f"{hours // 24} d" if hours % 24 == 0 and hours >= 48 else f"{hours} h"
-    if reading is None:
-        return f"🩸 No glucose readings in the last {window}."
-    return f"🩸 {reading}\nLast {window}"

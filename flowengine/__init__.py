@@ -24,7 +24,6 @@ __all__ = [
     "ConnectionStatus",
     "CredentialStore",
     "CredentialsMissingError",
-    "DexcomClient",
     "DisconnectResult",
     "Flow",
     "FlowEngine",
@@ -46,7 +45,6 @@ __all__ = [
     "ProviderError",
     "ProviderSpec",
     "ProviderTransientError",
-    "Reading",
     "ReauthorizationRequired",
     "RecoveryReport",
     "RefreshTimer",
@@ -62,6 +60,7 @@ __all__ = [
     "TokenStore",
     "UnknownProviderError",
     "load_catalog",
+    "parse_retry_after",
 ]
 
 _WHERE = {
@@ -72,14 +71,13 @@ _WHERE = {
     "Catalog": "catalog",
     "ProviderSpec": "catalog",
     "load_catalog": "catalog",
+    "parse_retry_after": "oauth_http",
     "ClientCredentials": "credentials",
     "CredentialStore": "credentials",
     "TokenSet": "tokens",
     "TokenStore": "tokens",
     "RefreshTimer": "refresh",
     "TimerPolicy": "refresh",
-    "DexcomClient": "dexcom",
-    "Reading": "dexcom",
     "RecoveryReport": "engine",
     "ACTIVE_STATES": "states",
     "PENDING_STATES": "states",
@@ -107,7 +105,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from .catalog import Catalog, ProviderSpec, load_catalog
     from .clock import Clock, ManualClock, SystemClock
     from .credentials import ClientCredentials, CredentialStore
-    from .dexcom import DexcomClient, Reading
     from .engine import FlowEngine, RecoveryReport
     from .errors import (
         BrokerError,
@@ -131,6 +128,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .ledger import Ledger
     from .machine import FlowMachine
     from .models import Flow, FlowEvent, FlowRecord, PendingCode, PendingStatus, StartedFlow
+    from .oauth_http import parse_retry_after
     from .protocol import CallbackParams
     from .refresh import RefreshTimer, TimerPolicy
     from .states import (

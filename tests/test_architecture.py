@@ -3,7 +3,12 @@
 - flowengine never imports the web server, the Telegram library or the packages above it;
 - pure modules import only the standard library, ``transitions`` and other pure modules
   of their own package;
-- api and bot never import each other.
+- api and bot never import each other;
+- integrations plug in from outside: flowengine, api and bot never import ``integrations``;
+  agentd (the composition root) imports only its interface, never one integration; no
+  integration's name or chat command is written in the code of flowengine, api, bot or
+  agentd; an integration imports the engine's public surface (``flowengine``) only, never
+  api, bot or agentd, and never another integration.
 
 Extend the data below when a module is added; the rules themselves stay put.
 """
@@ -11,6 +16,7 @@ Extend the data below when a module is added; the rules themselves stay put.
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +24,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("flowengine", "api", "bot", "agentd")
+PACKAGES = ("flowengine", "api", "bot", "agentd", "integrations")
 
 #: modules that must stay free of I/O libraries (house style "[pure]")
 PURE_MODULES: tuple[str, ...] = (
@@ -30,14 +36,18 @@ PURE_MODULES: tuple[str, ...] = (
     "flowengine.paths",
     "bot.dialogue",
     "bot.texts",
+    "integrations.durations",
 )
 #: third-party packages a pure module may use
 PURE_THIRD_PARTY = frozenset({"transitions"})
 #: package -> top-level names it must never import
 FORBIDDEN: dict[str, frozenset[str]] = {
-    "flowengine": frozenset({"quart", "hypercorn", "telethon", "api", "bot", "agentd"}),
-    "api": frozenset({"bot", "telethon", "agentd"}),
-    "bot": frozenset({"api", "quart", "hypercorn", "agentd"}),
+    "flowengine": frozenset(
+        {"quart", "hypercorn", "telethon", "api", "bot", "agentd", "integrations"}
+    ),
+    "api": frozenset({"bot", "telethon", "agentd", "integrations"}),
+    "bot": frozenset({"api", "quart", "hypercorn", "agentd", "integrations"}),
+    "integrations": frozenset({"api", "bot", "agentd", "telethon", "hypercorn"}),
 }
 #: I/O libraries a pure module would drag in (checked at run time too)
 IO_LIBRARIES = ("aiosqlite", "anyio", "httpx", "quart", "hypercorn", "telethon", "authlib")
@@ -147,3 +157,121 @@ def test_every_pure_module_is_marked_pure_in_its_docstring() -> None:
         if name in MODULES and top(name) == "flowengine":
             doc = ast.get_docstring(ast.parse(MODULES[name].read_text(encoding="utf-8"))) or ""
             assert "[pure]" in doc, f"{name} docstring lacks the [pure] mark"
+
+
+# ------------------------------------------------------------------- integrations
+
+
+def _integration_packages() -> list[str]:
+    return sorted(
+        m
+        for m in MODULES
+        if top(m) == "integrations" and m.count(".") == 1 and MODULES[m].name == "__init__.py"
+    )
+
+
+def test_there_are_integrations_to_check() -> None:
+    assert {"integrations.dexcom", "integrations.withings"} <= set(_integration_packages())
+
+
+@pytest.mark.parametrize("name", sorted(m for m in MODULES if top(m) == "integrations"))
+def test_integrations_use_the_engine_through_its_public_surface_only(name: str) -> None:
+    """``from flowengine import Broker``, never ``flowengine.broker`` (the facade only)."""
+    inner = sorted(i for i in imports_of(name) if i.startswith("flowengine."))
+    assert not inner, f"{name} reaches into {inner}; import from flowengine instead"
+
+
+@pytest.mark.parametrize("name", sorted(m for m in MODULES if top(m) == "integrations"))
+def test_an_integration_never_imports_another(name: str) -> None:
+    parts = name.split(".")
+    if len(parts) < 2 or f"integrations.{parts[1]}" not in _integration_packages():
+        return  # the interface and shared helpers
+    own = f"integrations.{parts[1]}"
+    others = sorted(
+        i
+        for i in imports_of(name)
+        if i.startswith("integrations.")
+        and i.split(".")[:2] != own.split(".")
+        and f"integrations.{i.split('.')[1]}" in _integration_packages()
+    )
+    assert not others, f"{name} imports {others}"
+
+
+@pytest.mark.parametrize("name", sorted(m for m in MODULES if top(m) == "agentd"))
+def test_the_composition_root_imports_the_interface_only(name: str) -> None:
+    specific = sorted(
+        i
+        for i in imports_of(name)
+        if top(i) == "integrations"
+        and i.count(".") >= 1
+        and f"integrations.{i.split('.')[1]}" in _integration_packages()
+    )
+    assert not specific, f"{name} imports {specific}; discover integrations instead"
+
+
+def _code_words(path: Path) -> set[str]:
+    """Identifiers and string constants of a module, docstrings left out."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    docstrings = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+                docstrings.add(id(body[0].value))
+    words: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            if id(node) not in docstrings:
+                words.update(re.findall(r"[a-z0-9_-]+", node.value.lower()))
+        elif isinstance(node, ast.Name):
+            words.update(node.id.lower().split("_"))
+        elif isinstance(node, ast.Attribute):
+            words.update(node.attr.lower().split("_"))
+        elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            words.update(node.name.lower().split("_"))
+        elif isinstance(node, ast.alias):
+            words.update(re.split(r"[._]", node.name.lower()))
+    return words
+
+
+def _integration_words() -> set[str]:
+    from integrations import discover
+
+    words: set[str] = set()
+    for integration in discover():
+        words.add(integration.name)
+        words.update(integration.providers)
+        for command in integration.chat_commands():
+            words.add(command.name)
+            words.update(command.aliases)
+    return words
+
+
+def test_the_word_list_is_not_empty() -> None:
+    assert {"dexcom", "glucose", "withings", "weight"} <= _integration_words()
+    assert "glucose" in _code_words(REPO / "integrations" / "dexcom" / "__init__.py")
+
+
+@pytest.mark.parametrize(
+    "name", sorted(m for m in MODULES if top(m) in ("flowengine", "api", "bot", "agentd"))
+)
+def test_no_integration_is_named_outside_integrations(name: str) -> None:
+    """The CLI, the bot, the API and the engine find integrations; they never name one."""
+    named = sorted(_code_words(MODULES[name]) & _integration_words())
+    assert not named, f"{name} names integration(s) {named} in its code"
+
+
+def test_importing_and_discovering_integrations_is_light() -> None:
+    """Discovery and argparse set-up load no chart library, web framework or HTTP client."""
+    code = (
+        "import argparse, sys, integrations\n"
+        "for i in integrations.discover():\n"
+        "    i.configure_cli(argparse.ArgumentParser())\n"
+        "    i.chat_commands()\n"
+        "heavy = {'matplotlib', 'quart', 'httpx', 'anyio', 'aiosqlite', 'telethon'}\n"
+        "print(sorted(heavy & {m.split('.')[0] for m in sys.modules}))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO
+    ).stdout
+    assert out.strip() == "[]"

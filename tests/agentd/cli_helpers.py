@@ -1,6 +1,6 @@
 """A test daemon and a simulated provider for the ``agentd`` CLI tests and benchmark.
 
-:class:`SimServer` serves :func:`agentd.simprovider.create_sim_app` under Hypercorn over TLS
+:class:`SimServer` serves :func:`agentd.simoauth.create_sim_app` under Hypercorn over TLS
 in a thread with its own event loop (tests reach its state with ``server.sim``).
 :class:`AgentdInstance` is a temp directory with trustme certificates, an ``agentd.toml``, a
 user catalog pointing ``dexcom`` at the sim, and an environment for CLI subprocesses.
@@ -30,7 +30,10 @@ import trustme
 from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config as HypercornConfig
 
-from agentd.simprovider import SimProvider, create_sim_app, get_sim
+from agentd.simoauth import SimOAuth, create_sim_app, get_sim
+from flowengine.clock import SystemClock
+from integrations import Simulator
+from integrations.dexcom.sim import DexcomSim
 
 __all__ = [
     "DaemonProcess",
@@ -60,11 +63,15 @@ def agentd_command() -> list[str]:
 
 
 class SimServer:
-    """The simulated Dexcom over HTTPS on 127.0.0.1, in a background thread."""
+    """A simulated provider (Dexcom unless ``api`` says otherwise) over HTTPS on 127.0.0.1,
+    in a background thread."""
 
-    def __init__(self, cert_file: Path, key_file: Path, **sim_options: Any) -> None:
-        self.app = create_sim_app(**sim_options)
-        self.sim: SimProvider = get_sim(self.app)
+    def __init__(
+        self, cert_file: Path, key_file: Path, api: Simulator | None = None, **sim_options: Any
+    ) -> None:
+        self.api = api if api is not None else DexcomSim(clock=SystemClock())
+        self.app = create_sim_app(api=self.api, **sim_options)
+        self.sim: SimOAuth = get_sim(self.app)
         self.port = free_port()
         self.base_url = f"https://localhost:{self.port}"
         self._cert_file = cert_file

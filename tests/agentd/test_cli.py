@@ -1,5 +1,6 @@
 """The ``agentd`` command as subprocesses against a running ``agentd serve`` (real server,
-real TLS) and the simulated Dexcom (``agentd.simprovider``) over HTTPS.
+real TLS) and the simulated Dexcom (``agentd.simoauth`` + ``integrations.dexcom.sim``) over
+HTTPS.
 
 The module shares one daemon, one sim and one temp installation (module-scoped fixtures);
 tests that need a connection call :func:`ensure_connected`, tests that break it repair it.
@@ -24,7 +25,8 @@ import pytest
 
 from agentd.config import load_config
 from agentd.context import daemon_base_url, redirect_uri
-from agentd.simprovider import SimProvider
+from agentd.simoauth import SimOAuth
+from integrations.dexcom.sim import DexcomSim
 from tests.agentd.cli_helpers import (
     SIM_CLIENT_ID,
     SIM_CLIENT_SECRET,
@@ -85,8 +87,14 @@ def _cli(instance: AgentdInstance, daemon: DaemonProcess) -> AgentdInstance:
 
 
 @pytest.fixture(name="sim")
-def _sim(sim_server: SimServer) -> SimProvider:
+def _sim(sim_server: SimServer) -> SimOAuth:
     return sim_server.sim
+
+
+@pytest.fixture(name="dexcom")
+def _dexcom(sim_server: SimServer) -> DexcomSim:
+    assert isinstance(sim_server.api, DexcomSim)
+    return sim_server.api
 
 
 # --------------------------------------------------------------------- helpers
@@ -198,6 +206,26 @@ def test_credentials_are_stored_0600_and_never_echoed(cli: AgentdInstance) -> No
     assert_no_secrets(result.stdout, result.stderr)
 
 
+def test_providers_detail_names_sources_and_flags_unverified_fields(
+    instance: AgentdInstance,
+) -> None:
+    withings = instance.run("providers", "withings")
+    assert withings.returncode == 0, withings.stderr
+    out = withings.stdout
+    assert out.startswith("Withings (withings)\ndocumentation: https://developer.withings.com/")
+    rows = {line.split()[0]: line for line in out.splitlines() if line[:1].islower()}
+    assert rows["scopes"].split()[1:] == ["user.metrics", "verified"]
+    assert rows["token_params"].split()[1:] == ["action=requesttoken", "verified"]
+    assert rows["envelope_reauthorize"].rstrip().endswith("UNVERIFIED")
+    assert "12 months after the last refresh" in rows["refresh_lifetime"]
+    assert "1 unverified field(s): envelope_reauthorize" in out
+    google = instance.run("providers", "google").stdout
+    assert "if the app's publishing status is Testing  UNVERIFIED" in google
+    unknown = instance.run("providers", "withingz")
+    assert unknown.returncode == 2
+    assert "did you mean" in unknown.stderr
+
+
 def test_credentials_without_secret_is_a_usage_error(cli: AgentdInstance) -> None:
     result = cli.run("credentials", "oura", "--client-id", "x", "--secret-stdin", input="\n")
     assert result.returncode == 2
@@ -214,9 +242,7 @@ def test_credentials_never_take_the_client_id_from_piped_stdin(cli: AgentdInstan
 # --------------------------------------------------------------------- connect
 
 
-def test_connect_prints_link_and_qr_then_stores_tokens(
-    cli: AgentdInstance, sim: SimProvider
-) -> None:
+def test_connect_prints_link_and_qr_then_stores_tokens(cli: AgentdInstance, sim: SimOAuth) -> None:
     before = sim.counters.token_requests["authorization_code"]
     result = run_connect(cli)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -234,7 +260,7 @@ def test_connect_prints_link_and_qr_then_stores_tokens(
     assert_no_secrets(result.stdout, result.stderr)
 
 
-def test_denied_connect_exits_6(cli: AgentdInstance, sim: SimProvider) -> None:
+def test_denied_connect_exits_6(cli: AgentdInstance, sim: SimOAuth) -> None:
     sim.consent = "deny"
     try:
         result = run_connect(cli, "--no-qr")
@@ -333,7 +359,7 @@ def test_token_fast_path_prints_token_without_the_async_stack(cli: AgentdInstanc
     assert not names & {"httpx", "anyio", "aiosqlite", "quart", "hypercorn", "agentd.commands"}
 
 
-def test_token_refreshes_when_near_expiry(cli: AgentdInstance, sim: SimProvider) -> None:
+def test_token_refreshes_when_near_expiry(cli: AgentdInstance, sim: SimOAuth) -> None:
     entry = ensure_connected(cli)
     cli.edit_auth("dexcom", expires=now_ms() + 30_000)  # inside the 60 s leeway
     before = sim.counters.token_requests["refresh_token"]
@@ -362,7 +388,7 @@ def test_token_unknown_provider_exits_2(cli: AgentdInstance) -> None:
     assert "dexcom" in result.stderr  # the suggestion
 
 
-def test_token_provider_down_exits_5_then_recovers(cli: AgentdInstance, sim: SimProvider) -> None:
+def test_token_provider_down_exits_5_then_recovers(cli: AgentdInstance, sim: SimOAuth) -> None:
     entry = ensure_connected(cli)
     cli.edit_auth("dexcom", expires=now_ms() - 1_000)
     injected = sim.counters.injected
@@ -394,7 +420,7 @@ def test_token_provider_unreachable_exits_5(cli: AgentdInstance) -> None:
     assert again.returncode == 0, again.stderr
 
 
-def test_token_rejected_refresh_exits_4(cli: AgentdInstance, sim: SimProvider) -> None:
+def test_token_rejected_refresh_exits_4(cli: AgentdInstance, sim: SimOAuth) -> None:
     ensure_connected(cli)
     rejected = sim.counters.refresh_rejected
     cli.edit_auth("dexcom", expires=now_ms() - 1_000, refresh="revoked-by-test")
@@ -470,7 +496,7 @@ def current_flow_id(instance: AgentdInstance) -> str:
     return flow_id
 
 
-def test_flow_shows_its_ledger_without_secrets(cli: AgentdInstance, sim: SimProvider) -> None:
+def test_flow_shows_its_ledger_without_secrets(cli: AgentdInstance, sim: SimOAuth) -> None:
     ensure_connected(cli)
     flow_id = current_flow_id(cli)
     cli.edit_auth("dexcom", expires=now_ms() + 1_000)
@@ -534,7 +560,7 @@ def test_diagram_of_one_flow(cli: AgentdInstance) -> None:
 # ---------------------------------------------------------------------- dexcom
 
 
-def sim_value(sim: SimProvider, when: datetime) -> int:
+def sim_value(sim: DexcomSim, when: datetime) -> int:
     t = when.timestamp()
     records = sim.egv_records(t - 1, t + 1)
     assert len(records) == 1
@@ -543,11 +569,11 @@ def sim_value(sim: SimProvider, when: datetime) -> int:
     return value
 
 
-def test_dexcom_latest(cli: AgentdInstance, sim: SimProvider) -> None:
+def test_dexcom_latest(cli: AgentdInstance, dexcom: DexcomSim) -> None:
     ensure_connected(cli)
-    candidates = {sim_value(sim, sim.latest_egv_time())}
+    candidates = {sim_value(dexcom, dexcom.latest_egv_time())}
     result = cli.run("dexcom", "latest")
-    candidates.add(sim_value(sim, sim.latest_egv_time()))
+    candidates.add(sim_value(dexcom, dexcom.latest_egv_time()))
     assert result.returncode == 0, result.stderr
     match = re.match(r"(\d+) mg/dL \S+ ", result.stdout)
     assert match, result.stdout
@@ -557,7 +583,9 @@ def test_dexcom_latest(cli: AgentdInstance, sim: SimProvider) -> None:
     assert re.match(r"\d+\.\d mmol/L ", mmol.stdout), mmol.stdout
 
 
-def test_dexcom_egvs_json_and_csv_match_the_provider(cli: AgentdInstance, sim: SimProvider) -> None:
+def test_dexcom_egvs_json_and_csv_match_the_provider(
+    cli: AgentdInstance, dexcom: DexcomSim
+) -> None:
     ensure_connected(cli)
     result = cli.run("dexcom", "egvs", "--since", "2h", "--json")
     assert result.returncode == 0, result.stderr
@@ -565,7 +593,7 @@ def test_dexcom_egvs_json_and_csv_match_the_provider(cli: AgentdInstance, sim: S
     assert 23 <= len(readings) <= 25  # 5-minute cadence
     for reading in readings:
         when = datetime.fromisoformat(reading["system_time"].replace("Z", "+00:00"))
-        assert reading["value_mgdl"] == sim_value(sim, when)
+        assert reading["value_mgdl"] == sim_value(dexcom, when)
     times = [r["system_time"] for r in readings]
     assert times == sorted(times)
 
@@ -575,7 +603,7 @@ def test_dexcom_egvs_json_and_csv_match_the_provider(cli: AgentdInstance, sim: S
     assert 23 <= len(rows) <= 25
     for row in rows:
         when = datetime.fromisoformat(row["system_time"].replace("Z", "+00:00"))
-        assert int(row["value_mgdl"]) == sim_value(sim, when)
+        assert int(row["value_mgdl"]) == sim_value(dexcom, when)
 
     table = cli.run("dexcom", "egvs", "--since", "1h")
     assert table.returncode == 0
@@ -605,7 +633,7 @@ def test_dexcom_not_connected_exits_3(cli: AgentdInstance) -> None:
 # ------------------------------------------------------------------ disconnect
 
 
-def test_disconnect_revokes_and_forgets(cli: AgentdInstance, sim: SimProvider) -> None:
+def test_disconnect_revokes_and_forgets(cli: AgentdInstance, sim: SimOAuth) -> None:
     ensure_connected(cli)
     flow_id = current_flow_id(cli)
     revocations = sim.counters.revocations

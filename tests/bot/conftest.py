@@ -23,7 +23,7 @@ from api.app import create_app
 from api.serve import serve
 from api.settings import ApiSettings
 from bot.dialogue import CallbackButton, Message, Tap, UrlButton
-from bot.runner import BotRunner, GlucoseSource
+from bot.runner import BotRunner, ChatCommandHandler
 from bot.transport import Button, TransportError
 from flowengine.broker import Broker
 from flowengine.catalog import Catalog
@@ -209,7 +209,8 @@ class BotRig:
     broker: Broker | None = None
     runner: BotRunner | None = None
     awaiting_ttl: float = 600.0
-    glucose: GlucoseSource | None = None
+    #: integration chat commands, made from the running broker and engine
+    commands: Callable[[Broker, FlowEngine], Sequence[ChatCommandHandler]] | None = None
     _scope: anyio.CancelScope | None = None
 
     @property
@@ -242,7 +243,7 @@ class BotRig:
             "redirect_uri": self.daemon.redirect_uri,
             "resume_path": self.resume_path,
             "http": self.http,
-            "glucose": self.glucose,
+            "commands": self.commands(broker, engine) if self.commands else (),
             "notify_interval": 3600.0,
             "poll_step": 5.0,
         }

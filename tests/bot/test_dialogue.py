@@ -13,7 +13,10 @@ from bot.dialogue import (
     CallbackButton,
     CancelFlows,
     ChatState,
+    CommandAnswered,
     CommandFailed,
+    CommandSpec,
+    CommandUnavailable,
     ConnectionsListed,
     ConnectionView,
     ConnectStarted,
@@ -24,13 +27,10 @@ from bot.dialogue import (
     Disconnect,
     Disconnected,
     Edit,
-    FetchGlucose,
     FlowEnded,
     FlowsCancelled,
     FlowsListed,
     FlowView,
-    GlucoseReady,
-    GlucoseUnavailable,
     ListConnections,
     ListFlows,
     LogRefusal,
@@ -41,6 +41,7 @@ from bot.dialogue import (
     NotificationDue,
     Outcome,
     ProviderUnknown,
+    RunCommand,
     SaveCredentials,
     SecretDeleted,
     Send,
@@ -64,9 +65,29 @@ def msg(text: str, *, sender: int = OWNER, chat: int = CHAT) -> Message:
     return Message(chat_id=chat, sender_id=sender, message_id=next(_next_id), text=text)
 
 
+def _days(args: tuple[str, ...]) -> int | None:
+    """An integration's pure parse: ``temp [Nd]``."""
+    if not args:
+        return 7
+    if len(args) == 1 and args[0].endswith("d") and args[0][:-1].isdigit():
+        return int(args[0][:-1])
+    return None
+
+
+#: an integration command, as the runner hands it to the table (the table names none)
+TEMP = CommandSpec(
+    "temp",
+    "temp [Nd] — body temperature and a chart",
+    "Say temp or temp 3d.",
+    "No temperature",
+    _days,
+    aliases=("temperature",),
+)
+
+
 @pytest.fixture(name="state")
 def _state() -> ConversationState:
-    return ConversationState(owners=frozenset({OWNER, 101}))
+    return ConversationState(owners=frozenset({OWNER, 101}), commands={"temp": TEMP})
 
 
 # ------------------------------------------------------------------- parsing
@@ -83,7 +104,6 @@ def _state() -> ConversationState:
         ("connections", ("connections", [])),
         ("/start", ("help", [])),
         ("flows fake", ("flows", ["fake"])),
-        ("glucose 7d", ("glucose", ["7d"])),
         ("cancel", ("cancel", [])),
         ("hello there", None),
         ("", None),
@@ -92,6 +112,20 @@ def _state() -> ConversationState:
 )
 def test_parse_command(text: str, expected: tuple[str, list[str]] | None) -> None:
     assert parse_command(text) == expected
+    assert parse_command(text, {"temp": TEMP}) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("temp 3d", ("temp", ["3d"])),
+        ("/Temperature@agentd_bot", ("temp", [])),
+        ("tempo", None),
+    ],
+)
+def test_parse_integration_commands(text: str, expected: tuple[str, list[str]] | None) -> None:
+    assert parse_command(text, {"temp": TEMP}) == expected
+    assert parse_command(text) is None
 
 
 @pytest.mark.parametrize(
@@ -105,12 +139,14 @@ def test_parse_command(text: str, expected: tuple[str, list[str]] | None) -> Non
         ("flows", ListFlows(CHAT, None)),
         ("flows fake", ListFlows(CHAT, "fake")),
         ("cancel", CancelFlows(CHAT)),
-        ("glucose", FetchGlucose(CHAT, 24)),
-        ("glucose 6h", FetchGlucose(CHAT, 6)),
-        ("glucose 7d", FetchGlucose(CHAT, 168)),
-        ("help", Send(CHAT, texts.HELP)),
-        ("disconnect", Send(CHAT, texts.HELP)),
-        ("glucose 3w", Send(CHAT, texts.GLUCOSE_USAGE)),
+        ("temp", RunCommand(CHAT, "temp", 7)),
+        ("temperature 3d", RunCommand(CHAT, "temp", 3)),
+        ("/temp 30d", RunCommand(CHAT, "temp", 30)),
+        ("help", Send(CHAT, texts.help_text([TEMP.help]))),
+        ("disconnect", Send(CHAT, texts.help_text([TEMP.help]))),
+        ("temp soon", Send(CHAT, "Say temp or temp 3d.")),
+        ("temp 3d 4d", Send(CHAT, "Say temp or temp 3d.")),
+        ("glucose", Send(CHAT, texts.UNKNOWN_COMMAND)),
         ("what?", Send(CHAT, texts.UNKNOWN_COMMAND)),
     ],
 )
@@ -370,15 +406,15 @@ def test_unknown_tap_is_just_answered(state: ConversationState) -> None:
         (FlowsCancelled(CHAT, ("Fake",)), "Cancelled the pending authorization of Fake."),
         (ConnectionsListed(CHAT, (), NOW), texts.NO_CONNECTIONS),
         (FlowsListed(CHAT, None, (), NOW), texts.NO_FLOWS),
-        (GlucoseUnavailable(CHAT), texts.GLUCOSE_NOT_SET_UP),
         (
-            GlucoseUnavailable(CHAT, "Dexcom is not connected"),
-            "⚠️ No glucose reading: Dexcom is not connected",
+            CommandUnavailable(CHAT, "temp", "Thermo is unavailable (HTTP 503)"),
+            "⚠️ No temperature: Thermo is unavailable (HTTP 503)",
         ),
-        (GlucoseReady(CHAT, "120 mg/dL →", None), "120 mg/dL →"),
+        (CommandUnavailable(CHAT, "temp"), "⚠️ No temperature"),
+        (CommandAnswered(CHAT, "36.8 °C", None), "36.8 °C"),
         (
-            GlucoseUnavailable(CHAT, "not connected", "dexcom", "Dexcom"),
-            "Dexcom is not connected. Say connect dexcom first.",
+            CommandUnavailable(CHAT, "temp", "not connected", "thermo", "Thermo"),
+            "Thermo is not connected. Say connect thermo first.",
         ),
         (
             CommandFailed(CHAT, "provider_unavailable", "HTTP 503"),
@@ -442,6 +478,11 @@ def test_flows_list(state: ConversationState) -> None:
     ]
 
 
-def test_glucose_with_chart_is_an_image(state: ConversationState) -> None:
-    _, effects = step(state, GlucoseReady(CHAT, "112 mg/dL ↗", b"\x89PNG..."))
-    assert effects == [SendImage(CHAT, b"\x89PNG...", caption="112 mg/dL ↗")]
+def test_a_command_answer_with_a_chart_is_an_image(state: ConversationState) -> None:
+    _, effects = step(state, CommandAnswered(CHAT, "36.8 °C ↗", b"\x89PNG..."))
+    assert effects == [SendImage(CHAT, b"\x89PNG...", caption="36.8 °C ↗")]
+
+
+def test_help_lists_integration_commands_before_help() -> None:
+    assert texts.help_text([TEMP.help]).endswith(f"\n{TEMP.help}\nhelp — this text")
+    assert TEMP.help not in texts.HELP

@@ -12,10 +12,16 @@ import httpx
 import pytest
 from quart import Quart
 
-from agentd.simprovider import SimProvider, create_sim_app, get_sim
+from agentd.simoauth import SimOAuth, create_sim_app, get_sim
 from flowengine.catalog import ProviderSpec
 from flowengine.clock import ManualClock
-from flowengine.dexcom import (
+from flowengine.errors import (
+    ConfigError,
+    ProviderError,
+    ProviderTransientError,
+    ReauthorizationRequired,
+)
+from integrations.dexcom.client import (
     DexcomClient,
     Reading,
     format_dexcom_time,
@@ -26,12 +32,7 @@ from flowengine.dexcom import (
     readings_to_json,
     split_window,
 )
-from flowengine.errors import (
-    ConfigError,
-    ProviderError,
-    ProviderTransientError,
-    ReauthorizationRequired,
-)
+from integrations.dexcom.sim import DexcomSim
 
 NOW = datetime(2026, 11, 20, 18, 0, tzinfo=UTC)
 BASE = "https://sim-dexcom.test"
@@ -40,7 +41,7 @@ BASE = "https://sim-dexcom.test"
 class FakeTokens:
     """A TokenSource: hands out the sim's tokens; optionally a stale one first."""
 
-    def __init__(self, sim: SimProvider, *, stale_first: bool = False, refresh_works: bool = True):
+    def __init__(self, sim: SimOAuth, *, stale_first: bool = False, refresh_works: bool = True):
         self.sim = sim
         self.refresh_works = refresh_works
         self.current = "stale-token" if stale_first else sim.issue_tokens()["access_token"]
@@ -70,13 +71,18 @@ def _clock() -> ManualClock:
     return ManualClock(NOW.timestamp())
 
 
+@pytest.fixture(name="api")
+def _api(clock: ManualClock) -> DexcomSim:
+    return DexcomSim(clock=clock, history=timedelta(days=120))
+
+
 @pytest.fixture(name="app")
-def _app(clock: ManualClock) -> Quart:
-    return create_sim_app(clock=clock, history=timedelta(days=120))
+def _app(clock: ManualClock, api: DexcomSim) -> Quart:
+    return create_sim_app(api=api, clock=clock)
 
 
 @pytest.fixture(name="sim")
-def _sim(app: Quart) -> SimProvider:
+def _sim(app: Quart) -> SimOAuth:
     return get_sim(app)
 
 
@@ -107,7 +113,7 @@ def _client(
 
 @pytest.fixture(name="dexcom")
 def _dexcom(
-    sim: SimProvider, http: httpx.AsyncClient, clock: ManualClock, sleeps: Sleeps
+    sim: SimOAuth, http: httpx.AsyncClient, clock: ManualClock, sleeps: Sleeps
 ) -> DexcomClient:
     return _client(FakeTokens(sim), http, clock, sleeps)
 
@@ -116,10 +122,10 @@ def _dexcom(
 
 
 @pytest.mark.anyio
-async def test_dates_on_the_wire(dexcom: DexcomClient, sim: SimProvider) -> None:
+async def test_dates_on_the_wire(api: DexcomSim, dexcom: DexcomClient, sim: SimOAuth) -> None:
     start = datetime(2026, 11, 20, 7, 0, 0, 250_000, tzinfo=timezone(timedelta(hours=1)))
     readings = await dexcom.egvs(start, NOW - timedelta(microseconds=1))
-    (seen,) = sim.requests
+    (seen,) = api.requests
     assert seen.path == "/v3/users/self/egvs"
     assert seen.query_string == "startDate=2026-11-20T06%3A00%3A00&endDate=2026-11-20T18%3A00%3A00"
     assert len(readings) == 144
@@ -128,11 +134,11 @@ async def test_dates_on_the_wire(dexcom: DexcomClient, sim: SimProvider) -> None
 
 @pytest.mark.anyio
 async def test_seventy_days_take_three_requests_merged_in_order(
-    dexcom: DexcomClient, sim: SimProvider
+    api: DexcomSim, dexcom: DexcomClient, sim: SimOAuth
 ) -> None:
     start = NOW - timedelta(days=70)
     readings = await dexcom.egvs(start, NOW)
-    assert [r.query_string for r in sim.requests] == [
+    assert [r.query_string for r in api.requests] == [
         "startDate=2026-09-11T18%3A00%3A00&endDate=2026-10-11T18%3A00%3A00",
         "startDate=2026-10-11T18%3A00%3A00&endDate=2026-11-10T18%3A00%3A00",
         "startDate=2026-11-10T18%3A00%3A00&endDate=2026-11-20T18%3A00%3A00",
@@ -182,7 +188,7 @@ async def test_overlapping_answers_are_deduplicated(clock: ManualClock, sleeps: 
         )
 
     async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
-        tokens = FakeTokens(get_sim(create_sim_app(clock=clock)))
+        tokens = FakeTokens(get_sim(create_sim_app(api=DexcomSim(clock=clock), clock=clock)))
         client = DexcomClient(
             tokens,
             base_url=BASE,
@@ -196,10 +202,12 @@ async def test_overlapping_answers_are_deduplicated(clock: ManualClock, sleeps: 
 
 
 @pytest.mark.anyio
-async def test_naive_datetimes_are_refused(dexcom: DexcomClient, sim: SimProvider) -> None:
+async def test_naive_datetimes_are_refused(
+    api: DexcomSim, dexcom: DexcomClient, sim: SimOAuth
+) -> None:
     with pytest.raises(ValueError, match="aware"):
         await dexcom.egvs(datetime(2026, 11, 20), datetime(2026, 11, 21))
-    assert sim.requests == []
+    assert api.requests == []
 
 
 # ------------------------------------------------------------------ auth and retry
@@ -207,20 +215,20 @@ async def test_naive_datetimes_are_refused(dexcom: DexcomClient, sim: SimProvide
 
 @pytest.mark.anyio
 async def test_401_refreshes_once_and_retries(
-    sim: SimProvider, http: httpx.AsyncClient, clock: ManualClock, sleeps: Sleeps
+    api: DexcomSim, sim: SimOAuth, http: httpx.AsyncClient, clock: ManualClock, sleeps: Sleeps
 ) -> None:
     tokens = FakeTokens(sim, stale_first=True)
     client = _client(tokens, http, clock, sleeps, actor="cli")
     reading = await client.latest()
     assert reading is not None
     assert tokens.refreshes == [("dexcom", "cli", True)]
-    assert [r.status for r in sim.requests] == [401, 200]
+    assert [r.status for r in api.requests] == [401, 200]
     assert sleeps.delays == []
 
 
 @pytest.mark.anyio
 async def test_401_after_refresh_needs_reauthorization(
-    sim: SimProvider, http: httpx.AsyncClient, clock: ManualClock, sleeps: Sleeps
+    api: DexcomSim, sim: SimOAuth, http: httpx.AsyncClient, clock: ManualClock, sleeps: Sleeps
 ) -> None:
     tokens = FakeTokens(sim, stale_first=True, refresh_works=False)
     client = _client(tokens, http, clock, sleeps)
@@ -230,12 +238,12 @@ async def test_401_after_refresh_needs_reauthorization(
     assert info.value.http_status == 401
     assert info.value.provider == "dexcom"
     assert "stale-token" not in str(info.value)
-    assert [r.status for r in sim.requests] == [401, 401]
+    assert [r.status for r in api.requests] == [401, 401]
 
 
 @pytest.mark.anyio
 async def test_expired_token_midway_is_refreshed(
-    sim: SimProvider, http: httpx.AsyncClient, clock: ManualClock, sleeps: Sleeps
+    api: DexcomSim, sim: SimOAuth, http: httpx.AsyncClient, clock: ManualClock, sleeps: Sleeps
 ) -> None:
     tokens = FakeTokens(sim)
     client = _client(tokens, http, clock, sleeps)
@@ -243,12 +251,12 @@ async def test_expired_token_midway_is_refreshed(
     clock.advance(7200)
     await client.devices()
     assert len(tokens.refreshes) == 1
-    assert [r.status for r in sim.requests] == [200, 401, 200]
+    assert [r.status for r in api.requests] == [200, 401, 200]
 
 
 @pytest.mark.anyio
 async def test_refresh_failure_propagates(
-    sim: SimProvider, http: httpx.AsyncClient, clock: ManualClock, sleeps: Sleeps
+    sim: SimOAuth, http: httpx.AsyncClient, clock: ManualClock, sleeps: Sleeps
 ) -> None:
     class Revoked(FakeTokens):
         async def refresh(self, provider: str, *, actor: str, force: bool = True) -> None:
@@ -263,18 +271,18 @@ async def test_refresh_failure_propagates(
 
 @pytest.mark.anyio
 async def test_429_honours_retry_after(
-    dexcom: DexcomClient, sim: SimProvider, sleeps: Sleeps
+    api: DexcomSim, dexcom: DexcomClient, sim: SimOAuth, sleeps: Sleeps
 ) -> None:
     sim.inject(429, count=2, retry_after=7)
     readings = await dexcom.egvs(NOW - timedelta(hours=1), NOW)
     assert len(readings) == 12
     assert sleeps.delays == [7.0, 7.0]
-    assert [r.status for r in sim.requests] == [429, 429, 200]
+    assert [r.status for r in api.requests] == [429, 429, 200]
 
 
 @pytest.mark.anyio
 async def test_5xx_backs_off_exponentially_then_succeeds(
-    dexcom: DexcomClient, sim: SimProvider, sleeps: Sleeps
+    dexcom: DexcomClient, sim: SimOAuth, sleeps: Sleeps
 ) -> None:
     sim.inject(503, count=2)
     devices = await dexcom.devices()
@@ -284,19 +292,19 @@ async def test_5xx_backs_off_exponentially_then_succeeds(
 
 @pytest.mark.anyio
 async def test_5xx_gives_up_after_bounded_retries(
-    dexcom: DexcomClient, sim: SimProvider, sleeps: Sleeps
+    api: DexcomSim, dexcom: DexcomClient, sim: SimOAuth, sleeps: Sleeps
 ) -> None:
     sim.inject(500, count=10)
     with pytest.raises(ProviderTransientError) as info:
         await dexcom.egvs(NOW - timedelta(hours=1), NOW)
     assert info.value.http_status == 500
     assert sleeps.delays == [1.0, 2.0, 4.0]
-    assert len(sim.requests) == 4
+    assert len(api.requests) == 4
 
 
 @pytest.mark.anyio
 async def test_long_retry_after_is_not_slept(
-    dexcom: DexcomClient, sim: SimProvider, sleeps: Sleeps
+    dexcom: DexcomClient, sim: SimOAuth, sleeps: Sleeps
 ) -> None:
     sim.inject(429, retry_after=3600)
     with pytest.raises(ProviderTransientError) as info:
@@ -308,7 +316,7 @@ async def test_long_retry_after_is_not_slept(
 
 @pytest.mark.anyio
 async def test_network_errors_are_transient(
-    sim: SimProvider, clock: ManualClock, sleeps: Sleeps
+    sim: SimOAuth, clock: ManualClock, sleeps: Sleeps
 ) -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError("refused", request=request)
@@ -323,7 +331,7 @@ async def test_network_errors_are_transient(
 
 @pytest.mark.anyio
 async def test_a_window_the_server_refuses_is_a_provider_error(
-    sim: SimProvider, http: httpx.AsyncClient, clock: ManualClock, sleeps: Sleeps
+    sim: SimOAuth, http: httpx.AsyncClient, clock: ManualClock, sleeps: Sleeps
 ) -> None:
     client = _client(FakeTokens(sim), http, clock, sleeps, max_window=timedelta(days=40))
     with pytest.raises(ProviderError) as info:
@@ -339,18 +347,18 @@ async def test_a_window_the_server_refuses_is_a_provider_error(
 
 
 @pytest.mark.anyio
-async def test_empty_range(dexcom: DexcomClient, sim: SimProvider) -> None:
+async def test_empty_range(api: DexcomSim, dexcom: DexcomClient, sim: SimOAuth) -> None:
     assert await dexcom.egvs(NOW - timedelta(days=200), NOW - timedelta(days=190)) == []
-    assert len(sim.requests) == 1
+    assert len(api.requests) == 1
 
 
 @pytest.mark.anyio
 async def test_latest_respects_the_data_delay(clock: ManualClock, sleeps: Sleeps) -> None:
-    app = create_sim_app(clock=clock, data_delay=timedelta(hours=3))
+    app = create_sim_app(api=DexcomSim(clock=clock, data_delay=timedelta(hours=3)), clock=clock)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=BASE) as http:
         client = _client(FakeTokens(get_sim(app)), http, clock, sleeps)
-        assert await client.latest() is None
-        reading = await client.latest(within=timedelta(hours=4))
+        assert await client.latest(within=timedelta(hours=3)) is None
+        reading = await client.latest()
     assert reading is not None
     assert reading.system_time == datetime(2026, 11, 20, 14, 55, 23, tzinfo=UTC)
 
@@ -376,7 +384,9 @@ async def test_data_range(dexcom: DexcomClient) -> None:
 
 
 @pytest.mark.anyio
-async def test_events_calibrations_alerts_devices(dexcom: DexcomClient, sim: SimProvider) -> None:
+async def test_events_calibrations_alerts_devices(
+    api: DexcomSim, dexcom: DexcomClient, sim: SimOAuth
+) -> None:
     start, end = NOW - timedelta(days=45), NOW
     events = await dexcom.events(start, end)
     calibrations = await dexcom.calibrations(start, end)
@@ -386,7 +396,7 @@ async def test_events_calibrations_alerts_devices(dexcom: DexcomClient, sim: Sim
     assert len(calibrations) == 45
     assert {a["alertName"] for a in alerts} == {"low", "high"}
     assert devices[0]["transmitterGeneration"] == "g7"
-    assert [r.path for r in sim.requests] == [
+    assert [r.path for r in api.requests] == [
         "/v3/users/self/events",
         "/v3/users/self/events",
         "/v3/users/self/calibrations",
@@ -399,7 +409,7 @@ async def test_events_calibrations_alerts_devices(dexcom: DexcomClient, sim: Sim
 
 @pytest.mark.anyio
 async def test_from_spec_uses_the_catalog_base_url_and_id(
-    sim: SimProvider, http: httpx.AsyncClient, clock: ManualClock, sleeps: Sleeps
+    sim: SimOAuth, http: httpx.AsyncClient, clock: ManualClock, sleeps: Sleeps
 ) -> None:
     spec = ProviderSpec(
         id="dexcom-sim",
@@ -486,7 +496,7 @@ def test_parse_since(text: str, delta: timedelta) -> None:
     assert parse_since(text) == delta
 
 
-@pytest.mark.parametrize("text", ["", "24", "h", "1.5h", "-3h", "0d", "3y", "yesterday"])
+@pytest.mark.parametrize("text", ["", "24", "h", "1.5h", "-3h", "0d", "3mo", "yesterday"])
 def test_parse_since_rejects(text: str) -> None:
     with pytest.raises(ValueError, match="duration"):
         parse_since(text)

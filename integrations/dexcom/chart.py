@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
-from flowengine.dexcom import MGDL_PER_MMOL, Reading, Unit
+from .client import MGDL_PER_MMOL, Reading, Unit
 
 __all__ = ["HIGH_MGDL", "LOW_MGDL", "render_chart"]
 

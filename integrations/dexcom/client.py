@@ -1,24 +1,27 @@
 """Dexcom API v3 client: estimated glucose values and friends, on a bearer token.
 
 The client never stores tokens: it asks a :class:`TokenSource` (the broker) for the current
-access token before each request, and for one forced refresh when Dexcom answers 401.
-HTTP goes through an injected ``httpx.AsyncClient``; time through an injected
-:class:`~flowengine.clock.Clock`; waiting through an injected ``sleep``.
+access token before each request, and for one forced refresh when Dexcom answers 401
+(integrations/apiclient.py). HTTP goes through an injected ``httpx.AsyncClient``; time
+through an injected :class:`~flowengine.Clock`; waiting through an injected ``sleep``.
 
-Facts used (developer.dexcom.com; details and sources in ``agentd/simprovider.py``):
+Facts used (developer.dexcom.com; details and sources in ``integrations/dexcom/sim.py``):
 
 * Base URLs: US ``https://api.dexcom.com``, EU and outside the US ``https://api.dexcom.eu``,
   Japan ``https://api.dexcom.jp``, sandbox ``https://sandbox-api.dexcom.com``
   (/docs/dexcomv3/endpoint-overview); they come from the catalog's ``api_base_url``.
 * ``GET /v3/users/self/{egvs,events,calibrations,alerts}?startDate=..&endDate=..`` with UTC
   dates written ``YYYY-MM-DDThh:mm:ss`` (no offset, no fraction); startDate inclusive,
-  endDate exclusive; at most 30 days per request (:data:`DEXCOM_MAX_WINDOW`), so longer
-  ranges are split and merged here.
+  endDate exclusive; at most 30 days per request (:data:`DEXCOM_MAX_WINDOW`, a third-party
+  figure that Dexcom's own pages do not spell out), so longer ranges are split and merged.
 * Response ``{"recordType", "recordVersion", "userId", "records": [...]}``. ``systemTime`` is
   UTC, written with an offset for phone sources and without one for receivers; both parse.
 * 429 when over 60,000 calls per app per hour.
+* Data delay: Dexcom's FAQ (/content/frequently-asked-questions) says EGVs reach third-party
+  apps on a three-hour delay (:data:`DATA_DELAY`). Integration partners report about one
+  hour; a US/elsewhere split appears only in third-party clients and is not relied on.
 
-Errors (flowengine/errors.py): 401 twice (before and after one forced refresh) ->
+Errors (flowengine): 401 twice (before and after one forced refresh) ->
 :class:`ReauthorizationRequired`; 429/5xx/network after bounded backoff ->
 :class:`ProviderTransientError` (with ``retry_after``); other answers ->
 :class:`ProviderError`. Messages never include the token.
@@ -29,27 +32,27 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
-import re
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
-import anyio
 import httpx
 
-from flowengine.catalog import ProviderSpec
-from flowengine.clock import Clock, SystemClock
-from flowengine.errors import (
+from flowengine import (
+    Clock,
     ConfigError,
     ProviderError,
+    ProviderSpec,
     ProviderTransientError,
-    ReauthorizationRequired,
+    SystemClock,
 )
-from flowengine.oauth_http import parse_retry_after
+
+from ..apiclient import BearerClient, Sleep, TokenRejected, TokenSource, json_object
+from ..durations import age, parse_since
 
 __all__ = [
+    "DATA_DELAY",
     "DEXCOM_MAX_WINDOW",
     "MGDL_PER_MMOL",
     "TREND_ARROWS",
@@ -70,6 +73,8 @@ __all__ = [
 ]
 
 DEXCOM_MAX_WINDOW = timedelta(days=30)
+#: how late EGVs reach third-party apps, per Dexcom's FAQ
+DATA_DELAY = timedelta(hours=3)
 MGDL_PER_MMOL = 18.0182
 Unit = Literal["mg/dL", "mmol/L"]
 
@@ -83,18 +88,6 @@ TREND_ARROWS: dict[str, str] = {
     "doubleDown": "↓↓",
 }
 _UNKNOWN_ARROW = "?"  # none, unknown, notComputable, rateOutOfRange, null
-
-
-class TokenSource(Protocol):
-    """Where the client gets bearer tokens (``flowengine.broker.Broker`` implements this)."""
-
-    async def get_token(self, provider: str, *, actor: str) -> str:
-        """A currently valid access token for ``provider``."""
-        ...
-
-    async def refresh(self, provider: str, *, actor: str, force: bool = True) -> object:
-        """Refresh now; raises ReauthorizationRequired when the grant is gone."""
-        ...
 
 
 # --------------------------------------------------------------------------- readings
@@ -219,35 +212,6 @@ def reading_from_record(record: dict[str, Any]) -> Reading:
 
 # ----------------------------------------------------------------------- pure helpers
 
-_SINCE_RE = re.compile(r"^\s*(\d+)\s*(m|min|h|d|w)\s*$", re.IGNORECASE)
-_SINCE_UNITS = {"m": 60, "min": 60, "h": 3600, "d": 86_400, "w": 604_800}
-
-
-def parse_since(text: str) -> timedelta:
-    """``--since`` values: ``90m``, ``6h``, ``24h``, ``7d``, ``2w`` -> timedelta."""
-    match = _SINCE_RE.match(text or "")
-    if not match:
-        raise ValueError(
-            f"cannot read duration {text!r}: use a number and a unit m, h, d or w (e.g. 24h, 7d)"
-        )
-    amount = int(match.group(1))
-    if amount <= 0:
-        raise ValueError(f"duration {text!r} must be positive")
-    return timedelta(seconds=amount * _SINCE_UNITS[match.group(2).lower()])
-
-
-def _age(delta: timedelta) -> str:
-    seconds = delta.total_seconds()
-    if seconds < 60:
-        return "just now"
-    minutes = int(seconds // 60)
-    if minutes < 60:
-        return f"{minutes} min ago"
-    hours, rest = divmod(minutes, 60)
-    if hours < 48:
-        return f"{hours} h {rest} min ago" if rest else f"{hours} h ago"
-    return f"{hours // 24} days ago"
-
 
 def format_reading(reading: Reading, unit: Unit = "mg/dL", *, now: datetime) -> str:
     """One line for a human: ``"142 mg/dL → 4 min ago"``."""
@@ -255,7 +219,7 @@ def format_reading(reading: Reading, unit: Unit = "mg/dL", *, now: datetime) -> 
         value = f"no value ({reading.status})" if reading.status else "no value"
     else:
         value = f"{reading.value_in(unit)} {unit}"
-    return f"{value} {reading.arrow} {_age(now - reading.system_time)}"
+    return f"{value} {reading.arrow} {age(now - reading.system_time)}"
 
 
 def reading_to_dict(reading: Reading) -> dict[str, Any]:
@@ -302,8 +266,6 @@ def readings_to_csv(readings: Iterable[Reading]) -> str:
 
 # ----------------------------------------------------------------------------- client
 
-Sleep = Callable[[float], Awaitable[None]]
-
 
 def _description(response: httpx.Response) -> tuple[str | None, str | None]:
     try:
@@ -339,18 +301,24 @@ class DexcomClient:
         backoff_max: float = 30.0,
         max_retry_after: float = 120.0,
     ) -> None:
-        self._tokens = tokens
         self.provider_id = provider_id
         self.base_url = base_url.rstrip("/")
-        self._http = http
-        self._clock = clock or SystemClock()
+        self._clock: Clock = clock or SystemClock()
         self.max_window = max_window
         self.actor = actor
-        self._sleep: Sleep = sleep or anyio.sleep
-        self.max_retries = max_retries
-        self.backoff_base = backoff_base
-        self.backoff_max = backoff_max
-        self.max_retry_after = max_retry_after
+        self.api = BearerClient(
+            tokens,
+            provider_id=provider_id,
+            name="Dexcom",
+            http=http,
+            clock=self._clock,
+            actor=actor,
+            sleep=sleep,
+            max_retries=max_retries,
+            backoff_base=backoff_base,
+            backoff_max=backoff_max,
+            max_retry_after=max_retry_after,
+        )
 
     @classmethod
     def from_spec(
@@ -391,12 +359,8 @@ class DexcomClient:
             unique[reading.record_id or reading.system_time] = reading
         return sorted(unique.values(), key=lambda r: r.system_time)
 
-    async def latest(self, within: timedelta = timedelta(hours=3)) -> Reading | None:
-        """The newest reading of the last ``within``, or None.
-
-        Dexcom serves EGVs with a delay (one hour in the US, three hours elsewhere per
-        Dexcom's FAQ and user reports): pass a larger ``within`` outside the US.
-        """
+    async def latest(self, within: timedelta = DATA_DELAY + timedelta(hours=3)) -> Reading | None:
+        """The newest reading of the last ``within`` (default: the FAQ's 3 h delay + 3 h)."""
         end = self.now()
         readings = await self.egvs(end - within, end + timedelta(seconds=1))
         return readings[-1] if readings else None
@@ -461,86 +425,35 @@ class DexcomClient:
                 out.append(record)
         return out
 
-    def _backoff(self, attempt: int, retry_after: float | None) -> float:
-        if retry_after is not None:
-            return retry_after
-        return float(min(self.backoff_max, self.backoff_base * math.pow(2, attempt)))
-
-    async def _get(self, path: str, params: dict[str, str]) -> dict[str, Any]:
-        url = self.base_url + path
-        refreshed = False
-        attempt = 0
-        while True:
-            token = await self._tokens.get_token(self.provider_id, actor=self.actor)
-            retry_after: float | None = None
-            try:
-                response = await self._http.get(
-                    url,
-                    params=params,
-                    headers={"Authorization": f"Bearer {token}", "Accept": "application/json"},
-                )
-            except httpx.TransportError as err:
-                failure: ProviderTransientError = ProviderTransientError(
-                    f"cannot reach Dexcom ({type(err).__name__})", provider=self.provider_id
-                )
-                cause: BaseException | None = err
-            else:
-                status = response.status_code
-                if status == 200:
-                    try:
-                        data = response.json()
-                    except ValueError as err:
-                        raise ProviderError(
-                            "Dexcom answered 200 with a body that is not JSON",
-                            provider=self.provider_id,
-                            http_status=200,
-                        ) from err
-                    if not isinstance(data, dict):
-                        raise ProviderError(
-                            "Dexcom answered 200 with an unexpected body",
-                            provider=self.provider_id,
-                            http_status=200,
-                        )
-                    return data
-                error, description = _description(response)
-                if status == 401:
-                    if refreshed:
-                        raise ReauthorizationRequired(
-                            "Dexcom rejected the access token even after a refresh; "
-                            "connect Dexcom again",
-                            provider=self.provider_id,
-                            oauth_error=error,
-                            description=description,
-                            http_status=401,
-                        )
-                    refreshed = True
-                    await self._tokens.refresh(self.provider_id, actor=self.actor, force=True)
-                    continue
-                if status != 429 and status < 500:
-                    raise ProviderError(
-                        f"Dexcom answered HTTP {status} to {path}",
-                        provider=self.provider_id,
-                        oauth_error=error,
-                        description=description,
-                        http_status=status,
-                    )
-                retry_after = parse_retry_after(
-                    response.headers.get("Retry-After"), now=self._clock.now()
-                )
-                failure = ProviderTransientError(
+    def _classify(self, path: str) -> Any:
+        def classify(response: httpx.Response) -> dict[str, Any]:
+            status = response.status_code
+            if status == 200:
+                return json_object(response, name="Dexcom", provider=self.provider_id)
+            error, description = _description(response)
+            if status == 401:
+                raise TokenRejected(error=error, description=description, http_status=401)
+            if status == 429 or status >= 500:
+                raise ProviderTransientError(
                     f"Dexcom is unavailable (HTTP {status})",
                     provider=self.provider_id,
                     oauth_error=error,
                     description=description,
                     http_status=status,
-                    retry_after=retry_after,
+                    retry_after=self.api.retry_after(response),
                 )
-                cause = None
-            if attempt >= self.max_retries or (
-                retry_after is not None and retry_after > self.max_retry_after
-            ):
-                if cause is not None:
-                    raise failure from cause
-                raise failure
-            await self._sleep(self._backoff(attempt, retry_after))
-            attempt += 1
+            raise ProviderError(
+                f"Dexcom answered HTTP {status} to {path}",
+                provider=self.provider_id,
+                oauth_error=error,
+                description=description,
+                http_status=status,
+            )
+
+        return classify
+
+    async def _get(self, path: str, params: dict[str, str]) -> dict[str, Any]:
+        data: dict[str, Any] = await self.api.request(
+            "GET", self.base_url + path, params=params, classify=self._classify(path)
+        )
+        return data

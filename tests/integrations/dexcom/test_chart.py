@@ -10,14 +10,14 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from agentd.simprovider import create_sim_app, get_sim
 from flowengine.clock import ManualClock
-from flowengine.dexcom import Reading, reading_from_record
-from flowengine.glucose_chart import render_chart
+from integrations.dexcom.chart import render_chart
+from integrations.dexcom.client import Reading, reading_from_record
+from integrations.dexcom.sim import DexcomSim
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 NOW = datetime(2026, 11, 20, 18, 0, tzinfo=UTC)
-ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+ARTIFACTS = Path(__file__).resolve().parents[3] / "test-artifacts"
 
 
 def _day_of_readings() -> list[Reading]:
@@ -37,7 +37,7 @@ def _day_of_readings() -> list[Reading]:
 
 def _sim_day() -> list[Reading]:
     """The simulated Dexcom's last 24 h (one low and one high excursion)."""
-    sim = get_sim(create_sim_app(clock=ManualClock(NOW.timestamp())))
+    sim = DexcomSim(clock=ManualClock(NOW.timestamp()))
     start = (NOW - timedelta(hours=24)).timestamp()
     return [reading_from_record(r) for r in sim.egv_records(start, NOW.timestamp())]
 
@@ -110,6 +110,9 @@ def test_too_small_is_refused() -> None:
 def test_importing_the_module_does_not_import_matplotlib() -> None:
     import subprocess
 
-    code = "import sys, flowengine.glucose_chart; sys.exit(1 if 'matplotlib' in sys.modules else 0)"
+    code = (
+        "import sys, integrations, integrations.dexcom.chart; integrations.discover()\n"
+        "sys.exit(1 if 'matplotlib' in sys.modules else 0)"
+    )
     result = subprocess.run([sys.executable, "-c", code], check=False, cwd=ARTIFACTS.parent)
     assert result.returncode == 0

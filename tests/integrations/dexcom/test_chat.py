@@ -1,11 +1,12 @@
-"""The glucose command end to end: BotRunner -> DexcomGlucose -> simulated Dexcom (in-process
-ASGI) with tokens from the broker -> caption with the latest value and a PNG chart."""
+"""The glucose command end to end: BotRunner -> the Dexcom integration's chat command ->
+simulated Dexcom (in-process ASGI) with tokens from the broker -> caption with the latest
+value and a PNG chart."""
 
 from __future__ import annotations
 
 import struct
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from urllib.parse import parse_qs
@@ -14,16 +15,19 @@ import httpx
 import pytest
 from quart import Quart
 
-from agentd.simprovider import SimProvider, create_sim_app, get_sim, glucose_at
-from bot import texts
-from bot.glucose import dexcom_glucose
+from agentd.simoauth import SimOAuth, create_sim_app, get_sim
+from bot.runner import ChatCommandHandler
+from flowengine.broker import Broker
 from flowengine.catalog import load_catalog
-from flowengine.clock import ManualClock, to_ms
-from flowengine.dexcom import TREND_ARROWS
-from flowengine.errors import ConfigError
+from flowengine.clock import Clock, ManualClock, SystemClock, to_ms
+from flowengine.engine import FlowEngine
 from flowengine.tokens import TokenSet
-
-from .conftest import OWNER, BotRig
+from integrations import Services, bind_commands
+from integrations.dexcom import INTEGRATION, parse_glucose
+from integrations.dexcom.chat import caption
+from integrations.dexcom.client import TREND_ARROWS
+from integrations.dexcom.sim import DexcomSim, glucose_at
+from tests.bot.conftest import OWNER, BotRig
 
 pytestmark = pytest.mark.anyio
 
@@ -36,14 +40,29 @@ def _clock() -> ManualClock:
     return ManualClock(NOW.timestamp())
 
 
+@pytest.fixture(name="api")
+def _api(clock: ManualClock) -> DexcomSim:
+    return DexcomSim(clock=clock)
+
+
 @pytest.fixture(name="sim_app")
-def _sim_app(clock: ManualClock) -> Quart:
-    return create_sim_app(clock=clock)
+def _sim_app(clock: ManualClock, api: DexcomSim) -> Quart:
+    return create_sim_app(api=api, clock=clock)
 
 
 @pytest.fixture(name="sim")
-def _sim(sim_app: Quart) -> SimProvider:
+def _sim(sim_app: Quart) -> SimOAuth:
     return get_sim(sim_app)
+
+
+def commands(http: httpx.AsyncClient, clock: Clock, tz: str = "UTC") -> object:
+    """The rig's command factory: the Dexcom integration bound to the running broker."""
+
+    def make(broker: Broker, engine: FlowEngine) -> Sequence[ChatCommandHandler]:
+        services = Services(broker=broker, http=http, clock=clock, actor="bot", tz=tz)
+        return bind_commands([INTEGRATION], services)
+
+    return make
 
 
 @pytest.fixture(name="dexcom_http")
@@ -66,7 +85,11 @@ def _png_size(data: bytes) -> tuple[int, int]:
 
 
 async def test_glucose_answers_with_latest_value_trend_and_chart(
-    dexcom_rig: BotRig, sim: SimProvider, dexcom_http: httpx.AsyncClient, clock: ManualClock
+    dexcom_rig: BotRig,
+    sim: SimOAuth,
+    api: DexcomSim,
+    dexcom_http: httpx.AsyncClient,
+    clock: ManualClock,
 ) -> None:
     rig = dexcom_rig
     issued = sim.issue_tokens()
@@ -78,17 +101,14 @@ async def test_glucose_answers_with_latest_value_trend_and_chart(
             expires=to_ms(time.time()) + 3_600_000,
         ),
     )
-    async with rig.running() as runner:
-        assert rig.broker is not None
-        runner.glucose = dexcom_glucose(
-            rig.broker, http=dexcom_http, tz="Europe/Berlin", clock=clock
-        )
+    rig.commands = commands(dexcom_http, clock, "Europe/Berlin")  # type: ignore[assignment]
+    async with rig.running():
         await rig.say("glucose 6h")
     (answer,) = rig.chat.sent(OWNER)
     assert answer.image is not None
     assert _png_size(answer.image) == (1000, 500)
 
-    latest = sim.latest_egv_time()
+    latest = api.latest_egv_time()
     first, second = answer.text.split("\n")
     value, unit, arrow, *age = first.removeprefix("🩸 ").split(" ")
     assert (value, unit) == (str(round(glucose_at(latest.timestamp()))), "mg/dL")
@@ -96,7 +116,7 @@ async def test_glucose_answers_with_latest_value_trend_and_chart(
     assert " ".join(age) in ("just now", f"{int((NOW - latest).total_seconds() // 60)} min ago")
     assert second == "Last 6 h"
     # one request for exactly the asked window, in Dexcom's date format
-    (request,) = [r for r in sim.requests if r.path.endswith("/egvs")]
+    (request,) = [r for r in api.requests if r.path.endswith("/egvs")]
     query = parse_qs(request.query_string)
     assert query["startDate"] == ["2026-11-20T12:00:00"]
     assert query["endDate"] == ["2026-11-20T18:00:01"]
@@ -106,44 +126,67 @@ async def test_glucose_when_dexcom_is_not_connected(
     dexcom_rig: BotRig, dexcom_http: httpx.AsyncClient, clock: ManualClock
 ) -> None:
     rig = dexcom_rig
-    async with rig.running() as runner:
-        assert rig.broker is not None
-        runner.glucose = dexcom_glucose(rig.broker, http=dexcom_http, clock=clock)
+    rig.commands = commands(dexcom_http, clock)  # type: ignore[assignment]
+    async with rig.running():
         await rig.say("glucose")
-    assert rig.chat.texts(OWNER) == ["Dexcom is not connected. Say connect dexcom first."]
+        await rig.say("glucose 3w")
+        await rig.say("help")
+    not_connected, usage, help_text = rig.chat.texts(OWNER)
+    assert not_connected == "Dexcom is not connected. Say connect dexcom first."
+    assert usage == "Say glucose, glucose 6h, glucose 24h or glucose 7d."
+    assert "glucose [6h|24h|7d] — latest glucose reading and a chart\nhelp — this text" in help_text
 
 
-async def test_glucose_when_not_set_up(rig: BotRig) -> None:
+async def test_without_the_integration_there_is_no_glucose_command(rig: BotRig) -> None:
     async with rig.running():
         await rig.say("glucose 7d")
-    assert rig.chat.texts(OWNER) == [texts.GLUCOSE_NOT_SET_UP]
+        await rig.say("help")
+    unknown, help_text = rig.chat.texts(OWNER)
+    assert unknown == "I did not understand that. Say help for what I can do."
+    assert "glucose" not in help_text
 
 
-async def test_a_provider_without_api_base_url_cannot_serve_glucose(
-    rig: BotRig, dexcom_http: httpx.AsyncClient
+async def test_a_provider_without_api_base_url_is_a_clear_failure(
+    dexcom_rig: BotRig, dexcom_http: httpx.AsyncClient, clock: ManualClock
 ) -> None:
+    rig = dexcom_rig
+    rig.catalog.register(replace(load_catalog().get("dexcom"), api_base_url=None))
+    rig.tokens.write("dexcom", TokenSet(access="a", refresh="r", expires=None))
+    rig.commands = commands(dexcom_http, clock)  # type: ignore[assignment]
     async with rig.running():
-        assert rig.broker is not None
-        with pytest.raises(ConfigError, match="api_base_url"):
-            dexcom_glucose(rig.broker, http=dexcom_http, provider_id="fake")
+        await rig.say("glucose")
+    (answer,) = rig.chat.texts(OWNER)
+    assert answer.startswith("⚠️ No glucose reading: ")
+    assert "api_base_url" in answer
 
 
 @pytest.mark.parametrize(
-    ("reading", "hours", "caption"),
+    ("words", "hours"),
+    [((), 24), (("6h",), 6), (("24h",), 24), (("1d",), 24), (("7d",), 168), (("3w",), None)],
+)
+def test_parse_glucose(words: tuple[str, ...], hours: int | None) -> None:
+    assert parse_glucose(words) == hours
+    assert parse_glucose(("6h", "7d")) is None
+
+
+@pytest.mark.parametrize(
+    ("reading", "hours", "text"),
     [
         ("142 mg/dL → 4 min ago", 6, "🩸 142 mg/dL → 4 min ago\nLast 6 h"),
         ("7.9 mmol/L ↗ just now", 24, "🩸 7.9 mmol/L ↗ just now\nLast 24 h"),
         (None, 168, "🩸 No glucose readings in the last 7 d."),
     ],
 )
-def test_caption(reading: str | None, hours: int, caption: str) -> None:
-    assert texts.glucose_caption(reading, hours) == caption
+def test_caption(reading: str | None, hours: int, text: str) -> None:
+    assert caption(reading, hours) == text
 
 
 async def test_connect_dexcom_at_the_simulator_then_glucose(rig: BotRig) -> None:
     """The whole story in one chat: credentials asked, consent at the simulated Dexcom, the
     redirect to the daemon over HTTP, the exchange, then a glucose chart on the new token."""
+    api = DexcomSim(clock=SystemClock())
     sim_app = create_sim_app(
+        api=api,
         clients={"sim-client": "sim-secret"},
         redirect_uris=[rig.daemon.redirect_uri],
         consent="allow",
@@ -152,9 +195,8 @@ async def test_connect_dexcom_at_the_simulator_then_glucose(rig: BotRig) -> None
     rig.catalog.register(load_catalog().get("dexcom"))  # api.dexcom.com, routed to the sim
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=sim_app)) as sim_http:
         rig.provider_http = sim_http
-        async with rig.running() as runner:
-            assert rig.broker is not None
-            runner.glucose = dexcom_glucose(rig.broker, http=sim_http)
+        rig.commands = commands(sim_http, SystemClock())  # type: ignore[assignment]
+        async with rig.running():
             await rig.say("connect dexcom")
             await rig.say("sim-client")
             await rig.say("sim-secret")
@@ -178,5 +220,5 @@ async def test_connect_dexcom_at_the_simulator_then_glucose(rig: BotRig) -> None
     assert _png_size(chart.image) == (1000, 500)
     assert chart.text.startswith("🩸 ")
     assert chart.text.endswith("\nLast 24 h")
-    assert sim.counters.api_requests["egvs"] == 1
-    assert sim.counters.api_unauthorized == 0
+    assert api.counters.api_requests["egvs"] == 1
+    assert api.counters.api_unauthorized == 0

@@ -1,39 +1,51 @@
-"""The simulated Dexcom provider, spoken to over real HTTP semantics (httpx.ASGITransport)."""
+"""The simulated authorization server (agentd/simoauth.py), spoken to over real HTTP semantics
+(httpx.ASGITransport), with a minimal simulated API beside it and dialects of real providers."""
 
 from __future__ import annotations
 
 import base64
+import json
 import re
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
-from typing import Any
+from datetime import UTC, datetime
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
-from quart import Quart
+from quart import Quart, Response, request
 
-from agentd.simprovider import SimProvider, create_sim_app, get_sim
+from agentd.simoauth import SimOAuth, create_sim_app, get_sim
 from flowengine.clock import ManualClock
 from flowengine.protocol import code_challenge, new_code_verifier
+from integrations import BearerCheck, SimDialect
 
 REDIRECT = "https://broker.test/oauth/callback"
 NOW = datetime(2026, 11, 20, 18, 0, tzinfo=UTC)
-EGV_FIELDS = {
-    "recordId",
-    "systemTime",
-    "displayTime",
-    "transmitterId",
-    "transmitterTicks",
-    "value",
-    "status",
-    "trend",
-    "trendRate",
-    "unit",
-    "rateUnit",
-    "displayDevice",
-    "transmitterGeneration",
-}
+DIALECT = SimDialect(name="Test", required_scope="offline_access", access_ttl=7200)
+
+
+class MeApi:
+    """The smallest simulated API: ``GET /api/me`` answers 200 on a valid bearer token."""
+
+    provider = "test"
+    dialect = DIALECT
+    path_prefix = "/api/"
+
+    def __init__(self) -> None:
+        self.statuses: list[int] = []
+
+    def mount(self, app: Quart, bearer: BearerCheck) -> None:
+        @app.get("/api/me")
+        async def me() -> Response:
+            header = request.headers.get("Authorization", "")
+            ok = header.startswith("Bearer ") and bearer.access_token_valid(header[7:])
+            return Response(json.dumps({"me": ok}), status=200 if ok else 401)
+
+        @app.after_request
+        async def note(response: Response) -> Response:
+            if request.path.startswith(self.path_prefix):
+                self.statuses.append(response.status_code)
+            return response
 
 
 @pytest.fixture(name="clock")
@@ -41,9 +53,15 @@ def _clock() -> ManualClock:
     return ManualClock(NOW.timestamp())
 
 
+@pytest.fixture(name="api")
+def _api() -> MeApi:
+    return MeApi()
+
+
 @pytest.fixture(name="app")
-def _app(clock: ManualClock) -> Quart:
+def _app(clock: ManualClock, api: MeApi) -> Quart:
     return create_sim_app(
+        api=api,
         clock=clock,
         clients={"cid": "secret", "public-app": None},
         redirect_uris=[REDIRECT],
@@ -51,7 +69,7 @@ def _app(clock: ManualClock) -> Quart:
 
 
 @pytest.fixture(name="sim")
-def _sim(app: Quart) -> SimProvider:
+def _sim(app: Quart) -> SimOAuth:
     return get_sim(app)
 
 
@@ -84,12 +102,12 @@ async def _code(http: httpx.AsyncClient, verifier: str | None = None, **override
     params = _authorize_params(**overrides)
     if verifier is not None:
         params |= {"code_challenge": code_challenge(verifier), "code_challenge_method": "S256"}
-    page = await http.get("/v2/oauth2/login", params=params)
+    page = await http.get("/oauth/authorize", params=params)
     assert page.status_code == 200
     ticket = re.search(r'name="ticket" value="([^"]+)"', page.text)
     assert ticket is not None
     answer = await http.post(
-        "/v2/oauth2/login", data={"ticket": ticket.group(1), "decision": "allow"}
+        "/oauth/authorize", data={"ticket": ticket.group(1), "decision": "allow"}
     )
     assert answer.status_code == 302
     location = answer.headers["location"]
@@ -112,27 +130,24 @@ async def _exchange(
     if verifier is not None:
         form["code_verifier"] = verifier
     form.update(extra)
-    return await http.post("/v2/oauth2/token", data=form)
+    return await http.post("/oauth/token", data=form)
 
 
-async def _refresh(http: httpx.AsyncClient, token: str) -> httpx.Response:
+async def _refresh(http: httpx.AsyncClient, token: str, **extra: str) -> httpx.Response:
     return await http.post(
-        "/v2/oauth2/token",
+        "/oauth/token",
         data={
             "grant_type": "refresh_token",
             "refresh_token": token,
             "client_id": "cid",
             "client_secret": "secret",
+            **extra,
         },
     )
 
 
-async def _egvs(http: httpx.AsyncClient, token: str, start: str, end: str) -> httpx.Response:
-    return await http.get(
-        "/v3/users/self/egvs",
-        params={"startDate": start, "endDate": end},
-        headers={"Authorization": f"Bearer {token}"},
-    )
+async def _me(http: httpx.AsyncClient, token: str) -> httpx.Response:
+    return await http.get("/api/me", headers={"Authorization": f"Bearer {token}"})
 
 
 # ------------------------------------------------------------------------ authorize
@@ -140,14 +155,14 @@ async def _egvs(http: httpx.AsyncClient, token: str, start: str, end: str) -> ht
 
 @pytest.mark.anyio
 async def test_consent_page_offers_allow_and_deny(http: httpx.AsyncClient) -> None:
-    page = await http.get("/v2/oauth2/login", params=_authorize_params())
+    page = await http.get("/oauth/authorize", params=_authorize_params())
     assert page.status_code == 200
     assert 'value="allow"' in page.text
     assert 'value="deny"' in page.text
     ticket = re.search(r'name="ticket" value="([^"]+)"', page.text)
     assert ticket is not None
     denied = await http.post(
-        "/v2/oauth2/login", data={"ticket": ticket.group(1), "decision": "deny"}
+        "/oauth/authorize", data={"ticket": ticket.group(1), "decision": "deny"}
     )
     assert denied.status_code == 302
     assert _query(denied.headers["location"]) == {
@@ -156,7 +171,7 @@ async def test_consent_page_offers_allow_and_deny(http: httpx.AsyncClient) -> No
         "state": "st-123",
     }
     again = await http.post(
-        "/v2/oauth2/login", data={"ticket": ticket.group(1), "decision": "allow"}
+        "/oauth/authorize", data={"ticket": ticket.group(1), "decision": "allow"}
     )
     assert again.status_code == 400  # a ticket answers once
 
@@ -165,10 +180,14 @@ async def test_consent_page_offers_allow_and_deny(http: httpx.AsyncClient) -> No
 @pytest.mark.parametrize("consent", ["allow", "deny"])
 async def test_scripted_consent_redirects_at_once(clock: ManualClock, consent: str) -> None:
     app = create_sim_app(
-        clock=clock, clients={"cid": "s"}, redirect_uris=[REDIRECT], consent=consent
-    )  # type: ignore[arg-type]
+        dialect=DIALECT,
+        clock=clock,
+        clients={"cid": "s"},
+        redirect_uris=[REDIRECT],
+        consent=consent,  # type: ignore[arg-type]
+    )
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="https://s") as c:
-        response = await c.get("/v2/oauth2/login", params=_authorize_params())
+        response = await c.get("/oauth/authorize", params=_authorize_params())
     assert response.status_code == 302
     query = _query(response.headers["location"])
     assert query["state"] == "st-123"
@@ -192,7 +211,7 @@ async def test_scripted_consent_redirects_at_once(clock: ManualClock, consent: s
 async def test_bad_client_or_redirect_never_redirects(
     http: httpx.AsyncClient, overrides: dict[str, str], message: str
 ) -> None:
-    response = await http.get("/v2/oauth2/login", params=_authorize_params(**overrides))
+    response = await http.get("/oauth/authorize", params=_authorize_params(**overrides))
     assert response.status_code == 400
     assert "location" not in response.headers
     assert message in response.text
@@ -213,7 +232,7 @@ async def test_bad_client_or_redirect_never_redirects(
 async def test_bad_authorize_parameters_redirect_with_error(
     http: httpx.AsyncClient, overrides: dict[str, str | None], error: str
 ) -> None:
-    response = await http.get("/v2/oauth2/login", params=_authorize_params(**overrides))
+    response = await http.get("/oauth/authorize", params=_authorize_params(**overrides))
     assert response.status_code == 302
     query = _query(response.headers["location"])
     assert query["error"] == error
@@ -223,7 +242,7 @@ async def test_bad_authorize_parameters_redirect_with_error(
 
 @pytest.mark.anyio
 async def test_missing_state_is_rejected(http: httpx.AsyncClient) -> None:
-    response = await http.get("/v2/oauth2/login", params=_authorize_params(state=None))
+    response = await http.get("/oauth/authorize", params=_authorize_params(state=None))
     assert response.status_code == 302
     assert _query(response.headers["location"])["error"] == "invalid_request"
 
@@ -232,9 +251,7 @@ async def test_missing_state_is_rejected(http: httpx.AsyncClient) -> None:
 
 
 @pytest.mark.anyio
-async def test_code_with_pkce_exchanges_for_dexcom_shaped_tokens(
-    http: httpx.AsyncClient, sim: SimProvider
-) -> None:
+async def test_code_with_pkce_exchanges_for_tokens(http: httpx.AsyncClient, sim: SimOAuth) -> None:
     verifier = new_code_verifier()
     code = await _code(http, verifier)
     response = await _exchange(http, code, verifier)
@@ -246,7 +263,7 @@ async def test_code_with_pkce_exchanges_for_dexcom_shaped_tokens(
     assert response.headers["cache-control"] == "no-store"
     assert sim.counters.token_requests == {"authorization_code": 1}
     assert sim.counters.refresh_issued == 1
-    data = await _egvs(http, body["access_token"], "2026-11-20T12:00:00", "2026-11-20T13:00:00")
+    data = await _me(http, body["access_token"])
     assert data.status_code == 200
 
 
@@ -279,7 +296,7 @@ async def test_code_reuse_is_rejected_and_revokes_its_tokens(http: httpx.AsyncCl
     second = await _exchange(http, code)
     assert second.status_code == 400
     assert second.json()["error"] == "invalid_grant"
-    data = await _egvs(http, tokens["access_token"], "2026-11-20T12:00:00", "2026-11-20T13:00:00")
+    data = await _me(http, tokens["access_token"])
     assert data.status_code == 401
     refreshed = await _refresh(http, tokens["refresh_token"])
     assert refreshed.status_code == 400
@@ -312,7 +329,7 @@ async def test_client_authentication(http: httpx.AsyncClient) -> None:
     code = await _code(http)
     basic = base64.b64encode(b"cid:secret").decode()
     ok = await http.post(
-        "/v2/oauth2/token",
+        "/oauth/token",
         data={"grant_type": "authorization_code", "code": code, "redirect_uri": REDIRECT},
         headers={"Authorization": f"Basic {basic}"},
     )
@@ -320,7 +337,7 @@ async def test_client_authentication(http: httpx.AsyncClient) -> None:
 
     code = await _code(http)
     both = await http.post(
-        "/v2/oauth2/token",
+        "/oauth/token",
         data={
             "grant_type": "authorization_code",
             "code": code,
@@ -338,7 +355,7 @@ async def test_public_client_uses_pkce_without_secret(http: httpx.AsyncClient) -
     verifier = new_code_verifier()
     code = await _code(http, verifier, client_id="public-app")
     response = await http.post(
-        "/v2/oauth2/token",
+        "/oauth/token",
         data={
             "grant_type": "authorization_code",
             "code": code,
@@ -351,9 +368,9 @@ async def test_public_client_uses_pkce_without_secret(http: httpx.AsyncClient) -
 
 
 @pytest.mark.anyio
-async def test_unsupported_grant_type(http: httpx.AsyncClient, sim: SimProvider) -> None:
+async def test_unsupported_grant_type(http: httpx.AsyncClient, sim: SimOAuth) -> None:
     response = await http.post(
-        "/v2/oauth2/token",
+        "/oauth/token",
         data={"grant_type": "password", "client_id": "cid", "client_secret": "secret"},
     )
     assert response.status_code == 400
@@ -362,7 +379,7 @@ async def test_unsupported_grant_type(http: httpx.AsyncClient, sim: SimProvider)
 
 
 @pytest.mark.anyio
-async def test_refresh_tokens_rotate(http: httpx.AsyncClient, sim: SimProvider) -> None:
+async def test_refresh_tokens_rotate(http: httpx.AsyncClient, sim: SimOAuth) -> None:
     tokens = (await _exchange(http, await _code(http))).json()
     first = await _refresh(http, tokens["refresh_token"])
     assert first.status_code == 200
@@ -413,12 +430,10 @@ async def test_refresh_ttl(clock: ManualClock) -> None:
 
 
 @pytest.mark.anyio
-async def test_revoke_refresh_token_kills_the_grant(
-    http: httpx.AsyncClient, sim: SimProvider
-) -> None:
+async def test_revoke_refresh_token_kills_the_grant(http: httpx.AsyncClient, sim: SimOAuth) -> None:
     tokens = sim.issue_tokens("cid")
     response = await http.post(
-        "/v2/oauth2/revoke",
+        "/oauth/revoke",
         data={
             "token": tokens["refresh_token"],
             "token_type_hint": "refresh_token",
@@ -429,256 +444,177 @@ async def test_revoke_refresh_token_kills_the_grant(
     assert response.status_code == 200
     assert sim.counters.revocations == 1
     assert (await _refresh(http, tokens["refresh_token"])).status_code == 400
-    data = await _egvs(http, tokens["access_token"], "2026-11-20T12:00:00", "2026-11-20T13:00:00")
+    data = await _me(http, tokens["access_token"])
     assert data.status_code == 401
 
 
-# ------------------------------------------------------------------------- data API
+# ------------------------------------------------------------------ API and injection
 
 
 @pytest.mark.anyio
-async def test_expired_access_token_gets_401(
-    http: httpx.AsyncClient, sim: SimProvider, clock: ManualClock
+async def test_the_api_sees_only_live_tokens(
+    http: httpx.AsyncClient, sim: SimOAuth, api: MeApi, clock: ManualClock
 ) -> None:
     token = sim.issue_tokens()["access_token"]
-    ok = await _egvs(http, token, "2026-11-20T12:00:00", "2026-11-20T13:00:00")
-    assert ok.status_code == 200
+    assert (await _me(http, token)).status_code == 200
     clock.advance(7200)
-    expired = await _egvs(http, token, "2026-11-20T12:00:00", "2026-11-20T13:00:00")
-    assert expired.status_code == 401
-    assert expired.headers["www-authenticate"].startswith("Bearer")
-    missing = await http.get("/v3/users/self/devices")
-    assert missing.status_code == 401
-    assert sim.counters.api_unauthorized == 2
+    assert (await _me(http, token)).status_code == 401
+    assert (await _me(http, "made-up")).status_code == 401
+    assert api.statuses == [200, 401, 401]
 
 
 @pytest.mark.anyio
-async def test_egvs_shape_cadence_and_determinism(
-    http: httpx.AsyncClient, sim: SimProvider
+async def test_injection_defaults_to_the_api_prefix(
+    http: httpx.AsyncClient, sim: SimOAuth, api: MeApi
 ) -> None:
-    token = sim.issue_tokens()["access_token"]
-    response = await _egvs(http, token, "2026-11-19T18:00:00", "2026-11-20T18:00:00")
-    assert response.status_code == 200
-    body = response.json()
-    assert {k: body[k] for k in ("recordType", "recordVersion", "userId")} == {
-        "recordType": "egv",
-        "recordVersion": "3.0",
-        "userId": "sim-user-0001",
-    }
-    records = body["records"]
-    assert len(records) == 288
-    assert all(set(r) == EGV_FIELDS for r in records)
-    times = [datetime.fromisoformat(r["systemTime"]) for r in records]
-    assert all(t.utcoffset() == timedelta(0) for t in times)  # iOS source: UTC offset present
-    assert {(b - a) for a, b in zip(times, times[1:], strict=False)} == {timedelta(minutes=5)}
-    assert times[0] >= datetime(2026, 11, 19, 18, 0, tzinfo=UTC)
-    assert times[-1] < datetime(2026, 11, 20, 18, 0, tzinfo=UTC)
-    values = [r["value"] for r in records]
-    assert min(values) < 70 < 180 < max(values)  # one low and one high excursion a day
-    assert {r["unit"] for r in records} == {"mg/dL"}
-    assert {r["rateUnit"] for r in records} == {"mg/dL/min"}
-    assert {"flat", "fortyFiveUp", "singleUp", "singleDown"} <= {r["trend"] for r in records}
-    assert len({r["recordId"] for r in records}) == 288
-    again = await _egvs(http, token, "2026-11-19T18:00:00", "2026-11-20T18:00:00")
-    assert again.json() == body
-
-
-@pytest.mark.anyio
-async def test_receiver_records_have_no_offsets(clock: ManualClock) -> None:
-    app = create_sim_app(
-        clock=clock,
-        display_device="receiver",
-        transmitter_generation="g6",
-        display_tz="America/Los_Angeles",
-    )
-    token = get_sim(app).issue_tokens()["access_token"]
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="https://s") as c:
-        response = await _egvs(c, token, "2026-11-20T12:00:00", "2026-11-20T12:10:00")
-    first = response.json()["records"][0]
-    assert first["systemTime"] == "2026-11-20T12:00:23"
-    assert first["displayTime"] == "2026-11-20T04:00:23"
-    assert first["displayDevice"] == "receiver"
-    assert first["transmitterGeneration"] == "g6"
-
-
-@pytest.mark.anyio
-@pytest.mark.parametrize(
-    ("params", "description"),
-    [
-        ({"endDate": "2026-11-20T12:00:00"}, "startDate is required"),
-        ({"startDate": "2026-11-20T12:00:00"}, "endDate is required"),
-        ({"startDate": "2026-11-20T12:00:00Z", "endDate": "2026-11-20T13:00:00"}, "YYYY-MM-DD"),
-        ({"startDate": "2026-11-20T12:00:00.000", "endDate": "2026-11-20T13:00:00"}, "YYYY"),
-        ({"startDate": "2026-11-20", "endDate": "2026-11-21"}, "YYYY-MM-DD"),
-        ({"startDate": "2026-11-20T12:00:00\n", "endDate": "2026-11-20T13:00:00"}, "YYYY"),
-        ({"startDate": "2026-02-30T00:00:00", "endDate": "2026-03-01T00:00:00"}, "not a valid"),
-        ({"startDate": "2026-11-20T13:00:00", "endDate": "2026-11-20T12:00:00"}, "after"),
-        ({"startDate": "2026-10-01T00:00:00", "endDate": "2026-10-31T00:00:01"}, "30 days"),
-    ],
-)
-async def test_egvs_query_validation(
-    http: httpx.AsyncClient, sim: SimProvider, params: dict[str, str], description: str
-) -> None:
-    token = sim.issue_tokens()["access_token"]
-    response = await http.get(
-        "/v3/users/self/egvs", params=params, headers={"Authorization": f"Bearer {token}"}
-    )
-    assert response.status_code == 400
-    assert response.json()["error"] == "invalid_request"
-    assert description in response.json()["error_description"]
-
-
-@pytest.mark.anyio
-async def test_exactly_thirty_days_is_allowed(http: httpx.AsyncClient, sim: SimProvider) -> None:
-    token = sim.issue_tokens()["access_token"]
-    response = await _egvs(http, token, "2026-10-01T00:00:00", "2026-10-31T00:00:00")
-    assert response.status_code == 200
-    assert len(response.json()["records"]) == 30 * 288
-
-
-@pytest.mark.anyio
-async def test_data_delay_and_history_bound_what_is_served(clock: ManualClock) -> None:
-    app = create_sim_app(clock=clock, data_delay=timedelta(hours=3), history=timedelta(days=2))
-    sim = get_sim(app)
-    token = sim.issue_tokens()["access_token"]
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="https://s") as c:
-        recent = await _egvs(c, token, "2026-11-20T14:00:00", "2026-11-20T18:00:00")
-        old = await _egvs(c, token, "2026-11-10T00:00:00", "2026-11-12T00:00:00")
-    times = [datetime.fromisoformat(r["systemTime"]) for r in recent.json()["records"]]
-    assert max(times) <= NOW - timedelta(hours=3)
-    assert len(times) == 12  # 14:00-15:00 only
-    assert old.json()["records"] == []
-    assert sim.latest_egv_time() == max(times)
-
-
-@pytest.mark.anyio
-async def test_injected_failures_then_recovery(http: httpx.AsyncClient, sim: SimProvider) -> None:
-    token = sim.issue_tokens()["access_token"]
+    tokens = sim.issue_tokens()
     sim.inject(429, retry_after=7)
     sim.inject(503)
-    limited = await _egvs(http, token, "2026-11-20T12:00:00", "2026-11-20T13:00:00")
+    refreshed = await _refresh(http, tokens["refresh_token"])
+    assert refreshed.status_code == 200  # the token endpoint is not under /api/
+    limited = await _me(http, refreshed.json()["access_token"])
     assert limited.status_code == 429
     assert limited.headers["retry-after"] == "7"
-    unavailable = await _egvs(http, token, "2026-11-20T12:00:00", "2026-11-20T13:00:00")
+    unavailable = await _me(http, refreshed.json()["access_token"])
     assert unavailable.status_code == 503
-    assert "retry-after" not in unavailable.headers
-    ok = await _egvs(http, token, "2026-11-20T12:00:00", "2026-11-20T13:00:00")
-    assert ok.status_code == 200
+    assert (await _me(http, refreshed.json()["access_token"])).status_code == 200
     assert sim.counters.injected == 2
-    assert [r.status for r in sim.requests] == [429, 503, 200]
+    assert api.statuses == [429, 503, 200]
 
 
 @pytest.mark.anyio
-async def test_token_endpoint_injection(http: httpx.AsyncClient, sim: SimProvider) -> None:
-    sim.inject(502, path_prefix="/v2/oauth2/token")
+async def test_token_endpoint_injection(http: httpx.AsyncClient, sim: SimOAuth) -> None:
+    sim.inject(502, path_prefix="/oauth/token")
     refresh = sim.issue_tokens()["refresh_token"]
     assert (await _refresh(http, refresh)).status_code == 502
     assert (await _refresh(http, refresh)).status_code == 200
 
 
-async def _get(http: httpx.AsyncClient, sim: SimProvider, path: str, **params: str) -> Any:
-    token = sim.issue_tokens()["access_token"]
-    response = await http.get(path, params=params, headers={"Authorization": f"Bearer {token}"})
-    assert response.status_code == 200
-    return response.json()
+# ------------------------------------------------------------------------ dialects
+
+ENVELOPED = SimDialect(
+    name="Enveloped",
+    authorize_path="/oauth2_user/authorize2",
+    token_path="/v2/oauth2",
+    revoke_path=None,
+    token_params={"action": "requesttoken"},
+    envelope=True,
+    envelope_errors={"invalid_client": 401, "default": 503},
+    scope_separator=",",
+    scopes=("user.metrics", "user.activity"),
+    response_extra={"userid": 363},
+    token_scope=True,
+    code_ttl=30,
+    access_ttl=10800,
+    old_refresh_grace=8 * 3600,
+    old_refresh_dies_on_use=True,
+)
 
 
-@pytest.mark.anyio
-async def test_other_record_endpoints(http: httpx.AsyncClient, sim: SimProvider) -> None:
-    window = {"startDate": "2026-11-18T00:00:00", "endDate": "2026-11-20T00:00:00"}
-    events = await _get(http, sim, "/v3/users/self/events", **window)
-    assert events["recordType"] == "events"
-    assert [(e["eventType"], e["systemTime"][:16]) for e in events["records"]] == [
-        ("insulin", "2026-11-18T12:40"),
-        ("carbs", "2026-11-18T12:45"),
-        ("insulin", "2026-11-19T12:40"),
-        ("carbs", "2026-11-19T12:45"),
-    ]
-    assert {e["eventStatus"] for e in events["records"]} == {"created"}
-    calibrations = await _get(http, sim, "/v3/users/self/calibrations", **window)
-    assert calibrations["recordType"] == "calibrations"
-    assert len(calibrations["records"]) == 2
-    alerts = await _get(http, sim, "/v3/users/self/alerts", **window)
-    assert alerts["recordType"] == "alerts"
-    assert sorted({a["alertName"] for a in alerts["records"]}) == ["high", "low"]
-    assert len(alerts["records"]) == 4
-
-
-@pytest.mark.anyio
-async def test_data_range_and_devices(http: httpx.AsyncClient, sim: SimProvider) -> None:
-    data = await _get(http, sim, "/v3/users/self/dataRange")
-    assert data["recordType"] == "dataRange"
-    assert set(data) == {"recordType", "recordVersion", "userId", "calibrations", "egvs", "events"}
-    end = datetime.fromisoformat(data["egvs"]["end"]["systemTime"])
-    start = datetime.fromisoformat(data["egvs"]["start"]["systemTime"])
-    assert NOW - timedelta(minutes=5) <= end <= NOW
-    assert NOW - timedelta(days=90) <= start <= NOW - timedelta(days=90) + timedelta(minutes=5)
-    since = await _get(http, sim, "/v3/users/self/dataRange", lastSyncTime="2026-11-20T00:00:00")
-    since_start = datetime.fromisoformat(since["egvs"]["start"]["systemTime"])
-    assert since_start.date() == NOW.date()
-    devices = await _get(http, sim, "/v3/users/self/devices")
-    assert devices["recordType"] == "device"
-    (device,) = devices["records"]
-    assert device["transmitterGeneration"] == "g7"
-    assert device["alertSchedules"][0]["alertSettings"][0]["alertName"] == "low"
-
-
-# ------------------------------------------------------------------ product interop
-
-
-@pytest.mark.anyio
-async def test_the_products_oauth_client_speaks_to_the_sim(clock: ManualClock) -> None:
-    """The catalog's Dexcom entry, pointed at the sim, drives a full connect and refresh."""
-    import dataclasses
-
-    from flowengine.catalog import load_catalog
-    from flowengine.credentials import ClientCredentials
-    from flowengine.errors import ReauthorizationRequired
-    from flowengine.oauth_http import exchange_code, refresh_tokens
-    from flowengine.protocol import build_authorize_url, new_state
-
-    base = "https://sim.test"
-    spec = dataclasses.replace(
-        load_catalog().get("dexcom"),
-        authorize_url=f"{base}/v2/oauth2/login",
-        token_url=f"{base}/v2/oauth2/token",
-        api_base_url=base,
-    )
+@pytest.fixture(name="enveloped")
+async def _enveloped(clock: ManualClock, api: MeApi) -> AsyncIterator[httpx.AsyncClient]:
     app = create_sim_app(
-        clock=clock, clients={"cid": "secret"}, redirect_uris=[REDIRECT], consent="allow"
+        api=api,
+        dialect=ENVELOPED,
+        clock=clock,
+        clients={"cid": "secret"},
+        redirect_uris=[REDIRECT],
+        consent="allow",
     )
-    sim = get_sim(app)
-    creds = ClientCredentials("cid", "secret")
-    state = new_state()
-    url = build_authorize_url(
-        spec.authorize_url,
-        client_id="cid",
-        redirect_uri=REDIRECT,
-        state=state,
-        scopes=spec.scopes,
-        scope_separator=spec.scope_separator,
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="https://sim.test") as client:
+        client.sim = get_sim(app)  # type: ignore[attr-defined]
+        yield client
+
+
+async def _enveloped_code(http: httpx.AsyncClient, scope: str) -> httpx.Response:
+    return await http.get(
+        "/oauth2_user/authorize2",
+        params=_authorize_params(scope=scope),
     )
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=base) as c:
-        redirected = await c.get(url)
-        query = _query(redirected.headers["location"])
-        assert query["state"] == state
-        now_ms = int(clock.now() * 1000)
-        tokens = await exchange_code(
-            spec,
-            creds,
-            code=query["code"],
-            redirect_uri=REDIRECT,
-            code_verifier=None,
-            client=c,
-            now_ms=now_ms,
-        )
-        rotated = await refresh_tokens(
-            spec, creds, refresh_token=tokens.refresh or "", client=c, now_ms=now_ms
-        )
-        assert rotated.refresh != tokens.refresh
-        with pytest.raises(ReauthorizationRequired):
-            await refresh_tokens(
-                spec, creds, refresh_token=tokens.refresh or "", client=c, now_ms=now_ms
-            )
-    assert sim.counters.token_requests == {"authorization_code": 1, "refresh_token": 2}
-    assert sim.counters.refresh_rejected == 1
+
+
+@pytest.mark.anyio
+async def test_envelope_dialect_wraps_answers_and_errors_in_http_200(
+    enveloped: httpx.AsyncClient, clock: ManualClock
+) -> None:
+    redirected = await _enveloped_code(enveloped, "user.metrics,user.activity")
+    code = _query(redirected.headers["location"])["code"]
+    form = {
+        "grant_type": "authorization_code",
+        "code": code,
+        "redirect_uri": REDIRECT,
+        "client_id": "cid",
+        "client_secret": "secret",
+    }
+    missing_action = await enveloped.post("/v2/oauth2", data=form)
+    assert missing_action.status_code == 200
+    assert missing_action.json()["status"] == 503
+    assert "action" in missing_action.json()["error"]
+    # the failed attempt did not spend the code: the action was checked first
+    answer = await enveloped.post("/v2/oauth2", data={**form, "action": "requesttoken"})
+    assert answer.status_code == 200
+    envelope = answer.json()
+    assert envelope["status"] == 0
+    body = envelope["body"]
+    assert set(body) == {
+        "access_token",
+        "refresh_token",
+        "expires_in",
+        "token_type",
+        "scope",
+        "userid",
+    }
+    assert body["scope"] == "user.metrics,user.activity"
+    assert body["expires_in"] == 10800
+    bad_client = await enveloped.post(
+        "/v2/oauth2",
+        data={**form, "action": "requesttoken", "client_secret": "nope"},
+    )
+    assert bad_client.status_code == 200
+    assert bad_client.json() == {"status": 401, "body": {}, "error": "client authentication failed"}
+
+
+@pytest.mark.anyio
+async def test_envelope_dialect_scopes_are_comma_separated_and_listed(
+    enveloped: httpx.AsyncClient,
+) -> None:
+    refused = await _enveloped_code(enveloped, "user.info,user.metrics")
+    query = _query(refused.headers["location"])
+    assert query["error"] == "invalid_scope"
+    assert "user.info" in query["error_description"]
+    spaced = await _enveloped_code(enveloped, "user.metrics user.activity")
+    assert _query(spaced.headers["location"])["error"] == "invalid_scope"
+
+
+@pytest.mark.anyio
+async def test_rotated_refresh_token_lives_until_the_new_access_token_is_used(
+    enveloped: httpx.AsyncClient, clock: ManualClock
+) -> None:
+    sim: SimOAuth = enveloped.sim  # type: ignore[attr-defined]
+    first = sim.issue_tokens(scope="user.metrics")
+    action = {"action": "requesttoken"}
+
+    async def refresh(token: str) -> dict[str, object]:
+        form = {"grant_type": "refresh_token", "refresh_token": token, **action}
+        form |= {"client_id": "cid", "client_secret": "secret"}
+        answer = (await enveloped.post("/v2/oauth2", data=form)).json()
+        assert isinstance(answer, dict)
+        return answer
+
+    second = await refresh(first["refresh_token"])
+    assert second["status"] == 0
+    # within the grace period and before the new access token is used: the old one works
+    third = await refresh(first["refresh_token"])
+    assert third["status"] == 0
+    body = third["body"]
+    assert isinstance(body, dict)
+    assert (await _me(enveloped, str(body["access_token"]))).status_code == 200
+    # the new access token was used: the old refresh token is dead
+    dead = await refresh(first["refresh_token"])
+    assert dead["status"] == 503
+    # a rotated token whose successor is never used dies after 8 hours
+    fourth = await refresh(str(body["refresh_token"]))
+    assert fourth["status"] == 0
+    clock.advance(8 * 3600)
+    assert (await refresh(str(body["refresh_token"])))["status"] == 503

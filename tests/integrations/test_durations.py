@@ -1,0 +1,45 @@
+"""Durations as owners type them, ages as they read them: table-driven. [pure module]"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+from integrations.durations import age, parse_since
+
+
+@pytest.mark.parametrize(
+    ("text", "delta"),
+    [
+        ("30d", timedelta(days=30)),
+        ("1y", timedelta(days=365)),
+        ("90min", timedelta(minutes=90)),
+        (" 2 W ", timedelta(weeks=2)),
+    ],
+)
+def test_parse_since(text: str, delta: timedelta) -> None:
+    assert parse_since(text) == delta
+
+
+@pytest.mark.parametrize("text", ["", "30", "d", "0y", "-1d", "1.5d", "3mo", "soon"])
+def test_parse_since_refuses(text: str) -> None:
+    with pytest.raises(ValueError, match="duration"):
+        parse_since(text)
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (0, "just now"),
+        (59, "just now"),
+        (60, "1 min ago"),
+        (3599, "59 min ago"),
+        (3600, "1 h ago"),
+        (3660, "1 h 1 min ago"),
+        (47 * 3600 + 59 * 60, "47 h 59 min ago"),
+        (48 * 3600, "2 days ago"),
+    ],
+)
+def test_age(seconds: int, text: str) -> None:
+    assert age(timedelta(seconds=seconds)) == text
