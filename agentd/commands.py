@@ -238,11 +238,13 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
                 s.state,
                 _when(s.expires),
                 _when(s.last_refresh) if s.last_refresh else "never",
+                _when(s.reconnect_by) if s.reconnect_by else "-",
                 " ".join(s.scopes) if s.scopes else "-",
             ]
             for s in statuses
         ]
-        _table(rows, ["PROVIDER", "STATE", "TOKEN EXPIRES", "LAST REFRESH", "SCOPES"], sys.stdout)
+        header = ["PROVIDER", "STATE", "TOKEN EXPIRES", "LAST REFRESH", "RECONNECT BY", "SCOPES"]
+        _table(rows, header, sys.stdout)
         return EXIT["ok"]
 
     return _run(config, body)

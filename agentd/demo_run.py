@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any, TextIO
+from urllib.parse import parse_qs, urlsplit
 
 import anyio
 import httpx
@@ -38,12 +39,17 @@ from agentd.simoauth import SimOAuth, create_sim_app, get_sim
 from api.app import create_app
 from api.serve import serve
 from api.settings import ApiSettings
-from flowengine.catalog import ProviderSpec, load_catalog
-from flowengine.clock import SystemClock
-from flowengine.credentials import ClientCredentials
+from bot.dialogue import ConversationState, NotificationDue, Send, step
+from flowengine.broker import Broker
+from flowengine.catalog import Catalog, ProviderSpec, RefreshLifetime, load_catalog
+from flowengine.clock import ManualClock, SystemClock
+from flowengine.credentials import ClientCredentials, CredentialStore
 from flowengine.daemon_client import wait_for_code
 from flowengine.diagrams import DotUnavailableError, flow_diagram
+from flowengine.engine import FlowEngine
+from flowengine.protocol import parse_callback
 from flowengine.refresh import RefreshTimer, TimerPolicy
+from flowengine.tokens import TokenStore
 from integrations import Integration, Services, Simulator, discover
 
 __all__ = ["run_demo"]
@@ -377,6 +383,88 @@ async def _story(
         for args in item.integration.demo_commands:
             if not await _run_command(p, ctx, http, item.integration, args):
                 return 1
+    return await _short_lived_grant(p, ctx.config.state_dir, first)
+
+
+async def _short_lived_grant(p: _Printer, state_dir: Path, item: _Simulated) -> int:
+    """A grant that ends on its own, on a separate ledger whose clock the demo moves."""
+    clock = ManualClock(time.time())
+    api = item.integration.simulator(clock=clock)
+    if api is None:  # pragma: no cover - the item was chosen for having one
+        return 0
+    redirect = "https://demo.invalid/oauth/callback"
+    app = create_sim_app(
+        api=api,
+        clock=clock,
+        clients={CLIENT_ID: CLIENT_SECRET},
+        redirect_uris=[redirect],
+        consent="allow",
+    )
+    base = "https://short-lived.invalid"
+    spec = dataclasses.replace(
+        _simulated_spec(item.spec, api, base),
+        id=f"{item.spec.id}-short",
+        name=f"{item.integration.title} (simulated, 5-day grants)",
+        refresh_lifetime=RefreshLifetime("absolute", days=5),
+        use_pkce=False,
+    )
+    p.section("A grant that ends on its own: warned 3 days before and on the last day")
+    p.say(f"catalog rule of {spec.id}: the grant ends {spec.refresh_lifetime.describe()}")
+    p.say("(a separate ledger and a clock the demo moves forward; the bot's texts as sent)")
+    engine = await FlowEngine.open(state_dir / "short-lived.sqlite3", clock=clock)
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app)) as http:
+            credentials = CredentialStore(state_dir / "short-lived-credentials.json")
+            credentials.put(spec.id, ClientCredentials(CLIENT_ID, CLIENT_SECRET))
+            broker = Broker(
+                engine,
+                catalog=Catalog({spec.id: spec}),
+                credentials=credentials,
+                tokens=TokenStore(state_dir / "short-lived-auth.json"),
+                http=http,
+            )
+            start = await broker.begin(spec.id, redirect_uri=redirect, actor="demo")
+            answer = await http.get(start.authorize_url.replace(base, "http://sim"))
+            callback = parse_qs(urlsplit(answer.headers["location"]).query)
+            await engine.record_callback(parse_callback(callback))
+            await broker.complete_state(start.state, actor="demo")
+            (status,) = await broker.status()
+            when = datetime.fromtimestamp((status.reconnect_by or 0) / 1000, tz=UTC)
+            p.say(f"connected; agentd status: RECONNECT BY {when:%Y-%m-%d %H:%M}Z")
+            timer = RefreshTimer(engine, broker, policy=TimerPolicy(interval=1.0))
+            await timer.start_up()
+            deadline = (status.reconnect_by or 0) / 1000
+            owners = ConversationState(owners=frozenset({1}))
+            recorded: list[list[str]] = []
+            for label, at in (
+                ("2 days later", deadline - 3 * 86_400 + 60),
+                ("4 days later", deadline - 12 * 3600),
+            ):
+                clock.set(at)
+                report = await timer.sweep()
+                p.say(f"+ {label}: the timer sweeps ({len(report.lifetime_warned)} warning)")
+                for note in await engine.notifications():
+                    stamp = datetime.fromtimestamp(note.at / 1000, tz=UTC)
+                    recorded.append(
+                        [str(note.id), f"{stamp:%Y-%m-%d %H:%M}", note.kind, str(note.flow_id)]
+                    )
+                    due = NotificationDue(
+                        note.id, note.kind, note.provider, spec.name, note.message, None
+                    )
+                    for effect in step(owners, due)[1]:
+                        if isinstance(effect, Send):
+                            p.say(f"  bot: {effect.text}")
+                            p.say(f"       [{' | '.join(b.text for b in effect.buttons)}]")
+                    await engine.mark_delivered(note.id)
+            clock.set(deadline - 3600)
+            await timer.sweep()  # the same day again: nothing new
+            recorded += [
+                [str(n.id), "", n.kind, "(repeated!)"] for n in await engine.notifications()
+            ]
+            p.say("the ledger's notifications (one per warning, never repeated):")
+            p.table(["ID", "AT (UTC)", "KIND", "FLOW"], recorded)
+    finally:
+        await engine.close()
     return 0
 
 

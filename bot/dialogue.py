@@ -257,6 +257,8 @@ class ConnectionView:
     expires: int | None
     last_refresh: int | None
     scopes: tuple[str, ...] = ()
+    #: epoch ms by which the owner must connect again (the provider ends the grant)
+    reconnect_by: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -688,7 +690,9 @@ def _result(state: ConversationState, inbound: Inbound) -> list[Effect]:
             return [Edit(inbound.chat_id, inbound.message_id, text)]
         case ConnectionsListed():
             rows = [(c.name, c.state, c.expires, c.last_refresh, c.scopes) for c in inbound.items]
-            return [Send(inbound.chat_id, texts.connections(rows, inbound.now_ms, tz))]
+            reconnect = {c.name: c.reconnect_by for c in inbound.items if c.reconnect_by}
+            text = texts.connections(rows, inbound.now_ms, tz, reconnect_by=reconnect)
+            return [Send(inbound.chat_id, text)]
         case Disconnected():
             text = texts.disconnected(
                 inbound.name,

@@ -379,6 +379,7 @@ class BotRunner:
                 expires=s.expires,
                 last_refresh=s.last_refresh,
                 scopes=tuple(s.scopes),
+                reconnect_by=s.reconnect_by,
             )
             for s in await self.broker.status()
         )

@@ -8,7 +8,7 @@ includes a secret: the functions only receive provider names, states, times and 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -48,6 +48,7 @@ __all__ = [
     "not_connected",
     "notification",
     "reconnect_button",
+    "reconnect_needed",
     "relative",
     "unknown_provider",
 ]
@@ -225,8 +226,11 @@ def connections(
     items: Sequence[tuple[str, str, int | None, int | None, Sequence[str]]],
     now_ms: int,
     tz: str = "UTC",
+    *,
+    reconnect_by: Mapping[str, int] | None = None,
 ) -> str:
-    """``items``: (name, state, expires ms, last refresh ms, scopes) per connection."""
+    """``items``: (name, state, expires ms, last refresh ms, scopes) per connection;
+    ``reconnect_by``: name -> when the provider ends the grant (epoch ms), where known."""
     if not items:
         return NO_CONNECTIONS
     lines: list[str] = []
@@ -241,7 +245,15 @@ def connections(
         lines.append(f"    token {_expiry(expires, now_ms, tz)}; {refreshed}")
         if scopes:
             lines.append(f"    scopes: {_scopes(scopes)}")
+        deadline = (reconnect_by or {}).get(name)
+        if deadline is not None and state in ("stored", "refreshing"):
+            lines.append(f"    {reconnect_needed(deadline, now_ms, tz)}")
     return "\n".join(lines)
+
+
+def reconnect_needed(deadline: int, now_ms: int, tz: str = "UTC") -> str:
+    """``reconnect needed by 2027-05-20 14:00 CEST (in 3 d 4 h)``."""
+    return f"reconnect needed by {local_time(deadline, tz)} ({relative(deadline, now_ms)})"
 
 
 def disconnected(name: str, *, revoked_remotely: bool, has_revocation_endpoint: bool) -> str:
@@ -286,6 +298,10 @@ def notification(kind: str, name: str, message: str) -> str:
         return f"⚠️ {name} connection expired — tap to reconnect."
     if kind in ("refresh_failing", "refresh_failed"):
         return f"⚠️ {name} token refresh keeps failing — tap to reconnect."
+    if kind == "reconnect_soon":
+        return f"⏳ {message}. Three days left — tap to reconnect now."
+    if kind == "reconnect_today":
+        return f"⏳ Last day: {message}. Tap to reconnect."
     return f"ℹ️ {message}" if message else f"ℹ️ {name}: {kind}"
 
 

@@ -43,6 +43,7 @@ from .errors import (
     ReauthorizationRequired,
     StorageError,
 )
+from .forecast import grant_deadline, grant_times
 from .models import Flow
 from .protocol import build_authorize_url
 from .states import FlowState, FlowTrigger
@@ -105,6 +106,8 @@ class ConnectionStatus:
     flow_id: str | None
     has_refresh_token: bool = False
     error_code: str | None = None
+    #: epoch ms by which the owner must connect again (the catalog's lifetime rule), if known
+    reconnect_by: int | None = None
 
     def public(self) -> dict[str, Any]:
         return {
@@ -117,6 +120,7 @@ class ConnectionStatus:
             "flow_id": self.flow_id,
             "has_refresh_token": self.has_refresh_token,
             "error_code": self.error_code,
+            "reconnect_by": self.reconnect_by,
         }
 
 
@@ -587,10 +591,13 @@ class Broker:
             )
             entry = raw.get(flow.provider)
             tokens = TokenSet.from_entry(entry) if isinstance(entry, dict) else None
-            name = (
-                self.catalog.get(flow.provider).name
-                if flow.provider in self.catalog
-                else flow.provider
+            spec = self.catalog.get(flow.provider) if flow.provider in self.catalog else None
+            name = spec.name if spec else flow.provider
+            authorized, _ = grant_times(record.events)
+            deadline = grant_deadline(
+                spec.refresh_lifetime if spec else None,
+                authorized_at=(authorized or flow.created_at) / 1000,
+                last_refresh=last_refresh / 1000 if last_refresh else None,
             )
             out[flow.provider] = ConnectionStatus(
                 provider=flow.provider,
@@ -602,6 +609,7 @@ class Broker:
                 flow_id=flow.id,
                 has_refresh_token=bool(tokens and tokens.refresh),
                 error_code=flow.error_code,
+                reconnect_by=to_ms(deadline) if deadline is not None else None,
             )
         for provider, entry in raw.items():
             if provider in out or provider not in self.catalog or not isinstance(entry, dict):

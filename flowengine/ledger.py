@@ -632,6 +632,17 @@ class Ledger:
             )
             return int(cur.lastrowid or 0)
 
+    async def notified(self, flow_id: str, kind: str, *, since: int) -> bool:
+        """True when a ``kind`` notification about ``flow_id`` was queued at ``since`` or later."""
+        async with (
+            self._lock,
+            self._conn.execute(
+                "SELECT 1 FROM notifications WHERE flow_id = ? AND kind = ? AND at >= ? LIMIT 1",
+                (flow_id, kind, since),
+            ) as cur,
+        ):
+            return await cur.fetchone() is not None
+
     async def undelivered(self, *, limit: int = 100) -> list[Notification]:
         async with (
             self._lock,

@@ -23,6 +23,11 @@ Each sweep:
    and queued an ``expired`` notification). After ``warn_after`` consecutive failures one
    ``refresh_failing`` notification is queued (once per failure streak).
 
+4. warns before a grant dies on its own (a catalog ``refresh_lifetime``, see forecast.py):
+   one ``reconnect_soon`` notification three days before, one ``reconnect_today`` on the
+   last day, each recorded once in the ledger; a connection's next check is never later
+   than its next warning window.
+
 The broker swallows a transient failure while the current token is still valid (it
 returns the old token); the timer sees it in the ledger (the flow's ``error_code``) and
 backs off all the same.
@@ -42,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from . import forecast
 from .clock import Clock, to_ms
 from .errors import (
     BrokerError,
@@ -104,6 +110,7 @@ class SweepReport:
     retrying: list[str] = field(default_factory=list)
     expired_connections: list[str] = field(default_factory=list)
     warned: list[str] = field(default_factory=list)
+    lifetime_warned: list[str] = field(default_factory=list)
     checked: int = 0
     scheduled: int = 0
     seconds: float = 0.0
@@ -131,6 +138,8 @@ class RefreshTimer:
         self._sleep = sleep
         #: consecutive failures seen by this timer, per flow id
         self._failures: dict[str, int] = {}
+        #: when each connection's next lifetime warning window opens (epoch seconds)
+        self._warn_at: dict[str, float] = {}
         self._started = False
 
     # --------------------------------------------------------------- scheduling
@@ -202,7 +211,39 @@ class RefreshTimer:
         return self._failures.get(flow_id, 0)
 
     async def _set_next(self, flow_id: str, when: float) -> None:
+        when = min(when, self._warn_at.get(flow_id, when))
         await self.engine.ledger.set_next_check(flow_id, to_ms(when))
+
+    async def _warn_lifetime(self, flow: Flow, now: float, report: SweepReport) -> None:
+        """Queue the lifetime warning that is due (once), note when the next one opens."""
+        catalog = self.broker.catalog
+        lifetime = catalog.get(flow.provider).refresh_lifetime if flow.provider in catalog else None
+        self._warn_at.pop(flow.id, None)
+        if lifetime is None or lifetime.rule == "none" or lifetime.condition is not None:
+            return
+        authorized, refreshed = forecast.grant_times((await self.engine.inspect(flow.id)).events)
+        deadline = forecast.grant_deadline(
+            lifetime,
+            authorized_at=(authorized or flow.created_at) / 1000,
+            last_refresh=refreshed / 1000 if refreshed else None,
+        )
+        due = forecast.warning_due(deadline, now)
+        if due is not None and not await self.engine.ledger.notified(
+            flow.id, due.kind, since=to_ms(due.opens)
+        ):
+            when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(due.deadline))
+            await self.engine.notify(
+                kind=due.kind,
+                provider=flow.provider,
+                flow_id=flow.id,
+                chat_id=flow.chat_id,
+                message=f"{self._name(flow.provider)} needs reconnecting by {when}: its grant"
+                f" ends {lifetime.describe()}",
+            )
+            report.lifetime_warned.append(flow.id)
+        upcoming = forecast.next_warning_at(deadline, now)
+        if upcoming is not None:
+            self._warn_at[flow.id] = upcoming
 
     # ------------------------------------------------------------------ start-up
 
@@ -214,6 +255,7 @@ class RefreshTimer:
         now = self.clock.now()
         raw = await anyio.to_thread.run_sync(self.broker.tokens.read_all)
         for flow in await self.engine.list_flows(states=[FlowState.STORED], limit=1_000_000):
+            await self._warn_lifetime(flow, now, report)
             tokens = _parse(raw, flow.provider)
             if tokens is None:
                 when = now  # the next sweep decides what to do with it
@@ -221,6 +263,7 @@ class RefreshTimer:
                 when = self.next_check(
                     tokens.expires, tokens.obtained_at, now, has_refresh=bool(tokens.refresh)
                 )
+            when = min(when, self._warn_at.get(flow.id, when))
             current = await self.engine.ledger.next_check_at(flow.id)
             if current is None or current > to_ms(when):
                 await self._set_next(flow.id, when)
@@ -269,6 +312,7 @@ class RefreshTimer:
             self._failures.pop(flow.id, None)
             await self.engine.ledger.set_next_check(flow.id, None)
             return
+        await self._warn_lifetime(flow, now, report)
         if tokens is None:
             await self._tokens_missing(flow, now, report)
             return

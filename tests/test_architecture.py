@@ -34,6 +34,8 @@ PURE_MODULES: tuple[str, ...] = (
     "flowengine.models",
     "flowengine.errors",
     "flowengine.paths",
+    "flowengine.forecast",
+    "flowengine.catalog",
     "bot.dialogue",
     "bot.texts",
     "integrations.durations",

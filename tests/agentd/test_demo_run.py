@@ -67,8 +67,23 @@ def test_demo_runs_every_step_and_exits_0(
     assert Path(svg.group(1)).read_text().lstrip().startswith(("<?xml", "<svg"))
     # rotation: the old refresh token is refused by the provider
     assert "replaying the OLD refresh token: HTTP 400 invalid_grant" in out
-    # glucose readings
+    # every integration, found by discovery: Dexcom's glucose readings ...
+    assert "$ agentd dexcom latest" in out
     assert re.search(r"\d+ mg/dL \S+ (just now|\d+ min ago)", out)
+    # ... and Withings, connected in its own dialect, then its weight and blood pressure
+    assert re.search(r"authorization URL: https://localhost:\d+/oauth2_user/authorize2\?", out)
+    assert "scope=user.metrics&" in out
+    assert "action=requesttoken with every token request" in out
+    assert "Authorized Withings (simulated)" in out
+    assert re.search(r"weight +\d+\.\d kg", out)
+    assert re.search(r"blood pressure +\d+/\d+ mmHg, pulse \d+", out)
+    # a short-lived grant: the date, then one warning three days before and one on the last day
+    assert re.search(r"agentd status: RECONNECT BY \d{4}-\d\d-\d\d \d\d:\d\dZ", out)
+    assert "Three days left — tap to reconnect now." in out
+    assert "Last day: " in out
+    assert re.search(r"^ +1 +\S+ \S+ +reconnect_soon +[0-9a-f]+$", out, re.MULTILINE)
+    assert re.search(r"^ +2 +\S+ \S+ +reconnect_today +[0-9a-f]+$", out, re.MULTILINE)
+    assert "(repeated!)" not in out
     assert seconds < 60  # the 10 s target is reported by the benchmark, not asserted here
 
 

@@ -369,6 +369,49 @@ def test_notification_without_chat_goes_to_every_owner(state: ConversationState)
     ]
 
 
+@pytest.mark.parametrize(
+    ("kind", "text"),
+    [
+        (
+            "reconnect_soon",
+            "⏳ Spotify needs reconnecting by 2027-07-15 08:00 UTC: its grant ends 6 months"
+            " after authorization. Three days left — tap to reconnect now.",
+        ),
+        (
+            "reconnect_today",
+            "⏳ Last day: Spotify needs reconnecting by 2027-07-15 08:00 UTC: its grant ends"
+            " 6 months after authorization. Tap to reconnect.",
+        ),
+    ],
+)
+def test_lifetime_warnings_carry_a_one_tap_reconnect(
+    state: ConversationState, kind: str, text: str
+) -> None:
+    message = (
+        "Spotify needs reconnecting by 2027-07-15 08:00 UTC: its grant ends 6 months after"
+        " authorization"
+    )
+    _, effects = step(state, NotificationDue(5, kind, "spotify", "Spotify", message, CHAT))
+    assert effects == [
+        Send(CHAT, text, buttons=(CallbackButton("Reconnect Spotify", "connect:spotify"),)),
+        MarkDelivered(5),
+    ]
+
+
+def test_connections_say_when_to_reconnect() -> None:
+    state = ConversationState(owners=frozenset({OWNER}), tz="Europe/Berlin")
+    deadline = NOW + 3 * 86_400_000 + 3_600_000
+    items = (
+        ConnectionView("spotify", "Spotify", "stored", NOW + 60_000, None, (), deadline),
+        ConnectionView("fake", "Fake", "expired", NOW - 60_000, None, (), deadline),
+    )
+    _, effects = step(state, ConnectionsListed(CHAT, items, NOW))
+    assert isinstance(effects[0], Send)
+    lines = effects[0].text.splitlines()
+    assert lines[2] == "    reconnect needed by 2027-01-18 10:00 CET (in 3 d 1 h)"
+    assert "reconnect" not in "\n".join(lines[3:])  # an expired one needs it now, not by
+
+
 def test_reconnect_tap_starts_connect_and_leaves_credential_entry(
     state: ConversationState,
 ) -> None:
