@@ -188,6 +188,9 @@ async def _demo(root: Path, out: TextIO) -> int:
         api = integration.simulator(clock=clock)
         if api is None:
             continue
+        if api.provider not in catalog:
+            p.say(f"{integration.title}: skipped, {api.provider!r} is not in the built-in catalog")
+            continue
         port = _free_port()
         app = create_sim_app(
             api=api,

@@ -174,3 +174,19 @@ async def test_pick_provider(thermo: Thermo, rig: BotRig) -> None:
         catalog.register(dataclasses.replace(THERMO, id="thermo-eu", name="Thermo EU"))
         rig.tokens.write("thermo-eu", TokenSet(access="t-eu", expires=None))
         assert await thermo.pick_provider(services) == "thermo-eu"
+
+
+def test_the_demo_skips_a_simulated_provider_it_cannot_find(thermo: Thermo) -> None:
+    """A plug-in whose provider is not in the built-in catalog does not break the demo."""
+    import io
+
+    from agentd.demo_run import run_demo
+    from integrations.dexcom.sim import DexcomSim
+
+    class Elsewhere(DexcomSim):
+        provider = "thermo"
+
+    thermo.simulator = lambda *, clock: Elsewhere(clock=clock)  # type: ignore[method-assign]
+    out = io.StringIO()
+    assert run_demo(out=out) == 0
+    assert "Thermo: skipped, 'thermo' is not in the built-in catalog" in out.getvalue()
