@@ -105,7 +105,7 @@ class SimServer:
 
     def start(self) -> None:
         self._thread.start()
-        self._started.wait(10)
+        self._started.wait(60)
         if self._error is not None:
             raise RuntimeError("the sim did not start") from self._error
         wait_until_listening(self.port)
@@ -117,7 +117,7 @@ class SimServer:
         self._thread.join(10)
 
 
-def wait_until_listening(port: int, timeout: float = 10.0) -> None:
+def wait_until_listening(port: int, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -230,7 +230,7 @@ revocation_url = "{sim_base_url}/v2/oauth2/revoke"
         self,
         *args: str,
         input: str | None = None,  # noqa: A002 - mirrors subprocess.run
-        timeout: float = 30,
+        timeout: float = 120,
         env: dict[str, str] | None = None,
         python_args: tuple[str, ...] = (),
     ) -> subprocess.CompletedProcess[str]:
@@ -292,7 +292,7 @@ class LineReader:
             self._queue.put(line)
         self._queue.put(None)
 
-    def wait_for(self, predicate: Any, timeout: float = 15) -> str:
+    def wait_for(self, predicate: Any, timeout: float = 60) -> str:
         deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
@@ -308,7 +308,7 @@ class LineReader:
             if predicate(line):
                 return line
 
-    def rest(self, timeout: float = 15) -> str:
+    def rest(self, timeout: float = 60) -> str:
         self._thread.join(timeout)
         while True:
             try:
@@ -349,9 +349,9 @@ class DaemonProcess:
     def log(self) -> str:
         return self.log_file.read_text(encoding="utf-8")
 
-    def wait_healthy(self, timeout: float = 20) -> None:
+    def wait_healthy(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
-        with httpx.Client(verify=self.instance.ssl_context(), timeout=2) as client:
+        with httpx.Client(verify=self.instance.ssl_context(), timeout=10) as client:
             while True:
                 if self.process.poll() is not None:
                     raise RuntimeError(f"agentd serve exited early:\n{self.log()}")
@@ -364,7 +364,7 @@ class DaemonProcess:
                     raise TimeoutError(f"agentd serve did not become healthy:\n{self.log()}")
                 time.sleep(0.1)
 
-    def stop(self, timeout: float = 20, signum: int = signal.SIGTERM) -> int:
+    def stop(self, timeout: float = 60, signum: int = signal.SIGTERM) -> int:
         """Send ``signum`` and wait; the exit status."""
         if self.process.poll() is None:
             self.process.send_signal(signum)

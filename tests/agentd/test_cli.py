@@ -110,7 +110,7 @@ class ConnectRun:
 
 def run_connect(instance: AgentdInstance, *args: str) -> ConnectRun:
     """``agentd connect dexcom``, with httpx as the browser that opens the printed link."""
-    process = instance.popen("connect", "dexcom", "--timeout", "30", *args)
+    process = instance.popen("connect", "dexcom", "--timeout", "120", *args)
     assert process.stdout is not None
     assert process.stderr is not None
     out = LineReader(process.stdout)
@@ -127,7 +127,7 @@ def run_connect(instance: AgentdInstance, *args: str) -> ConnectRun:
         query = {k: v[0] for k, v in parse_qs(callback.query).items()}
         if "code" in query:
             SECRETS.add(query["code"])
-        returncode = process.wait(30)
+        returncode = process.wait(150)
     finally:
         if process.poll() is None:
             process.kill()
@@ -329,7 +329,7 @@ def test_interrupted_connect_cancels_its_flow(cli: AgentdInstance) -> None:
     try:
         out.wait_for(lambda text: "/v2/oauth2/login?" in text)
         process.send_signal(signal.SIGINT)
-        returncode = process.wait(15)
+        returncode = process.wait(60)
     finally:
         if process.poll() is None:
             process.kill()
@@ -458,7 +458,7 @@ def test_status_table(cli: AgentdInstance) -> None:
     ]
     row = next(line for line in lines[1:] if line.startswith("dexcom "))
     assert re.match(
-        r"dexcom\s+stored\s+\d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ \(in (1h5\dm|2h00m)\)\s+\S.*"
+        r"dexcom\s+stored\s+\d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ \(in (1h[0-5]\dm|2h00m)\)\s+\S.*"
         r" - +offline_access$",  # Dexcom documents no grant lifetime: no reconnect date
         row,
     ), row
@@ -794,7 +794,8 @@ def test_second_serve_on_the_same_port_exits_2(cli: AgentdInstance) -> None:
 def test_serve_stops_cleanly_on_sigterm(cli: AgentdInstance, daemon: DaemonProcess) -> None:
     # a terminal connect is long-polling the daemon while it stops
     before = flows_by_state(cli)
-    process = cli.popen("connect", "dexcom", "--no-qr", "--timeout", "6")
+    # its own deadline leaves the daemon ample time to stop, also on a loaded machine
+    process = cli.popen("connect", "dexcom", "--no-qr", "--timeout", "12")
     assert process.stdout is not None
     assert process.stderr is not None
     out = LineReader(process.stdout)
@@ -802,8 +803,8 @@ def test_serve_stops_cleanly_on_sigterm(cli: AgentdInstance, daemon: DaemonProce
     try:
         out.wait_for(lambda text: "/v2/oauth2/login?" in text)
         time.sleep(0.5)  # the long-poll is in flight
-        assert daemon.stop() == 0
-        returncode = process.wait(30)
+        assert daemon.stop(timeout=60) == 0
+        returncode = process.wait(90)
     finally:
         if process.poll() is None:
             process.kill()

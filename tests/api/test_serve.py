@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ssl
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
@@ -21,6 +20,7 @@ from api.tailscale import LocalAPI
 from flowengine.catalog import Catalog
 from flowengine.engine import FlowEngine
 from flowengine.errors import ConfigError
+from flowengine.protocol import hash_state
 
 from .conftest import AUTH, TOKEN, start_flow
 from .fake_tailscale import DOMAIN, OWNER, SELF_V4, FakeTailnet, status_json
@@ -138,43 +138,53 @@ async def running(app: Any, settings: ApiSettings, **kwargs: Any) -> AsyncIterat
             stop.set()
 
 
-async def test_long_poll_over_real_http_returns_within_50ms_of_the_callback(
-    engine: FlowEngine, catalog: Catalog
+async def test_long_poll_over_real_http_is_woken_by_the_callback(
+    ledger_file: Path, catalog: Catalog
 ) -> None:
+    # The engine re-reads the ledger only every 60 s and the poll waits up to 30 s: an answer
+    # with the code inside the 20 s bound can only come from the callback's in-process
+    # signal. How fast that is (issue 2's 50 ms) is measured by benchmarks/bench_api.py.
+    engine = await FlowEngine.open(ledger_file, poll_interval=60.0)
     settings = ApiSettings(mode="plain-test", port=0, api_token=TOKEN)
     app = create_app(engine, settings=settings, catalog=catalog)
-    lags: list[float] = []
-    async with running(app, settings) as plan, httpx.AsyncClient(base_url=plan.base_url) as http:
-        assert plan.redirect_uri == f"{plan.base_url}/oauth/callback"
-        for _ in range(5):
-            started = await start_flow(engine)
-            polled: dict[str, Any] = {}
+    try:
+        async with (
+            running(app, settings) as plan,
+            httpx.AsyncClient(base_url=plan.base_url) as http,
+        ):
+            assert plan.redirect_uri == f"{plan.base_url}/oauth/callback"
+            for _ in range(3):
+                started = await start_flow(engine)
+                polled: dict[str, Any] = {}
+                parked = anyio.Event()
 
-            async def poll(state: str = started.state, out: dict[str, Any] = polled) -> None:
-                response = await http.get(
-                    f"/oauth/pending/{state}", params={"wait": "30"}, headers=AUTH, timeout=40
-                )
-                out["at"] = time.perf_counter()
-                out["response"] = response
-
-            with anyio.fail_after(20):
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(poll)
-                    await anyio.sleep(0.3)  # the poller is parked on the server
-                    assert "at" not in polled
-                    sent = time.perf_counter()
-                    callback = await http.get(
-                        "/oauth/callback", params={"code": "c0de", "state": started.state}
+                async def poll(
+                    state: str = started.state,
+                    out: dict[str, Any] = polled,
+                    parked: anyio.Event = parked,
+                ) -> None:
+                    request = http.build_request(
+                        "GET", f"/oauth/pending/{state}", params={"wait": "30"}, headers=AUTH
                     )
-                    assert callback.status_code == 200
-            lags.append(polled["at"] - sent)
-            assert polled["response"].status_code == 200
-            assert polled["response"].json()["code"] == "c0de"
-    print(
-        f"long-poll answer after the callback was sent: max {max(lags) * 1000:.1f} ms, "
-        f"all {[round(x * 1000, 1) for x in lags]} ms"
-    )
-    assert max(lags) < 0.05
+                    parked.set()
+                    out["response"] = await http.send(request)
+
+                with anyio.fail_after(20):
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(poll)
+                        await parked.wait()
+                        # parked on the server: its waiter is registered for this state
+                        while hash_state(started.state) not in engine._arrivals:
+                            await anyio.sleep(0.01)
+                        assert "response" not in polled
+                        callback = await http.get(
+                            "/oauth/callback", params={"code": "c0de", "state": started.state}
+                        )
+                        assert callback.status_code == 200
+                assert polled["response"].status_code == 200
+                assert polled["response"].json()["code"] == "c0de"
+    finally:
+        await engine.close()
 
 
 async def test_tls_mode_fetches_the_certificate_from_tailscaled(

@@ -462,7 +462,7 @@ async def test_run_bot_logs_in_retries_and_serves(tmp_path: Path) -> None:
                 )
             )
             # handed over before the login; serving once logged in (after two failures)
-            with anyio.fail_after(5):
+            with anyio.fail_after(30):
                 while len(client.logins) < 3:
                     await anyio.sleep(0.01)
             assert client.logins == ["123:bot-token-value"] * 3
@@ -473,7 +473,7 @@ async def test_run_bot_logs_in_retries_and_serves(tmp_path: Path) -> None:
             assert send.message.startswith("I connect your agent")
             # a dropped connection logs in again
             client.drop.set()
-            with anyio.fail_after(5):
+            with anyio.fail_after(30):
                 while len(client.logins) < 4:
                     await anyio.sleep(0.01)
             assert runner.watching == []

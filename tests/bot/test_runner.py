@@ -8,7 +8,6 @@ import logging
 import os
 import socket
 import stat
-import time
 
 import anyio
 import pytest
@@ -51,11 +50,8 @@ async def test_connect_with_stored_credentials(rig: BotRig) -> None:
         assert stat.S_IMODE(os.stat(rig.resume_path).st_mode) == 0o600
 
         await rig.browser(link)
-        called_back = time.monotonic()
+        # how soon after the callback (issue: within a second) is benchmarks/bench_api.py's
         await rig.chat.wait_for(lambda: link.edits)
-        latency = time.monotonic() - called_back
-        print(f"callback -> message edited: {latency * 1000:.0f} ms")
-        assert latency < 1.0  # the issue's bound: within a second of the callback
 
         assert link.current.startswith("✅ Fake connected\nScopes: read\nToken expires in 1 h")
         assert link.buttons == ()

@@ -4,6 +4,7 @@ import json
 import multiprocessing
 import stat
 import sys
+import threading
 from pathlib import Path
 
 import anyio
@@ -184,10 +185,12 @@ def test_concurrent_writers_in_several_processes_lose_nothing(tmp_path: Path) ->
 async def test_async_lock_excludes_a_sync_holder(tmp_path: Path) -> None:
     store = TokenStore(tmp_path / "auth.json")
     order: list[str] = []
+    holding = threading.Event()
 
     def sync_holder() -> None:
         with store.locked_sync():
             order.append("sync-in")
+            holding.set()
             import time
 
             time.sleep(0.2)
@@ -195,7 +198,7 @@ async def test_async_lock_excludes_a_sync_holder(tmp_path: Path) -> None:
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(anyio.to_thread.run_sync, sync_holder)
-        await anyio.sleep(0.05)
+        await anyio.to_thread.run_sync(holding.wait, 60)  # the thread holds the flock
         async with store.locked():
             order.append("async-in")
             store.write_unlocked("x", TokenSet(access="a"))
