@@ -5,8 +5,8 @@ Tables (schema version in ``schema_migrations``):
 ``flows``          one row per authorization; no tokens, the OAuth state only as a hash
 ``flow_events``    append-only, one row per transition (flow_id, seq) with actor and detail
 ``flow_secrets``   the PKCE verifier while a flow needs it; deleted at the exchange or end
-``oauth_pending``  the callback's code and state (the seed's table); the code is wiped
-                   when it is handed out
+``oauth_pending``  the callback's code, keyed by the SHA-256 of the OAuth state (the raw
+                   state is never stored); the code is wiped when it is handed out
 ``notifications``  connection events for the owner (expired, refresh failing), read by the
                    bot, possibly from another process
 
@@ -15,11 +15,23 @@ update it conditionally on its version, append the event, commit. Two writers (t
 connections or processes) racing on one flow serialise on SQLite's write lock; the
 second sees the first one's result and gets InvalidTransition or ConcurrentUpdateError
 and writes nothing.
+
+Secrets at rest. A flow's verifier and code live here while the flow needs them: they are
+written in the same transaction as the transition they belong to (the code with
+``receive_code``), which is what makes a crash leave nothing half-done, so they share the
+ledger's write-ahead log. Keeping them out of the WAL would mean a second database file
+outside those transactions (and its rollback journal would hold the same pages), so the
+ledger scrubs instead: ``secure_delete`` zeroes wiped values in the main file and its free
+pages, and every transaction that wipes one (the code handed out, a verifier dropped) is
+followed by ``PRAGMA wal_checkpoint(TRUNCATE)``, which copies the zeroed pages into the main
+file and empties the ``-wal`` file. When another connection keeps the checkpoint from
+finishing, it is retried after the next write and at close.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -33,9 +45,12 @@ import anyio
 from .errors import ConcurrentUpdateError, FlowNotFound, StorageError
 from .machine import FlowMachine
 from .models import Flow, FlowEvent
+from .protocol import hash_state
 from .states import Condition, FlowState, FlowTrigger
 
 __all__ = ["Ledger", "Notification", "SECRET_KEYS"]
+
+log = logging.getLogger("flowengine.ledger")
 
 #: keys refused in event detail: the ledger never holds these
 SECRET_KEYS = frozenset(
@@ -129,6 +144,24 @@ _MIGRATIONS: tuple[tuple[int, str], ...] = (
         CREATE INDEX flows_created ON flows(created_at);
         """,
     ),
+    (
+        3,
+        # oauth_pending held the raw OAuth state: key it by the flow's state hash instead
+        """
+        CREATE TABLE oauth_pending_v3 (
+            state_hash  TEXT PRIMARY KEY,
+            flow_id     TEXT NOT NULL UNIQUE REFERENCES flows(id),
+            code        TEXT,
+            received_at INTEGER NOT NULL,
+            consumed_at INTEGER
+        );
+        INSERT INTO oauth_pending_v3
+            SELECT f.state_hash, p.flow_id, p.code, p.received_at, p.consumed_at
+            FROM oauth_pending p JOIN flows f ON f.id = p.flow_id;
+        DROP TABLE oauth_pending;
+        ALTER TABLE oauth_pending_v3 RENAME TO oauth_pending;
+        """,
+    ),
 )
 
 SCHEMA_VERSION = _MIGRATIONS[-1][0]
@@ -203,6 +236,15 @@ def check_detail(detail: Mapping[str, Any]) -> str:
     return json.dumps(dict(detail), sort_keys=True, separators=(",", ":"))
 
 
+class _Wipes:
+    """Set by a transaction body that wiped a secret (a code or a verifier)."""
+
+    __slots__ = ("wiped",)
+
+    def __init__(self) -> None:
+        self.wiped = False
+
+
 class Notification:
     """A connection event for the owner (read by the bot, marked delivered once sent)."""
 
@@ -238,6 +280,8 @@ class Ledger:
         self.path = path
         self._machine = machine
         self._lock = anyio.Lock()
+        #: a wiped secret may still be in the -wal file: checkpoint when possible
+        self._scrub_due = False
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -259,7 +303,8 @@ class Ledger:
             # (Debian's SQLite defaults to this; other builds do not)
             await conn.execute("PRAGMA secure_delete = ON")
             ledger = cls(conn, file, FlowMachine())
-            await ledger._migrate()
+            if await ledger._migrate():
+                await ledger._scrub()  # a migration may have dropped secrets (raw states)
         except sqlite3.Error as err:
             await conn.close()
             raise StorageError(f"cannot prepare the ledger: {err}", path=str(file)) from err
@@ -270,9 +315,38 @@ class Ledger:
         return ledger
 
     async def close(self) -> None:
-        await self._conn.close()
+        try:
+            if self._scrub_due:
+                with anyio.CancelScope(shield=True):
+                    await self._scrub()
+        finally:
+            await self._conn.close()
 
-    async def _migrate(self) -> None:
+    async def _scrub(self) -> bool:
+        """Empty the WAL after a secret was wiped (see the module docstring); True if done."""
+        try:
+            async with self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)") as cur:
+                row = await cur.fetchone()
+        except sqlite3.Error as err:  # the write before it committed: retry later
+            log.warning("ledger checkpoint failed (%s); retrying later", type(err).__name__)
+            self._scrub_due = True
+            return False
+        self._scrub_due = bool(row and row[0])  # 1 = another connection kept it from finishing
+        return not self._scrub_due
+
+    async def _after_wipe(self, wiped: bool) -> None:
+        """Called with the lock held, outside a transaction, after every write."""
+        if wiped or self._scrub_due:
+            await self._scrub()
+
+    async def scrub(self) -> bool:
+        """Checkpoint and truncate the WAL now; False if another connection prevented it."""
+        async with self._lock:
+            return await self._scrub()
+
+    async def _migrate(self) -> bool:
+        """Apply missing migrations; True if any ran."""
+        applied = False
         async with self._lock:
             await self._conn.execute("BEGIN IMMEDIATE")
             try:
@@ -300,10 +374,12 @@ class Ledger:
                     await self._conn.execute(
                         "INSERT INTO schema_migrations VALUES (?, datetime('now'))", (version,)
                     )
+                    applied = True
                 await self._conn.execute("COMMIT")
             except BaseException:
                 await self._conn.execute("ROLLBACK")
                 raise
+        return applied
 
     async def schema_version(self) -> int:
         async with self._conn.execute("SELECT MAX(version) FROM schema_migrations") as cur:
@@ -319,21 +395,25 @@ class Ledger:
             raise StorageError(f"ledger is busy: {err}", path=str(self.path)) from err
 
     @asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[None]:
+    async def _transaction(self) -> AsyncIterator[_Wipes]:
         """One ``BEGIN IMMEDIATE`` transaction, serialised in-process by the lock.
 
         Shielded from cancellation: a transition that has begun commits (or rolls back)
-        even when its caller is cancelled, e.g. by a shutdown signal.
+        even when its caller is cancelled, e.g. by a shutdown signal. The body notes in
+        the yielded object whether it wiped a secret; the WAL is then scrubbed after the
+        commit.
         """
         async with self._lock:
             with anyio.CancelScope(shield=True):
                 await self._begin()
+                wipes = _Wipes()
                 try:
-                    yield
+                    yield wipes
                     await self._conn.execute("COMMIT")
                 except BaseException:
                     await self._conn.execute("ROLLBACK")
                     raise
+                await self._after_wipe(wipes.wiped)
 
     async def _fetch_flow(self, where: str, args: Sequence[Any]) -> Flow | None:
         async with self._conn.execute(
@@ -408,7 +488,7 @@ class Ledger:
         """Apply ``trigger`` to one flow in one transaction and return the new row.
 
         ``pending_code`` = (oauth state, code) also records the callback in
-        ``oauth_pending`` inside the same transaction. Raises FlowNotFound,
+        ``oauth_pending`` (under the state's hash) in the same transaction. Raises FlowNotFound,
         InvalidTransition or ConcurrentUpdateError, having written nothing.
         """
         detail_json = check_detail(detail or {})
@@ -416,7 +496,7 @@ class Ledger:
         unknown = set(changes) - _UPDATABLE
         if unknown:
             raise ValueError(f"a transition cannot set {sorted(unknown)}")
-        async with self._transaction():
+        async with self._transaction() as wipes:
             flow = await self._fetch_flow("id = ?", (flow_id,))
             if flow is None:
                 raise FlowNotFound(f"no flow {flow_id}", flow_id=flow_id)
@@ -452,18 +532,22 @@ class Ledger:
             )
             if pending_code is not None:
                 await self._conn.execute(
-                    "INSERT INTO oauth_pending (state, flow_id, code, received_at)"
+                    "INSERT INTO oauth_pending (state_hash, flow_id, code, received_at)"
                     " VALUES (?, ?, ?, ?)",
-                    (pending_code[0], flow_id, pending_code[1], at),
+                    (hash_state(pending_code[0]), flow_id, pending_code[1], at),
                 )
             if drop_verifier:
                 # the flow can no longer exchange: its verifier and any unconsumed code go
-                await self._conn.execute("DELETE FROM flow_secrets WHERE flow_id = ?", (flow_id,))
-                await self._conn.execute(
+                cur = await self._conn.execute(
+                    "DELETE FROM flow_secrets WHERE flow_id = ?", (flow_id,)
+                )
+                wipes.wiped = cur.rowcount > 0
+                cur = await self._conn.execute(
                     "UPDATE oauth_pending SET code = NULL, consumed_at = COALESCE(consumed_at, ?)"
                     " WHERE flow_id = ? AND code IS NOT NULL",
                     (at, flow_id),
                 )
+                wipes.wiped = wipes.wiped or cur.rowcount > 0
         new = await self.get(flow_id)
         assert new is not None
         return new
@@ -474,6 +558,7 @@ class Ledger:
             await self._conn.execute(
                 "UPDATE flows SET next_check_at = ? WHERE id = ?", (at, flow_id)
             )
+            await self._after_wipe(False)
 
     # --------------------------------------------------------------------- reads
 
@@ -575,8 +660,8 @@ class Ledger:
             self._lock,
             self._conn.execute(
                 "SELECT flow_id, code IS NOT NULL, received_at, consumed_at"
-                " FROM oauth_pending WHERE state = ?",
-                (state,),
+                " FROM oauth_pending WHERE state_hash = ?",
+                (hash_state(state),),
             ) as cur,
         ):
             row = await cur.fetchone()
@@ -586,19 +671,21 @@ class Ledger:
 
     async def consume(self, state: str, at: int) -> tuple[str, str, int] | None:
         """Hand out the code once: (flow_id, code, received_at); wipes it from the table."""
-        async with self._transaction():
+        state_hash = hash_state(state)
+        async with self._transaction() as wipes:
             # RETURNING would give the wiped value: read first, then wipe
             async with self._conn.execute(
                 "SELECT flow_id, code, received_at FROM oauth_pending"
-                " WHERE state = ? AND consumed_at IS NULL AND code IS NOT NULL",
-                (state,),
+                " WHERE state_hash = ? AND consumed_at IS NULL AND code IS NOT NULL",
+                (state_hash,),
             ) as cur:
                 row = await cur.fetchone()
             if row is not None:
                 await self._conn.execute(
-                    "UPDATE oauth_pending SET consumed_at = ?, code = NULL WHERE state = ?",
-                    (at, state),
+                    "UPDATE oauth_pending SET consumed_at = ?, code = NULL WHERE state_hash = ?",
+                    (at, state_hash),
                 )
+                wipes.wiped = True
         if row is None:
             return None
         return row[0], row[1], int(row[2])
@@ -606,11 +693,12 @@ class Ledger:
     async def wipe_pending(self, flow_id: str, at: int) -> None:
         """Forget an unconsumed code (its flow ended)."""
         async with self._lock:
-            await self._conn.execute(
+            cur = await self._conn.execute(
                 "UPDATE oauth_pending SET code = NULL, consumed_at = COALESCE(consumed_at, ?)"
-                " WHERE flow_id = ?",
+                " WHERE flow_id = ? AND code IS NOT NULL",
                 (at, flow_id),
             )
+            await self._after_wipe(cur.rowcount > 0)
 
     # --------------------------------------------------------------- notifications
 

@@ -23,6 +23,7 @@ from flowengine.errors import (
 )
 from flowengine.ledger import Ledger
 from flowengine.models import StartedFlow
+from flowengine.protocol import hash_state
 from flowengine.states import FlowState, FlowTrigger
 
 from .helpers_flows import code_callback, replay, snapshot
@@ -145,7 +146,7 @@ async def test_two_connections_race_on_one_callback(
         pair = results[2 * i : 2 * i + 2]
         assert sorted(pair) == ["CodeAlreadyUsedError", "ok"], pair
         winner = "AB"[pair.index("ok")]
-        assert pending[started.state] == f"code-{winner}"
+        assert pending[hash_state(started.state)] == f"code-{winner}"
         record = await first.inspect(started.flow.id)
         assert [e.trigger for e in record.events].count(FlowTrigger.RECEIVE_CODE) == 1
         replay(record.flow, record.events)
@@ -194,7 +195,7 @@ async def test_duplicate_callbacks_in_one_process_record_one_code(db: Path) -> N
         for i, started in enumerate(flows):
             pair = results[2 * i : 2 * i + 2]
             assert sorted(pair) == ["CodeAlreadyUsedError", "ok"], pair
-            assert pending[started.state] == "code-" + "AB"[pair.index("ok")]
+            assert pending[hash_state(started.state)] == "code-" + "AB"[pair.index("ok")]
             record = await engine.inspect(started.flow.id)
             assert replay(record.flow, record.events) is FlowState.CODE_RECEIVED
             assert len(record.events) == 3
@@ -282,7 +283,7 @@ def test_two_processes_race_on_callbacks(db: Path, tmp_path: Path) -> None:
         pair = [one[state], two[state]]
         assert sorted(pair) == ["CodeAlreadyUsedError", "ok"], pair
         winner = ("P1", "P2")[pair.index("ok")]
-        assert pending[state] == f"code-{winner}-{state[:8]}"
+        assert pending[hash_state(state)] == f"code-{winner}-{state[:8]}"
     events = snapshot(db)["flow_events"]
     assert sum(1 for e in events if e[5] == FlowTrigger.RECEIVE_CODE.value) == N_FLOWS
 
@@ -290,5 +291,5 @@ def test_two_processes_race_on_callbacks(db: Path, tmp_path: Path) -> None:
     one, two = run_racers(db, tmp_path, "take", states)
     for state in states:
         pair = sorted([one[state], two[state]])
-        assert pair == ["CodeAlreadyUsedError", f"ok:{pending[state]}"], pair
+        assert pair == ["CodeAlreadyUsedError", f"ok:{pending[hash_state(state)]}"], pair
     assert all(row[2] is None for row in snapshot(db)["oauth_pending"])

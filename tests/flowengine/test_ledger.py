@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from flowengine.errors import ConcurrentUpdateError, FlowNotFound, InvalidTransition, StorageError
-from flowengine.ledger import SCHEMA_VERSION, SECRET_KEYS, Ledger, check_detail
+from flowengine.ledger import _MIGRATIONS, SCHEMA_VERSION, SECRET_KEYS, Ledger, check_detail
 from flowengine.models import Flow
+from flowengine.protocol import hash_state
 from flowengine.states import Condition, FlowState, FlowTrigger
 
 from .helpers_flows import ALL_COMBOS, EXPECTED, combo_id, file_mode, path_to, replay, snapshot
@@ -512,3 +513,143 @@ async def test_an_unusable_directory_is_a_storage_error(tmp_path: Path) -> None:
     blocker.write_text("x")
     with pytest.raises(StorageError):
         await Ledger.open(blocker / "ledger.sqlite3")
+
+
+# ------------------------------------------------------------------- secrets at rest
+
+
+def wal_size(db: Path) -> int:
+    return Path(f"{db}-wal").stat().st_size
+
+
+def raw_bytes(db: Path) -> bytes:
+    """The ledger's bytes on disk: the main file (free pages included) and its -wal file."""
+    out = db.read_bytes()
+    wal = Path(f"{db}-wal")
+    if wal.exists():
+        out += wal.read_bytes()
+    return out
+
+
+async def test_oauth_pending_keeps_only_the_state_hash(ledger: Ledger, db: Path) -> None:
+    state, code = "state-" + "s" * 40, "code-" + "c" * 40
+    flow = await drive(ledger, await new_flow(ledger), FlowState.AWAITING_CODE)
+    await ledger.transition(
+        flow.id, FlowTrigger.RECEIVE_CODE, actor="test", at=4_000, pending_code=(state, code)
+    )
+    assert snapshot(db)["oauth_pending"] == [(hash_state(state), flow.id, code, 4000, None)]
+    assert state.encode() not in raw_bytes(db)
+    assert code.encode() in raw_bytes(db)  # the scan below can see a value that is there
+
+
+@pytest.mark.parametrize("ending", ["consume", "drop_verifier", "wipe_pending"])
+async def test_no_wiped_secret_survives_in_the_file_its_free_pages_or_the_wal(
+    ledger: Ledger, db: Path, ending: str
+) -> None:
+    state, code = "state-" + "s" * 40, "code-" + "k" * 40
+    flow = await drive(ledger, await new_flow(ledger), FlowState.AWAITING_CODE)
+    await ledger.transition(
+        flow.id, FlowTrigger.RECEIVE_CODE, actor="test", at=4_000, pending_code=(state, code)
+    )
+    for secret in (code, VERIFIER):
+        assert secret.encode() in raw_bytes(db), secret
+    if ending == "consume":
+        assert await ledger.consume(state, 4_100) == (flow.id, code, 4000)
+        await ledger.transition(
+            flow.id, FlowTrigger.EXCHANGE, actor="test", at=4_200, drop_verifier=True
+        )
+    elif ending == "drop_verifier":
+        await ledger.transition(
+            flow.id, FlowTrigger.EXPIRE, actor="test", at=4_200, drop_verifier=True
+        )
+    else:
+        await ledger.wipe_pending(flow.id, 4_100)
+        await ledger.transition(
+            flow.id, FlowTrigger.EXCHANGE_FAILED, actor="test", at=4_200, drop_verifier=True
+        )
+    data = raw_bytes(db)
+    for secret in (code, VERIFIER, state):
+        assert secret.encode() not in data, secret
+    assert wal_size(db) == 0  # truncated, not just checkpointed
+
+
+async def test_a_checkpoint_blocked_by_a_reader_is_retried(ledger: Ledger, db: Path) -> None:
+    code = "code-" + "r" * 40
+    flow = await drive(ledger, await new_flow(ledger), FlowState.AWAITING_CODE)
+    await ledger.transition(
+        flow.id, FlowTrigger.RECEIVE_CODE, actor="test", at=4_000, pending_code=("st" * 9, code)
+    )
+    reader = sqlite3.connect(db, timeout=0)
+    try:
+        # another process in the middle of a read keeps the WAL from being truncated
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM flows").fetchone()
+        await ledger._conn.execute("PRAGMA busy_timeout = 50")
+        await ledger.transition(
+            flow.id, FlowTrigger.EXCHANGE_FAILED, actor="test", at=4_100, drop_verifier=True
+        )
+        assert code.encode() in raw_bytes(db)
+        reader.execute("COMMIT")
+    finally:
+        reader.close()
+    # the next write (of any kind) finishes the job
+    await ledger.set_next_check(flow.id, None)
+    assert code.encode() not in raw_bytes(db)
+
+
+async def test_close_retries_a_blocked_checkpoint(db: Path) -> None:
+    ledger = await Ledger.open(db)
+    flow = await drive(ledger, await new_flow(ledger), FlowState.CODE_RECEIVED)
+    # another process's connection stays open throughout: closing ours is not the last close,
+    # so SQLite's own checkpoint-on-close does not run
+    other = sqlite3.connect(db, timeout=0)
+    try:
+        other.execute("BEGIN")
+        other.execute("SELECT count(*) FROM flows").fetchone()
+        await ledger._conn.execute("PRAGMA busy_timeout = 50")
+        await ledger.transition(
+            flow.id, FlowTrigger.EXCHANGE_FAILED, actor="test", at=9_000, drop_verifier=True
+        )
+        assert VERIFIER.encode() in raw_bytes(db)
+        other.execute("COMMIT")  # idle now, but still open
+        await ledger.close()
+        assert VERIFIER.encode() not in raw_bytes(db)
+    finally:
+        other.close()
+
+
+async def test_migration_3_hashes_the_states_of_an_older_ledger(db: Path) -> None:
+    db.parent.mkdir(parents=True)
+    state = "old-raw-state-" + "o" * 30
+    conn = sqlite3.connect(db, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA secure_delete = OFF")  # the worst case: a build without it
+        conn.execute(
+            "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)"
+        )
+        for version, script in _MIGRATIONS[:2]:
+            conn.executescript(script)
+            conn.execute("INSERT INTO schema_migrations VALUES (?, 'then')", (version,))
+        conn.execute(
+            "INSERT INTO flows (id, provider, state, version, created_at, updated_at,"
+            " redirect_uri, scopes, actor, state_hash, uses_pkce)"
+            " VALUES ('f1', 'dexcom', 'code_received', 3, 1, 2, 'https://x/oauth/callback',"
+            " '', 'test', ?, 1)",
+            (hash_state(state),),
+        )
+        conn.execute("INSERT INTO oauth_pending VALUES (?, 'f1', 'the-code', 2, NULL)", (state,))
+    finally:
+        conn.close()
+    assert state.encode() in raw_bytes(db)
+
+    ledger = await Ledger.open(db)
+    try:
+        assert await ledger.schema_version() == SCHEMA_VERSION >= 3
+        assert await ledger.pending(state) == ("f1", True, 2, None)
+        assert await ledger.consume(state, 5) == ("f1", "the-code", 2)
+    finally:
+        await ledger.close()
+    assert snapshot(db)["oauth_pending"] == [(hash_state(state), "f1", None, 2, 5)]
+    assert state.encode() not in raw_bytes(db)
+    assert b"the-code" not in raw_bytes(db)
