@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -62,9 +63,12 @@ def test_demo_runs_every_step_and_exits_0(
     diagram = re.search(r"Mermaid: (\S+\.md)", out)
     assert diagram
     assert Path(diagram.group(1)).read_text().startswith("```mermaid")
-    svg = re.search(r"SVG:     (\S+\.svg)", out)
-    assert svg
-    assert Path(svg.group(1)).read_text().lstrip().startswith(("<?xml", "<svg"))
+    if shutil.which("dot"):
+        svg = re.search(r"SVG:     (\S+\.svg)", out)
+        assert svg
+        assert Path(svg.group(1)).read_text().lstrip().startswith(("<?xml", "<svg"))
+    else:  # the demo says so and goes on (the summary lists graphviz as a missing peer)
+        assert "SVG:     skipped (Graphviz `dot` is not installed)" in out
     # rotation: the old refresh token is refused by the provider
     assert "replaying the OLD refresh token: HTTP 400 invalid_grant" in out
     # every integration, found by discovery: Dexcom's glucose readings ...

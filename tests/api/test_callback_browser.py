@@ -22,6 +22,7 @@ from api.settings import ApiSettings
 from flowengine.catalog import Catalog
 from flowengine.engine import FlowEngine
 from flowengine.states import FlowState
+from tests.conftest import real_peer_missing
 
 from .conftest import TOKEN, start_flow
 
@@ -32,7 +33,7 @@ _PROFILES = itertools.count()
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 
 if not Path(CHROMIUM).exists() and shutil.which("chromium") is None:  # pragma: no cover
-    pytest.skip("chromium is not installed", allow_module_level=True)
+    pytest.skip(real_peer_missing("chromium", "apt-get install chromium"), allow_module_level=True)
 
 
 @pytest.fixture(name="server")

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import real_peer_missing
+
 OIDC_DIR = Path(__file__).parent / "oidc"
 
 
@@ -37,13 +39,17 @@ class OidcServer:
 
 @pytest.fixture(name="oidc_server", scope="session")
 def _oidc_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OidcServer]:
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip(real_peer_missing("oidc-provider", "node is not installed (Node.js 20)"))
     if not (OIDC_DIR / "node_modules" / "oidc-provider").is_dir():
         pytest.skip(
-            "tests/e2e/oidc/node_modules is missing: run `npm install` in tests/e2e/oidc"
-            " (.ci/run does) to run the end-to-end tests against oidc-provider"
+            real_peer_missing(
+                "oidc-provider",
+                "tests/e2e/oidc/node_modules is missing: `make test` installs it when npm is"
+                " on PATH, or run `npm install` in tests/e2e/oidc",
+            )
         )
-    node = shutil.which("node")
-    assert node, "node is required for the end-to-end tests (node_modules is installed)"
     workdir = tmp_path_factory.mktemp("oidc")
     server = OidcServer(
         issuer="",

@@ -14,12 +14,14 @@ from flowengine.clock import ManualClock
 from flowengine.engine import FlowEngine
 from flowengine.models import FlowRecord
 from flowengine.states import TRANSITIONS, FlowState, FlowTrigger
+from tests.conftest import real_peer_missing
 
 from .helpers_flows import code_callback, error_callback
 
 REPO = Path(__file__).resolve().parents[2]
 COMMITTED = REPO / "diagrams"
 HAS_DOT = shutil.which("dot") is not None
+NO_DOT = real_peer_missing("graphviz", "apt-get install graphviz; it provides `dot`")
 GREEN = "#2e7d32"
 
 Edge = tuple[FlowState, FlowTrigger, FlowState]
@@ -36,7 +38,7 @@ def test_committed_diagram_is_up_to_date(name: str) -> None:
     )
 
 
-@pytest.mark.skipif(not HAS_DOT, reason="Graphviz dot is not installed (it is in CI)")
+@pytest.mark.skipif(not HAS_DOT, reason=NO_DOT)
 def test_committed_svg_is_up_to_date() -> None:
     svg = diagrams.render_svg(diagrams.expected_files()["flow-machine.dot"])
     assert svg == (COMMITTED / "flow-machine.svg").read_text(encoding="utf-8"), (
@@ -44,7 +46,7 @@ def test_committed_svg_is_up_to_date() -> None:
     )
 
 
-@pytest.mark.skipif(not HAS_DOT, reason="Graphviz dot is not installed (it is in CI)")
+@pytest.mark.skipif(not HAS_DOT, reason=NO_DOT)
 def test_write_all_reproduces_the_committed_directory(tmp_path: Path) -> None:
     written = diagrams.write_all(tmp_path / "out")
     assert sorted(p.name for p in written) == sorted(p.name for p in COMMITTED.iterdir())
@@ -171,7 +173,7 @@ async def test_a_failed_flow_highlights_only_its_short_path(tmp_path: Path) -> N
 
 
 @pytest.mark.anyio
-@pytest.mark.skipif(not HAS_DOT, reason="Graphviz dot is not installed (it is in CI)")
+@pytest.mark.skipif(not HAS_DOT, reason=NO_DOT)
 async def test_flow_diagram_as_svg(refreshed_record: FlowRecord) -> None:
     svg = diagrams.flow_diagram(refreshed_record, fmt="svg")
     assert svg.lstrip().startswith("<?xml")
