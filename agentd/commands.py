@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import getpass
 import json
 import logging
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
 import anyio
 
 from agentd.cli import EXIT
-from agentd.config import Config, load_config
+from agentd.config import Config, check_files, load_config
+from flowengine.diagrams import DotUnavailableError
 from flowengine.errors import (
     BrokerError,
     ConfigError,
@@ -66,6 +67,14 @@ def _span(seconds: float) -> str:
     if seconds < 2 * 86400:
         return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
     return f"{seconds // 86400}d"
+
+
+def scope_text(scopes: Sequence[str], source: object) -> str:
+    """Scopes as shown to the owner; marked when the provider did not say what it granted."""
+    text = " ".join(scopes) or "-"
+    if source == "requested":
+        text += " (requested; the provider did not say what it granted)"
+    return text
 
 
 def _table(rows: list[list[str]], header: list[str], out: TextIO) -> None:
@@ -188,12 +197,13 @@ def _provider_detail(spec: Any, has_credentials: bool, out: TextIO) -> None:
 
 
 def cmd_credentials(args: argparse.Namespace, config: Config) -> int:
+    from agentd.prompts import ask, check_credential, read_secret_line
     from flowengine.catalog import load_catalog
     from flowengine.credentials import ClientCredentials, CredentialStore
 
     spec = load_catalog().get(args.provider)
-    if args.client_id:
-        client_id = args.client_id.strip()
+    if args.client_id is not None:
+        client_id = check_credential(args.client_id, key="--client-id", what="client id")
     elif args.secret_stdin or not sys.stdin.isatty():
         # standard input carries the secret (or is no terminal): never read the id from it
         raise ConfigError(
@@ -201,17 +211,27 @@ def cmd_credentials(args: argparse.Namespace, config: Config) -> int:
             key="--client-id",
         )
     else:
-        client_id = input(f"{spec.name} client id: ").strip()
-    if not client_id:
-        raise ConfigError("a client id is required", key="--client-id")
+        client_id = ask(f"{spec.name} client id: ", key="--client-id", what="client id")
     secret: str | None = None
     if spec.needs_secret:
+        what = f"{spec.name} client secret"
+        missing = f"{spec.name} needs a client secret"
+        if not args.secret_stdin and not sys.stdin.isatty():
+            # never prompt on /dev/tty behind a script's back
+            raise ConfigError(
+                "standard input is not a terminal: pipe the secret in with --secret-stdin",
+                key="client_secret",
+            )
         if args.secret_stdin:
-            secret = sys.stdin.readline().strip()
+            secret = read_secret_line(key="client_secret", what=what, missing=missing)
         else:
-            secret = getpass.getpass(f"{spec.name} client secret (not echoed): ").strip()
-        if not secret:
-            raise ConfigError(f"{spec.name} needs a client secret", key="client_secret")
+            secret = ask(
+                f"{what} (not echoed): ",
+                key="client_secret",
+                what=what,
+                secret=True,
+                missing=missing,
+            )
     CredentialStore(config.credentials_path).put(spec.id, ClientCredentials(client_id, secret))
     print(f"stored client credentials for {spec.name} in {config.credentials_path}")
     return EXIT["ok"]
@@ -239,7 +259,7 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
                 _when(s.expires),
                 _when(s.last_refresh) if s.last_refresh else "never",
                 _when(s.reconnect_by) if s.reconnect_by else "-",
-                " ".join(s.scopes) if s.scopes else "-",
+                scope_text(s.scopes, s.scope_source),
             ]
             for s in statuses
         ]
@@ -271,7 +291,11 @@ def cmd_flow(args: argparse.Namespace, config: Config) -> int:
         flow = record.flow
         print(f"flow {flow.id}  {flow.provider}  {flow.state.value}")
         print(f"  redirect_uri  {flow.redirect_uri}")
-        print(f"  scopes        {' '.join(flow.scopes) or '-'}")
+        print(f"  requested     {' '.join(flow.scopes) or '-'}")
+        tokens = ctx.tokens.read(flow.provider)
+        if tokens is not None and tokens.flow_id == flow.id and tokens.scope is not None:
+            granted = scope_text(tokens.scope.split(), tokens.extra.get("scope_source"))
+            print(f"  scopes        {granted}")
         print(f"  started by    {flow.actor}" + (f" (chat {flow.chat_id})" if flow.chat_id else ""))
         if flow.error_code:
             print(f"  error         {flow.error_code}: {flow.error_description or ''}")
@@ -315,12 +339,20 @@ def cmd_diagram(args: argparse.Namespace, config: Config) -> int:
 
 
 def _emit(text: str, output: str | None) -> None:
-    if output:
+    if not output:
+        sys.stdout.write(text)
+        return
+    try:
         with open(output, "w", encoding="utf-8") as fh:
             fh.write(text)
-        print(f"wrote {output}", file=sys.stderr)
-    else:
-        sys.stdout.write(text)
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        if isinstance(err, FileNotFoundError):
+            reason = "its folder does not exist"
+        elif isinstance(err, IsADirectoryError):
+            reason = "it is a directory; give a file name"
+        raise ConfigError(f"cannot write {output}: {reason}", key="--output") from None
+    print(f"wrote {output}", file=sys.stderr)
 
 
 def cmd_disconnect(args: argparse.Namespace, config: Config) -> int:
@@ -342,8 +374,17 @@ def cmd_disconnect(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_connect(args: argparse.Namespace, config: Config) -> int:
-    from agentd.connect import connect
+    from agentd.connect import connect, ensure_credentials
+    from flowengine.catalog import load_catalog
+    from flowengine.credentials import CredentialStore
 
+    # prompts first, outside the event loop, so that Ctrl-C at them ends the command
+    ensure_credentials(
+        load_catalog(),
+        CredentialStore(config.credentials_path),
+        args.provider,
+        interactive=sys.stdin.isatty(),
+    )
     return _run(config, lambda ctx: connect(ctx, args))
 
 
@@ -387,11 +428,12 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Config], int]] = {
 
 
 def dispatch(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    from agentd.logs import configure_logging
+
+    configure_logging(verbose=args.verbose)
     config = load_config(args.config)
+    if args.command != "demo" and not config.problems:
+        config = replace(config, problems=tuple(check_files(config)))
     if config.problems and args.command not in ("config", "demo"):
         for problem in config.problems:
             print(f"error: {problem}", file=sys.stderr)
@@ -413,9 +455,16 @@ def dispatch(args: argparse.Namespace) -> int:
     except CredentialsMissingError as err:
         print(f"error: {err.message}; run: agentd credentials {err.provider}", file=sys.stderr)
         return EXIT["usage"]
+    except DotUnavailableError:
+        print(
+            "error: --format svg needs Graphviz's `dot`, which is not installed"
+            " (Debian/Ubuntu: sudo apt-get install graphviz; or use --format mermaid or dot)",
+            file=sys.stderr,
+        )
+        return EXIT["usage"]
     except BrokerError as err:
         print(f"error: {err.message}", file=sys.stderr)
         return exit_code_for(err)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return EXIT["interrupted"]

@@ -11,7 +11,9 @@ with file, key and a hint; ``agentd config check`` prints them all.
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,7 +22,7 @@ from typing import Any
 
 from flowengine import paths
 
-__all__ = ["Config", "ConfigProblem", "load_config", "SCHEMA"]
+__all__ = ["Config", "ConfigProblem", "SCHEMA", "check_files", "load_config"]
 
 # section -> key -> (type, default, hint)
 SCHEMA: dict[str, dict[str, tuple[type, Any, str]]] = {
@@ -150,14 +152,17 @@ def _coerce(value: Any, kind: type, *, from_env: bool) -> Any:
     if kind is float:
         if isinstance(value, bool):
             raise ValueError("must be a number")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if from_env:
-            return float(str(value).strip())
+        try:
+            if isinstance(value, (int, float)):
+                return float(value)
+            if from_env:
+                return float(str(value).strip())
+        except OverflowError:
+            raise ValueError("is far too large") from None
         raise ValueError("must be a number")
     if kind is list:
         if isinstance(value, list):
-            return value
+            return list(value)
         if from_env:
             return [part.strip() for part in str(value).split(",") if part.strip()]
         raise ValueError("must be a list")
@@ -168,12 +173,53 @@ def _coerce(value: Any, kind: type, *, from_env: bool) -> Any:
     raise TypeError(kind)  # pragma: no cover
 
 
+#: seconds: (smallest allowed, largest allowed) of each [timer] key; NaN and inf never pass
+_TIMER_RANGES: dict[str, tuple[float, float]] = {
+    "interval": (0.0, 86_400.0),
+    "awaiting_ttl": (0.0, 7 * 86_400.0),
+    "code_ttl": (0.0, 86_400.0),
+    "refresh_floor": (0.0, 30 * 86_400.0),
+    "unknown_expiry_check": (0.0, 30 * 86_400.0),
+}
+_HOSTNAME = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$"
+)
+_TELEGRAM_ID_MAX = 2**63 - 1
+
+
+def _printable(text: str) -> bool:
+    return not any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in text)
+
+
+def _url_problem(url: str, *, schemes: tuple[str, ...]) -> str | None:
+    """Why ``url`` is not an absolute URL with one of ``schemes`` and a host, or None."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # ValueError for a port that is not a number 0-65535
+    except ValueError:
+        return "is not a valid URL"
+    if parts.scheme not in schemes or not parts.hostname:
+        return f"must look like {schemes[0]}://<host>[:port]"
+    if port == 0:
+        return "has port 0"
+    return None
+
+
 def _validate(values: dict[str, dict[str, Any]], where: str) -> list[ConfigProblem]:
     problems: list[ConfigProblem] = []
 
     def bad(section: str, key: str, message: str) -> None:
         problems.append(ConfigProblem(where, f"{section}.{key}", message, SCHEMA[section][key][2]))
 
+    # text: no control characters anywhere (a NUL in a path or a newline in a name)
+    for section, keys in SCHEMA.items():
+        for key, (kind, default, _) in keys.items():
+            value = values[section][key]
+            if kind is str and not _printable(value):
+                bad(section, key, "contains control characters")
+                values[section][key] = default
     server = values["server"]
     if server["mode"] not in ("tls", "serve"):
         bad("server", "mode", f"unknown mode {server['mode']!r}")
@@ -191,14 +237,31 @@ def _validate(values: dict[str, dict[str, Any]], where: str) -> list[ConfigProbl
     if ca_file and not Path(ca_file).expanduser().is_file():
         bad("client", "ca_file", f"no such file: {ca_file}")
     uri = server["redirect_uri"]
-    if uri and not (uri.startswith("https://") and uri.endswith("/oauth/callback")):
+    if uri and (
+        not (uri.startswith("https://") and uri.endswith("/oauth/callback"))
+        or _url_problem(uri, schemes=("https",))
+    ):
         bad("server", "redirect_uri", "must be https://<name>:<port>/oauth/callback")
-    for key in ("interval", "awaiting_ttl", "code_ttl", "refresh_floor", "unknown_expiry_check"):
-        if values["timer"][key] <= 0:
-            bad("timer", key, "must be greater than 0")
-    if not 0 < values["timer"]["refresh_fraction"] < 1:
+    if server["public_name"] and not _HOSTNAME.match(server["public_name"]):
+        bad("server", "public_name", f"{server['public_name']!r} is not a host name")
+    base = values["client"]["api_base_url"]
+    if base:
+        problem = _url_problem(base, schemes=("https", "http"))
+        if problem:
+            bad("client", "api_base_url", problem)
+    logins = server["allowed_logins"]
+    if not all(isinstance(login, str) and login and _printable(login) for login in logins):
+        bad("server", "allowed_logins", "must be a list of login names (strings)")
+        server["allowed_logins"] = []
+    for key, (low, high) in _TIMER_RANGES.items():
+        value = values["timer"][key]
+        if not (math.isfinite(value) and low < value <= high):
+            bad("timer", key, f"must be greater than {low:g} and at most {high:g} seconds")
+    if not 0 < values["timer"]["refresh_fraction"] < 1:  # NaN fails too
         bad("timer", "refresh_fraction", "must be between 0 and 1")
     tg = values["telegram"]
+    if not 0 <= tg["api_id"] <= 2**31 - 1:
+        bad("telegram", "api_id", f"{tg['api_id']} is not an api_id")
     if tg["bot_token"]:
         if tg["api_id"] <= 0:
             bad("telegram", "api_id", "a bot token needs api_id too")
@@ -208,10 +271,12 @@ def _validate(values: dict[str, dict[str, Any]], where: str) -> list[ConfigProbl
             bad("telegram", "owner_ids", "nobody could talk to the bot")
     ids: list[int] = []
     for raw in tg["owner_ids"]:
-        try:
-            ids.append(int(raw))
-        except (TypeError, ValueError):
-            bad("telegram", "owner_ids", f"{raw!r} is not a Telegram user id")
+        user_id = _telegram_id(raw)
+        if user_id is None:
+            shown = raw if isinstance(raw, str | int) and not isinstance(raw, bool) else "value"
+            bad("telegram", "owner_ids", f"{shown!r} is not a Telegram user id")
+        else:
+            ids.append(user_id)
     tg["owner_ids"] = ids
     try:
         from zoneinfo import ZoneInfo
@@ -220,6 +285,55 @@ def _validate(values: dict[str, dict[str, Any]], where: str) -> list[ConfigProbl
     except Exception:  # noqa: BLE001 - any lookup failure is a config problem
         bad("telegram", "timezone", f"unknown time zone {tg['timezone']!r}")
     return problems
+
+
+def check_files(config: Config) -> list[ConfigProblem]:
+    """Problems with the contents of configured TLS files (a CA bundle that is no PEM, a
+    certificate that does not match its key); slower than :func:`load_config` (imports ssl)."""
+    import ssl
+
+    problems: list[ConfigProblem] = []
+    where = str(config.file)
+    client, server = config.values["client"], config.values["server"]
+    if client["ca_file"] and Path(client["ca_file"]).expanduser().is_file():
+        try:
+            ssl.create_default_context(cafile=str(Path(client["ca_file"]).expanduser()))
+        except (ssl.SSLError, OSError, ValueError) as err:
+            problems.append(
+                ConfigProblem(
+                    where,
+                    "client.ca_file",
+                    f"cannot be loaded as a PEM CA bundle ({type(err).__name__})",
+                    SCHEMA["client"]["ca_file"][2],
+                )
+            )
+    cert, key = server["cert_file"], server["key_file"]
+    if cert and key and Path(cert).expanduser().is_file() and Path(key).expanduser().is_file():
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(
+                str(Path(cert).expanduser()), str(Path(key).expanduser())
+            )
+        except (ssl.SSLError, OSError, ValueError) as err:
+            problems.append(
+                ConfigProblem(
+                    where,
+                    "server.cert_file",
+                    f"cert_file and key_file do not load as a PEM pair ({type(err).__name__})",
+                    SCHEMA["server"]["cert_file"][2],
+                )
+            )
+    return problems
+
+
+def _telegram_id(raw: Any) -> int | None:
+    """A positive 64-bit Telegram user id from an int or a string of digits, else None."""
+    if isinstance(raw, bool):
+        return None
+    if isinstance(raw, str) and raw.strip().isdigit() and len(raw.strip()) <= 19:
+        raw = int(raw.strip())
+    if isinstance(raw, int) and 0 < raw <= _TELEGRAM_ID_MAX:
+        return raw
+    return None
 
 
 def load_config(
@@ -255,6 +369,9 @@ def load_config(
             data = {}
         except tomllib.TOMLDecodeError as err:
             problems.append(ConfigProblem(where, "-", f"not valid TOML: {err}", "fix the syntax"))
+            data = {}
+        except RecursionError:
+            problems.append(ConfigProblem(where, "-", "nested too deeply", "fix the syntax"))
             data = {}
         for section, keys in data.items():
             if section not in SCHEMA:

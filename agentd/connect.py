@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import getpass
 import itertools
 import logging
 import shutil
 import ssl
 import sys
-from pathlib import Path
 from typing import Any
 
 import anyio
 import httpx
 
 from agentd.config import Config
-from agentd.context import Context, api_token, daemon_base_url, redirect_uri
-from flowengine.credentials import ClientCredentials
+from agentd.context import Context, api_token, client_ssl_context, daemon_base_url, redirect_uri
+from flowengine.catalog import Catalog
+from flowengine.credentials import ClientCredentials, CredentialStore
 from flowengine.daemon_client import wait_for_code
 from flowengine.errors import (
     BrokerError,
@@ -27,6 +26,7 @@ from flowengine.errors import (
     FlowNotFound,
     ProviderTransientError,
 )
+from flowengine.oauth_http import tls_error
 
 __all__ = [
     "check_daemon",
@@ -48,30 +48,38 @@ async def _cancel_quietly(ctx: Context, flow_id: str) -> None:
         log.debug("flow %s not cancelled: %s", flow_id, err.code)
 
 
-def ensure_credentials(ctx: Context, provider: str, *, interactive: bool) -> None:
-    """Ask for the client id (and secret) when none are stored."""
-    spec = ctx.catalog.get(provider)
-    if ctx.credentials.get(spec.id) is not None:
+def ensure_credentials(
+    catalog: Catalog, credentials: CredentialStore, provider: str, *, interactive: bool
+) -> None:
+    """Ask for the client id (and secret) when none are stored.
+
+    Called before the event loop starts: a blocking prompt inside it would leave Ctrl-C
+    waiting for the answer (asyncio turns SIGINT into a cancellation, not an exception).
+    """
+    spec = catalog.get(provider)
+    if credentials.get(spec.id) is not None:
         return
     if not interactive:
         raise CredentialsMissingError(spec.id, needs_secret=spec.needs_secret)
+    from agentd.prompts import ask
+
     print(f"No client credentials stored for {spec.name} yet.")
-    client_id = input(f"{spec.name} client id: ").strip()
-    secret = None
-    if spec.needs_secret:
-        secret = getpass.getpass(f"{spec.name} client secret (not echoed): ").strip() or None
-    if not client_id or (spec.needs_secret and not secret):
-        raise CredentialsMissingError(spec.id, needs_secret=spec.needs_secret)
-    ctx.credentials.put(spec.id, ClientCredentials(client_id, secret))
+    try:
+        what = f"{spec.name} client id"
+        client_id = ask(f"{what}: ", key=spec.id, what=what)
+        secret = None
+        if spec.needs_secret:
+            what = f"{spec.name} client secret"
+            secret = ask(f"{what} (not echoed): ", key=spec.id, what=what, secret=True)
+    except ConfigError as err:  # EOF (Ctrl-D), an empty or an unprintable answer
+        hint = f"or store them first: agentd credentials {spec.id}"
+        raise ConfigError(err.message, hint=hint) from None
+    credentials.put(spec.id, ClientCredentials(client_id, secret))
 
 
 def daemon_ssl_context(config: Config) -> ssl.SSLContext:
     """System CAs plus ``client.ca_file`` (an extra CA, e.g. for a self-signed daemon)."""
-    context = ssl.create_default_context()
-    ca_file = config.values["client"]["ca_file"]
-    if ca_file:
-        context.load_verify_locations(cafile=str(Path(ca_file).expanduser()))
-    return context
+    return client_ssl_context(config)
 
 
 def print_qr(url: str, out: Any = sys.stdout) -> None:
@@ -135,9 +143,12 @@ async def check_daemon(http: httpx.AsyncClient, base_url: str) -> None:
     try:
         response = await http.get(f"{base_url}/healthz", timeout=httpx.Timeout(10.0))
     except httpx.HTTPError as err:
+        tls = tls_error(err, base_url, provider="agentd", during=f"the daemon at {base_url}")
+        if tls is not None:
+            raise tls from err
         raise ProviderTransientError(
             f"the daemon is not reachable at {base_url} ({type(err).__name__}: {err});"
-            " is `agentd serve` running? (client.api_base_url, client.ca_file)",
+            " is `agentd serve` running? (client.api_base_url)",
             provider="agentd",
         ) from err
     if response.status_code != 200:
@@ -152,7 +163,7 @@ async def connect(ctx: Context, args: argparse.Namespace) -> int:
     from agentd.cli import EXIT
 
     spec = ctx.catalog.get(args.provider)
-    ensure_credentials(ctx, spec.id, interactive=sys.stdin.isatty())
+    ensure_credentials(ctx.catalog, ctx.credentials, spec.id, interactive=False)
     redirect, base_url = await resolve_urls(ctx.config)
     spinner = _Spinner(sys.stderr)
     async with httpx.AsyncClient(verify=daemon_ssl_context(ctx.config)) as http:
@@ -207,6 +218,9 @@ async def connect(ctx: Context, args: argparse.Namespace) -> int:
         from agentd.commands import _when
 
         expiry = f"token expires {_when(tokens.expires)}"
-    scopes = tokens.scope or " ".join(start.flow.scopes) or "-"
+    from agentd.commands import scope_text
+
+    source = tokens.extra.get("scope_source")
+    scopes = scope_text((tokens.scope or "").split() or start.flow.scopes, source)
     print(f"✅ {spec.name} connected (scopes: {scopes}; {expiry})")
     return EXIT["ok"]

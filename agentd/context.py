@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from agentd.config import Config
+from flowengine import oauth_http
 from flowengine.broker import Broker
 from flowengine.catalog import Catalog, load_catalog
 from flowengine.clock import Clock
@@ -18,7 +20,14 @@ from flowengine.engine import FlowEngine
 from flowengine.errors import ConfigError
 from flowengine.tokens import TokenStore
 
-__all__ = ["Context", "api_token", "daemon_base_url", "open_context", "redirect_uri"]
+__all__ = [
+    "Context",
+    "api_token",
+    "client_ssl_context",
+    "daemon_base_url",
+    "open_context",
+    "redirect_uri",
+]
 
 
 @dataclass
@@ -49,7 +58,13 @@ async def open_context(
         code_ttl=timer["code_ttl"],
     )
     own_http = http is None
-    client = http or httpx.AsyncClient(timeout=httpx.Timeout(20.0, connect=10.0))
+    try:
+        client = http or httpx.AsyncClient(
+            verify=client_ssl_context(config), timeout=httpx.Timeout(20.0, connect=10.0)
+        )
+    except BaseException:
+        await engine.close()
+        raise
     try:
         cat = catalog or load_catalog()
         credentials = CredentialStore(config.credentials_path)
@@ -60,6 +75,11 @@ async def open_context(
         if own_http:
             await client.aclose()
         await engine.close()
+
+
+def client_ssl_context(config: Config) -> ssl.SSLContext:
+    """The trust of every HTTPS call (providers, the daemon): system CAs + ``client.ca_file``."""
+    return oauth_http.client_ssl_context(config.values["client"]["ca_file"] or None)
 
 
 def api_token(config: Config) -> str:

@@ -41,14 +41,10 @@ _BIND_ERRNOS = {errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES}
 
 
 def configure_logging(verbose: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        force=True,
-    )
-    # libraries that would log request lines or per-transition debug chatter
-    for noisy in ("transitions", "httpx", "httpcore", "hypercorn", "telethon", "aiosqlite"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # libraries that log SQL parameters, headers or request lines stay at WARNING (agentd.logs)
+    from agentd.logs import configure_logging as configure
+
+    configure(verbose=verbose, default=logging.INFO, force=True)
 
 
 def tailscale_client(settings: ApiSettings) -> TailscaleClient | None:

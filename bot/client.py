@@ -252,7 +252,10 @@ async def run_bot(
     settings.check()
     own_http = http is None
     if http is None:
-        verify: Any = str(settings.ca_file) if settings.ca_file else True
+        from flowengine.oauth_http import client_ssl_context
+
+        # the system CAs plus client.ca_file (a ca_file alone would drop the system store)
+        verify = client_ssl_context(settings.ca_file)
         http = httpx.AsyncClient(verify=verify, timeout=httpx.Timeout(40.0, connect=10.0))
     tg_client = client or open_client(settings)
     transport = TelethonTransport(tg_client, max_flood_wait=settings.max_flood_wait)

@@ -108,6 +108,8 @@ class ConnectionStatus:
     error_code: str | None = None
     #: epoch ms by which the owner must connect again (the catalog's lifetime rule), if known
     reconnect_by: int | None = None
+    #: "granted" (the provider's token response said so) or "requested" (it did not)
+    scope_source: str = "granted"
 
     def public(self) -> dict[str, Any]:
         return {
@@ -121,6 +123,7 @@ class ConnectionStatus:
             "has_refresh_token": self.has_refresh_token,
             "error_code": self.error_code,
             "reconnect_by": self.reconnect_by,
+            "scope_source": self.scope_source,
         }
 
 
@@ -261,6 +264,7 @@ class Broker:
                 code_verifier=verifier,
                 client=self._client(),
                 now_ms=self.engine.now_ms(),
+                requested_scopes=flow.scopes,
             )
         except (ProviderError, CredentialsMissingError) as err:
             await self.engine.record_exchange_failed(
@@ -391,7 +395,12 @@ class Broker:
         now = self.engine.now_ms()
         try:
             new = await refresh_tokens(
-                spec, creds, refresh_token=current.refresh, client=self._client(), now_ms=now
+                spec,
+                creds,
+                refresh_token=current.refresh,
+                client=self._client(),
+                now_ms=now,
+                previous=current,
             )
         except ReauthorizationRequired as err:
             if flow is not None:
@@ -599,17 +608,19 @@ class Broker:
                 authorized_at=(authorized or flow.created_at) / 1000,
                 last_refresh=last_refresh / 1000 if last_refresh else None,
             )
+            scopes, source = _scopes(tokens, flow.scopes)
             out[flow.provider] = ConnectionStatus(
                 provider=flow.provider,
                 name=name,
                 state=flow.state.value,
                 expires=tokens.expires if tokens else flow.token_expires_at,
                 last_refresh=last_refresh,
-                scopes=flow.scopes,
+                scopes=scopes,
                 flow_id=flow.id,
                 has_refresh_token=bool(tokens and tokens.refresh),
                 error_code=flow.error_code,
                 reconnect_by=to_ms(deadline) if deadline is not None else None,
+                scope_source=source,
             )
         for provider, entry in raw.items():
             if provider in out or provider not in self.catalog or not isinstance(entry, dict):
@@ -626,5 +637,14 @@ class Broker:
                 scopes=tuple((tokens.scope or "").split()),
                 flow_id=tokens.flow_id,
                 has_refresh_token=tokens.refresh is not None,
+                scope_source=_scopes(tokens, ())[1],
             )
         return [out[p] for p in sorted(out)]
+
+
+def _scopes(tokens: TokenSet | None, requested: tuple[str, ...]) -> tuple[tuple[str, ...], str]:
+    """The scopes to show and whether the provider granted them or we only asked for them."""
+    if tokens is not None and tokens.scope is not None:
+        source = tokens.extra.get("scope_source")
+        return tuple(tokens.scope.split()), "requested" if source == "requested" else "granted"
+    return requested, "requested"

@@ -13,6 +13,7 @@ just text. No error message ever contains a secret (client secret, code, verifie
     │   └── CodeAlreadyUsedError
     ├── ProviderError
     │   ├── ProviderTransientError
+    │   │   └── ProviderTLSError
     │   └── ReauthorizationRequired
     ├── ConfigError
     │   └── UnknownProviderError
@@ -36,6 +37,7 @@ __all__ = [
     "InvalidTransition",
     "NotConnectedError",
     "ProviderError",
+    "ProviderTLSError",
     "ProviderTransientError",
     "ReauthorizationRequired",
     "StateMismatchError",
@@ -172,6 +174,17 @@ class ProviderTransientError(ProviderError):
             http_status=http_status,
         )
         self.retry_after = retry_after
+
+
+class ProviderTLSError(ProviderTransientError):
+    """TLS to the provider (or the daemon) failed: an untrusted certificate or a bad handshake."""
+
+    code = "tls_error"
+
+    def __init__(self, message: str, *, provider: str, host: str, reason: str) -> None:
+        super().__init__(message, provider=provider)
+        self.host = host
+        self.reason = reason
 
 
 class ReauthorizationRequired(ProviderError):

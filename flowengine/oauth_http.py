@@ -1,9 +1,18 @@
 """HTTP to providers' token and revocation endpoints (RFC 6749 §4.1.3, §6; RFC 7009).
 
 The ``httpx.AsyncClient`` is injected (tests pass one on an ``httpx.MockTransport``).
-Client authentication is Authlib's (``authlib.oauth2.auth.ClientAuth``: client_secret_basic,
-client_secret_post or none); the request itself goes through httpx so that the caller's
-client, timeouts and error mapping stay ours.
+Client authentication: ``client_secret_basic`` is built here, form-urlencoding the client id
+and secret before Base64 as RFC 6749 §2.3.1 requires (Authlib's ``ClientAuth`` does not, so a
+secret with ``:``, ``+``, ``%``, ``/`` or a space would be mangled); ``client_secret_post`` and
+``none`` are Authlib's. The request itself goes through httpx so that the caller's client,
+timeouts and error mapping stay ours. :func:`client_ssl_context` is the TLS trust every HTTPS
+call of the product uses: the system CA store plus ``[client] ca_file``.
+
+Scopes: a token response's ``scope`` is what the provider granted. When the exchange's
+answer omits it, RFC 6749 §5.1 says the granted scope equals the requested one: the tokens
+carry the requested scopes and ``scope_source = "requested"`` (else ``"granted"``) so every
+place that shows scopes can say which it is. A refresh that omits ``scope`` keeps the previous
+scope and its source (RFC 6749 §6).
 
 Every answer is validated before anything is returned, so a caller never persists a bad
 response: no ``access_token``, a body that is not JSON, or an error inside an envelope
@@ -14,7 +23,8 @@ refreshes only; an envelope's statuses are sorted by ``envelope_transient`` and
 ``envelope_reauthorize``. Errors map onto errors.py:
 
 * network trouble, timeouts, HTTP 5xx, HTTP 429 (``Retry-After`` parsed) ->
-  :class:`ProviderTransientError` (retry later; stored tokens stay);
+  :class:`ProviderTransientError` (retry later; stored tokens stay); a TLS failure ->
+  :class:`ProviderTLSError`, naming the host and the reason (e.g. an unknown CA);
 * ``invalid_grant``, ``invalid_client``, ``unauthorized_client`` ... ->
   :class:`ReauthorizationRequired` (the owner must connect again);
 * anything else malformed -> :class:`ProviderError`.
@@ -26,29 +36,44 @@ in the exception's ``description`` attribute, never in its text.
 
 from __future__ import annotations
 
+import base64
 import email.utils
 import json
 import logging
+import os
+import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote_plus, urlencode, urlsplit
 
 import httpx
 from authlib.oauth2.auth import ClientAuth  # type: ignore[import-untyped]
 
 from .catalog import ProviderSpec
 from .credentials import ClientCredentials
-from .errors import ProviderError, ProviderTransientError, ReauthorizationRequired
+from .errors import (
+    ConfigError,
+    ProviderError,
+    ProviderTLSError,
+    ProviderTransientError,
+    ReauthorizationRequired,
+)
 from .tokens import TokenSet
 
 __all__ = [
     "DEFAULT_TIMEOUT",
     "PERMANENT_ERRORS",
+    "basic_auth_header",
+    "client_ssl_context",
     "exchange_code",
     "parse_retry_after",
     "refresh_tokens",
     "revoke",
+    "tls_error",
+    "tls_failure",
 ]
 
 log = logging.getLogger("flowengine.oauth_http")
@@ -71,6 +96,68 @@ PERMANENT_ERRORS = frozenset(
 )
 
 _MAX_DESCRIPTION = 200
+
+
+def client_ssl_context(ca_file: str | os.PathLike[str] | None = None) -> ssl.SSLContext:
+    """The trust of every HTTPS call: the system CA store plus ``ca_file`` (PEM) when given.
+
+    Without any system CA (a bare container) certifi's bundle stands in for the store.
+    Raises ConfigError when ``ca_file`` cannot be loaded.
+    """
+    context = ssl.create_default_context()
+    if context.cert_store_stats()["x509_ca"] == 0:
+        paths = ssl.get_default_verify_paths()
+        if not (paths.capath and os.path.isdir(paths.capath)):
+            import certifi
+
+            context.load_verify_locations(cafile=certifi.where())
+    if ca_file:
+        path = Path(ca_file).expanduser()
+        try:
+            context.load_verify_locations(cafile=str(path))
+        except (OSError, ssl.SSLError, ValueError) as err:
+            raise ConfigError(
+                f"cannot load {path} as a PEM CA bundle ({type(err).__name__})",
+                key="client.ca_file",
+            ) from None
+    return context
+
+
+def tls_failure(err: BaseException) -> str | None:
+    """Why TLS failed, when ``err`` (e.g. an httpx ConnectError) comes from TLS; else None."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, ssl.SSLCertVerificationError):
+            return current.verify_message or current.reason or "certificate verification failed"
+        if isinstance(current, ssl.SSLError):
+            return f"TLS handshake failed ({current.reason or type(current).__name__})"
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def tls_error(
+    err: BaseException, url: str, *, provider: str, during: str
+) -> ProviderTLSError | None:
+    """A ProviderTLSError naming the host and the reason when ``err`` is a TLS failure."""
+    reason = tls_failure(err)
+    if reason is None:
+        return None
+    host = urlsplit(url).hostname or url
+    return ProviderTLSError(
+        f"{during}: TLS verification failed for {host}: {reason}"
+        " (trust its CA with [client] ca_file; the system CAs are always trusted)",
+        provider=provider,
+        host=host,
+        reason=reason,
+    )
+
+
+def basic_auth_header(client_id: str, client_secret: str) -> str:
+    """``Authorization: Basic`` value per RFC 6749 §2.3.1: each part form-urlencoded first."""
+    pair = f"{quote_plus(client_id)}:{quote_plus(client_secret)}"
+    return "Basic " + base64.b64encode(pair.encode("utf-8")).decode("ascii")
 
 
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
@@ -230,8 +317,11 @@ async def _post(
         "Accept": "application/json",
         "Content-Type": "application/x-www-form-urlencoded",
     }
-    auth = ClientAuth(creds.client_id, creds.client_secret or "", spec.token_auth_method)
-    url, headers, body = auth.prepare("POST", url, headers, body)
+    if spec.token_auth_method == "client_secret_basic":
+        headers["Authorization"] = basic_auth_header(creds.client_id, creds.client_secret or "")
+    else:
+        auth = ClientAuth(creds.client_id, creds.client_secret or "", spec.token_auth_method)
+        url, headers, body = auth.prepare("POST", url, headers, body)
     log.info("%s request to %s (%s)", what, spec.id, spec.token_auth_method)
     try:
         return await client.post(
@@ -245,6 +335,9 @@ async def _post(
             f"{spec.name} did not answer the {what} in time", provider=spec.id
         ) from err
     except httpx.TransportError as err:
+        tls = tls_error(err, url, provider=spec.id, during=f"cannot reach {spec.name}")
+        if tls is not None:
+            raise tls from err
         raise ProviderTransientError(
             f"cannot reach {spec.name} for the {what}: {type(err).__name__}", provider=spec.id
         ) from err
@@ -260,8 +353,12 @@ async def exchange_code(
     client: httpx.AsyncClient,
     now_ms: int,
     timeout: httpx.Timeout | float | None = None,
+    requested_scopes: Sequence[str] = (),
 ) -> TokenSet:
-    """Trade an authorization code for tokens (RFC 6749 §4.1.3, RFC 7636 §4.5)."""
+    """Trade an authorization code for tokens (RFC 6749 §4.1.3, RFC 7636 §4.5).
+
+    The tokens' ``scope`` is the granted one; the requested ones when the answer omits it.
+    """
     form = [
         ("grant_type", "authorization_code"),
         ("code", code),
@@ -279,7 +376,14 @@ async def exchange_code(
     )
     data = _check_response(spec, what, response)
     _require_access_token(spec, what, data)
-    return TokenSet.from_response(data, now_ms=now_ms)
+    tokens = TokenSet.from_response(data, now_ms=now_ms)
+    if "scope" in data and data["scope"] is not None:
+        return _with_scope(tokens, tokens.scope, "granted")
+    return _with_scope(tokens, " ".join(requested_scopes) or None, "requested")
+
+
+def _with_scope(tokens: TokenSet, scope: str | None, source: str) -> TokenSet:
+    return replace(tokens, scope=scope, extra={**tokens.extra, "scope_source": source})
 
 
 async def refresh_tokens(
@@ -290,8 +394,10 @@ async def refresh_tokens(
     client: httpx.AsyncClient,
     now_ms: int,
     timeout: httpx.Timeout | float | None = None,
+    previous: TokenSet | None = None,
 ) -> TokenSet:
-    """Use a refresh token (RFC 6749 §6). No refresh_token in the answer keeps the old one."""
+    """Use a refresh token (RFC 6749 §6). No refresh_token in the answer keeps the old one;
+    no ``scope`` keeps ``previous``'s scope and its source."""
     form = [("grant_type", "refresh_token"), ("refresh_token", refresh_token)]
     form += list(spec.token_params.items()) + list(spec.refresh_params.items())
     what = "refresh"
@@ -300,7 +406,14 @@ async def refresh_tokens(
     )
     data = _check_response(spec, what, response)
     _require_access_token(spec, what, data)
-    return TokenSet.from_response(data, now_ms=now_ms, previous_refresh=refresh_token)
+    tokens = TokenSet.from_response(data, now_ms=now_ms, previous_refresh=refresh_token)
+    if "scope" in data and data["scope"] is not None:
+        return _with_scope(tokens, tokens.scope, "granted")
+    if previous is not None and previous.scope is not None:
+        source = previous.extra.get("scope_source")
+        known = source if source in ("granted", "requested") else "granted"
+        return _with_scope(tokens, previous.scope, known)
+    return tokens
 
 
 async def revoke(

@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
+import pty
 import queue
+import select
 import signal
 import socket
 import ssl
 import subprocess
 import sys
+import termios
 import threading
 import time
 from dataclasses import dataclass, field
@@ -40,8 +44,10 @@ __all__ = [
     "LineReader",
     "SimServer",
     "AgentdInstance",
+    "TerminalRun",
     "agentd_command",
     "free_port",
+    "run_in_terminal",
 ]
 
 SIM_CLIENT_ID = "sim-client"
@@ -375,3 +381,73 @@ class DaemonProcess:
                 self.process.kill()
                 self.process.wait(5)
             self._log.close()
+
+
+@dataclass
+class TerminalRun:
+    returncode: int
+    output: str  # stdout and stderr as the terminal showed them
+
+
+def _take_terminal() -> None:  # pragma: no cover - runs in the child
+    # a session of its own with the pty as controlling terminal: Ctrl-C reaches it
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+def run_in_terminal(
+    command: list[str],
+    *,
+    env: dict[str, str],
+    cwd: Path,
+    steps: list[tuple[str, bytes]],
+    timeout: float = 60,
+) -> TerminalRun:
+    """Run ``command`` on a pseudo-terminal, as a user at a shell would.
+
+    ``steps``: (text to wait for in the output, bytes to type then), e.g. ``("client id:",
+    b"\x04")`` for Ctrl-D at that prompt or ``b"\x03"`` for Ctrl-C.
+    """
+    master, slave = pty.openpty()
+    process = subprocess.Popen(
+        command,
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env=env,
+        cwd=cwd,
+        start_new_session=True,
+        preexec_fn=_take_terminal,
+    )
+    os.close(slave)
+    seen = b""
+    deadline = time.monotonic() + timeout
+
+    def read_some() -> bool:
+        nonlocal seen
+        ready, _, _ = select.select([master], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            raise TimeoutError("no output; seen:\n" + seen.decode(errors="replace"))
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            return False
+        seen += chunk
+        return bool(chunk)
+
+    try:
+        position = 0
+        for expect, send in steps:
+            while (found := seen.find(expect.encode(), position)) < 0:
+                if not read_some():
+                    raise EOFError(f"{expect!r} never came; seen:\n" + seen.decode("replace"))
+            position = found + len(expect)
+            os.write(master, send)
+        while read_some():
+            pass
+        returncode = process.wait(max(1.0, deadline - time.monotonic()))
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(5)
+        os.close(master)
+    return TerminalRun(returncode, seen.decode("utf-8", errors="replace").replace("\r\n", "\n"))

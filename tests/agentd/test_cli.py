@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import re
+import shutil
 import signal
 import stat
 import time
@@ -38,6 +39,10 @@ from tests.agentd.cli_helpers import (
 )
 from tests.api.fake_tailscale import DOMAIN as TAILNET_DOMAIN
 from tests.api.fake_tailscale import FakeTailnet, install_fake_cli
+from tests.conftest import real_peer_missing
+
+HAS_DOT = shutil.which("dot") is not None
+NO_DOT = real_peer_missing("graphviz", "apt-get install graphviz; it provides `dot`")
 
 # every secret the module saw (tokens, codes, the client secret): never in any output
 SECRETS: set[str] = {SIM_CLIENT_SECRET}
@@ -459,7 +464,9 @@ def test_status_table(cli: AgentdInstance) -> None:
     row = next(line for line in lines[1:] if line.startswith("dexcom "))
     assert re.match(
         r"dexcom\s+stored\s+\d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ \(in (1h[0-5]\dm|2h00m)\)\s+\S.*"
-        r" - +offline_access$",  # Dexcom documents no grant lifetime: no reconnect date
+        # Dexcom documents no grant lifetime: no reconnect date; and the sim answers like
+        # Dexcom: no "scope" in the token response
+        r" - +offline_access \(requested; the provider did not say what it granted\)$",
         row,
     ), row
     assert_no_secrets(result.stdout, result.stderr)
@@ -536,11 +543,46 @@ def test_diagram_formats(cli: AgentdInstance, tmp_path: Path) -> None:
     dot = cli.run("diagram", "--format", "dot")
     assert dot.returncode == 0
     assert "digraph" in dot.stdout
+
+
+@pytest.mark.skipif(not HAS_DOT, reason=NO_DOT)
+def test_diagram_svg_to_a_file(cli: AgentdInstance, tmp_path: Path) -> None:
     target = tmp_path / "machine.svg"
     svg = cli.run("diagram", "--format", "svg", "-o", str(target))
     assert svg.returncode == 0, svg.stderr
     assert svg.stdout == ""
     assert "<svg" in target.read_text(encoding="utf-8")
+
+
+def test_diagram_svg_without_graphviz_exits_2_with_an_install_hint(
+    cli: AgentdInstance, tmp_path: Path
+) -> None:
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    ensure_connected(cli)
+    for args in (("diagram", "--format", "svg"), ("diagram", "--flow", current_flow_id(cli),
+                 "--format", "svg")):  # fmt: skip
+        result = cli.run(*args, env=cli.env(PATH=str(empty)))  # `dot` is nowhere on PATH
+        assert result.returncode == 2, result.stderr
+        assert result.stdout == ""
+        assert result.stderr.splitlines() == [
+            "error: --format svg needs Graphviz's `dot`, which is not installed"
+            " (Debian/Ubuntu: sudo apt-get install graphviz; or use --format mermaid or dot)"
+        ]
+
+
+@pytest.mark.parametrize(
+    ("where", "reason"),
+    [("missing/machine.svg", "its folder does not exist"), (".", "it is a directory")],
+)
+def test_diagram_output_to_a_missing_folder_or_a_directory_exits_2(
+    cli: AgentdInstance, tmp_path: Path, where: str, reason: str
+) -> None:
+    target = tmp_path / where
+    result = cli.run("diagram", "-o", str(target))
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"error: --output: cannot write {target}: {reason}")
+    assert len(result.stderr.splitlines()) == 1
 
 
 def test_diagram_of_one_flow(cli: AgentdInstance) -> None:
@@ -554,7 +596,12 @@ def test_diagram_of_one_flow(cli: AgentdInstance) -> None:
     assert "class stored current" in result.stdout
     assert "class refreshing visited" in result.stdout
     assert "class stored current" not in machine
-    svg = cli.run("diagram", "--flow", flow_id, "--format", "svg")
+
+
+@pytest.mark.skipif(not HAS_DOT, reason=NO_DOT)
+def test_diagram_of_one_flow_as_svg(cli: AgentdInstance) -> None:
+    ensure_connected(cli)
+    svg = cli.run("diagram", "--flow", current_flow_id(cli), "--format", "svg")
     assert svg.returncode == 0, svg.stderr
     assert "<svg" in svg.stdout
 
