@@ -130,9 +130,10 @@ def tls_failure(err: BaseException) -> str | None:
     while current is not None and id(current) not in seen:
         seen.add(id(current))
         if isinstance(current, ssl.SSLCertVerificationError):
-            return current.verify_message or current.reason or "certificate verification failed"
+            message = getattr(current, "verify_message", None) or getattr(current, "reason", None)
+            return str(message or "certificate verification failed")
         if isinstance(current, ssl.SSLError):
-            return f"TLS handshake failed ({current.reason or type(current).__name__})"
+            return f"TLS handshake failed ({getattr(current, 'reason', None) or current})"
         current = current.__cause__ or current.__context__
     return None
 

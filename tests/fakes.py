@@ -17,7 +17,7 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl, unquote
+from urllib.parse import parse_qsl, unquote_plus
 
 import anyio
 import httpx
@@ -145,7 +145,10 @@ class FakeProvider:
                 return False
             raw = base64.b64decode(header[6:]).decode()
             cid, _, secret = raw.partition(":")
-            return unquote(cid) == self.client_id and unquote(secret) == self.client_secret
+            # RFC 6749 §2.3.1: both parts are form-urlencoded before Base64
+            return (
+                unquote_plus(cid) == self.client_id and unquote_plus(secret) == self.client_secret
+            )
         if header is not None:
             return False
         if self.auth_method == "client_secret_post":

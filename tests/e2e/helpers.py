@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,12 +90,15 @@ class Setup:
         )
 
 
-async def follow_to_redirect(url: str, redirect_uri: str) -> str:
+async def follow_to_redirect(
+    url: str, redirect_uri: str, *, verify: ssl.SSLContext | bool = True
+) -> str:
     """Play the browser: follow the authorize URL through login and consent.
 
     Returns the query string of the final redirect to ``redirect_uri`` (never requested).
+    ``verify``: the browser's trust (an HTTPS server with a private CA needs it).
     """
-    async with httpx.AsyncClient(timeout=10) as browser:
+    async with httpx.AsyncClient(timeout=30, verify=verify) as browser:
         for _ in range(12):
             response = await browser.get(url, follow_redirects=False)
             location = response.headers.get("location")

@@ -1,6 +1,7 @@
 // A real OAuth 2.0 authorization server for agentd-oauth's end-to-end tests.
 //
-// oidc-provider v9 on 127.0.0.1 (port from $PORT, 0 = random). Prints one JSON line
+// oidc-provider v9 on 127.0.0.1 (port from $PORT, 0 = random), over HTTPS as "localhost" when
+// $TLS_CERT and $TLS_KEY name a PEM certificate and key (a private CA's). Prints one JSON line
 // {"event":"listening","port":...,"issuer":...} on stdout when ready. Every request to
 // the token endpoint is appended as one JSON line to $GRANT_LOG (grant type, client, outcome),
 // so the tests can count refresh requests. Interactions (login + consent) are approved
@@ -10,8 +11,9 @@
 //   e2e-public  native, token_endpoint_auth_method=none (PKCE), redirect http://127.0.0.1/callback
 //   e2e-basic   web, client_secret_basic, redirect https://client.example.org/callback
 //   e2e-post    web, client_secret_post,  redirect https://client.example.org/callback
-import { appendFileSync } from 'node:fs';
-import { createServer } from 'node:http';
+import { appendFileSync, readFileSync } from 'node:fs';
+import { createServer as createHttpServer } from 'node:http';
+import { createServer as createHttpsServer } from 'node:https';
 
 import Provider from 'oidc-provider';
 
@@ -80,10 +82,13 @@ const configuration = {
   cookies: { keys: ['e2e-cookie-key-not-secret'] },
 };
 
-const server = createServer();
+const tls = process.env.TLS_CERT && process.env.TLS_KEY;
+const server = tls
+  ? createHttpsServer({ cert: readFileSync(process.env.TLS_CERT), key: readFileSync(process.env.TLS_KEY) })
+  : createHttpServer();
 server.listen(Number(process.env.PORT ?? 0), '127.0.0.1', () => {
   const { port } = server.address();
-  const issuer = `http://127.0.0.1:${port}`;
+  const issuer = tls ? `https://localhost:${port}` : `http://127.0.0.1:${port}`;
   const provider = new Provider(issuer, configuration);
 
   // log every token-endpoint request with its outcome
