@@ -190,8 +190,9 @@ auth_file = "{self.auth_file}"
             encoding="utf-8",
         )
 
-    def write_catalog(self, sim_base_url: str) -> None:
-        """Point the built-in ``dexcom`` entry at the simulated provider."""
+    def write_catalog(self, sim_base_url: str, *, extra: str = "") -> None:
+        """Point the built-in ``dexcom`` entry at the simulated provider (``extra``: more
+        of its fields, as TOML lines)."""
         (self.config_home / "agent" / "providers.toml").write_text(
             f"""
 [providers.dexcom]
@@ -199,6 +200,7 @@ authorize_url = "{sim_base_url}/v2/oauth2/login"
 token_url = "{sim_base_url}/v2/oauth2/token"
 api_base_url = "{sim_base_url}"
 revocation_url = "{sim_base_url}/v2/oauth2/revoke"
+{extra}
 """,
             encoding="utf-8",
         )
@@ -330,9 +332,15 @@ class DaemonProcess:
     """``agentd serve`` as a subprocess; its stderr (the log) goes to a file."""
 
     def __init__(
-        self, instance: AgentdInstance, *, port: int | None = None, name: str = "daemon"
+        self,
+        instance: AgentdInstance,
+        *,
+        port: int | None = None,
+        name: str = "daemon",
+        verbose: bool = False,
     ) -> None:
-        """``port``: listen there instead of the configured port (AGENTD_SERVER_PORT)."""
+        """``port``: listen there instead of the configured port (AGENTD_SERVER_PORT);
+        ``verbose``: ``agentd -v serve`` (logs at DEBUG)."""
         self.instance = instance
         self.port = port or instance.daemon_port
         self.base_url = f"https://localhost:{self.port}"
@@ -340,7 +348,7 @@ class DaemonProcess:
         self._log = self.log_file.open("w", encoding="utf-8")
         env = instance.env(**({"AGENTD_SERVER_PORT": str(port)} if port else {}))
         self.process = subprocess.Popen(
-            [*agentd_command(), "serve"],
+            [*agentd_command(), *(["-v"] if verbose else []), "serve"],
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
