@@ -282,6 +282,11 @@ class Ledger:
         self._lock = anyio.Lock()
         #: a wiped secret may still be in the -wal file: checkpoint when possible
         self._scrub_due = False
+        self.busy_timeout_ms = 10_000
+        #: how long a scrubbing checkpoint waits for other connections' readers before it
+        #: gives up for now (it is retried); shorter than the write timeout, so a wipe never
+        #: stalls a command for long
+        self.checkpoint_timeout_ms = 2_000
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -303,6 +308,7 @@ class Ledger:
             # (Debian's SQLite defaults to this; other builds do not)
             await conn.execute("PRAGMA secure_delete = ON")
             ledger = cls(conn, file, FlowMachine())
+            ledger.busy_timeout_ms = int(busy_timeout_ms)
             if await ledger._migrate():
                 await ledger._scrub()  # a migration may have dropped secrets (raw states)
         except sqlite3.Error as err:
@@ -325,8 +331,14 @@ class Ledger:
     async def _scrub(self) -> bool:
         """Empty the WAL after a secret was wiped (see the module docstring); True if done."""
         try:
-            async with self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)") as cur:
-                row = await cur.fetchone()
+            await self._conn.execute(
+                f"PRAGMA busy_timeout = {min(self.checkpoint_timeout_ms, self.busy_timeout_ms)}"
+            )
+            try:
+                async with self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)") as cur:
+                    row = await cur.fetchone()
+            finally:
+                await self._conn.execute(f"PRAGMA busy_timeout = {self.busy_timeout_ms}")
         except sqlite3.Error as err:  # the write before it committed: retry later
             log.warning("ledger checkpoint failed (%s); retrying later", type(err).__name__)
             self._scrub_due = True

@@ -584,7 +584,7 @@ async def test_a_checkpoint_blocked_by_a_reader_is_retried(ledger: Ledger, db: P
         # another process in the middle of a read keeps the WAL from being truncated
         reader.execute("BEGIN")
         reader.execute("SELECT count(*) FROM flows").fetchone()
-        await ledger._conn.execute("PRAGMA busy_timeout = 50")
+        ledger.checkpoint_timeout_ms = 50
         await ledger.transition(
             flow.id, FlowTrigger.EXCHANGE_FAILED, actor="test", at=4_100, drop_verifier=True
         )
@@ -606,7 +606,7 @@ async def test_close_retries_a_blocked_checkpoint(db: Path) -> None:
     try:
         other.execute("BEGIN")
         other.execute("SELECT count(*) FROM flows").fetchone()
-        await ledger._conn.execute("PRAGMA busy_timeout = 50")
+        ledger.checkpoint_timeout_ms = 50
         await ledger.transition(
             flow.id, FlowTrigger.EXCHANGE_FAILED, actor="test", at=9_000, drop_verifier=True
         )
