@@ -14,6 +14,7 @@ import contextlib
 import fcntl
 import json
 import os
+import platform
 import pty
 import queue
 import select
@@ -402,6 +403,23 @@ def _take_terminal() -> None:  # pragma: no cover - runs in the child
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
 
+_READ = {"x86_64": "0", "aarch64": "63"}.get(platform.machine())
+
+
+def _wait_reading(pid: int, deadline: float) -> None:
+    """Until ``pid``'s main thread sleeps in read() on its terminal (a tty read waits in
+    ``wait_woken``; /proc/<pid>/syscall names the call)."""
+    while time.monotonic() < deadline:
+        try:
+            syscall = Path(f"/proc/{pid}/syscall").read_text().split()
+            wchan = Path(f"/proc/{pid}/wchan").read_text().strip()
+        except OSError:
+            return  # gone, or no access: the reads below will tell
+        if (syscall and syscall[0] == _READ) or wchan in ("wait_woken", "n_tty_read"):
+            return
+        time.sleep(0.005)
+
+
 def run_in_terminal(
     command: list[str],
     *,
@@ -449,6 +467,9 @@ def run_in_terminal(
                 if not read_some():
                     raise EOFError(f"{expect!r} never came; seen:\n" + seen.decode("replace"))
             position = found + len(expect)
+            # type only once it waits for the keyboard: a Ctrl-C that lands between the
+            # prompt and the read() is lost by CPython (a person is never that quick)
+            _wait_reading(process.pid, deadline)
             os.write(master, send)
         while read_some():
             pass
