@@ -277,7 +277,13 @@ def _url(file: str, pid: str, key: str, value: Any, *, optional: bool) -> str | 
         return None
     if not isinstance(value, str) or not value:
         raise _err(file, pid, key, "must be a non-empty URL string")
-    parts = urlsplit(value)
+    if any(ord(ch) <= 0x20 or ord(ch) == 0x7F for ch in value):
+        raise _err(file, pid, key, "must not contain spaces or control characters")
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a port that is no number 0-65535
+    except ValueError:
+        raise _err(file, pid, key, f"is not a valid URL: {value!r}") from None
     if parts.scheme not in ("https", "http") or not parts.netloc:
         raise _err(file, pid, key, f"must be an absolute http(s) URL, got {value!r}")
     if parts.scheme == "http" and parts.hostname not in ("127.0.0.1", "localhost", "::1"):
@@ -358,7 +364,7 @@ def _coerce(file: str, pid: str, raw: Mapping[str, Any]) -> dict[str, Any]:
                     raise _err(file, pid, key, f"{name!r} is not a field that states a fact{hint}")
             out[key] = frozenset(value)
         elif key == "access_token_lifetime":
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= 10**9:
                 raise _err(file, pid, key, "must be a positive number of seconds")
             out[key] = value
         elif key in ("name", "docs_url", "notes", "response_envelope", "envelope_status_key"):

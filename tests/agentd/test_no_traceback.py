@@ -503,3 +503,26 @@ def test_generated_configuration_never_gives_a_traceback(
         for args in (("serve",), ("status",)):
             code, out = run(inst, *args, env=environ)
             assert_clean(code, out, expected=2)
+
+
+BAD_CATALOGS = {
+    "ipv6-bracket": 'authorize_url = "https://[x"',
+    "port": 'token_url = "https://h:99999/token"',
+    "control-character": 'authorize_url = "https://a\\u0000b/"',
+    "lifetime-nan": "access_token_lifetime = nan",
+    "lifetime-huge": "access_token_lifetime = 99999999999999999999",
+    "scopes-number": "scopes = 5",
+    "pkce-text": 'use_pkce = "yes"',
+}
+
+
+@pytest.mark.parametrize("line", BAD_CATALOGS.values(), ids=BAD_CATALOGS.keys())
+def test_bad_provider_catalog_values(inst: AgentdInstance, tmp_path: Path, line: str) -> None:
+    config_home = tmp_path / "config"
+    (config_home / "agent").mkdir(parents=True)
+    (config_home / "agent" / "providers.toml").write_text(f"[providers.dexcom]\n{line}\n")
+    env = inst.env(XDG_CONFIG_HOME=str(config_home))
+    for args in (("providers",), ("token", "dexcom"), ("connect", "dexcom")):
+        returncode, output = run(inst, *args, env=env)
+        assert_clean(returncode, output, expected=2)
+        assert "providers.toml: providers.dexcom." in output
