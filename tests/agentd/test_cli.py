@@ -515,6 +515,12 @@ def test_flow_shows_its_ledger_without_secrets(cli: AgentdInstance, sim: SimOAut
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"flow {flow_id}  dexcom  stored")
     assert f"redirect_uri  {cli.redirect_uri}" in result.stdout
+    assert "\n  requested     offline_access\n" in result.stdout
+    # what auth.json holds for this flow: the sim's token response names no scope
+    assert (
+        "\n  scopes        offline_access (requested; the provider did not say what it granted)\n"
+        in result.stdout
+    )
     lines = result.stdout.splitlines()
     header = next(line for line in lines if line.startswith("SEQ "))
     start, end = header.index("TRIGGER"), header.index("TO ")
