@@ -203,7 +203,7 @@ def _known_argv() -> list[Any]:
         (("credentials", "oura", "--client-id", "\x07bell", "--secret-stdin"), 2, "printable"),
     ]
     if "dexcom egvs" in _commands():
-        # a span reaching past year 1: agentd/dexcom_cli.py, moving to integrations/ (issue 12)
+        # a span reaching past year 1 (integrations/durations.py parse_since has no upper bound)
         cases.append(
             pytest.param(
                 ("dexcom", "egvs", "--since", "99999999d"),
@@ -211,8 +211,8 @@ def _known_argv() -> list[Any]:
                 "--since",
                 marks=pytest.mark.xfail(
                     strict=True,
-                    reason="dexcom egvs --since is issue 12's (integrations/): it still ends in"
-                    " an OverflowError caught by the last-resort handler",
+                    reason="integrations/ (issue 12): `now - since` overflows for a huge"
+                    " --since; the last-resort handler turns it into 'internal error', exit 1",
                 ),
             )
         )
