@@ -365,16 +365,21 @@ class DaemonProcess:
         return self.log_file.read_text(encoding="utf-8")
 
     def wait_healthy(self, timeout: float = 60) -> None:
+        """Until /healthz answers 200 and the daemon logged its start ("running: ..."): the
+        listener comes up before the timer and the start-up lines, so both are awaited."""
         deadline = time.monotonic() + timeout
+        healthy = False
         with httpx.Client(verify=self.instance.ssl_context(), timeout=10) as client:
             while True:
                 if self.process.poll() is not None:
                     raise RuntimeError(f"agentd serve exited early:\n{self.log()}")
-                try:
-                    if client.get(f"{self.base_url}/healthz").status_code == 200:
-                        return
-                except httpx.HTTPError:
-                    pass
+                if not healthy:
+                    try:
+                        healthy = client.get(f"{self.base_url}/healthz").status_code == 200
+                    except httpx.HTTPError:
+                        pass
+                if healthy and " running: " in self.log():
+                    return
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"agentd serve did not become healthy:\n{self.log()}")
                 time.sleep(0.1)
