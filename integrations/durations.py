@@ -9,6 +9,8 @@ __all__ = ["age", "parse_since"]
 
 _SINCE_RE = re.compile(r"^\s*(\d+)\s*(m|min|h|d|w|y)\s*$", re.IGNORECASE)
 _SINCE_UNITS = {"m": 60, "min": 60, "h": 3600, "d": 86_400, "w": 604_800, "y": 31_536_000}
+#: the longest look-back anyone means (no CGM or scale has data from before 1970 either)
+MAX_SINCE = timedelta(days=100 * 365)
 
 
 def parse_since(text: str) -> timedelta:
@@ -21,7 +23,10 @@ def parse_since(text: str) -> timedelta:
     amount = int(match.group(1))
     if amount <= 0:
         raise ValueError(f"duration {text!r} must be positive")
-    return timedelta(seconds=amount * _SINCE_UNITS[match.group(2).lower()])
+    seconds = amount * _SINCE_UNITS[match.group(2).lower()]
+    if seconds > MAX_SINCE.total_seconds():
+        raise ValueError(f"duration {text!r} is too long: at most 100 years (100y)")
+    return timedelta(seconds=seconds)
 
 
 def age(delta: timedelta) -> str:

@@ -202,20 +202,10 @@ def _known_argv() -> list[Any]:
         (("token", "oura"), 3, "not connected"),
         (("credentials", "oura", "--client-id", "\x07bell", "--secret-stdin"), 2, "printable"),
     ]
-    if "dexcom egvs" in _commands():
-        # a span reaching past year 1 (integrations/durations.py parse_since has no upper bound)
-        cases.append(
-            pytest.param(
-                ("dexcom", "egvs", "--since", "99999999d"),
-                2,
-                "--since",
-                marks=pytest.mark.xfail(
-                    strict=True,
-                    reason="integrations/ (issue 12): `now - since` overflows for a huge"
-                    " --since; the last-resort handler turns it into 'internal error', exit 1",
-                ),
-            )
-        )
+    # a look-back reaching past year 1 used to overflow `now - since`
+    for command in ("dexcom egvs", "withings range"):
+        if command in _commands():
+            cases.append(((*command.split(), "--since", "99999999d"), 2, "too long"))
     return cases
 
 
