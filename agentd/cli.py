@@ -17,8 +17,12 @@ Exit codes (documented in README):
 No input gives a traceback: :func:`main` turns anything unexpected into one line naming the
 exception's type (never its text, which could hold a secret) and exit code 1.
 
-``agentd token`` has a fast path: it reads auth.json and prints a still-valid token
-without importing the async stack (httpx, anyio, aiosqlite).
+``agentd token`` has a fast path: it reads the provider's two vault slots and prints a
+still-valid token without importing the async stack (httpx, anyio, aiosqlite). Its cost
+does not grow with the number of connections. It takes the slow path (which refreshes,
+finishes an interrupted refresh or re-publishes auth.json) when the token is inside its
+margin, a refresh is in flight or was interrupted, or auth.json is not known to hold the
+vault's latest pair.
 """
 
 from __future__ import annotations
@@ -49,26 +53,39 @@ MAX_TIMEOUT = 86_400.0
 
 
 def _token_fast_path(argv: Sequence[str]) -> int | None:
-    """Print a fresh token from auth.json without the async stack; None = take the slow path."""
+    """Print a fresh token from the vault without the async stack; None = take the slow path."""
     if len(argv) != 2 or argv[0] != "token" or argv[1].startswith("-"):
         return None
     import time
 
     from agentd.config import load_config
-    from flowengine.tokens import TokenStore
+    from flowengine.schedule import TokenTimes, use_margin, valid_for
+    from flowengine.tokens import signature_of
+    from flowengine.vault import Vault, vault_root
 
     config = load_config()
     if config.problems:
         return None
     try:
-        entry = TokenStore(config.auth_file).read(argv[1])
+        vault = Vault(vault_root(config.state_dir))
+        pv = vault.provider(argv[1])
+        record = pv.read()
+        if record is None or not record.settled or record.tokens is None:
+            return None
+        # auth.json must be known to hold this pair, else the slow path re-publishes it
+        if pv.published_seq() != record.seq:
+            return None
+        if signature_of(config.auth_file) != vault.published_signature():
+            return None
     except Exception:  # noqa: BLE001 - the slow path reports errors properly
         return None
-    if entry is None or not entry.access or entry.expires is None:
+    tokens = record.tokens
+    if tokens.expires is None:
         return None
-    if entry.expires - 60_000 <= time.time() * 1000:
+    times = TokenTimes(tokens.expires, tokens.obtained_at, bool(tokens.refresh))
+    if not valid_for(times, time.time(), use_margin(times)):
         return None
-    sys.stdout.write(entry.access + "\n")
+    sys.stdout.write(tokens.access + "\n")
     return 0
 
 

@@ -6,6 +6,7 @@ import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
@@ -18,7 +19,9 @@ from flowengine.clock import Clock
 from flowengine.credentials import CredentialStore
 from flowengine.engine import FlowEngine
 from flowengine.errors import ConfigError
+from flowengine.schedule import TimerPolicy
 from flowengine.tokens import TokenStore
+from flowengine.vault import Vault, vault_root
 
 __all__ = [
     "Context",
@@ -27,7 +30,25 @@ __all__ = [
     "daemon_base_url",
     "open_context",
     "redirect_uri",
+    "timer_policy",
+    "vault_dir",
 ]
+
+
+def timer_policy(config: Config) -> TimerPolicy:
+    """The refresh timer's policy from the ``[timer]`` section."""
+    timer = config.values["timer"]
+    return TimerPolicy(
+        interval=float(timer["interval"]),
+        refresh_fraction=float(timer["refresh_fraction"]),
+        refresh_floor=float(timer["refresh_floor"]),
+        unknown_expiry_check=float(timer["unknown_expiry_check"]),
+    )
+
+
+def vault_dir(config: Config) -> Path:
+    """The token vault: ``<state dir>/vault`` (the source of truth behind auth.json)."""
+    return vault_root(config.state_dir)
 
 
 @dataclass
@@ -69,7 +90,15 @@ async def open_context(
         cat = catalog or load_catalog()
         credentials = CredentialStore(config.credentials_path)
         tokens = TokenStore(config.auth_file)
-        broker = Broker(engine, catalog=cat, credentials=credentials, tokens=tokens, http=client)
+        broker = Broker(
+            engine,
+            catalog=cat,
+            credentials=credentials,
+            tokens=tokens,
+            vault=Vault(vault_dir(config)),
+            http=client,
+            policy=timer_policy(config),
+        )
         yield Context(config, engine, cat, credentials, tokens, broker, client)
     finally:
         if own_http:

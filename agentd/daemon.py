@@ -6,7 +6,9 @@ timer, then the bot (it never delays start-up: Telegram logs in in the backgroun
 
 Shutdown on SIGINT/SIGTERM: Hypercorn stops accepting and finishes in-flight requests,
 then the timer and the bot are cancelled. Ledger transitions are shielded transactions,
-so one that has begun commits; auth.json writes are atomic renames under a lock.
+so one that has begun commits; a token answer is in the vault before anything else
+happens and auth.json writes are atomic renames, and the timer's start-up finishes
+whatever a kill interrupted (see flowengine/broker.py).
 """
 
 from __future__ import annotations
@@ -24,14 +26,14 @@ import anyio
 from quart import Quart
 
 from agentd.config import Config
-from agentd.context import Context, daemon_base_url, open_context
+from agentd.context import Context, daemon_base_url, open_context, timer_policy
 from api.app import create_app
 from api.serve import ServePlan, plan_serving
 from api.serve import serve as serve_api
 from api.settings import ApiSettings
 from api.tailscale import LocalAPI, TailscaleCLI, TailscaleClient
 from flowengine.errors import BrokerError
-from flowengine.refresh import RefreshTimer, TimerPolicy
+from flowengine.timer import RefreshTimer
 
 __all__ = ["run_daemon", "serve", "tailscale_client", "timer_policy"]
 
@@ -54,16 +56,6 @@ def tailscale_client(settings: ApiSettings) -> TailscaleClient | None:
     if shutil.which("tailscale"):
         return TailscaleCLI()
     return None
-
-
-def timer_policy(config: Config) -> TimerPolicy:
-    timer = config.values["timer"]
-    return TimerPolicy(
-        interval=float(timer["interval"]),
-        refresh_fraction=float(timer["refresh_fraction"]),
-        refresh_floor=float(timer["refresh_floor"]),
-        unknown_expiry_check=float(timer["unknown_expiry_check"]),
-    )
 
 
 async def _watch_signals(stop: anyio.Event) -> None:
@@ -99,7 +91,7 @@ async def run_daemon(
     async with open_context(config) as ctx:
         plan = await plan_serving(settings, tailscale=tailscale)
         app = create_app(ctx.engine, settings=settings, catalog=ctx.catalog, tailscale=tailscale)
-        timer = RefreshTimer(ctx.engine, ctx.broker, policy=timer_policy(config))
+        timer = RefreshTimer(ctx.broker, policy=timer_policy(config))
         requests = _track_requests(app)
         async with anyio.create_task_group() as tg:
             tg.start_soon(_watch_signals, stop)

@@ -48,7 +48,8 @@ from flowengine.daemon_client import wait_for_code
 from flowengine.diagrams import DotUnavailableError, flow_diagram
 from flowengine.engine import FlowEngine
 from flowengine.protocol import parse_callback
-from flowengine.refresh import RefreshTimer, TimerPolicy
+from flowengine.schedule import TimerPolicy
+from flowengine.timer import RefreshTimer
 from flowengine.tokens import TokenStore
 from integrations import Integration, Services, Simulator, discover
 
@@ -216,7 +217,7 @@ async def _demo(root: Path, out: TextIO) -> int:
             ctx.credentials.put(item.spec.id, ClientCredentials(CLIENT_ID, CLIENT_SECRET))
         app = create_app(ctx.engine, settings=daemon_settings, catalog=ctx.catalog)
         stop = anyio.Event()
-        timer = RefreshTimer(ctx.engine, ctx.broker, policy=TimerPolicy(interval=1.0))
+        timer = RefreshTimer(ctx.broker, policy=TimerPolicy(interval=1.0))
         async with anyio.create_task_group() as tg:
             plan = await tg.start(partial(serve, app, daemon_settings, shutdown_trigger=stop.wait))
             for item in simulated:
@@ -434,7 +435,7 @@ async def _short_lived_grant(p: _Printer, state_dir: Path, item: _Simulated) -> 
             (status,) = await broker.status()
             when = datetime.fromtimestamp((status.reconnect_by or 0) / 1000, tz=UTC)
             p.say(f"connected; agentd status: RECONNECT BY {when:%Y-%m-%d %H:%M}Z")
-            timer = RefreshTimer(engine, broker, policy=TimerPolicy(interval=1.0))
+            timer = RefreshTimer(broker, policy=TimerPolicy(interval=1.0))
             await timer.start_up()
             deadline = (status.reconnect_by or 0) / 1000
             owners = ConversationState(owners=frozenset({1}))

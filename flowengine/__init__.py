@@ -39,6 +39,7 @@ __all__ = [
     "Ledger",
     "ManualClock",
     "NotConnectedError",
+    "Outcome",
     "PENDING_STATES",
     "PendingCode",
     "PendingStatus",
@@ -48,6 +49,7 @@ __all__ = [
     "ProviderTransientError",
     "ReauthorizationRequired",
     "RecoveryReport",
+    "RefreshOutcome",
     "RefreshTimer",
     "StartedFlow",
     "StateMismatchError",
@@ -60,6 +62,7 @@ __all__ = [
     "TokenSet",
     "TokenStore",
     "UnknownProviderError",
+    "Vault",
     "load_catalog",
     "parse_retry_after",
 ]
@@ -69,6 +72,8 @@ _WHERE = {
     "ConnectStart": "broker",
     "ConnectionStatus": "broker",
     "DisconnectResult": "broker",
+    "Outcome": "broker",
+    "RefreshOutcome": "broker",
     "Catalog": "catalog",
     "ProviderSpec": "catalog",
     "load_catalog": "catalog",
@@ -77,8 +82,9 @@ _WHERE = {
     "CredentialStore": "credentials",
     "TokenSet": "tokens",
     "TokenStore": "tokens",
-    "RefreshTimer": "refresh",
-    "TimerPolicy": "refresh",
+    "RefreshTimer": "timer",
+    "TimerPolicy": "schedule",
+    "Vault": "vault",
     "RecoveryReport": "engine",
     "ACTIVE_STATES": "states",
     "PENDING_STATES": "states",
@@ -102,7 +108,14 @@ _WHERE = {
 }
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .broker import Broker, ConnectionStatus, ConnectStart, DisconnectResult
+    from .broker import (
+        Broker,
+        ConnectionStatus,
+        ConnectStart,
+        DisconnectResult,
+        Outcome,
+        RefreshOutcome,
+    )
     from .catalog import Catalog, ProviderSpec, load_catalog
     from .clock import Clock, ManualClock, SystemClock
     from .credentials import ClientCredentials, CredentialStore
@@ -132,7 +145,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .models import Flow, FlowEvent, FlowRecord, PendingCode, PendingStatus, StartedFlow
     from .oauth_http import parse_retry_after
     from .protocol import CallbackParams
-    from .refresh import RefreshTimer, TimerPolicy
+    from .schedule import TimerPolicy
     from .states import (
         ACTIVE_STATES,
         PENDING_STATES,
@@ -141,7 +154,9 @@ if TYPE_CHECKING:  # pragma: no cover
         FlowState,
         FlowTrigger,
     )
+    from .timer import RefreshTimer
     from .tokens import TokenSet, TokenStore
+    from .vault import Vault
 
 
 def __getattr__(name: str) -> Any:

@@ -1,53 +1,83 @@
-"""Broker: the facade the bot, the CLI, the API and the refresh timer use.
+"""Broker: THE facade the bot, the CLI, the API and the refresh timer call.
 
-It ties the flow engine (ledger), the catalog, the client credentials, auth.json and the
-token endpoint together:
+It ties the flow engine (ledger), the catalog, the client credentials, the token vault,
+auth.json and the token endpoint together:
 
 * ``begin`` / ``complete`` / ``complete_state``: an authorization from the link to stored
   tokens, every step recorded in the ledger;
-* ``get_token`` / ``refresh``: a valid access token, refreshed single-flight: in one
-  process a per-provider ``anyio.Lock``, across processes the exclusive flock on
-  ``auth.json.lock``; auth.json is re-read after the locks are taken, so N tasks and M
-  processes asking at expiry cause exactly one token-endpoint request;
-* write-ahead: the ledger says ``refreshing`` before the request goes out and ``stored``
-  only after the new pair is in auth.json; ``reconcile`` repairs what a crash left;
-* ``disconnect`` (RFC 7009 revocation where the provider has it) and ``status``.
+* ``renew``: refresh a connection if it needs it and say what happened as a
+  :class:`RefreshOutcome` value (refreshed / still valid / retry at / re-authorize / not
+  connected); ``get_token`` and ``refresh`` are built on it for callers that want a
+  token or an exception;
+* ``disconnect`` (RFC 7009 revocation where the provider has it), ``status``;
+* ``reconcile`` at start-up, and the timer's questions (``due_connections``, ``peek``,
+  ``schedule``, ``expire_connection``, ``warn_failing``, ``publish``), so the timer never
+  touches the ledger or a token file itself.
 
-The flock is held for the whole refresh (request included, bounded by the HTTP timeout),
-which also serialises refreshes of different providers across processes; readers of
-auth.json are never blocked (writes are atomic renames).
+**Where tokens live.** The vault (vault.py) is the source of truth; auth.json is published
+from it. One refresh, in order:
+
+1. per-provider single flight: an ``anyio.Lock`` in this process, then the provider's
+   ``flock`` in the vault across processes (the kernel drops it if the holder dies, so it
+   cannot expire under a slow provider; different providers refresh in parallel);
+2. space for the answer is reserved in the vault (nothing is sent if the disk is full);
+3. the ledger says ``refreshing`` (event detail: hash prefix of the refresh token used);
+4. the vault records the *intent* (durable) — the request goes out only after this;
+5. the answer is streamed into the vault as it is read off the socket (durable), then
+   parsed and written as the new pair (durable) — before anything else;
+6. the ledger says ``refreshed`` (hash prefix of the refresh token received);
+7. auth.json is published (at once for a caller, once per sweep for the timer).
+
+A process killed at any step leaves the vault saying what happened; whoever takes the
+provider's lock next finishes it: a captured answer is parsed and stored, an intent
+without an answer retries the old refresh token once (providers with a reuse grace
+accept it) and, if the provider answers ``invalid_grant``, the connection moves to
+``expired`` with a notification whose reason is ``answer_lost``. auth.json entries that
+another writer rolled back are re-published on the next read or sweep.
 
 httpx and Authlib are imported only when a request is made, so importing this module
-stays cheap; ``agentd token`` reads auth.json through TokenStore first anyway.
+stays cheap.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
+import os
+import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from . import schedule
 from .catalog import Catalog, ProviderSpec
 from .clock import to_ms
 from .credentials import ClientCredentials, CredentialStore
 from .engine import FlowEngine
 from .errors import (
     BrokerError,
+    ConcurrentUpdateError,
     ConfigError,
     CredentialsMissingError,
     FlowError,
+    InvalidTransition,
     NotConnectedError,
     ProviderError,
     ReauthorizationRequired,
     StorageError,
 )
-from .forecast import grant_deadline, grant_times
+from .forecast import grant_deadline, grant_times, next_warning_at, warning_due
 from .models import Flow
 from .protocol import build_authorize_url
+from .schedule import TokenTimes
 from .states import FlowState, FlowTrigger
-from .tokens import TokenSet, TokenStore
+from .tokens import TokenSet, TokenStore, entry_matches
+from .vault import Intent, ProviderVault, Record, Vault, checkpoint, token_hash
 
 if TYPE_CHECKING:  # pragma: no cover
     import httpx
@@ -55,9 +85,13 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "Broker",
     "ConnectStart",
+    "Connection",
     "ConnectionStatus",
     "DisconnectResult",
+    "Outcome",
     "ReconcileReport",
+    "RefreshOutcome",
+    "TokenInfo",
     "reconnect_hint",
 ]
 
@@ -65,6 +99,8 @@ log = logging.getLogger("flowengine.broker")
 
 #: when a transient refresh failure gives no Retry-After, look again after this long
 DEFAULT_RETRY_DELAY = 60.0
+#: vault write attempts after an answer arrived (seconds to wait before each)
+_STORE_RETRIES = (0.0, 0.05, 0.2, 0.5)
 
 _CONNECTION_STATES = (FlowState.STORED, FlowState.REFRESHING, FlowState.EXPIRED)
 
@@ -75,6 +111,66 @@ def reconnect_hint(spec: ProviderSpec) -> str:
         f'{spec.name} needs to be connected again: say "connect {spec.id}" to the bot'
         f" or run: agentd connect {spec.id}"
     )
+
+
+# ------------------------------------------------------------------------ values
+
+
+class Outcome(StrEnum):
+    """What ``Broker.renew`` did."""
+
+    REFRESHED = "refreshed"  # a new pair is in the vault
+    STILL_VALID = "still_valid"  # no request needed (or another caller just refreshed)
+    RETRY = "retry"  # transient failure: try again at ``retry_at``; tokens kept
+    REAUTHORIZE = "reauthorize"  # the grant is gone: the owner must connect again
+    NOT_CONNECTED = "not_connected"  # no tokens for this provider
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshOutcome:
+    """The result of ``Broker.renew``: data, no sentences. ``repr`` hides the tokens."""
+
+    outcome: Outcome
+    provider: str
+    flow_id: str | None = None
+    #: the current pair's times (scheduling); None when not connected
+    times: TokenTimes | None = None
+    #: RETRY: when to try again (epoch seconds)
+    retry_at: float | None = None
+    #: why, as a code: "invalid_grant", "answer_lost", "no_refresh_token",
+    #: "provider_unavailable", "storage_error", ...
+    reason: str | None = None
+    #: the current access token is usable right now (even after a failed refresh)
+    usable: bool = False
+    tokens: TokenSet | None = field(default=None, repr=False)
+    error: BrokerError | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome in (Outcome.REFRESHED, Outcome.STILL_VALID)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenInfo:
+    """A connection's tokens as the timer may see them: times and a version, no secret."""
+
+    provider: str
+    flow_id: str | None
+    times: TokenTimes
+    #: changes whenever the access token changes (a hash prefix, not the token)
+    version: str
+    #: False while a refresh is in flight or an interrupted one waits to be finished
+    settled: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Connection:
+    """A connection flow the timer looks at."""
+
+    provider: str
+    flow_id: str
+    state: FlowState
+    chat_id: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,13 +225,53 @@ class ConnectionStatus:
 
 @dataclass(slots=True)
 class ReconcileReport:
-    """What ``reconcile`` repaired at start-up (flow ids)."""
+    """What ``reconcile`` repaired at start-up (flow ids, provider ids, counts)."""
 
     refreshed: list[str] = field(default_factory=list)
     refresh_failed: list[str] = field(default_factory=list)
     stored: list[str] = field(default_factory=list)
     store_failed: list[str] = field(default_factory=list)
     expired: list[str] = field(default_factory=list)
+    #: providers whose interrupted refresh was finished from the vault
+    recovered: list[str] = field(default_factory=list)
+    #: providers whose auth.json entry was re-published
+    republished: list[str] = field(default_factory=list)
+    orphans_removed: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Stranded:
+    """A new pair the vault could not take (disk failing): kept in memory until it can."""
+
+    tokens: TokenSet = field(repr=False)
+    flow_id: str | None
+    lineage: tuple[str, ...]
+    at: int
+
+
+def _times(tokens: TokenSet) -> TokenTimes:
+    return TokenTimes(tokens.expires, tokens.obtained_at, bool(tokens.refresh))
+
+
+def _lineage(record: Record | None, *tokens: TokenSet | None) -> tuple[str, ...]:
+    """The record's lineage with these (now earlier) tokens in front."""
+    new = [token_hash(t, 16) for ts in tokens if ts for t in (ts.refresh, ts.access) if t]
+    old = list(record.lineage) if record else []
+    seen: list[str] = []
+    for item in [*new, *old]:
+        if item not in seen:
+            seen.append(item)
+    return tuple(seen[:16])
+
+
+def _request_may_have_arrived(err: ProviderError) -> bool:
+    """A transport failure after the request may have been delivered (answer lost)?"""
+    if err.http_status is not None:
+        return False  # the provider answered: the request is settled
+    import httpx
+
+    cause = err.__cause__
+    return not isinstance(cause, httpx.ConnectError | httpx.ConnectTimeout) and cause is not None
 
 
 class Broker:
@@ -148,17 +284,27 @@ class Broker:
         catalog: Catalog,
         credentials: CredentialStore,
         tokens: TokenStore,
+        vault: Vault | None = None,
         http: httpx.AsyncClient | None = None,
-        leeway: float = 60.0,
+        leeway: float = schedule.USE_MARGIN_CAP,
+        policy: schedule.TimerPolicy | None = None,
     ) -> None:
         self.engine = engine
         self.catalog = catalog
         self.credentials = credentials
         self.tokens = tokens
+        #: the source of truth; default: ``vault/`` next to the ledger (the state dir)
+        self.vault = vault or Vault(engine.ledger.path.parent / "vault")
+        #: the on-use refresh margin is min(leeway, a quarter of the token's lifetime)
         self.leeway = leeway
+        #: the timer's policy: a connection stored or refreshed here is scheduled by it
+        self.policy = policy or schedule.TimerPolicy()
         self._http = http
         self._own_http = False
         self._locks: dict[str, anyio.Lock] = {}
+        self._dirty: set[str] = set()
+        self._publish_lock = anyio.Lock()
+        self._stranded: dict[str, _Stranded] = {}
 
     # ------------------------------------------------------------------ plumbing
 
@@ -190,22 +336,55 @@ class Broker:
             lock = self._locks[provider] = anyio.Lock()
         return lock
 
+    @contextlib.asynccontextmanager
+    async def _held(self, provider: str) -> AsyncIterator[ProviderVault]:
+        """The provider's single-flight: this process's lock, then the vault's flock."""
+        async with self._lock(provider):
+            pv = self.vault.provider(provider)
+            fd = pv.lock_fd()
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    # another process is refreshing this provider: wait for it
+                    await anyio.to_thread.run_sync(
+                        fcntl.flock, fd, fcntl.LOCK_EX, abandon_on_cancel=False
+                    )
+                try:
+                    yield pv
+                finally:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+            finally:
+                os.close(fd)
+
     def _creds(self, spec: ProviderSpec) -> ClientCredentials:
         creds = self.credentials.get(spec.id)
         if creds is None or (spec.needs_secret and not creds.client_secret):
             raise CredentialsMissingError(spec.id, needs_secret=spec.needs_secret)
         return creds
 
-    def _next_check(self, tokens: TokenSet, now: int) -> int | None:
-        if tokens.expires is None:
-            return None
-        return max(now, tokens.expires - to_ms(2 * self.leeway))
+    def _now(self) -> float:
+        return self.engine.clock.now()
 
-    async def _write(self, provider: str, tokens: TokenSet, *, flow_id: str | None) -> None:
-        """Write an entry; the caller holds ``self.tokens.locked()``."""
-        await anyio.to_thread.run_sync(
-            lambda: self.tokens.write_unlocked(provider, tokens, flow_id=flow_id)
+    def _fresh(self, tokens: TokenSet, min_valid: float | None) -> bool:
+        times = _times(tokens)
+        margin = (
+            schedule.use_margin(times, self.leeway) if min_valid is None else max(min_valid, 0.0)
         )
+        return schedule.valid_for(times, self._now(), margin)
+
+    def _next_check_ms(self, tokens: TokenSet) -> int:
+        """When the timer should look at a connection with these tokens (no jitter)."""
+        return to_ms(schedule.next_check(self.policy, _times(tokens), self._now(), 0.0))
+
+    def _usable(self, tokens: TokenSet | None) -> bool:
+        return tokens is not None and schedule.valid_for(_times(tokens), self._now(), 0.0)
+
+    async def _write(self, pv: ProviderVault, tokens: TokenSet | None, **kw: Any) -> Record:
+        kw.setdefault("now_ms", self.engine.now_ms())
+        record = await anyio.to_thread.run_sync(partial(pv.write, tokens, **kw))
+        self._dirty.add(pv.provider)  # auth.json catches up on the next publish
+        return record
 
     # ------------------------------------------------------------------- connect
 
@@ -248,7 +427,7 @@ class Broker:
         return ConnectStart(flow=flow, spec=spec, state=started.state, authorize_url=url)
 
     async def complete(self, flow_id: str, code: str, *, actor: str) -> TokenSet:
-        """Exchange the code, store the tokens in auth.json, record every step."""
+        """Exchange the code; the tokens go to the vault first, then the ledger, auth.json."""
         from .oauth_http import exchange_code
 
         flow = await self.engine.get_flow(flow_id)
@@ -256,44 +435,85 @@ class Broker:
         verifier = await self.engine.code_verifier(flow_id) if flow.uses_pkce else None
         try:
             creds = self._creds(spec)
-            tokens = await exchange_code(
-                spec,
-                creds,
-                code=code,
-                redirect_uri=flow.redirect_uri,
-                code_verifier=verifier,
-                client=self._client(),
-                now_ms=self.engine.now_ms(),
-                requested_scopes=flow.scopes,
-            )
-        except (ProviderError, CredentialsMissingError) as err:
-            await self.engine.record_exchange_failed(
-                flow_id,
-                actor=actor,
-                error_code=getattr(err, "oauth_error", None) or err.code,
-                description=err.message,
-            )
+        except CredentialsMissingError as err:
+            await self._exchange_failed(flow_id, actor, err)
             raise
-        # exchanged -> stored under the auth.json lock, so reconcile never sees it half-way
-        async with self._lock(spec.id), self.tokens.locked():
-            await self.engine.record_exchange(
-                flow_id,
-                actor=actor,
-                detail={"has_refresh": tokens.refresh is not None, "expires_at": tokens.expires},
-            )
+        async with self._held(spec.id) as pv:
+            current = pv.read()
             try:
-                await self._write(spec.id, tokens, flow_id=flow_id)
+                await anyio.to_thread.run_sync(pv.reserve, current)
             except StorageError as err:
-                await self.engine.record_store_failed(flow_id, actor=actor, description=err.message)
+                await self._exchange_failed(flow_id, actor, err)
                 raise
-            await self.engine.record_stored(
-                flow_id,
-                actor=actor,
-                token_expires_at=tokens.expires,
-                next_check_at=self._next_check(tokens, self.engine.now_ms()),
-            )
+            now = self.engine.now_ms()
+            intent = Intent("exchange", now, None, flow_id)
+            basis = current or Record(spec.id, 0, None)
+            capture = pv.capture(basis, op="exchange", intent=intent, now_ms=now)
+            try:
+                tokens = await exchange_code(
+                    spec,
+                    creds,
+                    code=code,
+                    redirect_uri=flow.redirect_uri,
+                    code_verifier=verifier,
+                    client=self._client(),
+                    now_ms=now,
+                    requested_scopes=flow.scopes,
+                    capture=capture,
+                )
+            except (ProviderError, CredentialsMissingError) as err:
+                await self._exchange_failed(flow_id, actor, err)
+                raise
+            await self._sync_capture(capture)
+            checkpoint("exchange.answer")
+            tokens = replace(tokens, extra={**tokens.extra, "flow_id": flow_id})
+            await self._finish_exchange(spec, pv, current, tokens, flow_id, actor=actor)
+        await self.publish()
         log.info("%s connected (flow %s)", spec.id, flow_id)
-        return replace(tokens, extra={**tokens.extra, "flow_id": flow_id})
+        return tokens
+
+    async def _exchange_failed(self, flow_id: str, actor: str, err: BrokerError) -> None:
+        await self.engine.record_exchange_failed(
+            flow_id,
+            actor=actor,
+            error_code=getattr(err, "oauth_error", None) or err.code,
+            description=err.message,
+        )
+
+    async def _finish_exchange(
+        self,
+        spec: ProviderSpec,
+        pv: ProviderVault,
+        current: Record | None,
+        tokens: TokenSet,
+        flow_id: str,
+        *,
+        actor: str,
+    ) -> None:
+        """The exchange answered: vault (durable), then the ledger: exchanged, stored."""
+        stored = await self._store_pair(
+            pv,
+            tokens,
+            flow_id=flow_id,
+            lineage=_lineage(current, current.tokens if current else None),
+        )
+        if stored is None and not await self._emergency_publish(spec.id):
+            err = StorageError(f"cannot store the tokens of {spec.name}: the disk refused them")
+            await self.engine.record_exchange(flow_id, actor=actor)
+            await self.engine.record_store_failed(flow_id, actor=actor, description=err.message)
+            raise err
+        detail: dict[str, Any] = {"has_refresh": tokens.refresh is not None}
+        detail["expires_at"] = tokens.expires
+        if tokens.refresh:
+            detail["refresh_sha"] = token_hash(tokens.refresh)
+        await self.engine.record_exchange(flow_id, actor=actor, detail=detail)
+        self._dirty.add(spec.id)
+        await self.engine.record_stored(
+            flow_id,
+            actor=actor,
+            token_expires_at=tokens.expires,
+            next_check_at=self._next_check_ms(tokens),
+        )
 
     async def complete_state(self, state: str, *, actor: str) -> TokenSet:
         """Take the code that arrived for ``state`` (once) and complete its flow."""
@@ -302,30 +522,150 @@ class Broker:
 
     # ------------------------------------------------------------------- tokens
 
-    def _read(self, provider: str) -> TokenSet | None:
-        return self.tokens.read(provider)
-
     async def get_token(
         self, provider: str, *, actor: str = "cli", min_valid: float | None = None
     ) -> str:
-        """A valid access token, refreshed first when it expires within the leeway."""
-        spec = self.catalog.get(provider)
-        leeway_ms = to_ms(self.leeway if min_valid is None else max(min_valid, 0.0))
-        current = self._read(provider)
-        if current is None:
-            raise NotConnectedError(provider)
-        if current.is_valid(self.engine.now_ms(), leeway_ms=leeway_ms):
-            return current.access
-        tokens = await self._refresh(spec, actor=actor, force=False, leeway_ms=leeway_ms)
-        return tokens.access
+        """A valid access token, refreshed first when it has less than the margin left.
+
+        The margin is ``min_valid`` seconds, by default min(60 s, a quarter of the
+        token's lifetime). Raises NotConnectedError, ReauthorizationRequired,
+        ProviderTransientError (only when the current token is no longer usable).
+        """
+        outcome = await self.renew(provider, actor=actor, min_valid=min_valid)
+        if outcome.usable and outcome.tokens is not None:
+            if outcome.outcome is Outcome.RETRY:
+                log.warning(
+                    "%s refresh failed (%s); the current token is still valid",
+                    provider,
+                    outcome.reason,
+                )
+            return outcome.tokens.access
+        assert outcome.error is not None
+        raise outcome.error
 
     async def refresh(self, provider: str, *, actor: str, force: bool = False) -> TokenSet:
-        """Refresh now (force) or only if due; single-flight like ``get_token``."""
-        spec = self.catalog.get(provider)
-        return await self._refresh(spec, actor=actor, force=force, leeway_ms=to_ms(self.leeway))
+        """Refresh now (``force``) or only if due; the new (or current) pair, or raise."""
+        outcome = await self.renew(provider, actor=actor, force=force)
+        if outcome.ok and outcome.tokens is not None:
+            return outcome.tokens
+        if outcome.outcome is Outcome.RETRY and not force and outcome.usable and outcome.tokens:
+            return outcome.tokens
+        assert outcome.error is not None
+        raise outcome.error
 
-    async def _connection_for(self, provider: str, current: TokenSet) -> Flow | None:
-        flow_id = current.flow_id
+    async def renew(
+        self,
+        provider: str,
+        *,
+        actor: str,
+        min_valid: float | None = None,
+        force: bool = False,
+        seen: str | None = None,
+        publish: bool = True,
+    ) -> RefreshOutcome:
+        """Refresh the provider's tokens if they need it; what happened, as a value.
+
+        Needed: less than ``min_valid`` seconds left (default: the on-use margin), or
+        ``force``. ``seen`` is the :attr:`TokenInfo.version` the caller decided on: if
+        the tokens changed since, somebody else refreshed and no request is made (a
+        forced refresh also skips the request when another caller refreshed after this
+        one first looked). ``publish=False`` leaves auth.json to a later ``publish()``
+        (the timer publishes once per sweep). Provider and storage trouble is an outcome,
+        never an exception; unknown providers and missing credentials still raise.
+        """
+        spec = self.catalog.get(provider)
+        if provider in self._stranded:
+            await self._restore_stranded(spec)
+        rec = await self._current(provider)
+        if rec is None or (rec.tokens is None and rec.settled):
+            return self._not_connected(provider)
+        if seen is None and rec.tokens is not None:
+            seen = token_hash(rec.tokens.access, 16)
+        stranded = self._stranded.get(provider)
+        if stranded is not None and not force and self._fresh(stranded.tokens, min_valid):
+            return self._outcome(Outcome.STILL_VALID, provider, stranded.tokens, stranded.flow_id)
+        if rec.settled and rec.tokens is not None and not force and stranded is None:
+            if self._fresh(rec.tokens, min_valid):
+                if publish:
+                    await self._check_published(provider, rec)
+                return self._outcome(Outcome.STILL_VALID, provider, rec.tokens, rec.flow_id)
+        async with self._held(provider) as pv:
+            rec = pv.read()
+            if rec is None:
+                return self._not_connected(provider)
+            if not rec.settled:
+                outcome = await self._recover_locked(spec, pv, rec, actor=actor)
+            elif rec.tokens is None:
+                return self._not_connected(provider)
+            elif token_hash(rec.tokens.access, 16) != seen and (
+                force or self._fresh(rec.tokens, min_valid)
+            ):
+                # somebody else refreshed while we waited for the lock
+                outcome = self._outcome(Outcome.STILL_VALID, provider, rec.tokens, rec.flow_id)
+            elif not force and self._fresh(rec.tokens, min_valid):
+                outcome = self._outcome(Outcome.STILL_VALID, provider, rec.tokens, rec.flow_id)
+            else:
+                outcome = await self._refresh_locked(spec, pv, rec, actor=actor)
+        if publish:
+            await self.publish()
+        return outcome
+
+    # ---------------------------------------------------------- refresh internals
+
+    def _outcome(
+        self,
+        kind: Outcome,
+        provider: str,
+        tokens: TokenSet | None,
+        flow_id: str | None,
+        **kw: Any,
+    ) -> RefreshOutcome:
+        if tokens is not None and flow_id and tokens.flow_id != flow_id:
+            tokens = replace(tokens, extra={**tokens.extra, "flow_id": flow_id})
+        return RefreshOutcome(
+            outcome=kind,
+            provider=provider,
+            flow_id=flow_id,
+            times=_times(tokens) if tokens is not None else None,
+            usable=self._usable(tokens),
+            tokens=tokens,
+            **kw,
+        )
+
+    def _not_connected(self, provider: str) -> RefreshOutcome:
+        return RefreshOutcome(
+            Outcome.NOT_CONNECTED,
+            provider,
+            reason="not_connected",
+            error=NotConnectedError(provider),
+        )
+
+    async def _current(self, provider: str) -> Record | None:
+        """The vault's record; an auth.json entry the vault never had is adopted first."""
+        rec = self.vault.read(provider)
+        if rec is not None and (rec.tokens is not None or not rec.settled):
+            return rec
+        try:
+            entry = await anyio.to_thread.run_sync(self.tokens.read, provider)
+        except StorageError:
+            return rec
+        if entry is None or (
+            rec is not None and (rec.knows(entry.access) or rec.knows(entry.refresh))
+        ):
+            return rec
+        async with self._held(provider) as pv:
+            again = pv.read()
+            if again is not None and not (again.settled and again.tokens is None):
+                return again
+            # first use after an upgrade, or a pair put into auth.json by hand or by
+            # another tool after a disconnect: the vault takes it over
+            adopted = await self._write(pv, entry, flow_id=entry.flow_id, lineage=_lineage(again))
+            pv.set_published_seq(adopted.seq)
+            log.info("%s: took over the tokens found in auth.json", provider)
+            return adopted
+
+    async def _connection_for(self, provider: str, rec: Record | None) -> Flow | None:
+        flow_id = rec.flow_id if rec is not None else None
         if flow_id:
             try:
                 flow = await self.engine.get_flow(flow_id)
@@ -335,145 +675,749 @@ class Broker:
                 return flow
         return await self.engine.connection(provider)
 
-    async def _refresh(
-        self, spec: ProviderSpec, *, actor: str, force: bool, leeway_ms: int
-    ) -> TokenSet:
-        provider = spec.id
-        seen = self._read(provider)
-        if seen is None:
-            raise NotConnectedError(provider)
-        async with self._lock(provider):
-            current = self._read(provider)
-            if current is None:
-                raise NotConnectedError(provider)
-            if self._done_meanwhile(seen, current, force=force, leeway_ms=leeway_ms):
-                return current
-            async with self.tokens.locked():
-                # another process may have refreshed while we waited for the flock
-                current = self._read(provider)
-                if current is None:
-                    raise NotConnectedError(provider)
-                if self._done_meanwhile(seen, current, force=force, leeway_ms=leeway_ms):
-                    return current
-                return await self._refresh_locked(spec, current, actor=actor, force=force)
-
-    def _done_meanwhile(
-        self, seen: TokenSet, current: TokenSet, *, force: bool, leeway_ms: int
-    ) -> bool:
-        if current.access != seen.access:
-            return True  # somebody refreshed after we looked: use theirs
-        return not force and current.is_valid(self.engine.now_ms(), leeway_ms=leeway_ms)
-
     async def _refresh_locked(
-        self, spec: ProviderSpec, current: TokenSet, *, actor: str, force: bool
-    ) -> TokenSet:
+        self,
+        spec: ProviderSpec,
+        pv: ProviderVault,
+        rec: Record,
+        *,
+        actor: str,
+        attempt: int = 1,
+    ) -> RefreshOutcome:
+        """One refresh request, the lock held and the vault settled (or being retried)."""
         from .oauth_http import refresh_tokens
 
         provider = spec.id
-        flow = await self._connection_for(provider, current)
+        old = rec.tokens
+        assert old is not None
+        flow = await self._connection_for(provider, rec)
         if flow is not None and flow.state is FlowState.REFRESHING:
-            # we hold the flock, so nobody is refreshing: a crash left it so
-            flow = await self._reconcile_refreshing(flow, current, actor=actor)
+            # we hold the provider's lock, so nobody is refreshing: a crash left it so
+            flow = await self._settle_refreshing(flow, rec, actor=actor)
         if flow is not None and flow.state is FlowState.EXPIRED:
-            raise ReauthorizationRequired(
+            error = ReauthorizationRequired(
                 reconnect_hint(spec), provider=provider, oauth_error=flow.error_code
             )
-        if current.refresh is None:
-            if flow is not None:
+            return self._outcome(
+                Outcome.REAUTHORIZE, provider, old, rec.flow_id, reason=flow.error_code, error=error
+            )
+        if old.refresh is None:
+            if flow is not None and flow.state is FlowState.STORED:
                 flow = await self.engine.expire(flow.id, actor=actor, reason="no_refresh_token")
-                await self._notify_expired(spec, flow)
-            raise ReauthorizationRequired(
+                await self._notify_expired(spec, flow, "no_refresh_token")
+            error = ReauthorizationRequired(
                 f"{spec.name} gave no refresh token. {reconnect_hint(spec)}",
                 provider=provider,
                 oauth_error="no_refresh_token",
             )
-        creds = self._creds(spec)
-        if flow is not None:
-            flow = await self.engine.begin_refresh(
-                flow.id, actor=actor, expected_version=flow.version
+            return self._outcome(
+                Outcome.REAUTHORIZE,
+                provider,
+                old,
+                rec.flow_id,
+                reason="no_refresh_token",
+                error=error,
             )
+        creds = self._creds(spec)
         now = self.engine.now_ms()
+        try:
+            # room for the answer before the request goes out: a full disk stops us here
+            await anyio.to_thread.run_sync(pv.reserve, rec)
+        except StorageError as err:
+            return self._retry(provider, old, rec.flow_id, err, reason="storage_error")
+        used = token_hash(old.refresh)
+        if flow is not None:
+            try:
+                flow = await self.engine.begin_refresh(
+                    flow.id,
+                    actor=actor,
+                    expected_version=flow.version,
+                    detail={"refresh_sha": used, "attempt": attempt},
+                )
+            except StorageError as err:
+                return self._retry(provider, old, rec.flow_id, err, reason="storage_error")
+        flow_id = flow.id if flow is not None else rec.flow_id
+        intent = Intent("refresh", now, used, flow_id, attempt)
+        try:
+            rec = await self._write(
+                pv, old, flow_id=rec.flow_id, lineage=rec.lineage, intent=intent, now_ms=now
+            )
+        except StorageError as err:
+            await self._ledger_failed(flow, actor, "storage_error", err.message, now)
+            return self._retry(provider, old, rec.flow_id, err, reason="storage_error")
+        checkpoint("refresh.intent")
+        capture = pv.capture(rec, op="refresh", intent=intent, now_ms=now)
         try:
             new = await refresh_tokens(
                 spec,
                 creds,
-                refresh_token=current.refresh,
+                refresh_token=old.refresh,
                 client=self._client(),
                 now_ms=now,
-                previous=current,
+                previous=old,
+                capture=capture,
             )
         except ReauthorizationRequired as err:
+            reason = "answer_lost" if attempt > 1 else (err.oauth_error or err.code)
+            with contextlib.suppress(StorageError):
+                await self._write(pv, old, flow_id=rec.flow_id, lineage=rec.lineage)
             if flow is not None:
                 flow = await self.engine.record_refresh_failed(
                     flow.id,
                     actor=actor,
                     permanent=True,
-                    error_code=err.oauth_error or err.code,
+                    error_code=reason,
                     description=err.message,
                 )
-                await self._notify_expired(spec, flow)
-            raise ReauthorizationRequired(
-                f"{spec.name} refused the refresh ({err.oauth_error}). {reconnect_hint(spec)}",
+                await self._notify_expired(spec, flow, reason)
+            text = f"{spec.name} refused the refresh ({err.oauth_error}). {reconnect_hint(spec)}"
+            if reason == "answer_lost":
+                text = (
+                    f"{spec.name} refused the refresh token after the answer to an earlier"
+                    f" refresh was lost in transit. {reconnect_hint(spec)}"
+                )
+            error = ReauthorizationRequired(
+                text,
                 provider=provider,
-                oauth_error=err.oauth_error,
+                oauth_error=reason,
                 description=err.description,
                 http_status=err.http_status,
-            ) from err
+            )
+            return self._outcome(
+                Outcome.REAUTHORIZE, provider, old, rec.flow_id, reason=reason, error=error
+            )
         except ProviderError as err:
+            if not _request_may_have_arrived(err):
+                # the provider answered (or was never reached): the request is settled
+                with contextlib.suppress(StorageError):
+                    await self._write(pv, old, flow_id=rec.flow_id, lineage=rec.lineage)
+            # else the intent stays: the next attempt is a retry of a possibly lost answer
             retry = getattr(err, "retry_after", None) or DEFAULT_RETRY_DELAY
-            if flow is not None:
-                await self.engine.record_refresh_failed(
-                    flow.id,
-                    actor=actor,
-                    permanent=False,
-                    error_code=err.oauth_error or err.code,
-                    description=err.message,
-                    next_check_at=now + to_ms(retry),
-                )
-            if not force and current.is_valid(self.engine.now_ms()):
-                log.warning(
-                    "%s refresh failed (%s); the current token is still valid", provider, err.code
-                )
-                return current
-            raise
+            await self._ledger_failed(
+                flow, actor, err.oauth_error or err.code, err.message, now + to_ms(retry)
+            )
+            return self._retry(provider, old, rec.flow_id, err, reason=err.oauth_error or err.code)
         except BaseException:
-            # cancelled or crashed mid-request: leave the ledger consistent, keep the tokens
-            if flow is not None:
-                with anyio.CancelScope(shield=True):
-                    await self.engine.record_refresh_failed(
-                        flow.id, actor=actor, permanent=False, error_code="interrupted"
-                    )
+            # cancelled (or crashed) with the request possibly delivered: the intent stays
+            # in the vault, so whoever comes next retries the old refresh token
+            with anyio.CancelScope(shield=True):
+                await self._ledger_failed(flow, actor, "interrupted", None, None)
             raise
-        try:
-            await self._write(provider, new, flow_id=flow.id if flow else current.flow_id)
-        except BrokerError as err:
-            if flow is not None:
-                await self.engine.record_refresh_failed(
+        await self._sync_capture(capture)
+        checkpoint("refresh.answer")
+        return await self._finish_refresh(spec, pv, rec, new, flow, actor=actor)
+
+    async def _finish_refresh(
+        self,
+        spec: ProviderSpec,
+        pv: ProviderVault,
+        rec: Record,
+        new: TokenSet,
+        flow: Flow | None,
+        *,
+        actor: str,
+        reconciled: bool = False,
+    ) -> RefreshOutcome:
+        """A new pair arrived: vault (durable) first, then the ledger; auth.json later."""
+        provider = spec.id
+        old = rec.tokens
+        flow_id = flow.id if flow is not None else rec.flow_id
+        new = replace(
+            new,
+            extra={
+                **(old.extra if old else {}),
+                **new.extra,
+                **({"flow_id": flow_id} if flow_id else {}),
+            },
+        )
+        stored = await self._store_pair(
+            pv, new, flow_id=flow_id, lineage=_lineage(rec, old), torn_at="refresh.vault_write"
+        )
+        if stored is None:
+            await self._emergency_publish(provider)
+        checkpoint("refresh.stored")
+        self._dirty.add(provider)
+        if flow is not None and flow.state is FlowState.REFRESHING:
+            detail: dict[str, Any] = {
+                "rotated": bool(old and new.refresh != old.refresh),
+                "refresh_sha": token_hash(new.refresh) if new.refresh else None,
+            }
+            if reconciled:
+                detail["reconciled"] = True
+            try:
+                await self.engine.record_refreshed(
                     flow.id,
                     actor=actor,
-                    permanent=False,
-                    error_code="store_failed",
-                    description=err.message,
+                    token_expires_at=new.expires,
+                    next_check_at=self._next_check_ms(new),
+                    detail=detail,
                 )
-            raise
-        if flow is not None:
-            await self.engine.record_refreshed(
+            except (StorageError, InvalidTransition, ConcurrentUpdateError) as err:
+                # the pair is safe in the vault; the ledger catches up on the next look
+                log.warning("%s: the ledger missed a refresh (%s)", provider, err.code)
+        log.info("%s refreshed", provider)
+        return self._outcome(Outcome.REFRESHED, provider, new, flow_id)
+
+    def _retry(
+        self,
+        provider: str,
+        tokens: TokenSet,
+        flow_id: str | None,
+        err: BrokerError,
+        *,
+        reason: str,
+    ) -> RefreshOutcome:
+        retry = getattr(err, "retry_after", None) or DEFAULT_RETRY_DELAY
+        return self._outcome(
+            Outcome.RETRY,
+            provider,
+            tokens,
+            flow_id,
+            retry_at=self._now() + retry,
+            reason=reason,
+            error=err,
+        )
+
+    async def _ledger_failed(
+        self,
+        flow: Flow | None,
+        actor: str,
+        code: str,
+        description: str | None,
+        next_check_at: int | None,
+    ) -> None:
+        if flow is None or flow.state is not FlowState.REFRESHING:
+            return
+        try:
+            await self.engine.record_refresh_failed(
                 flow.id,
                 actor=actor,
-                token_expires_at=new.expires,
-                next_check_at=self._next_check(new, self.engine.now_ms()),
-                detail={"rotated": new.refresh != current.refresh},
+                permanent=False,
+                error_code=code,
+                description=description,
+                next_check_at=next_check_at,
             )
-        log.info("%s refreshed", provider)
-        return replace(new, extra={**current.extra, **({"flow_id": flow.id} if flow else {})})
+        except (StorageError, InvalidTransition, ConcurrentUpdateError) as err:
+            log.warning("%s: the ledger missed a failed refresh (%s)", flow.provider, err.code)
 
-    async def _notify_expired(self, spec: ProviderSpec, flow: Flow) -> None:
+    async def _sync_capture(self, capture: Any) -> None:
+        if capture.captured:
+            try:
+                await anyio.to_thread.run_sync(capture.sync)
+            except StorageError as err:
+                # the answer is in the page cache (it survives this process); the pair
+                # write that follows is the durable copy
+                log.warning("syncing a captured answer failed (%s)", err.code)
+
+    async def _store_pair(
+        self,
+        pv: ProviderVault,
+        tokens: TokenSet,
+        *,
+        flow_id: str | None,
+        lineage: tuple[str, ...],
+        torn_at: str | None = None,
+    ) -> Record | None:
+        """Write the new pair durably, retrying a failing disk; None: kept in memory."""
+        last: StorageError | None = None
+        for delay in _STORE_RETRIES:
+            if delay:
+                await anyio.sleep(delay)
+            try:
+                record = await self._write(
+                    pv, tokens, flow_id=flow_id, lineage=lineage, torn_at=torn_at
+                )
+            except StorageError as err:
+                last = err
+                continue
+            self._stranded.pop(pv.provider, None)
+            return record
+        log.error(
+            "%s: the vault refused the new tokens (%s); they are kept in memory and"
+            " published to auth.json until the vault takes them",
+            pv.provider,
+            last.code if last else "error",
+        )
+        self._stranded[pv.provider] = _Stranded(tokens, flow_id, lineage, self.engine.now_ms())
+        return None
+
+    async def _restore_stranded(self, spec: ProviderSpec) -> None:
+        """Try again to put a pair the vault refused into the vault."""
+        async with self._held(spec.id) as pv:
+            stranded = self._stranded.get(spec.id)
+            if stranded is None:
+                return
+            rec = pv.read()
+            if rec is not None and rec.settled and rec.tokens is not None:
+                if rec.tokens.obtained_at is not None and rec.tokens.obtained_at > stranded.at:
+                    self._stranded.pop(spec.id, None)  # a newer pair made it meanwhile
+                    return
+            await self._store_pair(
+                pv, stranded.tokens, flow_id=stranded.flow_id, lineage=stranded.lineage
+            )
+            self._dirty.add(spec.id)
+
+    async def _emergency_publish(self, provider: str) -> bool:
+        """The vault refused a new pair: auth.json is the only other durable place."""
+        self._dirty.add(provider)
+        try:
+            await self.publish(strict=True)
+        except BrokerError as err:
+            log.error("%s: auth.json refused the new tokens too (%s)", provider, err.code)
+            return False
+        return True
+
+    # ----------------------------------------------------------------- recovery
+
+    async def _recover_locked(
+        self, spec: ProviderSpec, pv: ProviderVault, rec: Record, *, actor: str
+    ) -> RefreshOutcome:
+        """Finish what an interrupted refresh (or exchange) left in the vault."""
+        from .oauth_http import token_from_answer
+
+        provider = spec.id
+        if rec.answer is not None:
+            answer = rec.answer
+            op = answer.op
+            requested: tuple[str, ...] = ()
+            if op == "exchange" and rec.intent is not None and rec.intent.flow_id:
+                with contextlib.suppress(FlowError):
+                    requested = (await self.engine.get_flow(rec.intent.flow_id)).scopes
+            try:
+                new = token_from_answer(
+                    spec,
+                    status=answer.status,
+                    content_type=answer.content_type,
+                    body=answer.body,
+                    now_ms=answer.at,
+                    previous=rec.tokens if op == "refresh" else None,
+                    requested_scopes=requested,
+                    what="refresh" if op == "refresh" else "code exchange",
+                )
+            except ProviderError as err:
+                # a 2xx that is no token answer: the request is spent, the answer useless
+                log.warning("%s: a captured answer is unusable (%s)", provider, err.code)
+                intent = rec.intent if op == "refresh" else None
+                rec = await self._write(
+                    pv, rec.tokens, flow_id=rec.flow_id, lineage=rec.lineage, intent=intent
+                )
+                if intent is None:
+                    return self._outcome(Outcome.STILL_VALID, provider, rec.tokens, rec.flow_id)
+            else:
+                log.info("%s: finishing an interrupted %s from the vault", provider, op)
+                if op == "exchange":
+                    return await self._recover_exchange(spec, pv, rec, new, actor=actor)
+                flow = await self._connection_for(provider, rec)
+                return await self._finish_refresh(
+                    spec, pv, rec, new, flow, actor=actor, reconciled=True
+                )
+        intent = rec.intent
+        assert intent is not None
+        if intent.op != "refresh" or rec.tokens is None:
+            rec = await self._write(pv, rec.tokens, flow_id=rec.flow_id, lineage=rec.lineage)
+            return self._outcome(Outcome.STILL_VALID, provider, rec.tokens, rec.flow_id)
+        # the answer never reached the vault: did it reach auth.json (the vault refusing)?
+        adopted = await self._answer_in_auth_json(provider, rec)
+        if adopted is not None:
+            flow = await self._connection_for(provider, rec)
+            return await self._finish_refresh(
+                spec, pv, rec, adopted, flow, actor=actor, reconciled=True
+            )
+        log.warning(
+            "%s: a refresh was interrupted before its answer arrived; retrying the"
+            " refresh token once",
+            provider,
+        )
+        return await self._refresh_locked(spec, pv, rec, actor=actor, attempt=intent.attempt + 1)
+
+    async def _answer_in_auth_json(self, provider: str, rec: Record) -> TokenSet | None:
+        assert rec.intent is not None
+        try:
+            entry = await anyio.to_thread.run_sync(self.tokens.read, provider)
+        except StorageError:
+            return None
+        if entry is None or rec.knows(entry.access) or rec.knows(entry.refresh):
+            return None
+        if entry.obtained_at is None or entry.obtained_at < rec.intent.at:
+            return None
+        return entry
+
+    async def _recover_exchange(
+        self, spec: ProviderSpec, pv: ProviderVault, rec: Record, new: TokenSet, *, actor: str
+    ) -> RefreshOutcome:
+        intent = rec.intent
+        flow_id = intent.flow_id if intent else None
+        new = replace(new, extra={**new.extra, **({"flow_id": flow_id} if flow_id else {})})
+        flow = None
+        if flow_id:
+            with contextlib.suppress(FlowError):
+                flow = await self.engine.get_flow(flow_id)
+        if flow is not None and flow.state is FlowState.CODE_RECEIVED:
+            await self._finish_exchange(spec, pv, rec, new, flow.id, actor=actor)
+        else:
+            await self._store_pair(pv, new, flow_id=flow_id, lineage=_lineage(rec, rec.tokens))
+            self._dirty.add(spec.id)
+            if flow is not None and flow.state is FlowState.EXCHANGED:
+                await self.engine.record_stored(
+                    flow.id,
+                    actor=actor,
+                    token_expires_at=new.expires,
+                    next_check_at=self._next_check_ms(new),
+                )
+        return self._outcome(Outcome.REFRESHED, spec.id, new, flow_id)
+
+    async def _settle_refreshing(self, flow: Flow, rec: Record | None, *, actor: str) -> Flow:
+        """A flow left in ``refreshing`` (its process died): settle it by the vault."""
+        tokens = rec.tokens if rec is not None and rec.settled else None
+        refreshed = False
+        if tokens is not None:
+            used = await self._refresh_sha_used(flow)
+            if used is not None and tokens.refresh:
+                # the refresh token the dead process sent is no longer the vault's
+                refreshed = token_hash(tokens.refresh) != used
+            else:
+                refreshed = tokens.obtained_at is not None and tokens.obtained_at > flow.updated_at
+        if refreshed and tokens is not None:
+            return await self.engine.record_refreshed(
+                flow.id,
+                actor=actor,
+                token_expires_at=tokens.expires,
+                detail={
+                    "reconciled": True,
+                    "refresh_sha": token_hash(tokens.refresh) if tokens.refresh else None,
+                },
+            )
+        return await self.engine.record_refresh_failed(
+            flow.id,
+            actor=actor,
+            permanent=False,
+            error_code="interrupted",
+            description="a refresh was interrupted; the stored refresh token is kept",
+            next_check_at=self.engine.now_ms(),
+            detail={"reconciled": True},
+        )
+
+    async def _refresh_sha_used(self, flow: Flow) -> str | None:
+        """The hash of the refresh token the flow's last ``begin_refresh`` sent."""
+        record = await self.engine.inspect(flow.id)
+        for event in reversed(record.events):
+            if event.trigger is FlowTrigger.BEGIN_REFRESH:
+                used = event.detail.get("refresh_sha")
+                return used if isinstance(used, str) else None
+        return None
+
+    async def settle(self, provider: str, *, actor: str = "timer") -> None:
+        """Finish what a dead process left for this provider (vault and ledger)."""
+        spec = self.catalog.get(provider)
+        async with self._held(provider) as pv:
+            rec = pv.read()
+            if rec is not None and not rec.settled:
+                await self._recover_locked(spec, pv, rec, actor=actor)
+                rec = pv.read()
+            flow = await self._connection_for(provider, rec)
+            if flow is not None and flow.state is FlowState.REFRESHING:
+                await self._settle_refreshing(flow, rec, actor=actor)
+
+    async def reconcile(self, *, actor: str = "timer") -> ReconcileReport:
+        """At start-up: finish interrupted refreshes from the vault, settle the ledger,
+        remove orphaned temp files and publish the vault to auth.json."""
+        report = ReconcileReport()
+        # 0. connections from before the vault existed: their pairs are in auth.json only
+        managed = await self.engine.list_flows(
+            states=[*_CONNECTION_STATES, FlowState.EXCHANGED], limit=1_000_000
+        )
+        for provider in sorted({f.provider for f in managed}):
+            if provider in self.catalog and self.vault.read(provider) is None:
+                await self._current(provider)
+        # 1. the vault first: a captured exchange answer completes its flow before the
+        #    ledger's TTL sweep could expire it
+        for provider in await anyio.to_thread.run_sync(self.vault.providers):
+            rec = self.vault.read(provider)
+            if rec is None or rec.settled or provider not in self.catalog:
+                continue
+            outcome = await self.renew(provider, actor=actor, publish=False)
+            log.info("%s: interrupted refresh settled: %s", provider, outcome.outcome.value)
+            report.recovered.append(provider)
+        # 2. the ledger: flows a crash left in refreshing or exchanged
+        recovery = await self.engine.recover(actor=actor)
+        report.expired = [f.id for f in recovery.expired]
+        for stale in recovery.refreshing:
+            async with self._held(stale.provider):
+                flow = await self.engine.get_flow(stale.id)
+                if flow.state is not FlowState.REFRESHING:
+                    continue
+                flow = await self._settle_refreshing(
+                    flow, self.vault.read(flow.provider), actor=actor
+                )
+                done = flow.state is FlowState.STORED and flow.error_code is None
+                (report.refreshed if done else report.refresh_failed).append(flow.id)
+        for stale in recovery.exchanged:
+            async with self._held(stale.provider):
+                flow = await self.engine.get_flow(stale.id)
+                if flow.state is not FlowState.EXCHANGED:
+                    continue
+                rec = self.vault.read(flow.provider)
+                if rec is not None and rec.tokens is not None and rec.flow_id == flow.id:
+                    await self.engine.record_stored(
+                        flow.id,
+                        actor=actor,
+                        token_expires_at=rec.tokens.expires,
+                        detail={"reconciled": True},
+                    )
+                    report.stored.append(flow.id)
+                else:
+                    await self.engine.record_store_failed(
+                        flow.id,
+                        actor=actor,
+                        description="the tokens were not stored before a restart; connect again",
+                    )
+                    report.store_failed.append(flow.id)
+        # 3. auth.json: temp files of killed writers, then the whole view checked
+        try:
+            report.orphans_removed = await anyio.to_thread.run_sync(self.tokens.remove_orphans)
+        except StorageError as err:
+            log.warning("cannot clean auth.json's directory (%s)", err.code)
+        report.republished = await self.publish(full=True)
+        return report
+
+    # ----------------------------------------------------------------- publishing
+
+    async def publish(self, *, full: bool = False, strict: bool = False) -> list[str]:
+        """Publish unpublished vault records to auth.json, in one rewrite.
+
+        When auth.json changed behind our back (its signature is not the one this
+        program last wrote) or ``full``, every vault provider's entry is checked, and
+        entries another writer rolled back are put back (one warning per provider).
+        Returns the providers whose entry was rewritten. Failures are logged (the vault
+        keeps the truth; the next publish tries again) unless ``strict``.
+        """
+        if (
+            not (self._dirty or self._stranded or full)
+            and self.tokens.signature() == self.vault.published_signature()
+        ):
+            return []  # nothing to publish and nobody else wrote auth.json
+        async with self._publish_lock:
+            dirty = set(self._dirty) | set(self._stranded)
+            try:
+                changed = await anyio.to_thread.run_sync(self._publish_sync, dirty, full)
+            except BrokerError as err:
+                if strict:
+                    raise
+                log.warning("cannot publish to auth.json (%s); trying again later", err.code)
+                return []
+            self._dirty -= dirty
+            return changed
+
+    def _publish_sync(self, dirty: set[str], full: bool) -> list[str]:
+        published: dict[str, int] = {}
+        repaired: list[str] = []
+        foreign = False
+
+        def compute(data: dict[str, Any], signature: list[int] | None) -> dict[str, Any]:
+            nonlocal foreign
+            foreign = full or signature != self.vault.published_signature()
+            providers = set(dirty)
+            if foreign:
+                providers |= set(self.vault.providers())
+            updates: dict[str, Any] = {}
+            for provider in sorted(providers):
+                stranded = self._stranded.get(provider)
+                if stranded is not None:
+                    updates[provider] = (stranded.tokens, stranded.flow_id)
+                    continue
+                # re-read under the auth.json lock: never publish an older pair
+                rec = self.vault.read(provider)
+                if rec is None:
+                    continue
+                entry = data.get(provider)
+                if rec.tokens is None and entry is not None:
+                    access = entry.get("access") if isinstance(entry, dict) else None
+                    if not rec.knows(access if isinstance(access, str) else None):
+                        continue  # a pair from elsewhere after a disconnect: not ours
+                if not entry_matches(entry, rec.tokens):
+                    if provider not in dirty:
+                        repaired.append(provider)
+                        what = (
+                            "was removed"
+                            if entry is None
+                            else "was rolled back"
+                            if isinstance(entry, dict) and rec.knows(entry.get("refresh"))
+                            else "was changed"
+                        )
+                        log.warning(
+                            "auth.json entry for %s %s by another writer; re-published from"
+                            " the vault",
+                            provider,
+                            what,
+                        )
+                    updates[provider] = None if rec.tokens is None else (rec.tokens, rec.flow_id)
+                published[provider] = rec.seq
+            return updates
+
+        changed, signature, wrote = self.tokens.publish(
+            compute, before_replace=lambda: checkpoint("publish.rename")
+        )
+        for provider, seq in published.items():
+            pv = self.vault.provider(provider)
+            if pv.published_seq() != seq:
+                pv.set_published_seq(seq)
+        if foreign or wrote:
+            self.vault.set_published_signature(signature)
+        return changed
+
+    async def _check_published(self, provider: str, rec: Record) -> None:
+        """On read: republish when auth.json is not known to hold this record."""
+        pv = self.vault.provider(provider)
+        if (
+            pv.published_seq() == rec.seq
+            and self.tokens.signature() == self.vault.published_signature()
+        ):
+            return
+        self._dirty.add(provider)
+        await self.publish()
+
+    # ------------------------------------------------------------ timer's questions
+
+    async def peek(self, provider: str) -> TokenInfo | None:
+        """The provider's token times from the vault (None: no tokens), no request."""
+        stranded = self._stranded.get(provider)
+        rec = await self._current(provider)
+        tokens = stranded.tokens if stranded is not None else rec.tokens if rec else None
+        if tokens is None:
+            return None
+        return TokenInfo(
+            provider=provider,
+            flow_id=stranded.flow_id if stranded else rec.flow_id if rec else None,
+            times=_times(tokens),
+            version=token_hash(tokens.access, 16),
+            settled=stranded is None and rec is not None and rec.settled,
+        )
+
+    async def due_connections(self, now: float, *, limit: int = 500) -> list[Connection]:
+        """Connections whose next timer check is due at ``now`` (epoch seconds)."""
+        return [
+            Connection(f.provider, f.id, f.state, f.chat_id)
+            for f in await self.engine.due_checks(to_ms(now), limit=limit)
+        ]
+
+    async def stored_connections(self) -> list[Connection]:
+        flows = await self.engine.list_flows(states=[FlowState.STORED], limit=1_000_000)
+        return [Connection(f.provider, f.id, f.state, f.chat_id) for f in flows]
+
+    async def schedule(self, flow_id: str, when: float | None) -> None:
+        """The timer looks at this connection next at ``when`` (epoch seconds; None: never)."""
+        await self.engine.set_next_check(flow_id, None if when is None else to_ms(when))
+
+    async def next_check(self, flow_id: str) -> float | None:
+        at = await self.engine.next_check_at(flow_id)
+        return None if at is None else at / 1000
+
+    async def expire_abandoned(self, *, actor: str = "timer") -> list[Flow]:
+        """Expire authorization flows left waiting past their TTL."""
+        return await self.engine.sweep_expired(actor=actor)
+
+    async def expire_connection(self, flow_id: str, *, reason: str, actor: str = "timer") -> bool:
+        """End a stored connection whose tokens are gone or dead (with a notification).
+
+        Checked again under the provider's lock: a disconnect or a refresh that
+        happened meanwhile wins. True when the connection was expired.
+        """
+        flow = await self.engine.get_flow(flow_id)
+        spec = self.catalog.get(flow.provider) if flow.provider in self.catalog else None
+        async with self._held(flow.provider):
+            flow = await self.engine.get_flow(flow_id)
+            if flow.state is not FlowState.STORED:
+                return False
+            rec = self.vault.read(flow.provider)
+            tokens = rec.tokens if rec is not None else None
+            if reason == "tokens_missing" and tokens is not None:
+                return False
+            if (
+                reason == "token_expired"
+                and tokens is not None
+                and (tokens.refresh or self._usable(tokens))
+            ):
+                return False
+            try:
+                flow = await self.engine.expire(flow.id, actor=actor, reason=reason)
+            except (InvalidTransition, ConcurrentUpdateError):
+                return False
+        await self.engine.notify(
+            kind="expired",
+            provider=flow.provider,
+            flow_id=flow.id,
+            chat_id=flow.chat_id,
+            message=f"{spec.name if spec else flow.provider} connection expired",
+            reason=reason,
+        )
+        return True
+
+    async def warn_lifetime(
+        self, connection: Connection, now: float
+    ) -> tuple[str | None, float | None]:
+        """Warn before a grant ends on its own (a catalog ``refresh_lifetime``, forecast.py).
+
+        Queues the warning whose window ``now`` is in, once per window (the ledger
+        remembers), and returns (the kind queued now or None, when the next warning
+        window opens or None).
+        """
+        spec = (
+            self.catalog.get(connection.provider) if connection.provider in self.catalog else None
+        )
+        lifetime = spec.refresh_lifetime if spec else None
+        if spec is None or lifetime is None or lifetime.rule == "none" or lifetime.condition:
+            return None, None
+        flow = await self.engine.get_flow(connection.flow_id)
+        authorized, refreshed = grant_times((await self.engine.inspect(flow.id)).events)
+        deadline = grant_deadline(
+            lifetime,
+            authorized_at=(authorized or flow.created_at) / 1000,
+            last_refresh=refreshed / 1000 if refreshed else None,
+        )
+        queued = None
+        due = warning_due(deadline, now)
+        if due is not None and not await self.engine.notified(
+            flow.id, due.kind, since=to_ms(due.opens)
+        ):
+            when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(due.deadline))
+            await self.engine.notify(
+                kind=due.kind,
+                provider=flow.provider,
+                flow_id=flow.id,
+                chat_id=flow.chat_id,
+                message=f"{spec.name} needs reconnecting by {when}: its grant"
+                f" ends {lifetime.describe()}",
+                reason="grant_lifetime",
+            )
+            queued = due.kind
+        return queued, next_warning_at(deadline, now)
+
+    async def warn_failing(
+        self, connection: Connection, *, attempts: int, reason: str | None
+    ) -> None:
+        """Tell the owner a connection's refresh keeps failing (once per streak)."""
+        name = (
+            self.catalog.get(connection.provider).name
+            if connection.provider in self.catalog
+            else connection.provider
+        )
+        await self.engine.notify(
+            kind="refresh_failing",
+            provider=connection.provider,
+            flow_id=connection.flow_id,
+            chat_id=connection.chat_id,
+            message=f"{name} token refresh failed {attempts} times in a row",
+            reason=reason,
+        )
+
+    async def _notify_expired(self, spec: ProviderSpec, flow: Flow, reason: str | None) -> None:
         await self.engine.notify(
             kind="expired",
             provider=spec.id,
             message=reconnect_hint(spec),
             flow_id=flow.id,
             chat_id=flow.chat_id,
+            reason=reason,
         )
 
     # --------------------------------------------------------------- disconnect
@@ -484,13 +1428,12 @@ class Broker:
 
         spec = self.catalog.get(provider)
         has_endpoint = bool(spec.revocation_url)
-        async with self._lock(provider), self.tokens.locked():
-            current = self._read(provider)
-            flow = (
-                await self._connection_for(provider, current)
-                if current is not None
-                else await self.engine.connection(provider)
-            )
+        rec = await self._current(provider)
+        async with self._held(provider) as pv:
+            rec = pv.read()
+            current = self._stranded[provider].tokens if provider in self._stranded else None
+            current = current or (rec.tokens if rec is not None else None)
+            flow = await self._connection_for(provider, rec)
             if current is None and flow is None:
                 raise NotConnectedError(provider)
             revoked = False
@@ -509,97 +1452,35 @@ class Broker:
                     log.warning(
                         "%s: revocation failed (%s); forgetting tokens anyway", provider, err.code
                     )
-            if current is not None:
-                await anyio.to_thread.run_sync(self.tokens.delete_unlocked, provider)
+            if rec is not None or current is not None:
+                await anyio.to_thread.run_sync(pv.reserve, rec)
+                await self._write(
+                    pv, None, flow_id=rec.flow_id if rec else None, lineage=_lineage(rec, current)
+                )
+            self._stranded.pop(provider, None)
             if flow is not None:
                 if flow.state is FlowState.REFRESHING:
                     flow = await self.engine.record_refresh_failed(
                         flow.id, actor=actor, permanent=False, error_code="interrupted"
                     )
                 await self.engine.revoke(flow.id, actor=actor, detail={"remote": revoked})
+            self._dirty.add(provider)
+        await self.publish(strict=True)
         return DisconnectResult(revoked_remotely=revoked, has_revocation_endpoint=has_endpoint)
-
-    # ---------------------------------------------------------------- reconcile
-
-    async def _reconcile_refreshing(
-        self, flow: Flow, current: TokenSet | None, *, actor: str
-    ) -> Flow:
-        if (
-            current is not None
-            and current.obtained_at is not None
-            and current.obtained_at >= flow.updated_at
-            and current.flow_id in (None, flow.id)
-        ):
-            return await self.engine.record_refreshed(
-                flow.id,
-                actor=actor,
-                token_expires_at=current.expires,
-                next_check_at=self._next_check(current, self.engine.now_ms()),
-                detail={"reconciled": True},
-            )
-        return await self.engine.record_refresh_failed(
-            flow.id,
-            actor=actor,
-            permanent=False,
-            error_code="interrupted",
-            description="a refresh was interrupted; the stored refresh token is kept",
-            next_check_at=self.engine.now_ms(),
-            detail={"reconciled": True},
-        )
-
-    async def reconcile(self, *, actor: str = "timer") -> ReconcileReport:
-        """At start-up: settle flows a crash left in ``refreshing`` or ``exchanged``."""
-        recovery = await self.engine.recover(actor=actor)
-        report = ReconcileReport(expired=[f.id for f in recovery.expired])
-        if not (recovery.refreshing or recovery.exchanged):
-            return report
-        async with self.tokens.locked():
-            # whoever was mid-refresh or mid-store in another process has finished now
-            for stale in recovery.refreshing:
-                flow = await self.engine.get_flow(stale.id)
-                if flow.state is not FlowState.REFRESHING:
-                    continue
-                flow = await self._reconcile_refreshing(
-                    flow, self._read(flow.provider), actor=actor
-                )
-                last = flow.state is FlowState.STORED and flow.error_code is None
-                (report.refreshed if last else report.refresh_failed).append(flow.id)
-            for stale in recovery.exchanged:
-                flow = await self.engine.get_flow(stale.id)
-                if flow.state is not FlowState.EXCHANGED:
-                    continue
-                current = self._read(flow.provider)
-                if current is not None and current.flow_id == flow.id:
-                    await self.engine.record_stored(
-                        flow.id,
-                        actor=actor,
-                        token_expires_at=current.expires,
-                        next_check_at=self._next_check(current, self.engine.now_ms()),
-                        detail={"reconciled": True},
-                    )
-                    report.stored.append(flow.id)
-                else:
-                    await self.engine.record_store_failed(
-                        flow.id,
-                        actor=actor,
-                        description="the tokens were not stored before a restart; connect again",
-                    )
-                    report.store_failed.append(flow.id)
-        return report
 
     # ------------------------------------------------------------------- status
 
     async def status(self) -> list[ConnectionStatus]:
-        """Every provider with a connection flow or an auth.json entry we know of."""
-        raw = self.tokens.read_all()
+        """Every provider with a connection flow, or tokens in auth.json we know of."""
         out: dict[str, ConnectionStatus] = {}
         for flow in await self.engine.connections():
             record = await self.engine.inspect(flow.id)
             last_refresh = max(
                 (e.at for e in record.events if e.trigger is FlowTrigger.REFRESHED), default=None
             )
-            entry = raw.get(flow.provider)
-            tokens = TokenSet.from_entry(entry) if isinstance(entry, dict) else None
+            stranded = self._stranded.get(flow.provider)
+            rec = self.vault.read(flow.provider)
+            tokens = stranded.tokens if stranded else rec.tokens if rec is not None else None
             spec = self.catalog.get(flow.provider) if flow.provider in self.catalog else None
             name = spec.name if spec else flow.provider
             authorized, _ = grant_times(record.events)
@@ -622,10 +1503,20 @@ class Broker:
                 reconnect_by=to_ms(deadline) if deadline is not None else None,
                 scope_source=source,
             )
-        for provider, entry in raw.items():
-            if provider in out or provider not in self.catalog or not isinstance(entry, dict):
+        try:
+            raw = await anyio.to_thread.run_sync(self.tokens.read_all)
+        except StorageError:
+            raw = {}
+        for provider in sorted(set(raw) | set(self.vault.providers())):
+            if provider in out or provider not in self.catalog:
                 continue
-            tokens = TokenSet.from_entry(entry)
+            rec = self.vault.read(provider)
+            entry = raw.get(provider)
+            tokens = (
+                rec.tokens
+                if rec is not None
+                else (TokenSet.from_entry(entry) if isinstance(entry, dict) else None)
+            )
             if tokens is None:
                 continue
             out[provider] = ConnectionStatus(

@@ -1,8 +1,9 @@
-"""FlowEngine: the one facade the API, the bot, the CLI and the timer call.
+"""FlowEngine: the flow ledger with its state machine, used by the Broker and the API.
 
 It owns the ledger and the clock, decides deadlines, turns callbacks into transitions
 and tells pollers when a code arrives. It does no HTTP to providers itself (see
-oauth_http / refresh); it records what they did.
+oauth_http / broker); it records what they did. The timer does not use it directly: it
+asks the Broker, which schedules connections through ``due_checks``/``set_next_check``.
 """
 
 from __future__ import annotations
@@ -378,11 +379,23 @@ class FlowEngine:
     # ------------------------------------------------------------------- refresh
 
     async def begin_refresh(
-        self, flow_id: str, *, actor: str, expected_version: int | None = None
+        self,
+        flow_id: str,
+        *,
+        actor: str,
+        expected_version: int | None = None,
+        detail: Mapping[str, Any] | None = None,
     ) -> Flow:
-        """Write-ahead: the ledger says ``refreshing`` before the token request goes out."""
+        """Write-ahead: the ledger says ``refreshing`` before the token request goes out.
+
+        ``detail`` may name the refresh token used by its hash prefix (``refresh_sha``).
+        """
         return await self._move(
-            flow_id, FlowTrigger.BEGIN_REFRESH, actor=actor, expected_version=expected_version
+            flow_id,
+            FlowTrigger.BEGIN_REFRESH,
+            actor=actor,
+            expected_version=expected_version,
+            detail=detail,
         )
 
     async def record_refreshed(
@@ -597,6 +610,19 @@ class FlowEngine:
             newest.setdefault(flow.provider, flow)
         return [newest[p] for p in sorted(newest)]
 
+    # ---------------------------------------------------------------- scheduling
+
+    async def due_checks(self, now_ms: int, *, limit: int = 500) -> list[Flow]:
+        """Connections whose next timer check is due, oldest first."""
+        return await self.ledger.due_checks(now_ms, limit=limit)
+
+    async def set_next_check(self, flow_id: str, at_ms: int | None) -> None:
+        """When the timer looks at a connection next (None: never)."""
+        await self.ledger.set_next_check(flow_id, at_ms)
+
+    async def next_check_at(self, flow_id: str) -> int | None:
+        return await self.ledger.next_check_at(flow_id)
+
     async def flow_diagram(self, flow_id: str, *, fmt: str = "mermaid") -> str:
         """The machine with this flow's path highlighted, as Mermaid or SVG text."""
         from . import diagrams
@@ -614,6 +640,7 @@ class FlowEngine:
         message: str,
         flow_id: str | None = None,
         chat_id: int | None = None,
+        reason: str | None = None,
     ) -> int:
         return await self.ledger.notify(
             at=self.now_ms(),
@@ -622,7 +649,12 @@ class FlowEngine:
             message=message,
             flow_id=flow_id,
             chat_id=chat_id,
+            reason=reason,
         )
+
+    async def notified(self, flow_id: str, kind: str, *, since: int) -> bool:
+        """Was a ``kind`` notification about ``flow_id`` queued at ``since`` (ms) or later?"""
+        return await self.ledger.notified(flow_id, kind, since=since)
 
     async def notifications(self, *, limit: int = 100) -> list[Notification]:
         return await self.ledger.undelivered(limit=limit)

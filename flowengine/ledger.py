@@ -162,6 +162,13 @@ _MIGRATIONS: tuple[tuple[int, str], ...] = (
         ALTER TABLE oauth_pending_v3 RENAME TO oauth_pending;
         """,
     ),
+    (
+        4,
+        # notifications say why as a code (e.g. "answer_lost"); the bot and CLI word it
+        """
+        ALTER TABLE notifications ADD COLUMN reason TEXT;
+        """,
+    ),
 )
 
 SCHEMA_VERSION = _MIGRATIONS[-1][0]
@@ -228,9 +235,33 @@ def _secret_keys(value: Any) -> set[str]:
     return found
 
 
+#: a ``*_sha`` detail value: a short hash prefix of a token, never more
+_SHA_MAX = 12
+
+
+def _long_hashes(value: Any) -> set[str]:
+    """``*_sha`` keys whose value is not a short lower-case hex prefix."""
+    found: set[str] = set()
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if str(key).lower().endswith("_sha") and item is not None:
+                text = item if isinstance(item, str) else ""
+                if not (0 < len(text) <= _SHA_MAX and all(c in "0123456789abcdef" for c in text)):
+                    found.add(str(key))
+            found |= _long_hashes(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            found |= _long_hashes(item)
+    return found
+
+
 def check_detail(detail: Mapping[str, Any]) -> str:
-    """Serialise event detail, refusing any key, at any depth, that names a secret."""
-    bad = sorted(_secret_keys(detail))
+    """Serialise event detail, refusing any key, at any depth, that names a secret.
+
+    Token lineage is recorded as ``*_sha`` keys, which must hold a hash prefix of at most
+    12 hex digits (a whole token or a long hash under such a key is refused too).
+    """
+    bad = sorted(_secret_keys(detail) | _long_hashes(detail))
     if bad:
         raise ValueError(f"event detail may not hold secrets: {', '.join(bad)}")
     return json.dumps(dict(detail), sort_keys=True, separators=(",", ":"))
@@ -248,7 +279,7 @@ class _Wipes:
 class Notification:
     """A connection event for the owner (read by the bot, marked delivered once sent)."""
 
-    __slots__ = ("at", "chat_id", "flow_id", "id", "kind", "message", "provider")
+    __slots__ = ("at", "chat_id", "flow_id", "id", "kind", "message", "provider", "reason")
 
     def __init__(
         self,
@@ -259,6 +290,7 @@ class Notification:
         flow_id: str | None,
         chat_id: int | None,
         message: str,
+        reason: str | None = None,
     ) -> None:
         self.id = id
         self.at = at
@@ -267,6 +299,8 @@ class Notification:
         self.flow_id = flow_id
         self.chat_id = chat_id
         self.message = message
+        #: why, as a code the bot and CLI word (e.g. "invalid_grant", "answer_lost")
+        self.reason = reason
 
     def __repr__(self) -> str:
         return f"Notification(id={self.id}, kind={self.kind!r}, provider={self.provider!r})"
@@ -723,12 +757,13 @@ class Ledger:
         message: str,
         flow_id: str | None = None,
         chat_id: int | None = None,
+        reason: str | None = None,
     ) -> int:
         async with self._lock:
             cur = await self._conn.execute(
-                "INSERT INTO notifications (at, kind, provider, flow_id, chat_id, message)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (at, kind, provider, flow_id, chat_id, message),
+                "INSERT INTO notifications (at, kind, provider, flow_id, chat_id, message, reason)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (at, kind, provider, flow_id, chat_id, message, reason),
             )
             return int(cur.lastrowid or 0)
 
@@ -747,8 +782,8 @@ class Ledger:
         async with (
             self._lock,
             self._conn.execute(
-                "SELECT id, at, kind, provider, flow_id, chat_id, message FROM notifications"
-                " WHERE delivered_at IS NULL ORDER BY id LIMIT ?",
+                "SELECT id, at, kind, provider, flow_id, chat_id, message, reason"
+                " FROM notifications WHERE delivered_at IS NULL ORDER BY id LIMIT ?",
                 (int(limit),),
             ) as cur,
         ):

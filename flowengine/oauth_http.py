@@ -29,6 +29,11 @@ refreshes only; an envelope's statuses are sorted by ``envelope_transient`` and
   :class:`ReauthorizationRequired` (the owner must connect again);
 * anything else malformed -> :class:`ProviderError`.
 
+A caller that must not lose a token answer passes ``capture`` (an :class:`AnswerSink`, the
+vault's ``AnswerCapture``): the response is then streamed and every body chunk is handed to
+the sink as it comes off the socket, before anything parses it; ``token_from_answer``
+parses such a captured answer later exactly as a live one.
+
 No message carries a secret or a raw response body: only the provider id, the HTTP
 status and the OAuth error code. The provider's ``error_description`` is kept (cut short)
 in the exception's ``description`` attribute, never in its text.
@@ -46,7 +51,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote_plus, urlencode, urlsplit
 
 import httpx
@@ -65,6 +70,7 @@ from .tokens import TokenSet
 
 __all__ = [
     "DEFAULT_TIMEOUT",
+    "AnswerSink",
     "PERMANENT_ERRORS",
     "basic_auth_header",
     "client_ssl_context",
@@ -74,6 +80,7 @@ __all__ = [
     "revoke",
     "tls_error",
     "tls_failure",
+    "token_from_answer",
 ]
 
 log = logging.getLogger("flowengine.oauth_http")
@@ -96,6 +103,18 @@ PERMANENT_ERRORS = frozenset(
 )
 
 _MAX_DESCRIPTION = 200
+#: headers that describe the wire encoding of a streamed body, not the decoded bytes
+_WIRE_HEADERS = frozenset({"content-encoding", "content-length", "transfer-encoding"})
+
+
+class AnswerSink(Protocol):
+    """Receives a token answer while it is read (see vault.AnswerCapture)."""
+
+    def begin(self, status: int, content_type: str | None) -> None: ...
+
+    def write(self, chunk: bytes) -> None: ...
+
+    def finish(self) -> bool: ...
 
 
 def client_ssl_context(ca_file: str | os.PathLike[str] | None = None) -> ssl.SSLContext:
@@ -308,6 +327,7 @@ async def _post(
     what: str,
     client: httpx.AsyncClient,
     timeout: httpx.Timeout | float | None,
+    capture: AnswerSink | None = None,
 ) -> httpx.Response:
     if spec.needs_secret and not creds.client_secret:
         from .errors import CredentialsMissingError
@@ -325,6 +345,10 @@ async def _post(
         url, headers, body = auth.prepare("POST", url, headers, body)
     log.info("%s request to %s (%s)", what, spec.id, spec.token_auth_method)
     try:
+        if capture is not None:
+            return await _post_captured(
+                client, url, body, headers, DEFAULT_TIMEOUT if timeout is None else timeout, capture
+            )
         return await client.post(
             url,
             content=body.encode("utf-8"),
@@ -344,6 +368,54 @@ async def _post(
         ) from err
 
 
+async def _post_captured(
+    client: httpx.AsyncClient,
+    url: str,
+    body: str,
+    headers: Mapping[str, str],
+    timeout: httpx.Timeout | float,
+    capture: AnswerSink,
+) -> httpx.Response:
+    """POST and stream the answer into ``capture`` chunk by chunk as it arrives."""
+    chunks: list[bytes] = []
+    async with client.stream(
+        "POST", url, content=body.encode("utf-8"), headers=headers, timeout=timeout
+    ) as response:
+        capture.begin(response.status_code, response.headers.get("content-type"))
+        async for chunk in response.aiter_bytes():
+            capture.write(chunk)
+            chunks.append(chunk)
+        capture.finish()
+    kept = [(k, v) for k, v in response.headers.multi_items() if k.lower() not in _WIRE_HEADERS]
+    return httpx.Response(
+        response.status_code, headers=kept, content=b"".join(chunks), request=response.request
+    )
+
+
+def token_from_answer(
+    spec: ProviderSpec,
+    *,
+    status: int,
+    content_type: str | None,
+    body: bytes,
+    now_ms: int,
+    previous: TokenSet | None = None,
+    requested_scopes: Sequence[str] = (),
+    what: str = "refresh",
+) -> TokenSet:
+    """Parse a token answer captured earlier, with the checks a live answer gets.
+
+    ``what`` is "refresh" (``previous`` is the pair refreshed) or "code exchange"
+    (``requested_scopes`` as asked for in the authorization).
+    """
+    headers = {"content-type": content_type} if content_type else {}
+    data = _check_response(spec, what, httpx.Response(status, headers=headers, content=body))
+    _require_access_token(spec, what, data)
+    if what == "refresh" and previous is not None and previous.refresh:
+        return _refreshed(data, now_ms=now_ms, refresh_token=previous.refresh, previous=previous)
+    return _exchanged(data, now_ms=now_ms, requested_scopes=requested_scopes)
+
+
 async def exchange_code(
     spec: ProviderSpec,
     creds: ClientCredentials,
@@ -355,6 +427,7 @@ async def exchange_code(
     now_ms: int,
     timeout: httpx.Timeout | float | None = None,
     requested_scopes: Sequence[str] = (),
+    capture: AnswerSink | None = None,
 ) -> TokenSet:
     """Trade an authorization code for tokens (RFC 6749 §4.1.3, RFC 7636 §4.5).
 
@@ -373,14 +446,40 @@ async def exchange_code(
     form += list(spec.token_params.items()) + list(spec.exchange_params.items())
     what = "code exchange"
     response = await _post(
-        spec, creds, spec.token_url, form, what=what, client=client, timeout=timeout
+        spec,
+        creds,
+        spec.token_url,
+        form,
+        what=what,
+        client=client,
+        timeout=timeout,
+        capture=capture,
     )
     data = _check_response(spec, what, response)
     _require_access_token(spec, what, data)
+    return _exchanged(data, now_ms=now_ms, requested_scopes=requested_scopes)
+
+
+def _exchanged(
+    data: Mapping[str, Any], *, now_ms: int, requested_scopes: Sequence[str]
+) -> TokenSet:
     tokens = TokenSet.from_response(data, now_ms=now_ms)
     if "scope" in data and data["scope"] is not None:
         return _with_scope(tokens, tokens.scope, "granted")
     return _with_scope(tokens, " ".join(requested_scopes) or None, "requested")
+
+
+def _refreshed(
+    data: Mapping[str, Any], *, now_ms: int, refresh_token: str, previous: TokenSet | None
+) -> TokenSet:
+    tokens = TokenSet.from_response(data, now_ms=now_ms, previous_refresh=refresh_token)
+    if "scope" in data and data["scope"] is not None:
+        return _with_scope(tokens, tokens.scope, "granted")
+    if previous is not None and previous.scope is not None:
+        source = previous.extra.get("scope_source")
+        known = source if source in ("granted", "requested") else "granted"
+        return _with_scope(tokens, previous.scope, known)
+    return tokens
 
 
 def _with_scope(tokens: TokenSet, scope: str | None, source: str) -> TokenSet:
@@ -396,6 +495,7 @@ async def refresh_tokens(
     now_ms: int,
     timeout: httpx.Timeout | float | None = None,
     previous: TokenSet | None = None,
+    capture: AnswerSink | None = None,
 ) -> TokenSet:
     """Use a refresh token (RFC 6749 §6). No refresh_token in the answer keeps the old one;
     no ``scope`` keeps ``previous``'s scope and its source."""
@@ -403,18 +503,18 @@ async def refresh_tokens(
     form += list(spec.token_params.items()) + list(spec.refresh_params.items())
     what = "refresh"
     response = await _post(
-        spec, creds, spec.token_url, form, what=what, client=client, timeout=timeout
+        spec,
+        creds,
+        spec.token_url,
+        form,
+        what=what,
+        client=client,
+        timeout=timeout,
+        capture=capture,
     )
     data = _check_response(spec, what, response)
     _require_access_token(spec, what, data)
-    tokens = TokenSet.from_response(data, now_ms=now_ms, previous_refresh=refresh_token)
-    if "scope" in data and data["scope"] is not None:
-        return _with_scope(tokens, tokens.scope, "granted")
-    if previous is not None and previous.scope is not None:
-        source = previous.extra.get("scope_source")
-        known = source if source in ("granted", "requested") else "granted"
-        return _with_scope(tokens, previous.scope, known)
-    return tokens
+    return _refreshed(data, now_ms=now_ms, refresh_token=refresh_token, previous=previous)
 
 
 async def revoke(

@@ -1,4 +1,4 @@
-"""auth.json: the token file shared with the agent runtime.
+"""auth.json: the token file shared with the agent runtime, published from the vault.
 
 The file is one JSON object keyed by provider id. Each entry is the runtime's format::
 
@@ -10,11 +10,20 @@ The file is one JSON object keyed by provider id. Each entry is the runtime's fo
 provider did not say (unknown, not eternal). Entries of providers this program does not
 know, and fields it does not know, are preserved on every write.
 
+auth.json is a *view*: the source of truth for this program's connections is the token
+vault (vault.py), written before anything else. The broker publishes vault records here
+(:meth:`TokenStore.publish`) and puts them back when another writer rolled an entry back.
+
 Writes are atomic (temporary file in the same directory, fsync, rename, fsync of the
-directory), the file is mode 0600, and every read-modify-write holds an exclusive
-``fcntl.flock`` on the sibling ``auth.json.lock``, so the daemon, the CLI and the runtime
-never lose each other's updates. A file that does not parse is never overwritten: the
-write fails with TokenFileCorruptError naming the path and the file stays as it was.
+directory) and mode 0600. When auth.json is a symbolic link the write goes through to the
+link's target: the link stays a link. Every read-modify-write holds an exclusive
+``fcntl.flock`` on the sibling ``auth.json.lock``, so cooperating writers never lose each
+other's updates (writers that do not take it are repaired after the fact, see broker.py).
+A file that does not parse is never overwritten: the write fails with
+TokenFileCorruptError naming the path and the file stays as it was.
+
+The file is written one entry per line (the C JSON encoder; a 10k-entry file is written
+several times faster than with ``indent``), sorted by provider id.
 
 This module imports only the standard library at import time: ``agentd token`` reads it
 on its cold-start fast path. No token ever reaches a log line or an exception message.
@@ -28,14 +37,22 @@ import json
 import os
 import tempfile
 import threading
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import StorageError, TokenFileCorruptError
 
-__all__ = ["TokenSet", "TokenStore", "atomic_write_json", "read_json_object"]
+__all__ = [
+    "TokenSet",
+    "TokenStore",
+    "atomic_write_json",
+    "entry_matches",
+    "read_json_object",
+    "signature_of",
+    "write_target",
+]
 
 #: entry keys this module manages; everything else in an entry is kept as it was
 _KNOWN = frozenset({"access", "refresh", "expires", "type", "token_type", "scope", "obtained_at"})
@@ -185,20 +202,50 @@ def read_json_object(path: Path) -> dict[str, Any]:
     return data
 
 
-def atomic_write_json(path: Path, data: Mapping[str, Any]) -> None:
-    """Replace ``path`` with ``data`` atomically: temp file, fsync, rename, fsync dir; 0600."""
-    directory = path.parent
+def _dumps(data: Mapping[str, Any]) -> bytes:
+    """JSON text with one top-level entry per line (C encoder; sorted keys)."""
+    if not data:
+        return b"{}\n"
+    lines = [
+        f"  {json.dumps(str(key))}: {json.dumps(value, sort_keys=True)}"
+        for key, value in sorted(data.items(), key=lambda kv: str(kv[0]))
+    ]
+    return ("{\n" + ",\n".join(lines) + "\n}\n").encode("utf-8")
+
+
+def write_target(path: Path) -> Path:
+    """Where a write of ``path`` lands: the final target when ``path`` is a symlink."""
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
+def atomic_write_json(
+    path: Path,
+    data: Mapping[str, Any],
+    *,
+    before_replace: Callable[[], None] | None = None,
+) -> list[int]:
+    """Replace ``path`` with ``data`` atomically: temp file, fsync, rename, fsync dir; 0600.
+
+    A symbolic link is written through: its target is replaced, the link stays.
+    ``before_replace`` runs after the temp file is durable and before the rename.
+    Returns the signature (see :func:`signature_of`) of the file written.
+    """
+    target = write_target(path)
+    directory = target.parent
     try:
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        payload = json.dumps(data, indent=2, sort_keys=True).encode("utf-8") + b"\n"
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+        payload = _dumps(data)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
         try:
             os.fchmod(fd, 0o600)
             with os.fdopen(fd, "wb") as fh:
                 fh.write(payload)
                 fh.flush()
                 os.fsync(fh.fileno())
-            os.replace(tmp, path)
+                st = os.fstat(fh.fileno())
+            if before_replace is not None:
+                before_replace()
+            os.replace(tmp, target)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
@@ -210,6 +257,7 @@ def atomic_write_json(path: Path, data: Mapping[str, Any]) -> None:
             os.close(dir_fd)
     except OSError as err:
         raise StorageError(f"cannot write {path}: {err.strerror or err}", path=str(path)) from err
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]
 
 
 class _FileLock:
@@ -248,8 +296,34 @@ class _FileLock:
             os.close(fd)
 
 
+def entry_matches(entry: Any, tokens: TokenSet | None) -> bool:
+    """Does an auth.json entry hold exactly these tokens (None: no entry)?"""
+    if tokens is None:
+        return entry is None
+    if not isinstance(entry, dict):
+        return False
+    return (
+        entry.get("access") == tokens.access
+        and entry.get("refresh") == tokens.refresh
+        and _ms(entry.get("expires")) == tokens.expires
+    )
+
+
+def signature_of(path: Path) -> list[int] | None:
+    """(device, inode, size, mtime ns) of the file behind ``path``; None if missing."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]
+
+
+#: what a publish sets for one provider: its tokens and flow id, or None to remove it
+Update = tuple[TokenSet, str | None] | None
+
+
 class TokenStore:
-    """Read and write provider entries of auth.json."""
+    """auth.json: read entries, publish the vault's pairs, keep everyone else's entries."""
 
     def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
         if path is None:
@@ -273,10 +347,8 @@ class TokenStore:
     async def locked(self) -> AsyncIterator[None]:
         """Hold the cross-process lock without blocking the event loop.
 
-        The flock is taken on its own descriptor in a worker thread and released from a
-        worker thread too; other coroutines keep running meanwhile. Not re-entrant: the
-        sync methods called inside take their own lock only if the current thread does
-        not hold it, so inside this block use the ``*_unlocked`` methods.
+        The flock is taken on its own descriptor in a worker thread; other coroutines keep
+        running meanwhile. Not re-entrant: inside this block use the ``*_unlocked`` methods.
         """
         import anyio
 
@@ -310,10 +382,71 @@ class TokenStore:
             return None
         return TokenSet.from_entry(entry)
 
+    def signature(self) -> list[int] | None:
+        """Identity of the file's current content (changes with every rewrite)."""
+        return signature_of(self.path)
+
+    # ------------------------------------------------------------------ publish
+
+    def publish(
+        self,
+        compute: Callable[[dict[str, Any], list[int] | None], Mapping[str, Update]],
+        *,
+        before_replace: Callable[[], None] | None = None,
+    ) -> tuple[list[str], list[int] | None, bool]:
+        """Set or remove entries in one rewrite, under the lock.
+
+        ``compute`` gets the file's content and signature (both read under the lock) and
+        returns the updates: provider -> (tokens, flow id), or None to remove the entry.
+        Entries that already hold those tokens are left alone and nothing is written when
+        nothing changes. Returns the providers whose entry changed, the signature of the
+        file afterwards and whether it was rewritten.
+        """
+        with self.locked_sync():
+            signature = self.signature()
+            data = self.read_all()  # raises on a corrupt file: nothing is overwritten
+            changed: list[str] = []
+            for provider, update in compute(data, signature).items():
+                old = data.get(provider)
+                if update is None:
+                    if provider in data:
+                        del data[provider]
+                        changed.append(provider)
+                    continue
+                tokens, flow_id = update
+                entry: dict[str, Any] = dict(old) if isinstance(old, dict) else {}
+                entry.update(tokens.to_entry())
+                if flow_id is not None:
+                    entry["flow_id"] = flow_id
+                if entry != old:
+                    data[provider] = entry
+                    changed.append(provider)
+            if not changed:
+                return changed, signature, False
+            written = atomic_write_json(self.path, data, before_replace=before_replace)
+            return changed, written, True
+
+    def remove_orphans(self) -> int:
+        """Delete temp files a killed writer left next to auth.json (under the lock)."""
+        target = write_target(self.path)
+        removed = 0
+        with self.locked_sync():
+            try:
+                names = os.listdir(target.parent)
+            except OSError:
+                return 0
+            prefix = f".{target.name}."
+            for name in names:
+                if name.startswith(prefix) and name.endswith(".tmp"):
+                    with contextlib.suppress(OSError):
+                        os.unlink(target.parent / name)
+                        removed += 1
+        return removed
+
     # ------------------------------------------------------------------- writes
 
     def write(self, provider: str, tokens: TokenSet, *, flow_id: str | None = None) -> None:
-        """Set the provider's entry, keeping its unknown fields and every other entry."""
+        """Set the provider's entry directly (a foreign writer's view; the broker publishes)."""
         with self.locked_sync():
             self.write_unlocked(provider, tokens, flow_id=flow_id)
 

@@ -36,6 +36,7 @@ PURE_MODULES: tuple[str, ...] = (
     "flowengine.paths",
     "flowengine.forecast",
     "flowengine.catalog",
+    "flowengine.schedule",
     "bot.dialogue",
     "bot.texts",
     "integrations.durations",

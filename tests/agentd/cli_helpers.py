@@ -277,6 +277,24 @@ revocation_url = "{sim_base_url}/v2/oauth2/revoke"
         assert isinstance(data, dict)
         return data
 
+    def edit_vault(self, provider: str, **fields: Any) -> None:
+        """Change fields of the provider's pair in the token vault (the source of truth)."""
+        from dataclasses import replace
+
+        from flowengine.vault import Vault, vault_root
+
+        pv = Vault(vault_root(self.state_dir)).provider(provider)
+        with pv.locked():
+            record = pv.read()
+            assert record is not None
+            assert record.tokens is not None
+            pv.write(
+                replace(record.tokens, **fields),
+                flow_id=record.flow_id,
+                lineage=record.lineage,
+                now_ms=int(time.time() * 1000),
+            )
+
     def edit_auth(self, provider: str, **fields: Any) -> None:
         """Change fields of one auth.json entry, as the agent runtime or a user might."""
         data = self.auth_entries()

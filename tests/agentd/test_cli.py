@@ -366,7 +366,8 @@ def test_token_fast_path_prints_token_without_the_async_stack(cli: AgentdInstanc
 
 def test_token_refreshes_when_near_expiry(cli: AgentdInstance, sim: SimOAuth) -> None:
     entry = ensure_connected(cli)
-    cli.edit_auth("dexcom", expires=now_ms() + 30_000)  # inside the 60 s leeway
+    # a two-hour token with 30 s left: inside its margin, min(60 s, a quarter of its life)
+    cli.edit_vault("dexcom", expires=now_ms() + 30_000, obtained_at=now_ms() - 7_170_000)
     before = sim.counters.token_requests["refresh_token"]
     result = cli.run("token", "dexcom", python_args=("-X", "importtime"))
     assert result.returncode == 0, result.stderr
@@ -395,7 +396,7 @@ def test_token_unknown_provider_exits_2(cli: AgentdInstance) -> None:
 
 def test_token_provider_down_exits_5_then_recovers(cli: AgentdInstance, sim: SimOAuth) -> None:
     entry = ensure_connected(cli)
-    cli.edit_auth("dexcom", expires=now_ms() - 1_000)
+    cli.edit_vault("dexcom", expires=now_ms() - 1_000)
     injected = sim.counters.injected
     sim.inject(503, count=1, path_prefix="/v2/oauth2/token")
     result = cli.run("token", "dexcom")
@@ -411,7 +412,7 @@ def test_token_provider_down_exits_5_then_recovers(cli: AgentdInstance, sim: Sim
 
 def test_token_provider_unreachable_exits_5(cli: AgentdInstance) -> None:
     ensure_connected(cli)
-    cli.edit_auth("dexcom", expires=now_ms() - 1_000)
+    cli.edit_vault("dexcom", expires=now_ms() - 1_000)
     catalog = cli.config_home / "agent" / "providers.toml"
     original = catalog.read_text()
     dead = "https://localhost:9/v2/oauth2/token"
@@ -428,7 +429,7 @@ def test_token_provider_unreachable_exits_5(cli: AgentdInstance) -> None:
 def test_token_rejected_refresh_exits_4(cli: AgentdInstance, sim: SimOAuth) -> None:
     ensure_connected(cli)
     rejected = sim.counters.refresh_rejected
-    cli.edit_auth("dexcom", expires=now_ms() - 1_000, refresh="revoked-by-test")
+    cli.edit_vault("dexcom", expires=now_ms() - 1_000, refresh="revoked-by-test")
     result = cli.run("token", "dexcom")
     assert result.returncode == 4, result.stderr
     assert "agentd connect dexcom" in result.stderr
@@ -508,7 +509,8 @@ def current_flow_id(instance: AgentdInstance) -> str:
 def test_flow_shows_its_ledger_without_secrets(cli: AgentdInstance, sim: SimOAuth) -> None:
     ensure_connected(cli)
     flow_id = current_flow_id(cli)
-    cli.edit_auth("dexcom", expires=now_ms() + 1_000)
+    # one second left of a two-hour token: refreshed on use
+    cli.edit_vault("dexcom", expires=now_ms() + 1_000, obtained_at=now_ms() - 7_199_000)
     assert cli.run("token", "dexcom").returncode == 0  # one refresh in this flow's ledger
     remember_tokens(cli)
     result = cli.run("flow", flow_id)

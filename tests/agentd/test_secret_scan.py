@@ -1,4 +1,5 @@
-"""No secret outside auth.json, the credentials file and the API token file: a whole run scanned.
+"""No secret outside auth.json, the token vault, the credentials file and the API token file:
+a whole run scanned.
 
 One installation runs ``agentd -v serve`` (DEBUG logs) against the simulated Dexcom; then
 ``agentd -v connect`` with a browser, refreshes, and every other command (integration
@@ -46,6 +47,8 @@ pytestmark = pytest.mark.slow
 
 #: files whose whole purpose is to hold secrets (README: Security model)
 SECRET_HOMES = {"credentials.json", "api-token", "auth.json"}
+#: ... and the token vault's record slots, ``<state>/vault/<provider>/slot-N``
+VAULT_SLOTS = {"slot-0", "slot-1"}
 
 
 class ProcessWatcher:
@@ -256,7 +259,7 @@ def _run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
             flow_id = instance.auth_entries()["dexcom"]["flow_id"]
             # refreshes: due on the CLI's slow path, twice (the sim rotates refresh tokens)
             for _ in range(2):
-                instance.edit_auth("dexcom", expires=int(time.time() * 1000) - 1000)
+                instance.edit_vault("dexcom", expires=int(time.time() * 1000) - 1000)
                 refreshed = run.cli("token", "dexcom")
                 assert refreshed.returncode == 0, refreshed.stderr
             for args in every_other_command(run):
@@ -308,8 +311,11 @@ def test_no_secret_in_the_ledger_its_wal_or_free_pages(run: Run) -> None:
 
 
 def test_no_secret_in_any_other_file_of_the_state_directory(run: Run) -> None:
+    vault = run.instance.state_dir / "vault"
     for path in sorted(run.instance.state_dir.rglob("*")):
         if not path.is_file() or path.name in SECRET_HOMES or path.suffix == ".lock":
+            continue
+        if path.parent.parent == vault and path.name in VAULT_SLOTS:
             continue
         data = path.read_bytes()
         for secret in run.secrets:

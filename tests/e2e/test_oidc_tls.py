@@ -29,6 +29,7 @@ from flowengine.errors import ProviderTLSError
 from flowengine.oauth_http import basic_auth_header
 from flowengine.protocol import parse_callback
 from flowengine.states import FlowState
+from flowengine.vault import Vault, vault_root
 from tests.agentd.cli_helpers import agentd_command
 from tests.e2e.conftest import SPECIAL, OidcServer
 from tests.e2e.helpers import (
@@ -217,9 +218,14 @@ authorize_params = {{ prompt = "consent" }}
     assert status.stdout.splitlines()[1].endswith("  openid offline_access"), status.stdout
 
     auth = tmp_path / "auth.json"
-    data = json.loads(auth.read_text())
-    data[PROVIDER]["expires"] = int(time.time() * 1000) - 1000  # due: `token` must refresh
-    auth.write_text(json.dumps(data))
+    # due: `token` must refresh (the vault holds the connection's pair; auth.json shows it)
+    vault = Vault(vault_root(tmp_path / "state")).provider(PROVIDER)
+    with vault.locked():
+        record = vault.read()
+        assert record is not None
+        assert record.tokens is not None
+        expired = replace(record.tokens, expires=int(time.time() * 1000) - 1000)
+        vault.write(expired, flow_id=record.flow_id, lineage=record.lineage)
     without = run_cli(tmp_path, "token", PROVIDER, ca_file=None)
     assert without.returncode == 5
     assert without.stdout == ""

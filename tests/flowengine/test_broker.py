@@ -432,7 +432,8 @@ async def test_reconcile_refresh_that_stored_its_tokens(rig: Rig) -> None:
         expires=to_ms(rig.clock.now()) + 1000,
         obtained_at=to_ms(rig.clock.now()),
     )
-    rig.tokens.write("fake", newer, flow_id=flow_id)  # written, then "crash"
+    # the new pair reached the vault, then the process died before the ledger heard of it
+    rig.broker.vault.provider("fake").write(newer, flow_id=flow_id, now_ms=to_ms(rig.clock.now()))
     report = await rig.broker.reconcile()
     assert report.refreshed == [flow_id]
     flow = await rig.engine.get_flow(flow_id)
@@ -451,7 +452,10 @@ async def test_reconcile_exchanged_flows(rig: Rig) -> None:
 
     lost = await exchanged()
     kept = await exchanged()
-    rig.tokens.write("fake", TokenSet(access="a", refresh="r", obtained_at=1), flow_id=kept)
+    # the kept flow's pair reached the vault before the process died
+    rig.broker.vault.provider("fake").write(
+        TokenSet(access="a", refresh="r", obtained_at=1), flow_id=kept
+    )
     report = await rig.broker.reconcile()
     assert report.stored == [kept]
     assert report.store_failed == [lost]

@@ -21,7 +21,7 @@ from flowengine.credentials import CredentialStore
 from flowengine.engine import FlowEngine
 from flowengine.forecast import SOON, TODAY, add_months
 from flowengine.protocol import parse_callback
-from flowengine.refresh import RefreshTimer
+from flowengine.timer import RefreshTimer
 from flowengine.tokens import TokenStore
 from tests.fakes import FakeProvider
 
@@ -43,7 +43,7 @@ class Rig:
 
     def timer(self) -> RefreshTimer:
         """A timer process (a new one after a 'restart')."""
-        return RefreshTimer(self.engine, self.broker, rng=random.Random(3))
+        return RefreshTimer(self.broker, rng=random.Random(3))
 
     async def warnings(self) -> list[tuple[str, str | None, int | None]]:
         notes = await self.engine.notifications()

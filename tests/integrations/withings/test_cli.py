@@ -14,6 +14,7 @@ import pytest
 
 from flowengine.clock import SystemClock, to_ms
 from flowengine.tokens import TokenSet, TokenStore
+from flowengine.vault import Vault, vault_root
 from integrations.withings.sim import WithingsSim
 from tests.agentd.cli_helpers import SIM_CLIENT_ID, SIM_CLIENT_SECRET, AgentdInstance, SimServer
 
@@ -53,8 +54,15 @@ api_base_url = "{server.base_url}"
     server.stop()
 
 
+def _forget(instance: AgentdInstance) -> None:
+    """No Withings tokens anywhere: not in the vault (the source of truth), not in auth.json."""
+    Vault(vault_root(instance.state_dir)).provider("withings").remove()
+    TokenStore(Path(instance.auth_file)).delete("withings")
+
+
 def _seed(instance: AgentdInstance, server: SimServer) -> dict[str, str]:
     issued = server.sim.issue_tokens(SIM_CLIENT_ID, scope="user.metrics")
+    _forget(instance)  # the pair written to auth.json below is taken over by the vault
     TokenStore(Path(instance.auth_file)).write(
         "withings",
         TokenSet(
@@ -128,7 +136,7 @@ def test_bad_input_is_one_line_and_a_usage_exit(
 
 
 def test_not_connected_exits_3(instance: AgentdInstance, server: SimServer) -> None:
-    TokenStore(Path(instance.auth_file)).delete("withings")
+    _forget(instance)
     result = instance.run("withings", "latest")
     assert result.returncode == 3, result.stderr
     assert "Traceback" not in result.stderr

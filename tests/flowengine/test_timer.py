@@ -1,4 +1,4 @@
-"""The lifecycle timer against a real ledger, the real Broker and TokenStore, a fake provider.
+"""The lifecycle timer against a real ledger, the real Broker, vault and auth.json, a fake provider.
 
 Time is driven two ways: a ManualClock injected everywhere, and freezegun (real_asyncio)
 against SystemClock. ``timer.sweep()`` is called directly; ``run()`` gets a fast sleep.
@@ -28,8 +28,9 @@ from flowengine.credentials import CredentialStore
 from flowengine.engine import FlowEngine
 from flowengine.ledger import Ledger
 from flowengine.protocol import parse_callback
-from flowengine.refresh import RefreshTimer, TimerPolicy
+from flowengine.schedule import TimerPolicy
 from flowengine.states import FlowState, FlowTrigger
+from flowengine.timer import RefreshTimer
 from flowengine.tokens import TokenSet, TokenStore
 from tests.fakes import FakeProvider
 
@@ -73,7 +74,7 @@ async def _make_rig(
     tokens = TokenStore(tmp_path / "auth.json")
     catalog = Catalog().with_override(fake.spec())
     broker = Broker(engine, catalog=catalog, credentials=creds, tokens=tokens, http=client)
-    timer = RefreshTimer(engine, broker, policy=policy, rng=random.Random(5))
+    timer = RefreshTimer(broker, policy=policy, rng=random.Random(5))
     return Rig(broker, engine, fake, clock, tokens, timer, ledger_path)
 
 
@@ -119,55 +120,6 @@ async def _notifications(rig: Rig) -> list[tuple[str, str | None]]:
 
 def _timer_events(states: list[tuple[FlowState, str]]) -> list[FlowState]:
     return [s for s, actor in states if actor == "timer"]
-
-
-# ------------------------------------------------------------------- policy maths
-
-
-def test_threshold_is_a_fraction_of_the_lifetime_or_the_floor() -> None:
-    timer = RefreshTimer.__new__(RefreshTimer)
-    timer.policy = TimerPolicy(refresh_fraction=0.25, refresh_floor=300)
-    hour, minute = 3_600_000, 60_000
-    assert timer.refresh_threshold(START + hour, START) == 900  # 25 % of an hour
-    assert timer.refresh_threshold(START + 10 * minute, START) == 300  # the floor wins
-    # a 4-minute token: the floor is capped at half the lifetime (no refresh every sweep)
-    assert timer.refresh_threshold(START + 4 * minute, START) == 120
-    assert timer.refresh_threshold(START + hour, None) == 300  # lifetime unknown
-
-
-def test_check_jitter_only_moves_earlier_and_stays_in_bounds() -> None:
-    timer = RefreshTimer.__new__(RefreshTimer)
-    timer.policy = TimerPolicy(jitter=0.1)
-    timer._rng = random.Random(1)
-    now = START
-    obtained, expires = to_ms(now), to_ms(now + 3600)
-    due = now + 2700  # 25 % of an hour left
-    seen = [timer.next_check(expires, obtained, now) for _ in range(2000)]
-    assert all(due - 270 <= s <= due for s in seen)
-    assert max(seen) - min(seen) > 200  # it does spread
-    # already due: now, never in the past
-    assert timer.next_check(expires, obtained, now + 3000) == now + 3000
-    # no refresh token: look again exactly when it dies
-    assert timer.next_check(expires, obtained, now, has_refresh=False) == now + 3600
-    # unknown expiry: checked around unknown_expiry_check after it was obtained
-    unknown = [timer.next_check(None, obtained, now + 10) for _ in range(500)]
-    assert all(now + 3240 <= s <= now + 3600 for s in unknown)
-
-
-def test_backoff_grows_is_capped_and_honours_retry_after() -> None:
-    timer = RefreshTimer.__new__(RefreshTimer)
-    timer.policy = TimerPolicy(backoff_base=60, backoff_max=3600, jitter=0.1)
-    timer._rng = random.Random(2)
-    for attempt, nominal in [(1, 60), (2, 120), (3, 240), (4, 480), (7, 3600), (30, 3600)]:
-        delays = [timer.backoff(attempt) for _ in range(300)]
-        assert all(nominal * 0.9 <= d <= nominal * 1.1 for d in delays), attempt
-    assert timer.backoff(1, retry_after=900) == 900  # the provider said so
-    assert 108 <= timer.backoff(2, retry_after=5) <= 132  # a short Retry-After is a floor
-    assert timer.backoff(1, retry_after=10**9) == 86_400  # a silly one is capped
-    exact = RefreshTimer.__new__(RefreshTimer)
-    exact.policy = TimerPolicy(backoff_base=30, jitter=0)
-    exact._rng = random.Random(3)
-    assert [exact.backoff(n) for n in (1, 2, 3)] == [30, 60, 120]
 
 
 # --------------------------------------------------------------- proactive refresh
@@ -278,8 +230,9 @@ async def test_invalid_grant_expires_with_one_notification(rig: Rig) -> None:
 async def test_token_without_refresh_dies_then_expired_and_notified(rig: Rig) -> None:
     flow_id, tokens = await _connect(rig)
     # a provider that gave no refresh token
-    rig.tokens.write(
-        "fake", TokenSet(access=tokens.access, expires=tokens.expires, obtained_at=to_ms(START))
+    rig.broker.vault.provider("fake").write(
+        TokenSet(access=tokens.access, expires=tokens.expires, obtained_at=to_ms(START)),
+        flow_id=flow_id,
     )
     await rig.engine.ledger.set_next_check(flow_id, to_ms(START + 60))
     _travel_to(rig, START + 60)
@@ -298,7 +251,7 @@ async def test_token_without_refresh_dies_then_expired_and_notified(rig: Rig) ->
     assert _timer_events(await rig.states(flow_id)) == [FlowState.EXPIRED]
     notes = await rig.engine.notifications()
     assert [(n.kind, n.flow_id, n.chat_id) for n in notes] == [("expired", flow_id, 42)]
-    assert "Fake connection expired" in notes[0].message
+    assert notes[0].reason == "token_expired"
     _advance(rig, 600)
     await rig.timer.sweep()
     assert len(await rig.engine.notifications()) == 1
@@ -306,14 +259,33 @@ async def test_token_without_refresh_dies_then_expired_and_notified(rig: Rig) ->
 
 
 @pytest.mark.anyio
-async def test_tokens_gone_from_auth_json_expire_the_connection(rig: Rig) -> None:
+async def test_tokens_gone_from_vault_and_auth_json_expire_the_connection(rig: Rig) -> None:
     flow_id, _ = await _connect(rig)
+    rig.broker.vault.provider("fake").remove()
     rig.tokens.delete("fake")
     await rig.engine.ledger.set_next_check(flow_id, to_ms(rig.clock.now()))
     report = await rig.timer.sweep()
     assert report.expired_connections == [flow_id]
     assert (await rig.engine.get_flow(flow_id)).error_code == "tokens_missing"
     assert await _notifications(rig) == [("expired", flow_id)]
+
+
+@pytest.mark.anyio
+async def test_entry_deleted_from_auth_json_is_put_back_by_the_next_sweep(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    flow_id, tokens = await _connect(rig)
+    rig.tokens.delete("fake")  # another program rewrote auth.json without our entry
+    report = await rig.timer.sweep()
+    assert report.published == 1
+    assert rig.tokens.read("fake") == tokens
+    assert (await rig.engine.get_flow(flow_id)).state is FlowState.STORED
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [
+        "auth.json entry for fake was removed by another writer; re-published from the vault"
+    ]
+    assert tokens.access not in caplog.text
+    assert (await rig.timer.sweep()).published == 0  # in sync: no rewrite
 
 
 # ----------------------------------------------------------------- transient failure
@@ -529,22 +501,23 @@ async def test_start_up_reconciles_a_flow_left_refreshing(rig: Rig) -> None:
 async def test_stale_refreshing_is_reconciled_by_a_sweep(rig: Rig) -> None:
     flow_id, _ = await _connect(rig)
     await rig.engine.ledger.set_next_check(flow_id, to_ms(rig.clock.now()))
-    await rig.engine.begin_refresh(flow_id, actor="cli")
-    await rig.timer.sweep()  # fresh: maybe in flight elsewhere, left alone
-    assert (await rig.engine.get_flow(flow_id)).state is FlowState.REFRESHING
-    _advance(rig, 300)
+    await rig.engine.begin_refresh(flow_id, actor="cli")  # then the CLI died
+    # the sweep takes the provider's lock at once: nobody holds it, so nobody is refreshing
     await rig.timer.sweep()
-    assert (await rig.engine.get_flow(flow_id)).state is FlowState.STORED
+    flow = await rig.engine.get_flow(flow_id)
+    assert flow.state is FlowState.STORED
+    assert flow.error_code == "interrupted"
+    assert rig.refreshes() == 0
 
 
 @pytest.mark.anyio
 async def test_one_broken_entry_does_not_stop_the_others(tmp_path: Path, rig: Rig) -> None:
     flow_id, _ = await _connect(rig)
     start = await rig.broker.begin("fake", redirect_uri=REDIRECT, actor="bot")
-    # an auth.json entry that breaks the parser (expires: Infinity)
-    data = json.loads(rig.tokens.path.read_text())
-    data["fake"]["expires"] = float("inf")
-    rig.tokens.path.write_text(json.dumps(data))
+    # a vault slot that cannot be read (here: a directory where the file should be)
+    slot = rig.broker.vault.provider("fake").slot_path(0)
+    slot.unlink()
+    slot.mkdir()
     await rig.engine.ledger.set_next_check(flow_id, to_ms(rig.clock.now()))
     _advance(rig, 11 * 60)
     report = await rig.timer.sweep()
@@ -570,7 +543,7 @@ async def test_run_survives_failing_sweeps_and_keeps_going(rig: Rig) -> None:
             tg.cancel_scope.cancel()
         await anyio.lowlevel.checkpoint()
 
-    timer = RefreshTimer(rig.engine, rig.broker, policy=TimerPolicy(interval=7), sleep=fast_sleep)
+    timer = RefreshTimer(rig.broker, policy=TimerPolicy(interval=7), sleep=fast_sleep)
     with anyio.fail_after(10):
         async with anyio.create_task_group() as tg:
             await tg.start(timer.run)
