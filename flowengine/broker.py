@@ -462,7 +462,11 @@ class Broker:
                     capture=capture,
                 )
             except (ProviderError, CredentialsMissingError) as err:
+                capture.close()
                 await self._exchange_failed(flow_id, actor, err)
+                raise
+            except BaseException:
+                capture.close()
                 raise
             await self._sync_capture(capture)
             checkpoint("exchange.answer")
@@ -726,6 +730,8 @@ class Broker:
         except StorageError as err:
             return self._retry(provider, old, rec.flow_id, err, reason="storage_error")
         used = token_hash(old.refresh)
+        if attempt == 1 and rec.doubt is not None and rec.doubt.refresh_sha == used:
+            attempt = rec.doubt.attempt + 1  # an earlier answer for this token may be lost
         if flow is not None:
             try:
                 flow = await self.engine.begin_refresh(
@@ -758,6 +764,7 @@ class Broker:
                 capture=capture,
             )
         except ReauthorizationRequired as err:
+            capture.close()
             reason = "answer_lost" if attempt > 1 else (err.oauth_error or err.code)
             with contextlib.suppress(StorageError):
                 await self._write(pv, old, flow_id=rec.flow_id, lineage=rec.lineage)
@@ -787,17 +794,19 @@ class Broker:
                 Outcome.REAUTHORIZE, provider, old, rec.flow_id, reason=reason, error=error
             )
         except ProviderError as err:
-            if not _request_may_have_arrived(err):
-                # the provider answered (or was never reached): the request is settled
-                with contextlib.suppress(StorageError):
-                    await self._write(pv, old, flow_id=rec.flow_id, lineage=rec.lineage)
-            # else the intent stays: the next attempt is a retry of a possibly lost answer
+            capture.close()
+            # settled either way; when the request may have been delivered (its answer lost
+            # on the way), the next refresh with this token is a retry: "doubt" says so
+            doubt = intent if _request_may_have_arrived(err) else None
+            with contextlib.suppress(StorageError):
+                await self._write(pv, old, flow_id=rec.flow_id, lineage=rec.lineage, doubt=doubt)
             retry = getattr(err, "retry_after", None) or DEFAULT_RETRY_DELAY
             await self._ledger_failed(
                 flow, actor, err.oauth_error or err.code, err.message, now + to_ms(retry)
             )
             return self._retry(provider, old, rec.flow_id, err, reason=err.oauth_error or err.code)
         except BaseException:
+            capture.close()
             # cancelled (or crashed) with the request possibly delivered: the intent stays
             # in the vault, so whoever comes next retries the old refresh token
             with anyio.CancelScope(shield=True):
@@ -1197,15 +1206,17 @@ class Broker:
         ):
             return []  # nothing to publish and nobody else wrote auth.json
         async with self._publish_lock:
+            # taken now: a provider refreshed while this publish runs is dirty again after
             dirty = set(self._dirty) | set(self._stranded)
+            self._dirty.clear()
             try:
                 changed = await anyio.to_thread.run_sync(self._publish_sync, dirty, full)
             except BrokerError as err:
+                self._dirty |= dirty
                 if strict:
                     raise
                 log.warning("cannot publish to auth.json (%s); trying again later", err.code)
                 return []
-            self._dirty -= dirty
             return changed
 
     def _publish_sync(self, dirty: set[str], full: bool) -> list[str]:
@@ -1268,13 +1279,11 @@ class Broker:
     async def _check_published(self, provider: str, rec: Record) -> None:
         """On read: republish when auth.json is not known to hold this record."""
         pv = self.vault.provider(provider)
-        if (
-            pv.published_seq() == rec.seq
-            and self.tokens.signature() == self.vault.published_signature()
-        ):
+        if pv.published_seq() != rec.seq:
+            self._dirty.add(provider)
+        elif self.tokens.signature() == self.vault.published_signature():
             return
-        self._dirty.add(provider)
-        await self.publish()
+        await self.publish()  # another writer touched auth.json: every entry is checked
 
     # ------------------------------------------------------------ timer's questions
 

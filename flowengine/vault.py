@@ -224,6 +224,9 @@ class Record:
     at: int = 0
     size: int = 0  # payload bytes
     slot: int = 0
+    #: a settled refresh whose answer may have been lost on the way (a read timeout
+    #: after sending): the next refresh with the same token is a retry
+    doubt: Intent | None = None
 
     @property
     def settled(self) -> bool:
@@ -276,8 +279,9 @@ def _pair_payload(
     lineage: Sequence[str],
     intent: Intent | None,
     at: int,
+    doubt: Intent | None = None,
 ) -> dict[str, Any]:
-    return {
+    payload = {
         "provider": provider,
         "tokens": _tokens_json(tokens),
         "flow_id": flow_id,
@@ -285,6 +289,9 @@ def _pair_payload(
         "intent": intent.to_json() if intent else None,
         "at": at,
     }
+    if doubt is not None:
+        payload["doubt"] = doubt.to_json()
+    return payload
 
 
 def _encode(payload: Mapping[str, Any]) -> bytes:
@@ -310,6 +317,7 @@ def _record_from(provider: str, kind: int, seq: int, payload: bytes, slot: int) 
     else:
         raise ValueError("unknown record kind")
     intent = meta.get("intent")
+    doubt = data.get("doubt")
     return Record(
         provider=provider,
         seq=seq,
@@ -321,6 +329,7 @@ def _record_from(provider: str, kind: int, seq: int, payload: bytes, slot: int) 
         at=int(data.get("at") or 0),
         size=len(payload),
         slot=slot,
+        doubt=Intent.from_json(doubt) if isinstance(doubt, dict) else None,
     )
 
 
@@ -466,6 +475,11 @@ class AnswerCapture:
         finally:
             self._close()
 
+    def close(self) -> None:
+        """Release the slot (idempotent); an unfinished capture stays invalid."""
+        self.active = False
+        self._close()
+
     def _close(self) -> None:
         if self._fd is not None:
             with contextlib.suppress(OSError):
@@ -570,7 +584,9 @@ class ProviderVault:
         _, sizes = self._slots()
         changed = False
         try:
-            self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            # mkdir(parents=True) ignores the mode for the parents: make each one private
+            self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self.dir.mkdir(exist_ok=True, mode=0o700)
             for i in (0, 1):
                 if sizes[i] >= need:
                     continue
@@ -598,9 +614,11 @@ class ProviderVault:
 
     # ---------------------------------------------------------------- writing
 
-    def _target(self) -> tuple[int, int, int]:
+    def _target(
+        self, slots: tuple[list[Record | None], list[int]] | None = None
+    ) -> tuple[int, int, int]:
         """(slot to write, next seq, its capacity)."""
-        records, sizes = self._slots()
+        records, sizes = slots or self._slots()
         valid = [r for r in records if r is not None]
         if not valid:
             return 0, 1, sizes[0]
@@ -617,6 +635,7 @@ class ProviderVault:
         intent: Intent | None = None,
         now_ms: int = 0,
         torn_at: str | None = None,
+        doubt: Intent | None = None,
     ) -> Record:
         """Write a pair record durably (pwrite + fdatasync) into the free slot.
 
@@ -624,9 +643,9 @@ class ProviderVault:
         stops half-way (half the bytes written and synced) before the process is stopped,
         which is what a crash mid-write can leave behind.
         """
-        payload = _encode(_pair_payload(self.provider, tokens, flow_id, lineage, intent, now_ms))
-        if self.read() is None:
-            self.reserve()
+        payload = _encode(
+            _pair_payload(self.provider, tokens, flow_id, lineage, intent, now_ms, doubt)
+        )
         slot, seq, capacity = self._target()
         if capacity < HEADER_SIZE + len(payload):
             self.reserve(Record(self.provider, 0, None, size=len(payload)))
@@ -658,6 +677,7 @@ class ProviderVault:
             at=now_ms,
             size=len(payload),
             slot=slot,
+            doubt=doubt,
         )
 
     def capture(

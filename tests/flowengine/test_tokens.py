@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import stat
 import sys
 import threading
@@ -204,3 +205,100 @@ async def test_async_lock_excludes_a_sync_holder(tmp_path: Path) -> None:
             store.write_unlocked("x", TokenSet(access="a"))
     assert order == ["sync-in", "sync-out", "async-in"]
     assert store.read("x") is not None
+
+
+# ------------------------------------------------------------------ the published view
+
+
+def _publish(store: TokenStore, updates: dict[str, object]) -> tuple[list[str], bool]:
+    changed, signature, wrote = store.publish(lambda data, sig: updates)  # type: ignore[arg-type,return-value]
+    assert signature == store.signature()
+    return changed, wrote
+
+
+def test_publish_sets_and_removes_entries_keeping_everyone_elses(tmp_path: Path) -> None:
+    path = tmp_path / "auth.json"
+    path.write_text(
+        json.dumps(
+            {
+                "anthropic": {"type": "api", "key": "k"},
+                "dexcom": {"access": "old", "refresh": "r", "expires": 1, "note": "mine"},
+                "oura": {"access": "o"},
+            }
+        )
+    )
+    store = TokenStore(path)
+    changed, wrote = _publish(store, {"dexcom": (_tokens("new-a", "new-r"), "f1"), "oura": None})
+    assert (sorted(changed), wrote) == (["dexcom", "oura"], True)
+    data = json.loads(path.read_text())
+    assert data["anthropic"] == {"type": "api", "key": "k"}
+    assert data["dexcom"]["note"] == "mine"
+    assert (data["dexcom"]["access"], data["dexcom"]["flow_id"]) == ("new-a", "f1")
+    assert "oura" not in data
+    # one entry per line, sorted: readable, and fast to write with many entries
+    assert path.read_text().splitlines()[1].startswith('  "anthropic": {')
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_publish_without_a_change_does_not_rewrite(tmp_path: Path) -> None:
+    store = TokenStore(tmp_path / "auth.json")
+    _publish(store, {"dexcom": (_tokens(), "f1")})
+    before = store.signature()
+    changed, wrote = _publish(store, {"dexcom": (_tokens(), "f1"), "absent": None})
+    assert (changed, wrote) == ([], False)
+    assert store.signature() == before
+
+
+def test_signature_changes_with_every_rewrite(tmp_path: Path) -> None:
+    store = TokenStore(tmp_path / "auth.json")
+    assert store.signature() is None
+    _publish(store, {"dexcom": (_tokens("a1"), None)})
+    first = store.signature()
+    _publish(store, {"dexcom": (_tokens("a2"), None)})
+    assert store.signature() != first
+
+
+@pytest.mark.parametrize("relative", [True, False])
+def test_a_symlinked_auth_json_keeps_its_link(tmp_path: Path, relative: bool) -> None:
+    real_dir = tmp_path / "dotfiles"
+    real_dir.mkdir()
+    target = real_dir / "agent-auth.json"
+    target.write_text(json.dumps({"anthropic": {"type": "api", "key": "k"}}))
+    link = tmp_path / "data" / "auth.json"
+    link.parent.mkdir()
+    link.symlink_to(os.path.relpath(target, link.parent) if relative else target)
+    store = TokenStore(link)
+    store.write("dexcom", _tokens("a1"))
+    _publish(store, {"dexcom": (_tokens("a2"), "f")})
+    assert link.is_symlink()
+    assert json.loads(target.read_text())["dexcom"]["access"] == "a2"
+    assert json.loads(target.read_text())["anthropic"] == {"type": "api", "key": "k"}
+    assert store.read("dexcom") == TokenSet.from_entry(json.loads(target.read_text())["dexcom"])
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+    assert store.delete("dexcom")
+    assert link.is_symlink()
+    assert [p.name for p in real_dir.iterdir()] == ["agent-auth.json"]  # no temp files left
+
+
+def test_a_dangling_symlink_gets_its_target_created(tmp_path: Path) -> None:
+    link = tmp_path / "auth.json"
+    link.symlink_to(tmp_path / "elsewhere" / "auth.json")
+    TokenStore(link).write("dexcom", _tokens())
+    assert link.is_symlink()
+    assert json.loads((tmp_path / "elsewhere" / "auth.json").read_text())["dexcom"]
+
+
+def test_remove_orphans_deletes_only_temp_files_of_auth_json(tmp_path: Path) -> None:
+    path = tmp_path / "auth.json"
+    store = TokenStore(path)
+    store.write("dexcom", _tokens())
+    leftovers = [tmp_path / ".auth.json.abc123.tmp", tmp_path / ".auth.json.zz.tmp"]
+    for leftover in leftovers:
+        leftover.write_text('{"dexcom": {"access": "half"}}')
+    keep = [tmp_path / ".other.json.x.tmp", tmp_path / "auth.json.bak"]
+    for other in keep:
+        other.write_text("x")
+    assert store.remove_orphans() == 2
+    assert not any(p.exists() for p in leftovers)
+    assert all(p.exists() for p in keep)
+    assert store.read("dexcom") is not None
