@@ -861,7 +861,7 @@ class Broker:
                     next_check_at=self._next_check_ms(new),
                     detail=detail,
                 )
-            except (StorageError, InvalidTransition, ConcurrentUpdateError) as err:
+            except BrokerError as err:
                 # the pair is safe in the vault; the ledger catches up on the next look
                 log.warning("%s: the ledger missed a refresh (%s)", provider, err.code)
         log.info("%s refreshed", provider)
@@ -906,7 +906,7 @@ class Broker:
                 description=description,
                 next_check_at=next_check_at,
             )
-        except (StorageError, InvalidTransition, ConcurrentUpdateError) as err:
+        except BrokerError as err:
             log.warning("%s: the ledger missed a failed refresh (%s)", flow.provider, err.code)
 
     async def _sync_capture(self, capture: Any) -> None:

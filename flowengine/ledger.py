@@ -35,7 +35,7 @@ import logging
 import os
 import sqlite3
 from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -456,8 +456,14 @@ class Ledger:
                 try:
                     yield wipes
                     await self._conn.execute("COMMIT")
-                except BaseException:
-                    await self._conn.execute("ROLLBACK")
+                except BaseException as err:
+                    # a failed COMMIT (disk full) may have rolled back already
+                    with suppress(sqlite3.Error):
+                        await self._conn.execute("ROLLBACK")
+                    if isinstance(err, sqlite3.Error):
+                        raise StorageError(
+                            f"the ledger could not be written: {err}", path=str(self.path)
+                        ) from err
                     raise
                 await self._after_wipe(wipes.wiped)
 
