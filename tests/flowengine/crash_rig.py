@@ -120,15 +120,19 @@ class Verdict:
 
 @dataclass
 class CrashRig:
-    """One installation + one simulated provider; ``connect`` once, then kill at will."""
+    """One installation + one rotating provider; ``connected`` once, then kill at will.
+
+    The provider is the simulated Dexcom; subclasses bring another one by overriding
+    ``start_provider``, ``connected``, ``works_at_provider``, ``refreshes`` and ``close``.
+    """
 
     root: Path
     access_ttl: int = 7200
     state_dir: Path | None = None
     auth_file: Path | None = None
+    provider: str = "dexcom"
     instance: AgentdInstance = field(init=False)
-    server: SimServer = field(init=False)
-    holder: HoldingApp = field(init=False)
+    holder: Any = field(init=False)
 
     def __post_init__(self) -> None:
         self.instance = AgentdInstance(self.root)
@@ -141,6 +145,9 @@ class CrashRig:
             config = config.replace(str(self.instance.auth_file), str(self.auth_file))
             self.instance.auth_file = self.auth_file
         self.instance.config_file.write_text(config)
+        self.start_provider()
+
+    def start_provider(self) -> None:
         self.server = SimServer(
             self.instance.cert_file,
             self.instance.key_file,
@@ -153,9 +160,12 @@ class CrashRig:
         self.server.app = self.holder
         self.server.start()
         self.instance.write_catalog(self.server.base_url)
+        self.store_credentials(SIM_CLIENT_ID, SIM_CLIENT_SECRET)
+
+    def store_credentials(self, client_id: str, secret: str) -> None:
         stored = self.instance.run(
-            "credentials", "dexcom", "--client-id", SIM_CLIENT_ID, "--secret-stdin",
-            input=SIM_CLIENT_SECRET + "\n",
+            "credentials", self.provider, "--client-id", client_id, "--secret-stdin",
+            input=secret + "\n",
         )  # fmt: skip
         assert stored.returncode == 0, stored.stderr
 
@@ -183,7 +193,7 @@ class CrashRig:
     def token_process(self, stop_at: str | None = None) -> subprocess.Popen[str]:
         env = self.env(**({"AGENTD_TEST_STOP_AT": stop_at} if stop_at else {}))
         return subprocess.Popen(
-            [*agentd_command(), "token", "dexcom"],
+            [*agentd_command(), "token", self.provider],
             env=env,
             cwd=self.root,
             stdin=subprocess.DEVNULL,
@@ -193,7 +203,7 @@ class CrashRig:
         )
 
     def token(self) -> subprocess.CompletedProcess[str]:
-        return self.instance.run("token", "dexcom", env=self.env())
+        return self.instance.run("token", self.provider, env=self.env())
 
     def connect(self, stop_at: str | None = None) -> subprocess.Popen[str]:
         return self.helper("connect", str(self.instance.config_file), stop_at=stop_at)
@@ -209,7 +219,7 @@ class CrashRig:
         """The stored access token expired: the next ``agentd token`` must refresh."""
         now = int(time.time() * 1000)
         self.instance.edit_vault(
-            "dexcom", expires=now - 1000, obtained_at=now - 1000 - self.access_ttl * 1000
+            self.provider, expires=now - 1000, obtained_at=now - 1000 - self.access_ttl * 1000
         )
 
     def refreshes(self) -> int:
@@ -230,7 +240,7 @@ class CrashRig:
     # --------------------------------------------------------------------- kills
 
     def kill_at(self, stop_at: str) -> None:
-        """Start ``agentd token dexcom`` (a refresh is due) and SIGKILL it at ``stop_at``."""
+        """Start ``agentd token <provider>`` (a refresh is due); SIGKILL it at ``stop_at``."""
         if stop_at == HOLD:
             self.holder.holding.clear()
             self.holder.release.clear()
@@ -271,7 +281,7 @@ class CrashRig:
             return Verdict(point, True, "the token printed after recovery is refused")
         if self.orphans():
             return Verdict(point, True, f"temp files left: {self.orphans()}")
-        entry = self.instance.auth_entries().get("dexcom", {})
+        entry = self.instance.auth_entries().get(self.provider, {})
         if entry.get("access") != access:
             return Verdict(point, True, "auth.json does not show the vault's pair")
         # the refresh token is alive: one more refresh goes through
