@@ -460,7 +460,7 @@ class Ledger:
                     # a failed COMMIT (disk full) may have rolled back already
                     with suppress(sqlite3.Error):
                         await self._conn.execute("ROLLBACK")
-                    if isinstance(err, sqlite3.Error):
+                    if isinstance(err, sqlite3.OperationalError):  # disk full, I/O error
                         raise StorageError(
                             f"the ledger could not be written: {err}", path=str(self.path)
                         ) from err

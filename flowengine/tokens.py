@@ -403,6 +403,7 @@ class TokenStore:
         file afterwards and whether it was rewritten.
         """
         with self.locked_sync():
+            self._remove_orphans_unlocked()
             signature = self.signature()
             data = self.read_all()  # raises on a corrupt file: nothing is overwritten
             changed: list[str] = []
@@ -428,19 +429,24 @@ class TokenStore:
 
     def remove_orphans(self) -> int:
         """Delete temp files a killed writer left next to auth.json (under the lock)."""
-        target = write_target(self.path)
-        removed = 0
         with self.locked_sync():
-            try:
-                names = os.listdir(target.parent)
-            except OSError:
-                return 0
-            prefix = f".{target.name}."
-            for name in names:
-                if name.startswith(prefix) and name.endswith(".tmp"):
-                    with contextlib.suppress(OSError):
-                        os.unlink(target.parent / name)
-                        removed += 1
+            return self._remove_orphans_unlocked()
+
+    def _remove_orphans_unlocked(self) -> int:
+        # every writer that names its temp file like this holds the lock while it exists,
+        # so with the lock held any such file belongs to a writer that died
+        target = write_target(self.path)
+        try:
+            names = os.listdir(target.parent)
+        except OSError:
+            return 0
+        prefix = f".{target.name}."
+        removed = 0
+        for name in names:
+            if name.startswith(prefix) and name.endswith(".tmp"):
+                with contextlib.suppress(OSError):
+                    os.unlink(target.parent / name)
+                    removed += 1
         return removed
 
     # ------------------------------------------------------------------- writes

@@ -67,6 +67,7 @@ import json
 import os
 import signal
 import struct
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,7 +122,9 @@ def checkpoint(name: str) -> None:
     it with SIGKILL at exactly this step. Without the variable this does nothing.
     """
     if os.environ.get(STOP_AT_ENV) == name:
-        os.kill(os.getpid(), signal.SIGSTOP)
+        # directed at this thread: it stops before running another line (a process-wide
+        # SIGSTOP may be taken by another thread while this one races ahead)
+        signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)
 
 
 # the write primitives, indirected so tests can inject a failing disk
