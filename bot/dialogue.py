@@ -337,6 +337,8 @@ class NotificationDue:
     name: str
     message: str
     chat_id: int | None = None
+    #: why, as a code (e.g. "answer_lost"); texts.notification words it
+    reason: str | None = None
 
 
 Inbound = (
@@ -720,7 +722,9 @@ def _result(state: ConversationState, inbound: Inbound) -> list[Effect]:
             return [Send(inbound.chat_id, texts.command_failed(failure, inbound.reason))]
         case NotificationDue():
             targets = (inbound.chat_id,) if inbound.chat_id is not None else sorted(state.owners)
-            text = texts.notification(inbound.kind, inbound.name, inbound.message)
+            text = texts.notification(
+                inbound.kind, inbound.name, inbound.message, reason=inbound.reason
+            )
             button = CallbackButton(
                 texts.reconnect_button(inbound.name), RECONNECT_PREFIX + inbound.provider
             )

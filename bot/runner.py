@@ -619,6 +619,7 @@ class BotRunner:
                     name=self._name(note.provider),
                     message=note.message,
                     chat_id=note.chat_id,
+                    reason=note.reason,
                 )
             )
         return len(pending)

@@ -293,7 +293,13 @@ def flows(
 # ---------------------------------------------------------------- notifications
 
 
-def notification(kind: str, name: str, message: str) -> str:
+def notification(kind: str, name: str, message: str, reason: str | None = None) -> str:
+    if kind == "expired" and reason == "answer_lost":
+        return (
+            f"⚠️ {name} connection expired: the provider's answer to a token refresh was"
+            " lost in transit, and it no longer accepts the previous refresh token"
+            " — tap to reconnect."
+        )
     if kind == "expired":
         return f"⚠️ {name} connection expired — tap to reconnect."
     if kind in ("refresh_failing", "refresh_failed"):

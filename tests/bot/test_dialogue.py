@@ -357,6 +357,14 @@ def test_notification_goes_to_its_chat_with_a_reconnect_button(state: Conversati
     ]
 
 
+def test_an_expiry_after_a_lost_answer_says_so(state: ConversationState) -> None:
+    note = NotificationDue(4, "expired", "fake", "Fake", "", chat_id=CHAT, reason="answer_lost")
+    _, effects = step(state, note)
+    assert isinstance(effects[0], Send)
+    assert "lost in transit" in effects[0].text
+    assert effects[0].buttons == (CallbackButton("Reconnect Fake", "connect:fake"),)
+
+
 def test_notification_without_chat_goes_to_every_owner(state: ConversationState) -> None:
     note = NotificationDue(3, "refresh_failing", "fake", "Fake", "", chat_id=None)
     _, effects = step(state, note)
