@@ -2,7 +2,7 @@
 
 Prints:
 1. cold-process wall time of ``agentd token <provider>`` on the fast path (a fresh token in
-   a temp auth.json), median and p90 over RUNS runs, next to ``python -c pass`` and
+   the vault, auth.json in sync), median and p90 over RUNS runs, next to ``python -c pass`` and
    ``python -c "import httpx"`` for reference; target: median <= 150 ms;
 2. the largest imports of that fast path (``python -X importtime``, cumulative);
 3. the resident set size of a running ``agentd serve`` (TLS with a trustme certificate,
@@ -14,7 +14,6 @@ Run: .venv/bin/python benchmarks/bench_cli.py [RUNS] [REQUESTS]
 
 from __future__ import annotations
 
-import json
 import statistics
 import subprocess
 import sys
@@ -25,7 +24,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from flowengine.tokens import TokenSet  # noqa: E402
 from tests.agentd.cli_helpers import AgentdInstance, DaemonProcess, agentd_command  # noqa: E402
+from tests.flowengine.helpers_vault import seed_one  # noqa: E402
 
 TARGET_MS = 150.0
 
@@ -60,19 +61,18 @@ def _rss(pid: int) -> dict[str, int]:
 
 def bench_token(instance: AgentdInstance, runs: int) -> None:
     access = "bench-access-token"
-    instance.auth_file.write_text(
-        json.dumps(
-            {
-                "dexcom": {
-                    "type": "oauth",
-                    "access": access,
-                    "refresh": "bench-refresh-token",
-                    "expires": int(time.time() * 1000) + 7_200_000,
-                }
-            }
-        )
+    now = int(time.time() * 1000)
+    seed_one(
+        instance.state_dir,
+        instance.auth_file,
+        "dexcom",
+        TokenSet(
+            access=access,
+            refresh="bench-refresh-token",
+            expires=now + 7_200_000,
+            obtained_at=now,
+        ),
     )
-    instance.auth_file.chmod(0o600)
     env = instance.env()
     check = subprocess.run(
         [*agentd_command(), "token", "dexcom"], env=env, capture_output=True, text=True, check=False
@@ -82,7 +82,7 @@ def bench_token(instance: AgentdInstance, runs: int) -> None:
     baseline = _wall([py, "-c", "pass"], env, runs)
     with_httpx = _wall([py, "-c", "import httpx"], env, runs)
     token = _wall([*agentd_command(), "token", "dexcom"], env, runs)
-    print(f"agentd token, cold process, {runs} runs (fast path: fresh token in auth.json)")
+    print(f"agentd token, cold process, {runs} runs (fast path: fresh token in the vault)")
     print(f"  python -c pass          {_summary(baseline)}")
     print(f"  python -c 'import httpx' {_summary(with_httpx)}")
     print(f"  agentd token dexcom     {_summary(token)}")

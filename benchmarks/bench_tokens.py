@@ -1,10 +1,11 @@
 """Token latency and refresh single-flight figures.
 
 Prints:
-1. ``Broker.get_token`` latency with a cached, still-valid token (in-process median, p99);
-2. cold-process wall time of a tiny script that reads auth.json through the TokenStore fast
-   path and prints the token (and ``agentd token <provider>`` when the CLI is installed),
-   next to a bare ``python -c pass`` for reference;
+1. ``Broker.get_token`` latency with a cached, still-valid token (in-process median, p99):
+   two vault slot files read, auth.json not parsed;
+2. cold-process wall time of a tiny script that reads the provider's vault record and prints
+   the token (and ``agentd token <provider>`` when the CLI is installed), next to a bare
+   ``python -c pass`` for reference;
 3. the refresh storm: 50 concurrent ``get_token`` calls in this process plus 3 other
    processes, all at expiry, against a fake token endpoint that logs each request to a
    shared file: the number of token-endpoint requests (must be 1).
@@ -38,6 +39,7 @@ from flowengine.credentials import CredentialStore  # noqa: E402
 from flowengine.engine import FlowEngine  # noqa: E402
 from flowengine.protocol import parse_callback  # noqa: E402
 from flowengine.tokens import TokenStore  # noqa: E402
+from flowengine.vault import Vault  # noqa: E402
 from tests.fakes import FakeProvider  # noqa: E402
 
 REDIRECT = "https://broker.example.ts.net/oauth/callback"
@@ -104,19 +106,21 @@ def _wall(cmd: list[str], env: dict[str, str], runs: int) -> tuple[float, str]:
 
 
 def bench_cold(root: Path, runs: int = 15) -> dict[str, Any]:
-    auth = root / "auth.json"
-    store = TokenStore(auth)
-    token = store.read("fake")
+    record = Vault(root / "vault").read("fake")
+    assert record is not None
+    token = record.tokens
     assert token is not None
-    env = {**os.environ, "AGENT_AUTH_FILE": str(auth), "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "AGENTD_STATE_DIR": str(root), "PYTHONPATH": str(ROOT)}
+    env["AGENT_AUTH_FILE"] = str(root / "auth.json")
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     script = (
         "import sys, time\n"
-        "from flowengine.tokens import TokenStore\n"
-        "t = TokenStore(sys.argv[1]).read('fake')\n"
+        "from flowengine.vault import Vault\n"
+        "t = Vault(sys.argv[1]).read('fake').tokens\n"
         "assert t is not None and t.is_valid(int(time.time() * 1000), leeway_ms=60_000)\n"
         "print(t.access)\n"
     )
+    auth = root / "vault"
     result: dict[str, Any] = {}
     result["python_pass_ms"], _ = _wall([sys.executable, "-c", "pass"], env, runs)
     result["fast_path_script_ms"], out = _wall([sys.executable, "-c", script, str(auth)], env, runs)
@@ -222,7 +226,7 @@ def main() -> None:
         cold = bench_cold(root)
         print(f"cold process, bare `python -c pass`: {cold['python_pass_ms']:.1f} ms (median)")
         print(
-            f"cold process, TokenStore fast-path script: {cold['fast_path_script_ms']:.1f} ms"
+            f"cold process, vault read script: {cold['fast_path_script_ms']:.1f} ms"
             f" (median; prints the token: {cold['fast_path_prints_token']})"
         )
         if "agentd_token_ms" in cold:

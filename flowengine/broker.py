@@ -468,10 +468,14 @@ class Broker:
             except BaseException:
                 capture.close()
                 raise
-            await self._sync_capture(capture)
             checkpoint("exchange.answer")
             tokens = replace(tokens, extra={**tokens.extra, "flow_id": flow_id})
-            await self._finish_exchange(spec, pv, current, tokens, flow_id, actor=actor)
+            try:
+                await self._finish_exchange(
+                    spec, pv, current, tokens, flow_id, actor=actor, capture=capture
+                )
+            finally:
+                capture.close()
         await self.publish()
         log.info("%s connected (flow %s)", spec.id, flow_id)
         return tokens
@@ -493,6 +497,7 @@ class Broker:
         flow_id: str,
         *,
         actor: str,
+        capture: Any = None,
     ) -> None:
         """The exchange answered: vault (durable), then the ledger: exchanged, stored."""
         stored = await self._store_pair(
@@ -501,6 +506,8 @@ class Broker:
             flow_id=flow_id,
             lineage=_lineage(current, current.tokens if current else None),
         )
+        if stored is None and capture is not None:
+            await self._sync_capture(capture)  # the captured answer is the durable copy
         if stored is None and not await self._emergency_publish(spec.id):
             err = StorageError(f"cannot store the tokens of {spec.name}: the disk refused them")
             await self.engine.record_exchange(flow_id, actor=actor)
@@ -812,9 +819,15 @@ class Broker:
             with anyio.CancelScope(shield=True):
                 await self._ledger_failed(flow, actor, "interrupted", None, None)
             raise
-        await self._sync_capture(capture)
+        # the answer is in the vault (page cache: no kill of this process can lose it);
+        # the new pair's fdatasync below is what makes it survive a power loss too
         checkpoint("refresh.answer")
-        return await self._finish_refresh(spec, pv, rec, new, flow, actor=actor)
+        try:
+            return await self._finish_refresh(
+                spec, pv, rec, new, flow, actor=actor, capture=capture
+            )
+        finally:
+            capture.close()
 
     async def _finish_refresh(
         self,
@@ -826,6 +839,7 @@ class Broker:
         *,
         actor: str,
         reconciled: bool = False,
+        capture: Any = None,
     ) -> RefreshOutcome:
         """A new pair arrived: vault (durable) first, then the ledger; auth.json later."""
         provider = spec.id
@@ -843,6 +857,8 @@ class Broker:
             pv, new, flow_id=flow_id, lineage=_lineage(rec, old), torn_at="refresh.vault_write"
         )
         if stored is None:
+            if capture is not None:
+                await self._sync_capture(capture)  # the captured answer is the durable copy
             await self._emergency_publish(provider)
         checkpoint("refresh.stored")
         self._dirty.add(provider)
@@ -914,8 +930,7 @@ class Broker:
             try:
                 await anyio.to_thread.run_sync(capture.sync)
             except StorageError as err:
-                # the answer is in the page cache (it survives this process); the pair
-                # write that follows is the durable copy
+                # still in the page cache: it survives this process, not a power loss
                 log.warning("syncing a captured answer failed (%s)", err.code)
 
     async def _store_pair(

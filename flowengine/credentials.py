@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import TokenFileCorruptError
-from .tokens import _FileLock, atomic_write_json, read_json_object
+from .tokens import _FileLock, atomic_write_json, read_json_object, signature_of
 
 __all__ = ["ClientCredentials", "CredentialStore"]
 
@@ -50,13 +50,20 @@ class CredentialStore:
             path = credentials_path()
         self.path = Path(path)
         self._lock = _FileLock(self.path.with_name(self.path.name + ".lock"))
+        #: the parsed file and the signature it had (re-read only when the file changes)
+        self._cache: tuple[list[int] | None, dict[str, Any]] | None = None
 
     def __repr__(self) -> str:
         return f"CredentialStore({str(self.path)!r})"
 
     def _read(self) -> dict[str, Any]:
+        signature = signature_of(self.path)
+        if signature is not None and self._cache is not None and self._cache[0] == signature:
+            return dict(self._cache[1])
         try:
-            return read_json_object(self.path)
+            data = read_json_object(self.path)
+            self._cache = (signature, data)
+            return dict(data)
         except TokenFileCorruptError as err:
             # same class, clearer words: it is the credentials file, not auth.json
             raise TokenFileCorruptError(

@@ -19,6 +19,7 @@ Two margins, on purpose different:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 __all__ = [
     "USE_MARGIN_CAP",
@@ -67,8 +68,7 @@ class TimerPolicy:
     concurrency: int = 8
 
 
-@dataclass(frozen=True, slots=True)
-class TokenTimes:
+class TokenTimes(NamedTuple):
     """What scheduling needs to know about a token pair (no secret)."""
 
     expires: int | None  # epoch ms; None = unknown

@@ -35,7 +35,6 @@ import contextlib
 import fcntl
 import json
 import os
-import tempfile
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -206,8 +205,9 @@ def _dumps(data: Mapping[str, Any]) -> bytes:
     """JSON text with one top-level entry per line (C encoder; sorted keys)."""
     if not data:
         return b"{}\n"
+    encode = json.JSONEncoder(sort_keys=True).encode  # one encoder, not one per entry
     lines = [
-        f"  {json.dumps(str(key))}: {json.dumps(value, sort_keys=True)}"
+        f"  {encode(str(key))}: {encode(value)}"
         for key, value in sorted(data.items(), key=lambda kv: str(kv[0]))
     ]
     return ("{\n" + ",\n".join(lines) + "\n}\n").encode("utf-8")
@@ -230,6 +230,8 @@ def atomic_write_json(
     ``before_replace`` runs after the temp file is durable and before the rename.
     Returns the signature (see :func:`signature_of`) of the file written.
     """
+    import tempfile  # not at import time: ``agentd token`` reads, it does not write
+
     target = write_target(path)
     directory = target.parent
     try:

@@ -52,8 +52,9 @@ tombstone), the connection's flow id, the lineage (hash prefixes of earlier toke
 recognise a rolled-back copy) and, while a refresh is in flight, its ``intent``.
 ``answer`` holds a captured token answer and the pair it answers.
 
-Standard library only: ``agentd token`` reads the vault on its cold-start fast path.
-Nothing here logs or raises a token.
+Standard library only, and cheap to import (records are named tuples, hashing is imported
+when used): ``agentd token`` reads the vault on its cold-start fast path. Nothing here
+logs or raises a token.
 """
 
 from __future__ import annotations
@@ -62,16 +63,12 @@ import binascii
 import contextlib
 import errno
 import fcntl
-import hashlib
 import json
 import os
-import signal
 import struct
-import threading
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .errors import StorageError
 from .tokens import TokenSet
@@ -112,6 +109,8 @@ def vault_root(state_dir: str | os.PathLike[str]) -> Path:
 
 def token_hash(token: str, length: int = 8) -> str:
     """A short hex prefix of the token's SHA-256: names a token without revealing it."""
+    import hashlib  # not at import time: the fast path of ``agentd token`` never hashes
+
     return hashlib.sha256(token.encode("utf-8")).hexdigest()[:length]
 
 
@@ -122,6 +121,9 @@ def checkpoint(name: str) -> None:
     it with SIGKILL at exactly this step. Without the variable this does nothing.
     """
     if os.environ.get(STOP_AT_ENV) == name:
+        import signal
+        import threading
+
         # directed at this thread: it stops before running another line (a process-wide
         # SIGSTOP may be taken by another thread while this one races ahead)
         signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)
@@ -166,8 +168,7 @@ def _storage_error(what: str, path: Path, err: OSError) -> StorageError:
 # ---------------------------------------------------------------------- records
 
 
-@dataclass(frozen=True, slots=True)
-class Intent:
+class Intent(NamedTuple):
     """A refresh in flight: written (durably) before the request goes out."""
 
     op: str  # "refresh"
@@ -197,19 +198,21 @@ class Intent:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class Answer:
+class Answer(NamedTuple):
     """A token answer as it came off the wire (before parsing). ``repr`` hides the body."""
 
     status: int
     content_type: str | None
-    body: bytes = field(repr=False)
+    body: bytes
     at: int = 0
     op: str = "refresh"
 
+    def __repr__(self) -> str:
+        size = len(self.body)
+        return f"Answer(status={self.status}, op={self.op!r}, at={self.at}, body=<{size} bytes>)"
 
-@dataclass(frozen=True, slots=True)
-class Record:
+
+class Record(NamedTuple):
     """The newest valid record of one provider.
 
     For a ``pair`` record, ``tokens`` is the current pair (None: disconnected) and
@@ -373,6 +376,20 @@ def _write_all(fd: int, data: bytes, offset: int) -> None:
         written = _pwrite(fd, view, offset)
         view = view[written:]
         offset += written
+
+
+#: marker files are overwritten in place at this fixed size (a truncate frees blocks, which
+#: is slow on filesystems mounted with ``discard``)
+_MARKER_SIZE = 128
+
+
+def _overwrite(path: Path, text: bytes) -> None:
+    """Write a small marker in place, padded with spaces (parsers ignore them)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        os.pwrite(fd, text.ljust(_MARKER_SIZE), 0)
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -544,11 +561,7 @@ class ProviderVault:
     def set_published_seq(self, seq: int) -> None:
         """A hint for readers (not fsynced: a lost hint only costs a re-check)."""
         with contextlib.suppress(OSError):
-            fd = os.open(self.published_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                os.write(fd, str(seq).encode())
-            finally:
-                os.close(fd)
+            _overwrite(self.published_path, str(seq).encode())
 
     # ---------------------------------------------------------------- locking
 
@@ -750,11 +763,7 @@ class Vault:
             if signature is None:
                 self.signature_path.unlink(missing_ok=True)
                 return
-            fd = os.open(self.signature_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                os.write(fd, json.dumps(list(signature)).encode())
-            finally:
-                os.close(fd)
+            _overwrite(self.signature_path, json.dumps(list(signature)).encode())
         except OSError:
             return  # a hint only: without it readers re-check auth.json
 
