@@ -519,6 +519,12 @@ class Broker:
             detail["refresh_sha"] = token_hash(tokens.refresh)
         await self.engine.record_exchange(flow_id, actor=actor, detail=detail)
         self._dirty.add(spec.id)
+        # an older connection a dead process left in "refreshing" (we hold the lock)
+        # is settled first, so that this one supersedes it
+        for older in await self.engine.list_flows(
+            provider=spec.id, states=[FlowState.REFRESHING], limit=100
+        ):
+            await self._settle_refreshing(older, current, actor=actor)
         await self.engine.record_stored(
             flow_id,
             actor=actor,
@@ -1130,17 +1136,33 @@ class Broker:
                 return used if isinstance(used, str) else None
         return None
 
-    async def settle(self, provider: str, *, actor: str = "timer") -> None:
-        """Finish what a dead process left for this provider (vault and ledger)."""
+    async def settle(
+        self, provider: str, *, actor: str = "timer", flow_id: str | None = None
+    ) -> FlowState | None:
+        """Finish what a dead process left for this provider (vault and ledger).
+
+        Every flow of the provider still in ``refreshing`` is settled (we hold the lock,
+        so none is in flight); one that is no longer the current connection is then
+        superseded by it. Returns the state of ``flow_id`` afterwards.
+        """
         spec = self.catalog.get(provider)
         async with self._held(provider) as pv:
             rec = pv.read()
             if rec is not None and not rec.settled:
                 await self._recover_locked(spec, pv, rec, actor=actor)
                 rec = pv.read()
-            flow = await self._connection_for(provider, rec)
-            if flow is not None and flow.state is FlowState.REFRESHING:
-                await self._settle_refreshing(flow, rec, actor=actor)
+            current = await self._connection_for(provider, rec)
+            stale = await self.engine.list_flows(
+                provider=provider, states=[FlowState.REFRESHING], limit=100
+            )
+            for flow in stale:
+                flow = await self._settle_refreshing(flow, rec, actor=actor)
+                if current is not None and flow.id != current.id:
+                    with contextlib.suppress(InvalidTransition, ConcurrentUpdateError):
+                        await self.engine.supersede(flow.id, by=current.id, actor=actor)
+        if flow_id is None:
+            return None
+        return (await self.engine.get_flow(flow_id)).state
 
     async def reconcile(self, *, actor: str = "timer") -> ReconcileReport:
         """At start-up: finish interrupted refreshes from the vault, settle the ledger,

@@ -492,6 +492,16 @@ class FlowEngine:
             detail=detail,
         )
 
+    async def supersede(self, flow_id: str, *, by: str, actor: str) -> Flow:
+        """A newer connection of the same provider (``by``) replaced this one."""
+        return await self._move(
+            flow_id,
+            FlowTrigger.SUPERSEDE,
+            actor=actor,
+            updates={"next_check_at": None},
+            detail={"by": by},
+        )
+
     async def sweep_expired(self, *, actor: str = "timer", limit: int = 500) -> list[Flow]:
         """Expire every pending flow past its deadline. The timer calls this periodically."""
         now = self.now_ms()

@@ -188,8 +188,8 @@ class RefreshTimer:
         broker = self.broker
         if conn.state is FlowState.REFRESHING:
             # in flight elsewhere (we wait for its lock) or left so by a dead process
-            await broker.settle(conn.provider, actor=ACTOR)
-            await broker.schedule(conn.flow_id, now)
+            state = await broker.settle(conn.provider, actor=ACTOR, flow_id=conn.flow_id)
+            await broker.schedule(conn.flow_id, now if state is FlowState.STORED else None)
             return
         if conn.state is not FlowState.STORED:
             self._failures.pop(conn.flow_id, None)

@@ -275,7 +275,8 @@ class CrashRig:
         """After a kill: does the connection live on (recovery, a token, a new refresh)?"""
         first = self.token()
         if first.returncode != 0:
-            return Verdict(point, True, f"exit {first.returncode}: {first.stderr.strip()}")
+            why = (first.stderr.strip().splitlines() or [""])[-1]
+            return Verdict(point, True, f"exit {first.returncode}: {why}")
         access = first.stdout.strip()
         if not self.works_at_provider(access):
             return Verdict(point, True, "the token printed after recovery is refused")

@@ -734,3 +734,40 @@ async def test_the_timer_refreshes_due_providers_concurrently_and_publishes_once
                 assert data[provider]["access"] == _vault_tokens(rig, provider).access  # type: ignore[union-attr]
         finally:
             await engine.close()
+
+
+@pytest.mark.anyio
+async def test_reconnecting_over_a_connection_left_refreshing_supersedes_it(rig: Rig) -> None:
+    first = await _connect(rig)
+    await _interrupt_after_intent(rig)  # a process died mid-refresh
+    second = await _connect(rig)  # the owner connects again
+    assert (await rig.engine.get_flow(first.flow_id or "")).state is FlowState.SUPERSEDED
+    assert (await rig.engine.get_flow(second.flow_id or "")).state is FlowState.STORED
+    record = rig.vault.read("fake")
+    assert record is not None
+    assert record.settled
+    assert record.tokens == second
+    assert rig.refreshes() == 0  # the dead refresh is not retried for a replaced pair
+
+
+@pytest.mark.anyio
+async def test_the_timer_settles_a_stale_refreshing_flow_once(rig: Rig) -> None:
+    current = await _connect(rig)
+    # an older connection of the same provider left in "refreshing" by a dead process
+    # (a bare STORE: record_stored would have superseded it)
+    started = await rig.engine.start("fake", redirect_uri=REDIRECT, actor="cli")
+    old = started.flow.id
+    await rig.engine.issue_url(old, actor="cli")
+    await rig.engine.record_callback(parse_callback({"state": [started.state], "code": ["c"]}))
+    await rig.engine.take_code(started.state)
+    await rig.engine.record_exchange(old, actor="cli")
+    await rig.engine.ledger.transition(old, FlowTrigger.STORE, actor="cli", at=1)
+    await rig.engine.begin_refresh(old, actor="cli")
+    await rig.engine.set_next_check(old, rig.engine.now_ms())
+    report = await RefreshTimer(rig.broker).sweep()
+    assert report.checked == 1
+    flow = await rig.engine.get_flow(old)
+    assert flow.state is FlowState.SUPERSEDED
+    assert await rig.engine.next_check_at(old) is None
+    assert (await rig.engine.get_flow(current.flow_id or "")).state is FlowState.STORED
+    assert rig.refreshes() == 0
