@@ -56,7 +56,7 @@ import anyio
 
 from . import schedule
 from .catalog import Catalog, ProviderSpec
-from .clock import to_ms
+from .clock import Clock, to_ms
 from .credentials import ClientCredentials, CredentialStore
 from .engine import FlowEngine
 from .errors import (
@@ -362,6 +362,11 @@ class Broker:
         if creds is None or (spec.needs_secret and not creds.client_secret):
             raise CredentialsMissingError(spec.id, needs_secret=spec.needs_secret)
         return creds
+
+    @property
+    def clock(self) -> Clock:
+        """The one clock of the engine, the ledger and the timer."""
+        return self.engine.clock
 
     def _now(self) -> float:
         return self.engine.clock.now()

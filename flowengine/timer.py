@@ -94,8 +94,8 @@ class RefreshTimer:
     ) -> None:
         self.broker = broker
         self.policy = policy or TimerPolicy()
-        # the broker and the ledger read the engine's clock: one clock for everything
-        self.clock: Clock = clock or broker.engine.clock
+        # the broker and the ledger read the same clock: one clock for everything
+        self.clock: Clock = clock or broker.clock
         self._rng = rng or random.Random()
         self._sleep = sleep
         #: consecutive failures seen by this timer, per flow id

@@ -551,3 +551,35 @@ async def test_run_survives_failing_sweeps_and_keeps_going(rig: Rig) -> None:
     flow = await rig.engine.get_flow(start.flow.id)
     assert flow.state is FlowState.EXPIRED
     assert (await rig.states(flow.id))[-1] == (FlowState.EXPIRED, "timer")
+
+
+def test_the_timer_asks_the_broker_only() -> None:
+    """No ledger, no token file, no vault: the timer's only collaborator is the facade."""
+    import ast
+
+    import flowengine.timer
+
+    source = Path(flowengine.timer.__file__).read_text(encoding="utf-8")
+    tree = ast.parse(source)
+    imported = {
+        node.module
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module is not None
+    }
+    assert imported <= {
+        "__future__",
+        "collections.abc",
+        "dataclasses",
+        "typing",
+        "broker",
+        "clock",
+        "errors",
+        "schedule",
+        "states",
+    }, imported
+    reached = {
+        node.attr
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)
+    }
+    assert not reached & {"ledger", "tokens", "vault", "engine"}, reached
