@@ -11,8 +11,8 @@ auth.json and the token endpoint together:
   token or an exception;
 * ``disconnect`` (RFC 7009 revocation where the provider has it), ``status``;
 * ``reconcile`` at start-up, and the timer's questions (``due_connections``, ``peek``,
-  ``schedule``, ``expire_connection``, ``warn_failing``, ``publish``), so the timer never
-  touches the ledger or a token file itself.
+  ``schedule``, ``settle``, ``expire_connection``, ``warn_failing``, ``warn_lifetime``,
+  ``publish``), so the timer never touches the ledger or a token file itself.
 
 **Where tokens live.** The vault (vault.py) is the source of truth; auth.json is published
 from it. One refresh, in order:
@@ -23,8 +23,9 @@ from it. One refresh, in order:
 2. space for the answer is reserved in the vault (nothing is sent if the disk is full);
 3. the ledger says ``refreshing`` (event detail: hash prefix of the refresh token used);
 4. the vault records the *intent* (durable) — the request goes out only after this;
-5. the answer is streamed into the vault as it is read off the socket (durable), then
-   parsed and written as the new pair (durable) — before anything else;
+5. the answer is streamed into the vault as it is read off the socket (from then on no
+   kill of this process can lose it), then parsed and written as the new pair, fsynced —
+   before anything else;
 6. the ledger says ``refreshed`` (hash prefix of the refresh token received);
 7. auth.json is published (at once for a caller, once per sweep for the timer).
 
