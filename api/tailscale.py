@@ -248,29 +248,48 @@ class LocalAPI:
 
 
 class TailscaleCLI:
-    """The same questions through the ``tailscale`` executable (no LocalAPI socket access)."""
+    """The same questions through the ``tailscale`` executable (no LocalAPI socket access).
 
-    def __init__(self, executable: str = "tailscale", *, timeout: float = 90.0) -> None:
+    ``socket``: tailscaled's socket when it is not the CLI's default (``--socket=``).
+    """
+
+    #: what ``tailscale whois`` prints when the address is no node: client/local's
+    #: ErrPeerNotFound (the LocalAPI's 404 body, "no match for IP:port", never reaches stderr)
+    NOT_FOUND = ("peer not found", "no match for IP:port")
+
+    def __init__(
+        self,
+        executable: str = "tailscale",
+        *,
+        socket: str | Path | None = None,
+        timeout: float = 90.0,
+        whois_timeout: float = 10.0,
+    ) -> None:
         self.executable = executable
+        self.socket = str(socket) if socket else None
         self.timeout = timeout
+        self.whois_timeout = whois_timeout
 
-    def _exe(self) -> str:
+    def _exe(self) -> list[str]:
         found = shutil.which(self.executable)
         if found is None:
             raise TailscaleError(f"the {self.executable!r} command is not on PATH")
-        return found
+        return [found, f"--socket={self.socket}"] if self.socket else [found]
 
-    async def _run(self, *args: str) -> bytes:
+    async def _call(self, *args: str, timeout: float) -> Any:
         exe = self._exe()
         try:
-            with anyio.fail_after(self.timeout):
-                proc = await anyio.run_process([exe, *args], check=False)
+            with anyio.fail_after(timeout):
+                return await anyio.run_process([*exe, *args], check=False)
         except TimeoutError as err:
-            raise TailscaleError(f"`tailscale {args[0]}` timed out") from err
+            raise TailscaleError(f"`tailscale {args[0]}` timed out after {timeout:g} s") from err
+
+    async def _run(self, *args: str) -> bytes:
+        proc = await self._call(*args, timeout=self.timeout)
         if proc.returncode != 0:
             message = proc.stderr.decode("utf-8", errors="replace").strip()[:300]
             raise TailscaleError(f"`tailscale {args[0]}` failed ({proc.returncode}): {message}")
-        return proc.stdout
+        return bytes(proc.stdout)
 
     async def status(self) -> TailscaleStatus:
         out = await self._run("status", "--json", "--peers=false")
@@ -280,11 +299,11 @@ class TailscaleCLI:
             raise TailscaleError("`tailscale status --json` did not print JSON") from err
 
     async def whois(self, addr: str) -> WhoIs | None:
-        exe = self._exe()
-        proc = await anyio.run_process([exe, "whois", "--json", addr], check=False)
+        """The peer at ``ip[:port]``, or None when it is no tailnet node."""
+        proc = await self._call("whois", "--json", addr, timeout=self.whois_timeout)
         if proc.returncode != 0:
-            text = proc.stderr.decode("utf-8", errors="replace")
-            if "no match" in text:
+            text = proc.stderr.decode("utf-8", errors="replace").strip()
+            if any(marker in text for marker in self.NOT_FOUND):
                 return None
             raise TailscaleError(f"`tailscale whois` failed ({proc.returncode}): {text[:300]}")
         try:

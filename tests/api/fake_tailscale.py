@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import stat
@@ -49,6 +50,7 @@ def status_json(
         "Version": "1.102.3-tabcdef-gabcdef",
         "TUN": tun,
         "BackendState": backend_state,
+        "HaveNodeKey": True,
         "AuthURL": "",
         "TailscaleIPs": list(ips) if running else [],
         "Self": {
@@ -70,6 +72,8 @@ def status_json(
             "MagicDNSEnabled": True,
         },
         "CertDomains": [domain] if cert_domains and https else None,
+        "ExtraRecords": None,
+        "Peer": None,
         "User": {
             "12345": {
                 "ID": 12345,
@@ -78,6 +82,7 @@ def status_json(
                 "ProfilePicURL": "https://example.com/p.png",
             }
         },
+        "ClientVersion": None,
     }
 
 
@@ -94,7 +99,6 @@ def whois_json(ip: str, login: str, *, tags: tuple[str, ...] = ()) -> dict[str, 
         "Addresses": [f"{ip}/32" if ":" not in ip else f"{ip}/128"],
         "AllowedIPs": [f"{ip}/32" if ":" not in ip else f"{ip}/128"],
         "Hostinfo": {"OS": "iOS", "Hostname": "peer"},
-        "Created": "2025-01-02T03:04:05Z",
         "Online": True,
         "MachineAuthorized": True,
         "ComputedName": "peer",
@@ -124,7 +128,8 @@ class FakeTailnet:
     whois: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: "ok", "denied" (403), "rate-limited" (429), "broken" (500 invalid domain)
     cert_mode: str = "ok"
-    serve_config: dict[str, Any] = field(default_factory=dict)
+    #: None: never configured (the real one answers `null`); {} after `tailscale serve reset`
+    serve_config: dict[str, Any] | None = None
     requests: list[str] = field(default_factory=list)
     cert: trustme.LeafCert | None = None
 
@@ -171,12 +176,23 @@ def _go_error(message: str, status: int, headers: dict[str, str] | None = None) 
     return response
 
 
-def _addr_ip(addr: str) -> str:
-    if addr.startswith("["):
-        return addr[1 : addr.index("]")]
-    if addr.count(":") == 1:
-        return addr.rsplit(":", 1)[0]
-    return addr
+def _addr_ip(addr: str) -> str | None:
+    """The IP of ``ip`` or ``ip:port`` / ``[v6]:port`` (Go: ParseAddr, then ParseAddrPort)."""
+    try:
+        return str(ipaddress.ip_address(addr))
+    except ValueError:
+        pass
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        return None
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        return None
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return None
 
 
 def localapi_app(tailnet: FakeTailnet) -> Quart:
@@ -195,8 +211,8 @@ def localapi_app(tailnet: FakeTailnet) -> Quart:
     @app.get("/localapi/v0/status")
     async def status() -> Response:
         data = dict(tailnet.status)
-        if request.args.get("peers", "true") != "false":
-            data["Peer"] = {}
+        # the real one always has the key: null with peers=false (tailscaled v1.102.5)
+        data["Peer"] = None if request.args.get("peers", "true") == "false" else {}
         return Response(json.dumps(data, indent="  "), content_type="application/json")
 
     @app.get("/localapi/v0/whois")
@@ -205,6 +221,8 @@ def localapi_app(tailnet: FakeTailnet) -> Quart:
         if not addr:
             return _go_error("missing 'addr' parameter", 400)
         ip = _addr_ip(addr)
+        if ip is None:
+            return _go_error("invalid 'addr' parameter", 400)
         if ip.startswith("::ffff:"):
             ip = ip[7:]
         found = tailnet.whois.get(ip)
@@ -230,7 +248,8 @@ def localapi_app(tailnet: FakeTailnet) -> Quart:
 
     @app.get("/localapi/v0/serve-config")
     async def serve_config() -> Response:
-        response = Response(json.dumps(tailnet.serve_config), content_type="application/json")
+        body = json.dumps(tailnet.serve_config)
+        response = Response(body, content_type="application/json")
         response.headers["Etag"] = '"fake-etag"'
         return response
 
@@ -270,6 +289,8 @@ state = json.load(open(os.environ["FAKE_TAILSCALE_STATE"]))
 with open(os.environ["FAKE_TAILSCALE_LOG"], "a") as log:
     log.write(json.dumps(sys.argv[1:]) + "\n")
 args = sys.argv[1:]
+if args and args[0].startswith("--socket="):  # the CLI's global flag goes first
+    args = args[1:]
 cmd = args[0] if args else ""
 
 def flag(name):
@@ -292,8 +313,7 @@ def write_if_changed(path, data, mode):
 
 if cmd == "status":
     status = dict(state["status"])
-    if "--peers=false" not in args:
-        status["Peer"] = {{}}
+    status["Peer"] = None if "--peers=false" in args else {{}}
     print(json.dumps(status, indent="  "))
 elif cmd == "ip":
     ips = state["status"]["TailscaleIPs"]
@@ -312,7 +332,8 @@ elif cmd == "whois":
         ip = addr
     found = state["whois"].get(ip)
     if found is None:
-        print("no match for IP:port", file=sys.stderr)
+        # client/local's ErrPeerNotFound, printed by cmd/tailscale (verified against v1.102.5)
+        print("peer not found", file=sys.stderr)
         sys.exit(1)
     print(json.dumps(found, indent="\t"))
 elif cmd == "cert":

@@ -174,3 +174,27 @@ async def test_cli_missing_is_a_tailscale_error(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(TailscaleError, match="not on PATH"):
         await TailscaleCLI().status()
+
+
+async def test_cli_passes_a_non_default_socket_first(cli_log: Path) -> None:
+    cli = TailscaleCLI(socket="/run/ts/other.sock")
+    assert await cli.whois("10.0.0.1:4000") is None  # "peer not found" on stderr
+    assert _argv(cli_log) == [["--socket=/run/ts/other.sock", "whois", "--json", "10.0.0.1:4000"]]
+
+
+async def test_cli_whois_that_hangs_fails_closed(tmp_path: Path) -> None:
+    """A stuck tailscaled must not hold a request forever: whois has its own timeout."""
+    hung = tmp_path / "tailscale"
+    hung.write_text("#!/bin/sh\nexec sleep 60\n")
+    hung.chmod(0o755)
+    cli = TailscaleCLI(str(hung), whois_timeout=0.5)
+    with pytest.raises(TailscaleError, match="timed out after 0.5 s"):
+        await cli.whois("100.90.1.2:4000")
+
+
+async def test_cli_whois_other_failures_are_errors(tmp_path: Path) -> None:
+    broken = tmp_path / "tailscale"
+    broken.write_text("#!/bin/sh\necho 'failed to connect to local tailscaled' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    with pytest.raises(TailscaleError, match="failed to connect"):
+        await TailscaleCLI(str(broken)).whois("100.90.1.2:4000")
