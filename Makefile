@@ -8,7 +8,7 @@ OIDC := tests/e2e/oidc
 # npm writes node_modules/.package-lock.json on every install that changes something
 OIDC_STAMP := $(OIDC)/node_modules/.package-lock.json
 
-.PHONY: test demo diagrams lint bench install e2e-deps clean
+.PHONY: test demo diagrams lint bench install e2e-deps clean tailnet
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -36,8 +36,19 @@ $(OIDC_STAMP): $(OIDC)/package.json $(OIDC)/package-lock.json
 
 e2e-deps: $(OIDC_STAMP)
 
-test: $(STAMP) lint e2e-deps
+test: $(STAMP) lint e2e-deps tailnet
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# real tailscaled/tailscale + Tailscale's test control server for tests/tailnet (go.mod pins
+# tailscale.com); an up-to-date build takes well under a second
+TAILNET_BIN := build/tailnet
+tailnet:
+	@if command -v go >/dev/null 2>&1; then \
+		cd tests/tailnet/testnet && go build -buildvcs=false -o ../../../$(TAILNET_BIN)/ \
+			. tailscale.com/cmd/tailscaled tailscale.com/cmd/tailscale; \
+	else \
+		echo "*** go not found: the real-tailnet suite (tests/tailnet) will be SKIPPED ***"; \
+	fi
 
 demo: $(STAMP)
 	$(BIN)/agentd demo
@@ -52,6 +63,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_cli.py
 	$(BIN)/python benchmarks/bench_api.py
 	$(BIN)/python benchmarks/bench_vault.py
+	$(BIN)/python benchmarks/bench_tailnet.py
 
 clean:
-	rm -rf $(VENV) test-artifacts .pytest_cache .ruff_cache
+	rm -rf $(VENV) test-artifacts .pytest_cache .ruff_cache $(TAILNET_BIN)

@@ -1,8 +1,9 @@
 """In CI the real parts must be present: the tests that would skip without them must run.
 
-Locally (no CI variable) a developer may lack chromium, Graphviz or the oidc-provider node
-modules and the dependent tests skip with a reason; under CI a skip would hide them, so
-this test fails instead. `.ci/run` installs all three.
+Locally (no CI variable) a developer may lack chromium, Graphviz, the oidc-provider node
+modules or Go (for the real-tailnet binaries) and the dependent tests skip with a reason;
+under CI a skip would hide them, so this test fails instead. `.ci/run` installs or builds
+them (and stops when Go is missing).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+
+from tests.tailnet.harness import missing_binaries
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,6 +30,10 @@ pytestmark = pytest.mark.skipif(
         ("chromium (headless browser tests)", lambda: shutil.which("chromium") is not None),
         ("graphviz dot (SVG diagrams)", lambda: shutil.which("dot") is not None),
         ("node (oidc-provider end-to-end tests)", lambda: shutil.which("node") is not None),
+        (
+            "build/tailnet: testnet, tailscaled, tailscale (`make tailnet`, needs Go)",
+            lambda: not missing_binaries(),
+        ),
         (
             "tests/e2e/oidc/node_modules/oidc-provider",
             lambda: (ROOT / "tests/e2e/oidc/node_modules/oidc-provider").is_dir(),
