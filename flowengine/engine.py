@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +57,17 @@ class RecoveryReport:
     waiting: list[Flow] = field(default_factory=list)
 
 
+class _Waiters:
+    """Tasks waiting for one flow to move: one event, the version they saw, how many."""
+
+    __slots__ = ("count", "event", "version")
+
+    def __init__(self, version: int) -> None:
+        self.event = anyio.Event()
+        self.version = version
+        self.count = 0
+
+
 def _check_actor(actor: str) -> str:
     if actor not in ACTORS:
         raise ValueError(f"unknown actor {actor!r}; one of {sorted(ACTORS)}")
@@ -79,8 +90,10 @@ class FlowEngine:
         self.clock: Clock = clock or SystemClock()
         self.awaiting_ttl = awaiting_ttl
         self.code_ttl = code_ttl
+        #: how often :meth:`watch_external` looks for commits of other processes
         self.poll_interval = poll_interval
-        self._arrivals: dict[str, anyio.Event] = {}
+        #: flow id -> its waiters: an event set on the flow's next transition
+        self._changes: dict[str, _Waiters] = {}
 
     @classmethod
     async def open(
@@ -111,9 +124,17 @@ class FlowEngine:
         use_pkce: bool = True,
         actor: str,
         chat_id: int | None = None,
+        exchange: str = "daemon",
     ) -> StartedFlow:
-        """Create a flow in ``initiated`` with a fresh state (and PKCE verifier)."""
+        """Create a flow in ``initiated`` with a fresh state (and PKCE verifier).
+
+        ``exchange``: "daemon" (the daemon that receives the callback exchanges the code
+        at once) or "client" (the code waits in ``oauth_pending`` for the caller, who
+        exchanges it itself: ``take_code`` then ``Broker.complete``).
+        """
         _check_actor(actor)
+        if exchange not in ("daemon", "client"):
+            raise ValueError(f"exchange must be 'daemon' or 'client', not {exchange!r}")
         state = new_state()
         verifier = new_code_verifier() if use_pkce else None
         now = self.now_ms()
@@ -128,7 +149,11 @@ class FlowEngine:
             state_hash=hash_state(state),
             code_verifier=verifier,
             deadline=now + to_ms(self.awaiting_ttl),
-            detail={"pkce": use_pkce, "scopes": list(scopes)},
+            detail={
+                "pkce": use_pkce,
+                "scopes": list(scopes),
+                **({"exchange": "client"} if exchange == "client" else {}),
+            },
         )
         log.info("flow %s started for %s by %s", flow.id, provider, actor)
         return StartedFlow(flow=flow, state=state, code_verifier=verifier)
@@ -199,7 +224,6 @@ class FlowEngine:
             raise CodeAlreadyUsedError(
                 "this authorization was already completed", flow_id=flow.id
             ) from err
-        self._signal(flow.state_hash)
         return flow
 
     def _raise_unless_waiting(self, flow: Flow) -> None:
@@ -213,10 +237,65 @@ class FlowEngine:
             )
         raise CodeAlreadyUsedError("this authorization was already completed", flow_id=flow.id)
 
-    def _signal(self, state_hash: str) -> None:
-        event = self._arrivals.pop(state_hash, None)
-        if event is not None:
-            event.set()
+    async def exchanged_by_client(self, flow_id: str) -> bool:
+        """Whether the flow's starter exchanges the code itself (``start(exchange=...)``)."""
+        events = await self.ledger.events(flow_id)
+        return bool(events) and events[0].detail.get("exchange") == "client"
+
+    # ----------------------------------------------------------------- waiting
+
+    def _changed(self, flow_id: str) -> None:
+        """A transition of ``flow_id`` was committed: wake its waiters."""
+        waiters = self._changes.pop(flow_id, None)
+        if waiters is not None:
+            waiters.event.set()
+
+    async def wait_flow(
+        self, flow_id: str, *, until: Callable[[Flow], bool], timeout: float
+    ) -> Flow:
+        """The flow once ``until(flow)`` holds, or as it stands after ``timeout`` seconds.
+
+        Waiters sleep on an event set by this engine's own transitions; commits of other
+        processes wake them through :meth:`watch_external`. No waiter polls the ledger.
+        """
+        flow = await self.get_flow(flow_id)
+        if until(flow) or timeout <= 0:
+            return flow
+        with anyio.move_on_after(timeout):
+            while not until(flow):
+                waiters = self._changes.get(flow_id)
+                if waiters is None:
+                    waiters = self._changes[flow_id] = _Waiters(flow.version)
+                waiters.count += 1
+                try:
+                    await waiters.event.wait()
+                finally:
+                    waiters.count -= 1
+                    # the last waiter that gives up leaves nothing behind
+                    if waiters.count == 0 and self._changes.get(flow_id) is waiters:
+                        del self._changes[flow_id]
+                flow = await self.get_flow(flow_id)
+        return flow
+
+    async def watch_external(self) -> None:
+        """Wake waiters of flows another process moved; runs until cancelled.
+
+        One cheap ``PRAGMA data_version`` every ``poll_interval`` seconds; when another
+        connection committed, one query reads the versions of the flows being waited on.
+        """
+        seen = await self.ledger.data_version()
+        while True:
+            await anyio.sleep(self.poll_interval)
+            now = await self.ledger.data_version()
+            if now == seen or not self._changes:
+                seen = now
+                continue
+            seen = now
+            waited = {flow_id: w.version for flow_id, w in self._changes.items()}
+            current = await self.ledger.versions(list(waited))
+            for flow_id, version in waited.items():
+                if current.get(flow_id, -1) != version:
+                    self._changed(flow_id)
 
     # ------------------------------------------------------------------- pending
 
@@ -253,28 +332,18 @@ class FlowEngine:
     async def wait_pending(self, state: str, *, timeout: float) -> PendingStatus:
         """Like pending_status, but wait up to ``timeout`` seconds for the code to arrive.
 
-        A callback recorded by this process wakes the waiter at once; one recorded by
-        another process is seen within ``poll_interval``.
+        A callback recorded by this engine wakes the waiter at once; one recorded by
+        another process, on the next look of :meth:`watch_external` (when it runs).
         """
         status = await self.pending_status(state)
         if status.status != "waiting" or timeout <= 0:
             return status
-        state_hash = hash_state(state)
-        try:
-            with anyio.move_on_after(timeout):
-                while True:
-                    event = self._arrivals.setdefault(state_hash, anyio.Event())
-                    with anyio.move_on_after(self.poll_interval):
-                        await event.wait()
-                    status = await self.pending_status(state)
-                    if status.status != "waiting":
-                        return status
-            return await self.pending_status(state)
-        finally:
-            # a waiter that gave up must not leave its event behind (one per state)
-            event = self._arrivals.get(state_hash)
-            if event is not None and not event.is_set():
-                self._arrivals.pop(state_hash, None)
+        await self.wait_flow(
+            status.flow_id,
+            until=lambda flow: flow.state not in (FlowState.INITIATED, FlowState.AWAITING_CODE),
+            timeout=timeout,
+        )
+        return await self.pending_status(state)
 
     async def take_code(self, state: str, *, actor: str = "api") -> PendingCode:
         """Hand out the code for ``state`` exactly once."""
@@ -467,7 +536,6 @@ class FlowEngine:
             detail={"reason": reason},
             drop_verifier=True,
         )
-        self._signal(flow.state_hash)
         return flow
 
     async def cancel(self, flow_id: str, *, actor: str) -> Flow:
@@ -478,7 +546,6 @@ class FlowEngine:
             updates={"deadline": None},
             drop_verifier=True,
         )
-        self._signal(flow.state_hash)
         return flow
 
     async def revoke(
@@ -577,6 +644,7 @@ class FlowEngine:
             flow_id, trigger, actor=actor, at=self.now_ms() if at is None else at, **kwargs
         )
         log.info("flow %s %s -> %s (%s)", flow.id, trigger.value, flow.state.value, actor)
+        self._changed(flow.id)
         return flow
 
     # -------------------------------------------------------------------- reading

@@ -806,6 +806,25 @@ class Ledger:
 
     # ------------------------------------------------------------------- counting
 
+    async def data_version(self) -> int:
+        """SQLite's ``PRAGMA data_version``: changes when another connection commits."""
+        async with self._conn.execute("PRAGMA data_version") as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def versions(self, flow_ids: Sequence[str]) -> dict[str, int]:
+        """The current version of each of these flows (one query; missing ids left out)."""
+        found: dict[str, int] = {}
+        ids = list(flow_ids)
+        for at in range(0, len(ids), 500):
+            chunk = ids[at : at + 500]
+            marks = ",".join("?" * len(chunk))
+            async with self._conn.execute(
+                f"SELECT id, version FROM flows WHERE id IN ({marks})", chunk
+            ) as cur:
+                found.update({str(row[0]): int(row[1]) for row in await cur.fetchall()})
+        return found
+
     async def counts(self) -> dict[str, int]:
         """Number of flows per state."""
         async with (

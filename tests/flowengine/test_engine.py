@@ -21,7 +21,7 @@ from flowengine.errors import (
     StateMismatchError,
 )
 from flowengine.ledger import SCHEMA_VERSION
-from flowengine.models import PendingStatus, StartedFlow
+from flowengine.models import Flow, PendingStatus, StartedFlow
 from flowengine.protocol import CallbackParams, hash_state, new_state
 from flowengine.states import FlowState, FlowTrigger
 
@@ -539,14 +539,14 @@ async def test_wait_pending_wakes_on_a_callback_in_the_same_process(db: Path) ->
         with anyio.fail_after(30):
             async with anyio.create_task_group() as tg:
                 tg.start_soon(waiter)
-                while hash_state(started.state) not in engine._arrivals:
+                while started.flow.id not in engine._changes:
                     await anyio.sleep(0.01)  # the waiter is parked
                 await engine.record_callback(code_callback(started.state, CODE))
         assert [s.status for s in statuses] == ["ready"]
 
 
-async def test_wait_pending_sees_another_engine_within_the_poll_interval(db: Path) -> None:
-    # no signal crosses engines: the poller must find the code by re-reading the ledger
+async def test_wait_pending_sees_another_engine_through_watch_external(db: Path) -> None:
+    # no signal crosses engines: the poller's watcher finds the commit (one look a 50 ms)
     async with (
         await FlowEngine.open(db) as api,
         await FlowEngine.open(db, poll_interval=0.05) as poller,
@@ -559,10 +559,13 @@ async def test_wait_pending_sees_another_engine_within_the_poll_interval(db: Pat
 
         with anyio.fail_after(30):
             async with anyio.create_task_group() as tg:
-                tg.start_soon(waiter)
-                while hash_state(started.state) not in poller._arrivals:
-                    await anyio.sleep(0.01)
-                await api.record_callback(code_callback(started.state, CODE))
+                tg.start_soon(poller.watch_external)
+                async with anyio.create_task_group() as waiting:
+                    waiting.start_soon(waiter)
+                    while started.flow.id not in poller._changes:
+                        await anyio.sleep(0.01)
+                    await api.record_callback(code_callback(started.state, CODE))
+                tg.cancel_scope.cancel()
         assert [s.status for s in statuses] == ["ready"]
 
 
@@ -581,10 +584,88 @@ async def test_wait_pending_times_out_waiting_and_wakes_on_cancel(db: Path) -> N
         with anyio.fail_after(30):
             async with anyio.create_task_group() as tg:
                 tg.start_soon(waiter)
-                while hash_state(started.state) not in engine._arrivals:
+                while started.flow.id not in engine._changes:
                     await anyio.sleep(0.01)  # parked
                 await engine.cancel(started.flow.id, actor="bot")
         assert (results[0].status, results[0].reason) == ("gone", "cancelled")
+
+
+# --------------------------------------------------------------------------- wait_flow
+
+
+def _ended(flow: Flow) -> bool:
+    return flow.state not in (FlowState.INITIATED, FlowState.AWAITING_CODE)
+
+
+async def test_wait_flow_wakes_every_waiter_on_the_transition_and_leaves_nothing(
+    engine: FlowEngine,
+) -> None:
+    started = await start(engine)
+    seen: list[FlowState] = []
+
+    async def waiter(timeout: float) -> None:
+        flow = await engine.wait_flow(started.flow.id, until=_ended, timeout=timeout)
+        seen.append(flow.state)
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            for _ in range(3):
+                tg.start_soon(waiter, 30)
+            tg.start_soon(waiter, 0.01)  # gives up first: must not strand the others
+            await anyio.sleep(0.1)
+            assert len(engine._changes) == 1
+            await engine.cancel(started.flow.id, actor="bot")
+    assert sorted(s.value for s in seen) == ["awaiting_code", *["cancelled"] * 3]
+    assert engine._changes == {}
+
+
+async def test_wait_flow_returns_at_once_or_after_the_timeout(engine: FlowEngine) -> None:
+    started = await start(engine)
+    flow = await engine.wait_flow(started.flow.id, until=lambda f: True, timeout=30)
+    assert flow.state is FlowState.AWAITING_CODE
+    flow = await engine.wait_flow(started.flow.id, until=_ended, timeout=0.05)
+    assert flow.state is FlowState.AWAITING_CODE
+    assert engine._changes == {}
+    with pytest.raises(FlowNotFound):
+        await engine.wait_flow("nope", until=_ended, timeout=1)
+
+
+async def test_watch_external_wakes_only_flows_another_process_moved(db: Path) -> None:
+    async with (
+        await FlowEngine.open(db) as other,
+        await FlowEngine.open(db, poll_interval=0.02) as engine,
+    ):
+        moved, untouched = await start(other), await start(other)
+        results: dict[str, FlowState] = {}
+
+        async def waiter(flow_id: str, timeout: float) -> None:
+            flow = await engine.wait_flow(flow_id, until=_ended, timeout=timeout)
+            results[flow_id] = flow.state
+
+        reads = 0
+        real_get = engine.ledger.get
+
+        async def counting_get(flow_id: str) -> Flow | None:
+            nonlocal reads
+            reads += 1
+            return await real_get(flow_id)
+
+        engine.ledger.get = counting_get  # type: ignore[method-assign]
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(engine.watch_external)
+                async with anyio.create_task_group() as waiting:
+                    waiting.start_soon(waiter, moved.flow.id, 30)
+                    waiting.start_soon(waiter, untouched.flow.id, 2)
+                    await anyio.sleep(0.3)  # many watcher looks, nothing changed
+                    assert reads == 2  # each waiter read its flow once: nobody polls
+                    await other.cancel(moved.flow.id, actor="cli")
+                tg.cancel_scope.cancel()
+        assert results == {
+            moved.flow.id: FlowState.CANCELLED,
+            untouched.flow.id: FlowState.AWAITING_CODE,
+        }
+        assert reads == 3  # only the moved flow was read again
 
 
 # --------------------------------------------------------------------------- recovery
