@@ -11,36 +11,64 @@ task group until ``shutdown_trigger`` returns::
 ``task_status.started(plan)`` fires once the listening sockets are bound (``plan.port``
 is the real port, also when 0 was asked for).
 
-Modes: ``tls`` binds the Tailscale IP (loopback in userspace-networking mode) with the
-node's own certificate in an SSLContext we keep and reload; ``serve`` binds loopback, plain
-HTTP, behind ``tailscale serve --https=<public port> http://127.0.0.1:<port>``;
-``plain-test`` is loopback plain HTTP for tests and the demo.
+Modes: ``tls`` binds every Tailscale IP (loopback in userspace-networking mode) with the
+node's own certificate in an SSLContext we keep and reload; ``serve`` binds loopback or a
+unix socket, plain HTTP, behind ``tailscale serve --https=<public port> <backend>``;
+``plain-test`` is loopback plain HTTP for tests and the demo. With
+``settings.local_socket`` the same app also listens on that unix socket for same-host
+clients (``agentd connect``): mode 0600, and a peer whose uid (``SO_PEERCRED``) is neither
+ours nor root is closed before it is read.
+
+Connections are accepted by our own loop around Hypercorn's per-connection server (the
+same pieces Hypercorn's ``worker_serve`` uses), so every connection passes the
+:class:`~api.limits.ConnectionLimiter` before its TLS handshake; TLS is started on the
+accepted stream with a handshake timeout.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import errno
 import logging
+import os
+import socket
 import ssl
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import anyio
 from anyio.abc import TaskStatus
-from hypercorn.asyncio.run import worker_serve
+from hypercorn.asyncio.lifespan import Lifespan
+from hypercorn.asyncio.statsd import StatsdLogger
+from hypercorn.asyncio.tcp_server import TCPServer
+from hypercorn.asyncio.worker_context import WorkerContext
 from hypercorn.config import Config
+from hypercorn.typing import AppWrapper
 from hypercorn.utils import wrap_app
 
 from flowengine.errors import ConfigError
 
 from .guard import is_tailnet_address, parse_ip
+from .limits import (
+    AcceptErrorLog,
+    Caps,
+    Conn,
+    ConnectionLimiter,
+    default_caps,
+    peer_uid,
+    raise_nofile_limit,
+)
 from .settings import ApiSettings
 from .tailscale import TailscaleClient, TailscaleError, TailscaleStatus
 from .tls import CertManager, TailscaleCertSource
 
 __all__ = [
+    "Listener",
     "OwnContextConfig",
     "ServePlan",
     "build_config",
@@ -77,12 +105,26 @@ class ServePlan:
     redirect_uri: str
     public_name: str
     warnings: tuple[str, ...] = ()
+    #: further addresses on the same port (tls mode: every Tailscale IP, v4 and v6)
+    extra_hosts: tuple[str, ...] = ()
+    #: the unix socket same-host clients use (``agentd connect``), if any
+    local_socket: str = ""
+    #: the daemon's own Tailscale addresses and whether tailscaled runs in userspace
+    own_addresses: tuple[str, ...] = field(default=(), compare=False)
+    userspace: bool = field(default=False, compare=False)
 
     @property
     def bind(self) -> str:
-        if self.is_unix:
-            return self.host
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return self._bind(self.host)
+
+    @property
+    def binds(self) -> tuple[str, ...]:
+        return tuple(self._bind(host) for host in (self.host, *self.extra_hosts))
+
+    def _bind(self, host: str) -> str:
+        if host.startswith("unix:"):
+            return host
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
 
     @property
     def is_unix(self) -> bool:
@@ -134,37 +176,79 @@ def validate_bind(host: str, *, mode: str, allow_public: bool) -> list[str]:
     return [warning]
 
 
+def merged_serve_config(serve_config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``TCP``, ``Web`` and ``AllowFunnel`` of the top level and of every foreground session.
+
+    ``tailscale serve``/``funnel`` without ``--bg`` live in ``Foreground[<session>]`` for as
+    long as the CLI runs, and tailscaled honours them first (``ipn/serve.go`` ``FindTCP``).
+    """
+    merged: dict[str, dict[str, Any]] = {"TCP": {}, "Web": {}, "AllowFunnel": {}}
+    sessions = [serve_config, *((serve_config.get("Foreground") or {}).values())]
+    for config in sessions:
+        if not isinstance(config, dict):
+            continue
+        for key in merged:
+            merged[key].update(config.get(key) or {})
+    return merged
+
+
 def check_serve_config(
-    serve_config: dict[str, Any], *, mode: str, name: str, public_port: int
+    serve_config: dict[str, Any],
+    *,
+    mode: str,
+    name: str,
+    public_port: int,
+    backend: str = "",
 ) -> list[str]:
     """Startup self-check against ``tailscale serve status --json`` (LocalAPI serve-config).
 
     Refuses when Funnel is on for our host:port (public internet) or, in tls mode, when
     serve claims our port (it would intercept tailnet traffic before Hypercorn). In serve
-    mode, warns when no serve handler exists for our host:port yet.
+    mode, warns when no serve handler exists for our host:port yet, or when it proxies
+    somewhere else than ``backend``. Foreground sessions count as much as ``--bg`` ones.
     """
     key = f"{name}:{public_port}"
-    funnel = serve_config.get("AllowFunnel") or {}
-    if funnel.get(key):
+    merged = merged_serve_config(serve_config)
+    if merged["AllowFunnel"].get(key):
         raise ConfigError(
             f"Tailscale Funnel is enabled for {key}: the daemon would be on the public internet",
             key="server.mode",
             hint=f"run `tailscale funnel --https={public_port} off`",
         )
-    tcp = serve_config.get("TCP") or {}
-    if mode == "tls" and str(public_port) in tcp:
+    if mode == "tls" and str(public_port) in merged["TCP"]:
         raise ConfigError(
             f"`tailscale serve` already handles port {public_port}; it would intercept the"
             " daemon's connections",
             key="server.port",
             hint=f'run `tailscale serve --https={public_port} off`, or use mode = "serve"',
         )
-    if mode == "serve" and key not in (serve_config.get("Web") or {}):
+    if mode != "serve":
+        return []
+    target = backend or "http://127.0.0.1:<port>"
+    web = merged["Web"].get(key)
+    if not web:
         return [
             f"no `tailscale serve` handler for {key} yet; run: tailscale serve --bg"
-            f" --https={public_port} http://127.0.0.1:<port>"
+            f" --https={public_port} {target}"
+        ]
+    proxies = {
+        str(handler.get("Proxy") or "")
+        for handler in (web.get("Handlers") or {}).values()
+        if isinstance(handler, dict)
+    }
+    if backend and backend not in proxies:
+        return [
+            f"`tailscale serve` sends {key} to {', '.join(sorted(proxies)) or 'nothing'}, not to"
+            f" this daemon ({backend})"
         ]
     return []
+
+
+def backend_target(plan: ServePlan) -> str:
+    """What ``tailscale serve`` must proxy to for ``plan`` (serve mode)."""
+    if plan.host.startswith("unix:"):
+        return plan.host
+    return f"http://{plan.bind}"
 
 
 def redirect_uri_for(name: str, port: int) -> str:
@@ -173,11 +257,11 @@ def redirect_uri_for(name: str, port: int) -> str:
     return f"https://{name}:{port}/oauth/callback"
 
 
-def _choose_host(settings: ApiSettings, status: TailscaleStatus | None) -> str:
+def _choose_hosts(settings: ApiSettings, status: TailscaleStatus | None) -> tuple[str, ...]:
     if settings.host:
-        return settings.host
+        return (settings.host,)
     if settings.mode != "tls":
-        return "127.0.0.1"
+        return ("127.0.0.1",)
     if status is None:
         raise ConfigError(
             "cannot find this machine's Tailscale address",
@@ -192,11 +276,14 @@ def _choose_host(settings: ApiSettings, status: TailscaleStatus | None) -> str:
         )
     if not status.tun:
         # userspace networking: tailscaled forwards tailnet connections to 127.0.0.1:<port>
-        return "127.0.0.1"
-    host = status.ipv4 or next(iter(status.tailscale_ips), None)
-    if host is None:
+        # (IPv4 loopback for v4 and v6 destinations alike)
+        return ("127.0.0.1",)
+    if not status.tailscale_ips:
         raise ConfigError("tailscale reports no Tailscale IP for this machine", key="server.host")
-    return host
+    # every address: MagicDNS answers AAAA too, and an IPv6-first client must not get a RST
+    v4 = [ip for ip in status.tailscale_ips if ":" not in ip]
+    v6 = [ip for ip in status.tailscale_ips if ":" in ip]
+    return tuple(v4 + v6)
 
 
 def _public_port(settings: ApiSettings) -> int:
@@ -217,7 +304,7 @@ async def plan_serving(
         except TailscaleError as err:
             status_error = err
     try:
-        host = _choose_host(settings, status)
+        hosts = _choose_hosts(settings, status)
     except ConfigError as err:
         if status_error is not None:
             raise ConfigError(
@@ -225,7 +312,10 @@ async def plan_serving(
                 key="server.host",
             ) from status_error
         raise
-    warnings = validate_bind(host, mode=settings.mode, allow_public=settings.allow_public_bind)
+    host = hosts[0]
+    warnings: list[str] = []
+    for each in hosts:
+        warnings += validate_bind(each, mode=settings.mode, allow_public=settings.allow_public_bind)
 
     names: set[str] = set()
     if status is not None:
@@ -268,13 +358,19 @@ async def plan_serving(
                 key="server.mode",
                 hint="enable MagicDNS and HTTPS in the admin console (tailscale.com/kb/1153)",
             )
-    if settings.mode == "serve" and status is not None and not status.tun:
-        warnings.append(
+    userspace = status is not None and not status.tun
+    if settings.mode == "serve" and userspace and not host.startswith("unix:"):
+        log.info(
             "tailscaled runs in userspace-networking mode: the loopback backend port is also"
-            " reachable from the tailnet, where identity headers could be forged"
-            " (set allowed_logins only together with a kernel TUN, or keep the bearer token"
-            " secret)"
+            " reachable from the tailnet; every loopback caller is checked with whois, and a"
+            " tailnet peer found that way is never trusted for identity headers"
+            ' (server.host = "unix:/path" avoids the port altogether)'
         )
+    backend = (
+        (host if host.startswith("unix:") else f"http://{_bind_of(host, settings.port)}")
+        if settings.mode == "serve"
+        else ""
+    )
     serve_config_of = getattr(tailscale, "serve_config", None)
     if serve_config_of is not None and public_name and settings.mode != "plain-test":
         try:
@@ -284,7 +380,11 @@ async def plan_serving(
         else:
             port = int(urlsplit(redirect).port or 443)
             warnings += check_serve_config(
-                serve_config, mode=settings.mode, name=public_name, public_port=port
+                serve_config,
+                mode=settings.mode,
+                name=public_name,
+                public_port=port,
+                backend=backend if settings.port else "",
             )
     return ServePlan(
         mode=settings.mode,
@@ -293,17 +393,37 @@ async def plan_serving(
         redirect_uri=redirect,
         public_name=public_name,
         warnings=tuple(warnings),
+        extra_hosts=hosts[1:],
+        local_socket=str(settings.local_socket) if settings.local_socket else "",
+        own_addresses=status.tailscale_ips if status is not None else (),
+        userspace=userspace,
     )
 
 
-def build_config(plan: ServePlan, *, certs: CertManager | None = None) -> OwnContextConfig:
-    """Hypercorn Config for ``plan``; TLS through ``certs``' own SSLContext when given."""
+def _bind_of(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def build_config(
+    plan: ServePlan, *, certs: CertManager | None = None, settings: ApiSettings | None = None
+) -> OwnContextConfig:
+    """Hypercorn Config for ``plan``; TLS through ``certs``' own SSLContext when given.
+
+    Timeouts: a connection must complete a request head within ``header_timeout`` of being
+    accepted (or of its previous response): Hypercorn's idle timer runs until a request is
+    parsed, so slow or silent clients are closed then; a TLS handshake gets
+    ``handshake_timeout``.
+    """
+    settings = settings or ApiSettings(mode=plan.mode)  # type: ignore[arg-type]
     config = OwnContextConfig()
-    config.bind = [plan.bind]
+    config.bind = list(plan.binds)
     config.accesslog = None  # request paths hold OAuth states: never log them
+    config.errorlog = None  # Hypercorn's own error lines; ours say what matters
     config.include_server_header = False
     config.graceful_timeout = 3.0
-    config.keep_alive_timeout = 30.0
+    config.keep_alive_timeout = settings.header_timeout
+    config.ssl_handshake_timeout = settings.handshake_timeout
+    config.h11_max_incomplete_size = 16 * 1024
     if certs is not None:
         config.certfile = str(certs.cert_file)
         config.keyfile = str(certs.key_file)
@@ -341,6 +461,208 @@ async def _cert_manager(
     ]
 
 
+@dataclass(frozen=True, slots=True)
+class Listener:
+    """One listening socket: ``kind`` "tailnet" (the public side, TLS in tls mode) or
+    "local" (the state dir's unix socket for same-host clients)."""
+
+    sock: socket.socket
+    kind: str
+    tls: bool = False
+
+
+def _bind_socket(bind: str, backlog: int) -> socket.socket:
+    if bind.startswith("unix:"):
+        path = bind[5:]
+        return _bind_unix(Path(path), backlog)
+    host, _, port = bind.rpartition(":")
+    host = host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # proto=IPPROTO_TCP: asyncio sets TCP_NODELAY on accepted sockets only when it is given
+    # (without it, Nagle + delayed ACKs add ~40 ms to every keep-alive request)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, int(port)))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _bind_unix(path: Path, backlog: int) -> socket.socket:
+    """A unix socket at ``path``, mode 0600 from the start (umask), a stale one replaced."""
+    if len(os.fsencode(path)) >= 104:
+        raise ConfigError(
+            f"the unix socket path {path} is too long (the limit is about 100 bytes)",
+            key="paths.state_dir",
+            hint="use a shorter state_dir",
+        )
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if path.is_socket():
+        if _socket_is_live(path):
+            raise OSError(
+                errno.EADDRINUSE, f"{path} is in use (another agentd serve with this state dir?)"
+            )
+        path.unlink()  # left behind by a daemon that died
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        sock.bind(str(path))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o600)
+    return sock
+
+
+def _socket_is_live(path: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(2.0)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
+
+
+class _ConnectionApp:
+    """The app for one connection: tells the guard which listener and peer it came from."""
+
+    __slots__ = ("_app", "_extra")
+
+    def __init__(self, app: AppWrapper, extra: dict[str, Any]) -> None:
+        self._app = app
+        self._extra = extra
+
+    async def __call__(
+        self, scope: Any, receive: Any, send: Any, sync_spawn: Any, call_soon: Any
+    ) -> None:
+        scope.update(self._extra)
+        await self._app(scope, receive, send, sync_spawn, call_soon)
+
+
+@dataclass
+class _Server:
+    """Accepts connections on the listeners and hands each to Hypercorn's TCPServer."""
+
+    app: AppWrapper
+    config: Config
+    limiter: ConnectionLimiter
+    allowed_uids: frozenset[int]
+    ssl_context: ssl.SSLContext | None
+    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    refused_uids: int = 0
+
+    async def run(
+        self, listeners: list[Listener], shutdown_trigger: Callable[[], Awaitable[Any]]
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        self.config.set_statsd_logger_class(StatsdLogger)
+        state: dict[str, Any] = {}
+        lifespan = Lifespan(self.app, self.config, loop, state)
+        lifespan_task = loop.create_task(lifespan.handle_lifespan())
+        await lifespan.wait_for_startup()
+        if lifespan_task.done() and lifespan_task.exception() is not None:
+            raise lifespan_task.exception()  # type: ignore[misc]
+        self._context = WorkerContext(None)
+        self._state = state
+        servers = [
+            await asyncio.start_server(
+                partial(self._connected, listener), sock=listener.sock, backlog=self.config.backlog
+            )
+            for listener in listeners
+        ]
+        try:
+            await shutdown_trigger()
+        finally:
+            await self._context.terminated.set()
+            for server in servers:
+                server.close()
+                await server.wait_closed()
+            if self.tasks:
+                await asyncio.wait(list(self.tasks), timeout=self.config.graceful_timeout)
+            await lifespan.wait_for_shutdown()
+            lifespan_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await lifespan_task
+
+    async def _connected(
+        self, listener: Listener, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        try:
+            await self._serve_connection(listener, reader, writer)
+        except asyncio.CancelledError:
+            # the root of a connection task, cancelled at shutdown: nobody awaits it, and
+            # Python 3.11's stream callback would report the cancellation as an error
+            writer.transport.abort()
+
+    async def _serve_connection(
+        self, listener: Listener, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+        transport = writer.transport
+        extra: dict[str, Any] = {"agentd.listener": listener.kind}
+        if listener.kind == "local":
+            uid = peer_uid(writer.get_extra_info("socket"))
+            if uid is None or uid not in self.allowed_uids:
+                self.refused_uids += 1
+                if self.refused_uids in (1, 10, 100) or self.refused_uids % 1000 == 0:
+                    log.warning(
+                        "refused a local connection from uid %s (%d so far): only uid %s or"
+                        " root may use %s",
+                        uid,
+                        self.refused_uids,
+                        os.getuid(),
+                        listener.sock.getsockname(),
+                    )
+                transport.abort()
+                return
+            extra["agentd.peer_uid"] = uid
+            peer = f"uid:{uid}"
+        else:
+            name = writer.get_extra_info("peername")
+            peer = str(name[0]) if isinstance(name, tuple) and name else "unix"
+        conn = Conn(peer, close=transport.abort)
+        if not self.limiter.admit(conn):
+            transport.abort()
+            return
+        extra["agentd.activate"] = partial(self.limiter.activate, conn)
+        try:
+            if listener.tls and self.ssl_context is not None:
+                try:
+                    await writer.start_tls(
+                        self.ssl_context, ssl_handshake_timeout=self.config.ssl_handshake_timeout
+                    )
+                except (TimeoutError, OSError, ssl.SSLError, ConnectionError):
+                    transport.abort()
+                    return
+            await TCPServer(
+                _ConnectionApp(self.app, extra),  # type: ignore[arg-type]
+                asyncio.get_running_loop(),
+                self.config,
+                self._context,
+                self._state,
+                reader,
+                writer,
+            )
+        finally:
+            self.limiter.release(conn)
+
+
 async def serve(
     app: Any,
     settings: ApiSettings,
@@ -349,6 +671,7 @@ async def serve(
     tailscale: TailscaleClient | None = None,
     plan: ServePlan | None = None,
     certs: CertManager | None = None,
+    caps: Caps | None = None,
     task_status: TaskStatus[ServePlan] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run Hypercorn for ``app`` until ``shutdown_trigger`` returns.
@@ -356,6 +679,8 @@ async def serve(
     tls mode: ``certs`` (a CertManager the caller keeps) or one made from
     ``settings.cert_file``/``key_file``, else a pair fetched from tailscaled into
     ``settings.tls_dir``; the files are watched (and refetched) and reloaded in place.
+    ``caps``: connection caps (default: sized from the open-file limit, raised to its
+    hard limit first).
     """
     if plan is None:
         plan = await plan_serving(settings, tailscale=tailscale)
@@ -368,19 +693,26 @@ async def serve(
         watchers.append(partial(certs.watch, settings.cert_check_interval))
     else:
         certs, watchers = await _cert_manager(settings, plan, tailscale)
-    config = build_config(plan, certs=certs)
-    sockets = config.create_sockets()
-    bound = [*sockets.secure_sockets, *sockets.insecure_sockets]
+    config = build_config(plan, certs=certs, settings=settings)
+    if caps is None:
+        before, after = raise_nofile_limit()
+        if after > before:
+            log.info("open-file limit raised from %d to %d", before, after)
+        caps = default_caps(after)
+    listeners: list[Listener] = []
     try:
-        for sock in bound:
-            sock.listen(config.backlog)
-    except OSError:
-        for sock in bound:
-            sock.close()
+        for bind in plan.binds:
+            sock = _bind_socket(bind, config.backlog)
+            listeners.append(Listener(sock, "tailnet", tls=certs is not None))
+        if plan.local_socket:
+            sock = _bind_unix(Path(plan.local_socket), config.backlog)
+            listeners.append(Listener(sock, "local"))
+    except BaseException:
+        _close_listeners(listeners)
         raise
     port = plan.port
-    if bound and not plan.is_unix:
-        port = bound[0].getsockname()[1]
+    if listeners and not plan.host.startswith("unix:"):
+        port = listeners[0].sock.getsockname()[1]
     plan = replace(plan, port=port)
     if plan.mode == "plain-test" and not (settings.redirect_uri or settings.public_name):
         plan = replace(plan, redirect_uri=f"http://{plan.bind}/oauth/callback")
@@ -390,18 +722,30 @@ async def serve(
         plan.mode,
         plan.redirect_uri,
     )
+    server = _Server(
+        app=wrap_app(app, config.wsgi_max_body_size, "asgi"),
+        config=config,
+        limiter=ConnectionLimiter(caps),
+        allowed_uids=frozenset({os.getuid(), 0}),
+        ssl_context=certs.context if certs is not None else None,
+    )
+    accept_errors = AcceptErrorLog(asyncio.get_running_loop()).install()
     try:
         async with anyio.create_task_group() as tg:
             for watcher in watchers:
                 tg.start_soon(watcher)
             task_status.started(plan)
-            await worker_serve(
-                wrap_app(app, config.wsgi_max_body_size, "asgi"),
-                config,
-                sockets=sockets,
-                shutdown_trigger=shutdown_trigger,
-            )
+            await server.run(listeners, shutdown_trigger)
             tg.cancel_scope.cancel()
     finally:
-        for sock in bound:
-            sock.close()
+        accept_errors.uninstall()
+        _close_listeners(listeners)
+
+
+def _close_listeners(listeners: list[Listener]) -> None:
+    """Close the sockets; unix socket files we bound are removed."""
+    for listener in listeners:
+        if listener.sock.family == socket.AF_UNIX:
+            with contextlib.suppress(OSError):
+                os.unlink(listener.sock.getsockname())
+        listener.sock.close()

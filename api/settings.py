@@ -59,6 +59,17 @@ class ApiSettings:
     cert_refetch_interval: float = 6 * 3600.0
     #: longest ``?wait=`` a poller may ask for
     max_wait: float = 30.0
+    #: the unix socket same-host clients (``agentd connect``) use; None = none
+    local_socket: Path | None = None
+    #: how long the callback page waits for the daemon's own exchange before answering
+    callback_wait: float = 10.0
+    #: a connection must send a complete request head this soon after it opened (or after
+    #: its previous response); it is closed otherwise (slow and silent clients)
+    header_timeout: float = 15.0
+    #: the TLS handshake must finish within this many seconds
+    handshake_timeout: float = 10.0
+    #: LocalAPI whois answers wait at most this long (the guard fails closed after it)
+    whois_timeout: float = 10.0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

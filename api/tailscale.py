@@ -172,9 +172,17 @@ class LocalAPI:
         socket_path: str | Path = "/var/run/tailscale/tailscaled.sock",
         *,
         timeout: float = 60.0,
+        whois_timeout: float = 10.0,
+        cert_timeout: float = 300.0,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
+        """``cert_timeout``: tailscaled runs the first ACME order in the request's context
+        (dns-01 can take tens of seconds; a client that gives up cancels the order), so the
+        certificate call waits much longer than the others; ``whois_timeout`` bounds the
+        guard's per-request lookups."""
         self.socket_path = str(socket_path)
+        self.whois_timeout = whois_timeout
+        self.cert_timeout = max(cert_timeout, 180.0)
         self._http = httpx.AsyncClient(
             transport=transport or httpx.AsyncHTTPTransport(uds=self.socket_path),
             base_url=f"http://{LOCALAPI_HOST}",
@@ -190,9 +198,18 @@ class LocalAPI:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-    async def _get(self, path: str, params: dict[str, str] | None = None) -> httpx.Response:
+    async def _get(
+        self, path: str, params: dict[str, str] | None = None, *, timeout: float | None = None
+    ) -> httpx.Response:
+        extra: dict[str, Any] = {}
+        if timeout is not None:
+            extra["timeout"] = httpx.Timeout(timeout, connect=5.0)
         try:
-            return await self._http.get(f"/localapi/v0/{path}", params=params)
+            return await self._http.get(f"/localapi/v0/{path}", params=params, **extra)
+        except httpx.TimeoutException as err:
+            raise TailscaleError(
+                f"tailscaled's LocalAPI did not answer {path.split('/')[0]} in time"
+            ) from err
         except httpx.HTTPError as err:
             raise TailscaleError(
                 f"tailscaled's LocalAPI at {self.socket_path} could not be reached"
@@ -220,7 +237,7 @@ class LocalAPI:
 
     async def whois(self, addr: str) -> WhoIs | None:
         """The peer at ``ip[:port]``, or None when it is not a tailnet node (404)."""
-        response = await self._get("whois", {"addr": addr})
+        response = await self._get("whois", {"addr": addr}, timeout=self.whois_timeout)
         if response.status_code == 404:
             return None
         if response.status_code != 200:
@@ -231,7 +248,9 @@ class LocalAPI:
             raise TailscaleError("tailscaled sent a whois answer that is not JSON") from err
 
     async def cert_pair(self, domain: str) -> CertPair:
-        response = await self._get(f"cert/{quote(domain, safe='')}", {"type": "pair"})
+        response = await self._get(
+            f"cert/{quote(domain, safe='')}", {"type": "pair"}, timeout=self.cert_timeout
+        )
         if response.status_code != 200:
             raise self._fail(f"the certificate for {domain}", response)
         return split_pair(response.content)

@@ -23,7 +23,7 @@ from flowengine.engine import FlowEngine
 from flowengine.errors import ConfigError
 
 from .conftest import AUTH, TOKEN, start_flow
-from .fake_tailscale import DOMAIN, OWNER, SELF_V4, FakeTailnet, status_json
+from .fake_tailscale import DOMAIN, OWNER, SELF_V4, SELF_V6, FakeTailnet, status_json
 
 pytestmark = pytest.mark.anyio
 
@@ -67,7 +67,11 @@ async def test_plan_tls_binds_the_tailscale_ip_and_derives_the_redirect(
         port=8400,
         redirect_uri=f"https://{DOMAIN}:8400/oauth/callback",
         public_name=DOMAIN,
+        extra_hosts=(SELF_V6,),  # MagicDNS answers AAAA too: both addresses are bound
     )
+    assert plan.binds == (f"{SELF_V4}:8400", f"[{SELF_V6}]:8400")
+    assert plan.own_addresses == (SELF_V4, SELF_V6)
+    assert not plan.userspace
 
 
 async def test_plan_userspace_networking_binds_loopback(
@@ -261,14 +265,67 @@ async def test_plan_tls_refuses_when_serve_owns_the_port(
     assert plan.redirect_uri == f"https://{DOMAIN}:9443/oauth/callback"
 
 
-async def test_plan_serve_mode_warns_in_userspace_networking(
-    localapi: LocalAPI, tailnet: FakeTailnet
+async def test_plan_serve_mode_in_userspace_networking_is_sealed_not_warned(
+    localapi: LocalAPI, tailnet: FakeTailnet, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """The guard whois-checks loopback peers (test_guard), so this is no longer a hole."""
     tailnet.status = status_json(tun=False)
     tailnet.serve_config = SERVE_CONFIG
+    with caplog.at_level("INFO", logger="api.serve"):
+        plan = await plan_serving(ApiSettings(mode="serve", port=8401), tailscale=localapi)
+    assert plan.warnings == ()
+    assert plan.userspace
+    assert "checked with whois" in caplog.text
+
+
+FOREGROUND_FUNNEL = {
+    "Foreground": {
+        "a1b2c3": {
+            "TCP": {"8400": {"HTTPS": True}},
+            "Web": {f"{DOMAIN}:8400": {"Handlers": {"/": {"Proxy": "http://127.0.0.1:9999"}}}},
+            "AllowFunnel": {f"{DOMAIN}:8400": True},
+        }
+    }
+}
+
+
+async def test_foreground_sessions_count_like_background_ones(
+    localapi: LocalAPI, tailnet: FakeTailnet
+) -> None:
+    """`tailscale funnel`/`serve` without --bg live in Foreground[<session>]: verified.md #15."""
+    tailnet.serve_config = FOREGROUND_FUNNEL
+    with pytest.raises(ConfigError, match="Funnel is enabled"):
+        await plan_serving(ApiSettings(mode="serve", port=8401), tailscale=localapi)
+    session = dict(FOREGROUND_FUNNEL["Foreground"]["a1b2c3"])
+    session.pop("AllowFunnel")
+    tailnet.serve_config = {"Foreground": {"a1b2c3": session}}
+    with pytest.raises(ConfigError, match="would intercept"):
+        await plan_serving(ApiSettings(mode="tls"), tailscale=localapi)
     plan = await plan_serving(ApiSettings(mode="serve", port=8401), tailscale=localapi)
-    assert len(plan.warnings) == 1
-    assert "userspace-networking" in plan.warnings[0]
+    assert plan.warnings == (
+        f"`tailscale serve` sends {DOMAIN}:8400 to http://127.0.0.1:9999, not to this daemon"
+        " (http://127.0.0.1:8401)",
+    )
+    tailnet.serve_config = {"Foreground": {"a1b2c3": SERVE_CONFIG}}
+    assert (
+        await plan_serving(ApiSettings(mode="serve", port=8401), tailscale=localapi)
+    ).warnings == ()
+
+
+async def test_serve_mode_with_a_unix_backend_expects_serve_to_proxy_there(
+    localapi: LocalAPI, tailnet: FakeTailnet
+) -> None:
+    settings = ApiSettings(mode="serve", host="unix:/run/agentd/http.sock", port=8401)
+    plan = await plan_serving(settings, tailscale=localapi)
+    assert plan.warnings == (
+        f"no `tailscale serve` handler for {DOMAIN}:8400 yet; run: tailscale serve --bg"
+        " --https=8400 unix:/run/agentd/http.sock",
+    )
+    tailnet.serve_config = {
+        "TCP": {"8400": {"HTTPS": True}},
+        "Web": {f"{DOMAIN}:8400": {"Handlers": {"/": {"Proxy": "unix:/run/agentd/http.sock"}}}},
+    }
+    assert (await plan_serving(settings, tailscale=localapi)).warnings == ()
 
 
 async def test_serve_mode_on_a_unix_socket_checks_proxied_requests(
@@ -292,6 +349,7 @@ async def test_serve_mode_on_a_unix_socket_checks_proxied_requests(
             httpx.AsyncClient(transport=transport, base_url=plan.base_url) as http,
         ):
             assert plan.redirect_uri == f"https://{DOMAIN}:8400/oauth/callback"
+            assert sock.stat().st_mode & 0o777 == 0o600  # reachable by tailscaled (root) and us
             direct = await http.get("/healthz")
             proxied = await http.get(
                 "/healthz",
@@ -303,6 +361,7 @@ async def test_serve_mode_on_a_unix_socket_checks_proxied_requests(
             )
     assert (direct.status_code, proxied.status_code) == (200, 200)
     assert (tagged.status_code, public.status_code) == (403, 403)
+    assert not sock.exists()  # removed at shutdown
 
 
 def test_tls_mode_cannot_bind_a_unix_socket() -> None:

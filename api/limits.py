@@ -1,0 +1,236 @@
+"""Absorbing hostile peers: connection caps, the file-descriptor limit, accept-error logs.
+
+- :class:`ConnectionLimiter` decides at accept time, before a byte is read: at most
+  ``max_total`` open connections, at most ``max_per_peer`` from one peer, and at most
+  ``max_idle_per_peer`` *idle* ones from one peer (idle: no request on it has passed the
+  guard yet). When a cap is reached the oldest idle connection is closed to make room
+  (per peer first, then anywhere), so a flood of idle connections never locks a real
+  client out; only when every connection in the way is active is the new one refused.
+  Under userspace networking every tailnet peer arrives from 127.0.0.1, which is why
+  eviction, not refusal, is the answer to idle floods.
+- :func:`raise_nofile_limit` lifts ``RLIMIT_NOFILE``'s soft limit to the hard one (systemd
+  starts services at 1024 soft / 524288 hard); :func:`default_caps` sizes the caps below it.
+- :class:`AcceptErrorLog` is a loop exception handler that turns asyncio's per-attempt
+  "socket.accept() out of system resource" reports (EMFILE & co., each with a traceback)
+  into one line a minute with a count.
+- :func:`peer_uid` reads a unix-socket peer's uid (``SO_PEERCRED``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import resource
+import socket
+import struct
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "AcceptErrorLog",
+    "Caps",
+    "ConnectionLimiter",
+    "Conn",
+    "default_caps",
+    "peer_uid",
+    "raise_nofile_limit",
+]
+
+log = logging.getLogger("api.limits")
+
+#: file descriptors kept free for the ledger, auth.json, certificates, tailscaled, logs
+FD_RESERVE = 128
+_RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
+
+@dataclass(frozen=True, slots=True)
+class Caps:
+    max_total: int
+    max_per_peer: int
+    max_idle_per_peer: int
+
+
+def raise_nofile_limit() -> tuple[int, int]:
+    """Raise the soft ``RLIMIT_NOFILE`` to the hard limit; return (before, after)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as err:
+            log.warning("could not raise the open-file limit from %d: %s", soft, err)
+            return soft, soft
+        return soft, target
+    return soft, soft
+
+
+def default_caps(nofile: int | None = None) -> Caps:
+    """Caps that keep the daemon under its file-descriptor limit with room to spare."""
+    if nofile is None:
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    total = max(32, min(8192, nofile - FD_RESERVE))
+    return Caps(max_total=total, max_per_peer=max(16, total // 4), max_idle_per_peer=32)
+
+
+@dataclass(eq=False, slots=True)
+class Conn:
+    """One accepted connection as the limiter sees it."""
+
+    peer: str
+    close: Callable[[], None] = field(repr=False)
+    active: bool = False
+
+
+class ConnectionLimiter:
+    """Caps on open connections; evicts the oldest idle ones to make room."""
+
+    def __init__(self, caps: Caps) -> None:
+        self.caps = caps
+        self._open: dict[str, int] = {}
+        self._idle: dict[str, OrderedDict[Conn, None]] = {}
+        self._idle_all: OrderedDict[Conn, None] = OrderedDict()
+        self.total = 0
+        self.refused = 0
+        self.evicted = 0
+
+    def admit(self, conn: Conn) -> bool:
+        """Take ``conn`` in (possibly closing idle ones); False: refuse it, close it now."""
+        caps = self.caps
+        peer = conn.peer
+        idle = self._idle.get(peer)
+        if self._open.get(peer, 0) >= caps.max_per_peer and not self._evict_from(idle):
+            self.refused += 1
+            return False
+        if idle is not None and len(idle) >= caps.max_idle_per_peer:
+            self._evict_from(idle)
+        if self.total >= caps.max_total and not self._evict_oldest():
+            self.refused += 1
+            return False
+        self.total += 1
+        self._open[peer] = self._open.get(peer, 0) + 1
+        self._idle.setdefault(peer, OrderedDict())[conn] = None
+        self._idle_all[conn] = None
+        return True
+
+    def activate(self, conn: Conn) -> None:
+        """A request on ``conn`` passed the guard: it no longer counts as idle."""
+        if conn.active:
+            return
+        conn.active = True
+        self._forget_idle(conn)
+
+    def release(self, conn: Conn) -> None:
+        """``conn`` closed (for whatever reason); call exactly once per admitted conn."""
+        self._forget_idle(conn)
+        self.total -= 1
+        left = self._open.get(conn.peer, 1) - 1
+        if left:
+            self._open[conn.peer] = left
+        else:
+            self._open.pop(conn.peer, None)
+
+    def idle_count(self, peer: str | None = None) -> int:
+        if peer is None:
+            return len(self._idle_all)
+        return len(self._idle.get(peer) or ())
+
+    def _forget_idle(self, conn: Conn) -> None:
+        self._idle_all.pop(conn, None)
+        idle = self._idle.get(conn.peer)
+        if idle is not None:
+            idle.pop(conn, None)
+            if not idle:
+                del self._idle[conn.peer]
+
+    def _evict(self, conn: Conn) -> None:
+        # out of the idle sets now (it cannot be chosen twice); release() follows on close
+        self._forget_idle(conn)
+        conn.active = True
+        self.evicted += 1
+        conn.close()
+
+    def _evict_from(self, idle: OrderedDict[Conn, None] | None) -> bool:
+        if not idle:
+            return False
+        self._evict(next(iter(idle)))
+        return True
+
+    def _evict_oldest(self) -> bool:
+        if not self._idle_all:
+            return False
+        self._evict(next(iter(self._idle_all)))
+        return True
+
+
+def peer_uid(sock: socket.socket) -> int | None:
+    """The uid of a unix-socket peer (Linux ``SO_PEERCRED``), None when unavailable."""
+    option = getattr(socket, "SO_PEERCRED", None)
+    if option is None or sock.family != socket.AF_UNIX:
+        return None
+    try:
+        data = sock.getsockopt(socket.SOL_SOCKET, option, struct.calcsize("3i"))
+    except OSError:
+        return None
+    _pid, uid, _gid = struct.unpack("3i", data)
+    return int(uid)
+
+
+class AcceptErrorLog:
+    """Loop exception handler: accept() resource errors at most once a ``period``, counted.
+
+    Everything else goes to the handler that was installed before (or the default one).
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        period: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._loop = loop
+        self._previous = loop.get_exception_handler()
+        self.period = period
+        self._clock = clock
+        self._last: float | None = None
+        self.suppressed = 0
+        self.total = 0
+
+    def install(self) -> AcceptErrorLog:
+        self._loop.set_exception_handler(self)
+        return self
+
+    def uninstall(self) -> None:
+        if self._loop.get_exception_handler() is self:
+            self._loop.set_exception_handler(self._previous)
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and exc.errno in _RESOURCE_ERRNOS:
+            self._resource_error(exc)
+            return
+        if self._previous is not None:
+            self._previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    def _resource_error(self, exc: OSError) -> None:
+        self.total += 1
+        now = self._clock()
+        if self._last is not None and now - self._last < self.period:
+            self.suppressed += 1
+            return
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        more = f" ({self.suppressed} more since the last report)" if self.suppressed else ""
+        log.error(
+            "cannot accept connections: %s (open-file limit %d); retrying%s",
+            exc.strerror or exc,
+            soft,
+            more,
+        )
+        self._last = now
+        self.suppressed = 0
