@@ -2,13 +2,16 @@
 
 Routes (see api/oauth.py and api/inspection.py)::
 
-    GET /oauth/callback              provider redirect -> HTML page     (no bearer)
-    GET /oauth/pending/<state>       one-time code for the poller      (bearer)
-    GET /oauth/flows                 flow list                         (bearer)
-    GET /oauth/flows/<id>            flow + ledger events              (bearer)
-    GET /oauth/flows/<id>/diagram    Mermaid / SVG / dot               (bearer)
-    GET /healthz                     liveness                          (no bearer)
+    GET  /oauth/callback              provider redirect -> HTML page     (no bearer)
+    GET  /oauth/pending/<state>       outcome, or the one-time code      (bearer)
+    POST /oauth/flows                 start a flow the daemon completes  (bearer)
+    GET  /oauth/flows/<id>/outcome    long-poll a flow's outcome         (bearer)
+    GET  /oauth/flows                 flow list                          (bearer)
+    GET  /oauth/flows/<id>            flow + ledger events               (bearer)
+    GET  /oauth/flows/<id>/diagram    Mermaid / SVG / dot                (bearer)
+    GET  /healthz                     liveness                           (no bearer)
 
+"bearer" routes need no token on the local listener (the state dir's unix socket).
 Every request first passes :class:`api.guard.TailnetGuard` (tailnet or loopback sources,
 no Funnel, optional owner check). Errors are mapped in one handler: JSON for the API,
 an HTML page for the callback. Every response carries no-store, no-referrer, nosniff and
@@ -18,12 +21,14 @@ a strict Content-Security-Policy.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
 from quart import Quart, Response, current_app, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException
 
+from flowengine.broker import Broker
 from flowengine.catalog import Catalog
 from flowengine.engine import FlowEngine
 from flowengine.errors import BrokerError
@@ -33,7 +38,7 @@ from .guard import SECURITY_HEADERS, TailnetGuard, loggable_path
 from .settings import ApiSettings
 from .tailscale import LocalAPI, TailscaleClient
 
-__all__ = ["ApiContext", "api_context", "create_app", "provider_name"]
+__all__ = ["ApiContext", "api_context", "create_app", "provider_name", "stop_waiters"]
 
 log = logging.getLogger("api")
 
@@ -48,11 +53,24 @@ class ApiContext:
     settings: ApiSettings
     catalog: Catalog | None = None
     tailscale: TailscaleClient | None = None
+    #: completes the flows the daemon owns; None: codes wait for their clients
+    broker: Broker | None = None
+    #: the redirect URI flows started here use (the serving plan's)
+    redirect_uri: str = ""
+    #: set when the daemon stops: long-polls answer 503 at once instead of being cut off
+    stopping: anyio.Event = field(default_factory=anyio.Event)
 
 
 def api_context() -> ApiContext:
     ctx: ApiContext = current_app.extensions["agentd"]
     return ctx
+
+
+def stop_waiters(app: Quart) -> None:
+    """The daemon is stopping: every long-poll answers now (503, retry later)."""
+    ctx: ApiContext = app.extensions["agentd"]
+    ctx.stopping.set()
+    ctx.engine.wake_all()
 
 
 def provider_name(provider_id: str) -> str:
@@ -122,12 +140,18 @@ def create_app(
     settings: ApiSettings,
     catalog: Catalog | None = None,
     tailscale: TailscaleClient | None = None,
+    broker: Broker | None = None,
+    redirect_uri: str = "",
+    own_addresses: tuple[str, ...] = (),
+    userspace: bool = False,
 ) -> Quart:
     """The API application; ``engine`` and friends are on ``app.extensions["agentd"]``.
 
-    ``tailscale`` answers whois for the owner check in tls mode; when the check is on and
-    none is given, a LocalAPI client on ``settings.localapi_socket`` is made (and closed
-    after serving).
+    ``tailscale`` answers whois for the owner check (tls and serve mode); when the check is
+    on and none is given, a LocalAPI client on ``settings.localapi_socket`` is made (and
+    closed after serving). ``broker``: the daemon completes the flows it owns through it.
+    ``own_addresses`` (the node's Tailscale IPs) and ``userspace`` (tailscaled's
+    userspace networking) come from the serving plan and tune the guard.
     """
     from .inspection import blueprint as inspection_blueprint
     from .oauth import blueprint as oauth_blueprint
@@ -141,10 +165,12 @@ def create_app(
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
     app.json.sort_keys = False  # type: ignore[attr-defined]
     own_localapi: LocalAPI | None = None
-    if tailscale is None and settings.owner_check and settings.mode == "tls":
-        own_localapi = LocalAPI(settings.localapi_socket)
+    if tailscale is None and settings.owner_check and settings.mode in ("tls", "serve"):
+        own_localapi = LocalAPI(settings.localapi_socket, whois_timeout=settings.whois_timeout)
         tailscale = own_localapi
-    app.extensions["agentd"] = ApiContext(engine, settings, catalog, tailscale)
+    app.extensions["agentd"] = ApiContext(
+        engine, settings, catalog, tailscale, broker=broker, redirect_uri=redirect_uri
+    )
     app.engine = engine  # type: ignore[attr-defined]
 
     app.register_blueprint(oauth_blueprint)
@@ -175,5 +201,7 @@ def create_app(
         allowed_logins=settings.allowed_logins,
         whois=tailscale.whois if tailscale is not None else None,
         html_paths=HTML_PATHS,
+        own_addresses=own_addresses,
+        userspace=userspace,
     )
     return app

@@ -17,12 +17,18 @@ F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 
 def require_bearer(handler: F) -> F:
-    """Refuse with 401 unless ``Authorization: Bearer <api token>`` matches (constant time)."""
+    """Refuse with 401 unless ``Authorization: Bearer <api token>`` matches (constant time).
+
+    Requests on the local listener (the state dir's unix socket, admitted by peer uid) need
+    no token: the socket's permissions and the uid check are the credential.
+    """
 
     @wraps(handler)
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
         from .app import api_context
 
+        if request.scope.get("agentd.listener") == "local":
+            return await handler(*args, **kwargs)
         header = request.headers.get("Authorization", "")
         scheme, _, presented = header.partition(" ")
         if scheme.lower() != "bearer" or not token_matches(

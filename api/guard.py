@@ -2,22 +2,34 @@
 
 :class:`TailnetGuard` is ASGI middleware in front of the Quart app. For every HTTP request:
 
-1. A request carrying ``Tailscale-Funnel-Request`` is refused (403): Funnel traffic is
-   public internet traffic.
+0. A request on the local listener (the state dir's unix socket; the serving loop admitted
+   only our own uid or root, by ``SO_PEERCRED``) is a same-host client: let in as such.
+1. A malformed ``Host`` header is answered 400 (before Quart would fail on it), and a
+   request carrying ``Tailscale-Funnel-Request`` 403: Funnel traffic is public internet
+   traffic.
 2. The peer (``scope["client"]``) must be loopback, in ``100.64.0.0/10`` but not the ChromeOS
    range ``100.115.92.0/23``, or in ``fd7a:115c:a1e0::/48``; anything else gets 403. In
    ``serve`` mode the peer is ``tailscale serve`` on loopback and the real client is the single
    ``X-Forwarded-For`` value serve sets, which must be a tailnet address too.
 3. Optional owner check (``allowed_logins`` set):
 
-   - ``tls`` mode: LocalAPI whois of the peer ``ip:port``; not a node (404) -> 403 unless the
-     peer is loopback (the daemon's own host), tagged node -> 403, login not allowed -> 403.
-     whois failing for another reason fails closed (403).
-   - ``serve`` mode: ``Tailscale-User-Login`` (RFC 2047 Q-decoded), trusted only when the
-     peer is loopback; missing for a proxied request (tagged node, unknown source) -> 403.
-     A direct loopback request (no ``X-Forwarded-For``) is the daemon's own host: allowed.
+   - ``tls`` mode: LocalAPI whois of the peer ``ip:port``. The daemon's own node (its own
+     Tailscale address) is the local host, before any tagged check. Not a node (404) -> 403,
+     except a loopback peer in kernel-TUN mode (a local process; under userspace networking
+     a subnet-routed source looks the same, so it is refused there). A tagged node -> 403,
+     a login not allowed -> 403. whois failing otherwise fails closed (403).
+   - ``serve`` mode: every loopback TCP peer is first looked up with whois ``ip:port``. A
+     hit can only be a tailnet peer that tailscaled's userspace networking forwarded
+     straight to the backend port (serve's own proxy never registers there), so it is
+     judged like a tls-mode caller and its forwarded headers are ignored. Otherwise the
+     peer is ``tailscale serve``: ``Tailscale-User-Login`` (RFC 2047 Q-decoded) must name
+     an allowed user; missing (tagged node, unknown source) -> 403. A loopback request
+     without ``X-Forwarded-For`` is a local process: allowed in kernel-TUN mode only. A
+     ``unix:`` backend cannot be reached by peers at all, so its headers are trusted.
 
-The identity found is put in ``scope["agentd.identity"]`` for handlers and logs.
+Every response leaving the app (error pages included, whoever made them) carries the
+security headers. A request that passed is reported to the connection limiter (its
+connection is no longer idle), and its identity put in ``scope["agentd.identity"]``.
 """
 
 from __future__ import annotations
@@ -27,6 +39,7 @@ import email.header
 import ipaddress
 import json
 import logging
+import re
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +50,7 @@ __all__ = [
     "Identity",
     "TailnetGuard",
     "decode_login",
+    "host_header_ok",
     "is_loopback",
     "is_tailnet_address",
     "loggable_path",
@@ -78,7 +92,40 @@ class Identity:
 
     address: str
     login: str | None = None
-    via: str = "direct"  # direct | serve | whois | loopback
+    via: str = "direct"  # direct | serve | whois | loopback | own-node | local
+
+
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
+
+
+def host_header_ok(value: str) -> bool:
+    """RFC 9110 ``Host``: a DNS name (labels <= 63, total <= 253), IPv4 or ``[IPv6]``,
+    optionally ``:port``. Anything else would make Quart fail, so it is refused first."""
+    host, port = value, ""
+    if value.startswith("["):
+        end = value.find("]")
+        if end < 0:
+            return False
+        host, rest = value[1:end], value[end + 1 :]
+        if rest and not rest.startswith(":"):
+            return False
+        port = rest[1:] if rest else ""
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            return False
+    else:
+        if value.count(":") > 1:
+            return False
+        host, _, port = value.partition(":")
+        if ":" in value and not port:
+            return False
+        name = host[:-1] if host.endswith(".") else host
+        if not name or len(name) > 253:
+            return False
+        if not all(_HOST_LABEL.fullmatch(label) for label in name.split(".")):
+            return False
+    return not port or (port.isdigit() and len(port) <= 5 and int(port) <= 65535)
 
 
 def loggable_path(path: str) -> str:
@@ -140,9 +187,24 @@ def decode_login(value: str) -> str:
 
 
 class _Refused(Exception):
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, status: int = 403) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.status = status
+
+
+def _with_security_headers(send: Send) -> Send:
+    """``send`` that adds the security headers to every response that lacks them."""
+
+    async def wrapped(message: Message) -> None:
+        if message.get("type") == "http.response.start":
+            headers = list(message.get("headers") or ())
+            present = {bytes(name).lower() for name, _ in headers}
+            headers += [(n, v) for n, v in SECURITY_HEADERS if n not in present]
+            message = {**message, "headers": headers}
+        await send(message)
+
+    return wrapped
 
 
 def _header(scope: Scope, name: bytes) -> list[str]:
@@ -162,19 +224,26 @@ class TailnetGuard:
         allowed_logins: Iterable[str] = (),
         whois: WhoisFn | None = None,
         html_paths: tuple[str, ...] = ("/oauth/callback",),
+        own_addresses: Iterable[str] = (),
+        userspace: bool = False,
     ) -> None:
         self.app = app
         self.mode = mode
         self.allowed_logins = frozenset(allowed_logins)
         self.whois = whois
         self.html_paths = html_paths
-        if self.allowed_logins and mode == "tls" and whois is None:
-            raise ValueError("the owner check in tls mode needs a whois function")
+        #: the daemon's own Tailscale addresses: whois naming them is the local host
+        self.own_addresses = frozenset(own_addresses)
+        #: tailscaled in userspace-networking mode: loopback peers may be tailnet peers
+        self.userspace = userspace
+        if self.allowed_logins and mode in ("tls", "serve") and whois is None:
+            raise ValueError(f"the owner check in {mode} mode needs a whois function")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
+        send = _with_security_headers(send)
         try:
             identity = await self.check(scope)
         except _Refused as refused:
@@ -185,34 +254,49 @@ class TailnetGuard:
                 client[0] if client else "unix",
                 refused.reason,
             )
-            await self._refuse(scope, send, refused.reason)
+            await self._refuse(scope, send, refused.reason, refused.status)
             return
         scope["agentd.identity"] = identity
+        activate = scope.get("agentd.activate")
+        if activate is not None:
+            activate()
         await self.app(scope, receive, send)
 
     async def check(self, scope: Scope) -> Identity:
         """The caller's identity, or _Refused with a reason that is safe to show."""
+        if scope.get("agentd.listener") == "local":
+            uid = scope.get("agentd.peer_uid")
+            return Identity(address=f"uid:{uid}" if uid is not None else "unix", via="local")
+        hosts = _header(scope, b"host")
+        if len(hosts) > 1 or (hosts and not host_header_ok(hosts[0])):
+            raise _Refused("the Host header is not valid", 400)
         if _header(scope, b"tailscale-funnel-request"):
             raise _Refused("requests through Tailscale Funnel are not accepted")
         client = scope.get("client")
         if client is None:
-            # a unix-socket listener: whoever can open the socket is on this host, and
-            # `tailscale serve` may proxy to it (serve mode checks its headers as for loopback)
+            # a unix-socket backend: only tailscaled (`tailscale serve ... unix:<path>`) and
+            # local processes reach it, never a tailnet peer directly
             if self.mode == "serve":
-                identity = self._check_serve(scope, _LOOPBACK)
+                identity = self._check_serve(scope, _LOOPBACK, local_ok=True)
                 return identity if identity.via == "serve" else Identity("unix", via="loopback")
             return Identity(address="unix", via="loopback")
         ip = parse_ip(str(client[0]))
         if not source_allowed(ip):
             raise _Refused("only devices on this tailnet may connect")
         assert ip is not None
+        port = int(client[1] or 0)
         if self.mode == "serve":
-            return self._check_serve(scope, ip)
+            if is_loopback(ip) and self.allowed_logins:
+                # userspace networking forwards tailnet peers to 127.0.0.1:<port> too
+                who = await self._whois(ip, port)
+                if who is not None:
+                    return self._judge(who, ip)
+            return self._check_serve(scope, ip, local_ok=not self.userspace)
         if self.mode == "tls" and self.allowed_logins:
-            return await self._check_whois(ip, int(client[1] or 0))
+            return await self._check_whois(ip, port)
         return Identity(address=str(ip), via="loopback" if is_loopback(ip) else "direct")
 
-    def _check_serve(self, scope: Scope, peer: IPAddress) -> Identity:
+    def _check_serve(self, scope: Scope, peer: IPAddress, *, local_ok: bool) -> Identity:
         forwarded = _header(scope, b"x-forwarded-for")
         if not is_loopback(peer):
             # behind serve only loopback peers are expected; identity headers are not trusted
@@ -220,6 +304,11 @@ class TailnetGuard:
                 raise _Refused("identity headers are only trusted from tailscale serve")
             return Identity(address=str(peer))
         if not forwarded:
+            if self.allowed_logins and not local_ok:
+                raise _Refused(
+                    "the caller could not be identified (same-host clients use the daemon's"
+                    " unix socket)"
+                )
             return Identity(address=str(peer), via="loopback")
         if len(forwarded) > 1 or "," in forwarded[0]:
             raise _Refused("unexpected X-Forwarded-For chain")
@@ -235,37 +324,57 @@ class TailnetGuard:
                 raise _Refused("this tailnet user is not allowed here")
         return Identity(address=str(origin), login=login or None, via="serve")
 
-    async def _check_whois(self, ip: IPAddress, port: int) -> Identity:
+    async def _whois(self, ip: IPAddress, port: int) -> WhoIs | None:
         assert self.whois is not None
         addr = f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
         try:
-            who = await self.whois(addr)
+            return await self.whois(addr)
         except TailscaleError as err:
             log.warning("whois failed: %s", err.message)
             raise _Refused("the caller could not be identified") from err
-        if who is None:
-            if is_loopback(ip):
-                return Identity(address=str(ip), via="loopback")
-            raise _Refused("the caller is not a tailnet node")
+
+    def _judge(self, who: WhoIs, ip: IPAddress) -> Identity:
+        """A tailnet node named by whois: own node, tagged, allowed login?"""
+        own = {address.split("/", 1)[0] for address in who.addresses}
+        if own & self.own_addresses:
+            # the daemon's own node (e.g. a same-host client over the 100.x address): it
+            # may well be tagged, yet it is this machine
+            return Identity(address=str(ip), login=who.login or None, via="own-node")
         if who.tagged:
             raise _Refused("tagged devices are not allowed here")
         if who.login not in self.allowed_logins:
             raise _Refused("this tailnet user is not allowed here")
         return Identity(address=str(ip), login=who.login, via="whois")
 
-    async def _refuse(self, scope: Scope, send: Send, reason: str) -> None:
+    async def _check_whois(self, ip: IPAddress, port: int) -> Identity:
+        who = await self._whois(ip, port)
+        if who is None:
+            if is_loopback(ip) and not self.userspace:
+                return Identity(address=str(ip), via="loopback")
+            if is_loopback(ip):
+                raise _Refused(
+                    "the caller could not be identified (same-host clients use the daemon's"
+                    " unix socket)"
+                )
+            raise _Refused("the caller is not a tailnet node")
+        return self._judge(who, ip)
+
+    async def _refuse(self, scope: Scope, send: Send, reason: str, status: int = 403) -> None:
         path = str(scope.get("path", ""))
+        title, code = (
+            ("Not allowed", "forbidden") if status == 403 else ("Bad request", "bad_request")
+        )
         if path in self.html_paths:
             from html import escape
 
             body = (
                 "<!doctype html><html lang=en><head><meta charset=utf-8>"
-                "<title>Not allowed</title></head><body><h1>Not allowed</h1>"
+                f"<title>{title}</title></head><body><h1>{title}</h1>"
                 f"<p>{escape(reason)}</p></body></html>"
             ).encode()
             ctype = b"text/html; charset=utf-8"
         else:
-            body = json.dumps({"error": "forbidden", "message": reason}).encode()
+            body = json.dumps({"error": code, "message": reason}).encode()
             ctype = b"application/json"
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008})
@@ -273,7 +382,7 @@ class TailnetGuard:
         await send(
             {
                 "type": "http.response.start",
-                "status": 403,
+                "status": status,
                 "headers": [
                     (b"content-type", ctype),
                     (b"content-length", str(len(body)).encode()),

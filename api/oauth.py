@@ -1,38 +1,118 @@
-"""The OAuth routes: the provider's redirect (``/oauth/callback``) and the poller's
-``/oauth/pending/<state>``.
+"""The OAuth routes: the provider's redirect, starting flows, and waiting for outcomes.
 
-The callback records the code (or the provider's error) through
+``GET /oauth/callback`` records the code (or the provider's error) through
 ``FlowEngine.record_callback`` - one transaction that writes ``oauth_pending`` and moves
-the flow - and answers with a small page. A malformed query, an unknown, expired or used
-state store nothing. The pending route hands the code out exactly once, to the holder of
-the API bearer token; it long-polls with ``?wait=N`` (N <= 30 seconds).
+the flow. A malformed query, an unknown, expired or used state store nothing. When the
+daemon owns the flow (every flow but those started with ``exchange="client"``) it then
+exchanges the code itself, as a task of the app that no client's disconnect can cancel,
+and the page waits up to ``callback_wait`` seconds for the outcome: connected, or why not.
+It never claims success before the tokens are stored.
+
+``POST /oauth/flows`` starts a flow the daemon completes (``agentd connect`` over the
+local socket, or a bearer holder); ``GET /oauth/flows/<id>/outcome?wait=N`` long-polls
+its outcome. ``GET /oauth/pending/<state>?wait=N`` keeps its contract for remote pollers:
+the outcome of a flow the daemon completes, or - for a flow whose starter exchanges the
+code itself - the code, handed out exactly once. Waits are woken by the engine's
+in-process events (N <= ``max_wait`` seconds).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
-from quart import Blueprint, Response, jsonify, render_template, request
+from quart import Blueprint, Response, current_app, jsonify, render_template, request
 
+from flowengine.broker import Broker
 from flowengine.errors import (
     BrokerError,
     CodeAlreadyUsedError,
     FlowExpiredError,
     FlowNotFound,
+    ProviderError,
     StateMismatchError,
 )
-from flowengine.models import PendingStatus
+from flowengine.models import Flow, PendingStatus
 from flowengine.protocol import CallbackParseError, parse_callback
+from flowengine.states import FlowState
 
 from .auth import require_bearer
 from .errors import BadRequestError
 
-__all__ = ["blueprint", "error_page_text"]
+__all__ = ["blueprint", "error_page_text", "outcome_of", "settled"]
+
+log = logging.getLogger("api.oauth")
 
 blueprint = Blueprint("oauth", __name__)
 
 _MAX_QUERY = 16_384
+_UNSETTLED = (
+    FlowState.INITIATED,
+    FlowState.AWAITING_CODE,
+    FlowState.CODE_RECEIVED,
+    FlowState.EXCHANGED,
+)
+_OUTCOMES = {
+    FlowState.STORED: "connected",
+    FlowState.REFRESHING: "connected",
+    FlowState.SUPERSEDED: "connected",
+    FlowState.REVOKED: "connected",
+    FlowState.EXPIRED: "expired",
+    FlowState.CANCELLED: "cancelled",
+}
+
+
+def settled(flow: Flow) -> bool:
+    """The authorization has its outcome: tokens stored, or the flow ended without."""
+    return flow.state not in _UNSETTLED
+
+
+def _settled_or(stopping: Any) -> Any:
+    return lambda flow: settled(flow) or stopping.is_set()
+
+
+def outcome_of(flow: Flow) -> str:
+    """pending | connected | denied | failed | expired | cancelled"""
+    if not settled(flow):
+        return "pending"
+    if flow.state is FlowState.FAILED:
+        return "denied" if flow.error_code == "access_denied" else "failed"
+    return _OUTCOMES.get(flow.state, "failed")
+
+
+def _outcome_json(flow: Flow) -> dict[str, Any]:
+    return {
+        "flow_id": flow.id,
+        "provider": flow.provider,
+        "flow_state": flow.state.value,
+        "outcome": outcome_of(flow),
+        "scopes": list(flow.scopes),
+        "token_expires_at": flow.token_expires_at,
+        "error": flow.error_code,
+        "error_description": flow.error_description,
+    }
+
+
+async def _complete(broker: Broker, state: str, flow_id: str) -> None:
+    """The daemon's own exchange of a code that just arrived (an app background task)."""
+    try:
+        await broker.complete_state(state, actor="api")
+    except (CodeAlreadyUsedError, FlowExpiredError):
+        log.info("flow %s was completed or ended by someone else", flow_id)
+    except ProviderError as err:
+        log.warning("exchange for flow %s failed: %s (%s)", flow_id, err.code, err.oauth_error)
+    except BrokerError as err:
+        log.warning("exchange for flow %s failed: %s", flow_id, err.code)
+    except Exception:  # noqa: BLE001 - a background task must report, not vanish
+        log.exception("exchange for flow %s failed unexpectedly", flow_id)
+
+
+async def _daemon_completes(flow: Flow) -> bool:
+    from .app import api_context
+
+    ctx = api_context()
+    return ctx.broker is not None and not await ctx.engine.exchanged_by_client(flow.id)
 
 
 def error_page_text(error: BrokerError) -> tuple[str, str]:
@@ -75,7 +155,8 @@ async def callback() -> Response:
         raise BadRequestError(
             f"The link is not an authorization callback ({err.reason}); nothing was saved."
         ) from err
-    flow = await api_context().engine.record_callback(params, actor="api")
+    ctx = api_context()
+    flow = await ctx.engine.record_callback(params, actor="api")
     name = provider_name(flow.provider)
     if params.error is not None:
         denied = params.error == "access_denied"
@@ -92,13 +173,49 @@ async def callback() -> Response:
             detail_text=params.error_description,
         )
         return Response(body, status=200, content_type="text/html; charset=utf-8")
-    body = await render_template(
-        "message.html",
-        kind="ok",
-        title=f"Authorized {name}",
-        message="You can close this tab.",
-        headline=f"Authorized {name} — you can close this tab",
-    )
+    daemon = await _daemon_completes(flow)
+    if daemon:
+        assert ctx.broker is not None
+        current_app.add_background_task(_complete, ctx.broker, params.state, flow.id)
+        # show the outcome if it comes quickly; never a success that has not happened
+        flow = await ctx.engine.wait_flow(
+            flow.id, until=_settled_or(ctx.stopping), timeout=ctx.settings.callback_wait
+        )
+    return await _outcome_page(flow, name, daemon=daemon)
+
+
+async def _outcome_page(flow: Flow, name: str, *, daemon: bool) -> Response:
+    outcome = outcome_of(flow)
+    page: dict[str, Any]
+    if outcome == "connected":
+        page = {
+            "kind": "ok",
+            "title": f"{name} connected",
+            "headline": f"{name} connected — you can close this tab",
+        }
+    elif outcome == "pending":
+        who = "agentd is" if daemon else "The app that asked for it is"
+        page = {
+            "kind": "pending",
+            "title": "Authorization received",
+            "message": f"{who} finishing the connection to {name}; the result is reported"
+            " where you started it. You can close this tab.",
+        }
+    else:
+        reason = {
+            "expired": "the authorization expired before it could be completed",
+            "cancelled": "the authorization was cancelled",
+            "denied": f"{name} refused the authorization",
+        }.get(outcome, f"exchanging the authorization with {name} failed")
+        page = {
+            "kind": "failed",
+            "title": f"{name} was not connected",
+            "message": f"The authorization was received, but {reason}. Start the connection"
+            " again from the bot or the command line.",
+            "detail_code": flow.error_code,
+            "detail_text": flow.error_description,
+        }
+    body = await render_template("message.html", **page)
     return Response(body, status=200, content_type="text/html; charset=utf-8")
 
 
@@ -139,12 +256,23 @@ def _gone(status: PendingStatus) -> Response:
 @blueprint.get("/oauth/pending/<state>")
 @require_bearer
 async def pending(state: str) -> Response:
+    """The seed's contract for remote pollers (see the module docstring)."""
     from .app import api_context
 
     ctx = api_context()
     wait = _parse_wait(request.args.get("wait"), ctx.settings.max_wait)
     engine = ctx.engine
-    status = await engine.wait_pending(state, timeout=wait)
+    status = await engine.pending_status(state)
+    flow = await engine.get_flow(status.flow_id)
+    if await _daemon_completes(flow):
+        # the daemon exchanges this code itself: answer the outcome, never the code
+        flow = await engine.wait_flow(flow.id, until=_settled_or(ctx.stopping), timeout=wait)
+        if settled(flow) and outcome_of(flow) == "connected":
+            return _json(200, {"status": "connected", **_outcome_json(flow)})
+        if settled(flow):
+            return _gone(await engine.pending_status(state))
+        return _waiting(await engine.pending_status(state))
+    status = await engine.wait_pending(state, timeout=0 if ctx.stopping.is_set() else wait)
     if status.status == "ready":
         try:
             taken = await engine.take_code(state)
@@ -163,15 +291,75 @@ async def pending(state: str) -> Response:
                 },
             )
     if status.status == "waiting":
-        response = _json(
-            202,
-            {
-                "status": "waiting",
-                "flow_id": status.flow_id,
-                "provider": status.provider,
-                "flow_state": status.flow_state.value,
-            },
-        )
-        response.headers["Retry-After"] = "1"
-        return response
+        return _waiting(status)
     return _gone(status)
+
+
+def _waiting(status: PendingStatus) -> Response:
+    response = _json(
+        202,
+        {
+            "status": "waiting",
+            "flow_id": status.flow_id,
+            "provider": status.provider,
+            "flow_state": status.flow_state.value,
+        },
+    )
+    response.headers["Retry-After"] = "1"
+    return response
+
+
+@blueprint.post("/oauth/flows")
+@require_bearer
+async def begin() -> Response:
+    """Start a flow the daemon completes: ``{"provider": "dexcom", "scopes": [...]}``.
+
+    Answers 201 with the authorize URL (it holds the state: it is for the caller's eyes
+    only, like the code on /oauth/pending) and the flow id to wait on.
+    """
+    from .app import api_context
+
+    ctx = api_context()
+    if ctx.broker is None or not ctx.redirect_uri:
+        raise BadRequestError("this daemon does not start flows")
+    data = await request.get_json(force=True, silent=True)
+    if not isinstance(data, dict) or not isinstance(data.get("provider"), str):
+        raise BadRequestError('send {"provider": "<id>", "scopes": [...]}', parameter="provider")
+    scopes = data.get("scopes")
+    if scopes is not None and (
+        not isinstance(scopes, list) or not all(isinstance(x, str) for x in scopes)
+    ):
+        raise BadRequestError("scopes must be a list of strings", parameter="scopes")
+    actor = "cli" if request.scope.get("agentd.listener") == "local" else "api"
+    start = await ctx.broker.begin(
+        data["provider"], redirect_uri=ctx.redirect_uri, actor=actor, scopes=scopes
+    )
+    flow = start.flow
+    return _json(
+        201,
+        {
+            "flow_id": flow.id,
+            "provider": flow.provider,
+            "name": start.spec.name,
+            "authorize_url": start.authorize_url,
+            "redirect_uri": flow.redirect_uri,
+            "scopes": list(flow.scopes),
+            "deadline": flow.deadline,
+        },
+    )
+
+
+@blueprint.get("/oauth/flows/<flow_id>/outcome")
+@require_bearer
+async def outcome(flow_id: str) -> Response:
+    """Long-poll a flow's outcome: 200 once settled, 202 while still pending."""
+    from .app import api_context
+
+    ctx = api_context()
+    wait = _parse_wait(request.args.get("wait"), ctx.settings.max_wait)
+    flow = await ctx.engine.wait_flow(flow_id, until=_settled_or(ctx.stopping), timeout=wait)
+    if settled(flow):
+        return _json(200, _outcome_json(flow))
+    response = _json(503 if ctx.stopping.is_set() else 202, _outcome_json(flow))
+    response.headers["Retry-After"] = "1"
+    return response

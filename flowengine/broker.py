@@ -402,8 +402,13 @@ class Broker:
         actor: str,
         chat_id: int | None = None,
         scopes: list[str] | tuple[str, ...] | None = None,
+        exchange: str = "daemon",
     ) -> ConnectStart:
-        """Start a flow and build the authorize link (RFC 6749 §4.1.1, PKCE S256)."""
+        """Start a flow and build the authorize link (RFC 6749 §4.1.1, PKCE S256).
+
+        ``exchange="client"``: the caller takes the code from /oauth/pending and calls
+        :meth:`complete` itself; by default the daemon that receives the callback does.
+        """
         spec = self.catalog.get(provider)
         creds = self._creds(spec)
         wanted = tuple(scopes) if scopes is not None else spec.scopes
@@ -414,6 +419,7 @@ class Broker:
             use_pkce=spec.use_pkce,
             actor=actor,
             chat_id=chat_id,
+            exchange=exchange,
         )
         try:
             url = build_authorize_url(

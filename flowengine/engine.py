@@ -250,6 +250,11 @@ class FlowEngine:
         if waiters is not None:
             waiters.event.set()
 
+    def wake_all(self) -> None:
+        """Wake every waiter (they look at their flow again), e.g. when the daemon stops."""
+        for flow_id in list(self._changes):
+            self._changed(flow_id)
+
     async def wait_flow(
         self, flow_id: str, *, until: Callable[[Flow], bool], timeout: float
     ) -> Flow:

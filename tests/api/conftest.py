@@ -64,10 +64,15 @@ def _client(app: Quart) -> Client:
     return app.test_client()
 
 
-async def start_flow(engine: FlowEngine, provider: str = "dexcom") -> StartedFlow:
+async def start_flow(
+    engine: FlowEngine, provider: str = "dexcom", *, exchange: str = "daemon"
+) -> StartedFlow:
     """A flow waiting for its callback (awaiting_code)."""
     started = await engine.start(
-        provider, redirect_uri="https://host.tailnet.ts.net:8400/oauth/callback", actor="test"
+        provider,
+        redirect_uri="https://host.tailnet.ts.net:8400/oauth/callback",
+        actor="test",
+        exchange=exchange,
     )
     await engine.issue_url(started.flow.id, actor="test")
     return started

@@ -140,8 +140,16 @@ class FakeTailnet:
     def issue(self) -> trustme.LeafCert:
         return self.ca.issue_cert(DOMAIN, "127.0.0.1", "::1")
 
+    #: userspace networking's ProxyMapper: "127.0.0.1:<port>" -> the tailnet peer's IP that
+    #: netstack forwarded there (wgengine/netstack RegisterIPPortIdentity)
+    forwarded: dict[str, str] = field(default_factory=dict)
+
     def add_peer(self, ip: str, login: str, *, tags: tuple[str, ...] = ()) -> None:
         self.whois[ip] = whois_json(ip, login, tags=tags)
+
+    def forward(self, local_port: int, peer_ip: str) -> None:
+        """A peer's connection forwarded to 127.0.0.1:<local_port> (userspace networking)."""
+        self.forwarded[f"127.0.0.1:{local_port}"] = peer_ip
 
     @property
     def domain(self) -> str:
@@ -155,11 +163,15 @@ class FakeTailnet:
 
     def to_file(self, path: Path) -> None:
         key, chain = self.pair_pem()
+        whois = dict(self.whois)
+        for local, peer in self.forwarded.items():
+            if peer in self.whois:
+                whois[local] = self.whois[peer]
         path.write_text(
             json.dumps(
                 {
                     "status": self.status,
-                    "whois": self.whois,
+                    "whois": whois,
                     "cert_mode": self.cert_mode,
                     "key_pem": key.decode(),
                     "cert_pem": chain.decode(),
@@ -225,7 +237,10 @@ def localapi_app(tailnet: FakeTailnet) -> Quart:
             return _go_error("invalid 'addr' parameter", 400)
         if ip.startswith("::ffff:"):
             ip = ip[7:]
+        # node addresses first (self included), then the ProxyMapper (LocalBackend.WhoIs)
         found = tailnet.whois.get(ip)
+        if found is None and addr in tailnet.forwarded:
+            found = tailnet.whois.get(tailnet.forwarded[addr])
         if found is None:
             return _go_error("no match for IP:port", 404)
         return Response(json.dumps(found, indent="\t"), content_type="application/json")
@@ -324,6 +339,9 @@ elif cmd == "ip":
     print("\n".join(ips))
 elif cmd == "whois":
     addr = args[-1]
+    if addr in state["whois"]:  # a forwarded 127.0.0.1:<port> (the ProxyMapper)
+        print(json.dumps(state["whois"][addr], indent="\t"))
+        sys.exit(0)
     if addr.startswith("["):
         ip = addr[1:addr.index("]")]
     elif addr.count(":") == 1:
