@@ -1,8 +1,11 @@
 """``agentd serve``: the API, the refresh timer and the bot in one anyio task group.
 
 Start-up order: open the ledger and stores, plan the listener (bind address, redirect URI,
-TLS mode; asks tailscaled when reachable), bind, recover crashed flows and start the
-timer, then the bot (it never delays start-up: Telegram logs in in the background).
+TLS mode; asks tailscaled when reachable), bind (the tailnet listener, and the local
+socket ``<state dir>/agentd.sock`` for same-host commands), recover crashed flows and
+start the timer, then the bot (it never delays start-up: Telegram logs in in the
+background). The API completes the flows it owns as their callbacks arrive; the bot, in
+this process, waits for their outcomes through the engine, never over the network.
 
 Shutdown on SIGINT/SIGTERM: Hypercorn stops accepting and finishes in-flight requests,
 then the timer and the bot are cancelled. Ledger transitions are shielded transactions,
@@ -27,7 +30,8 @@ from quart import Quart
 
 from agentd.config import Config
 from agentd.context import Context, daemon_base_url, open_context, timer_policy
-from api.app import create_app
+from agentd.local_client import socket_path
+from api.app import create_app, stop_waiters
 from api.serve import ServePlan, plan_serving
 from api.serve import serve as serve_api
 from api.settings import ApiSettings
@@ -52,7 +56,7 @@ def configure_logging(verbose: bool = False) -> None:
 def tailscale_client(settings: ApiSettings) -> TailscaleClient | None:
     """LocalAPI when tailscaled's socket is there, else the CLI when installed, else None."""
     if os.path.exists(settings.localapi_socket):
-        return LocalAPI(settings.localapi_socket)
+        return LocalAPI(settings.localapi_socket, whois_timeout=settings.whois_timeout)
     if shutil.which("tailscale"):
         return TailscaleCLI()
     return None
@@ -86,11 +90,21 @@ async def run_daemon(
         config.values["server"],
         tls_dir=config.state_dir / "tls",
         token_file=config.api_token_path,
+        local_socket=socket_path(config.state_dir),
     )
     tailscale = tailscale_client(settings)
     async with open_context(config) as ctx:
         plan = await plan_serving(settings, tailscale=tailscale)
-        app = create_app(ctx.engine, settings=settings, catalog=ctx.catalog, tailscale=tailscale)
+        app = create_app(
+            ctx.engine,
+            settings=settings,
+            catalog=ctx.catalog,
+            tailscale=tailscale,
+            broker=ctx.broker,
+            redirect_uri=plan.redirect_uri,
+            own_addresses=plan.own_addresses,
+            userspace=plan.userspace,
+        )
         timer = RefreshTimer(ctx.broker, policy=timer_policy(config))
         requests = _track_requests(app)
         async with anyio.create_task_group() as tg:
@@ -107,6 +121,8 @@ async def run_daemon(
             )
             components = ["api"]
             async with anyio.create_task_group() as workers:
+                # wakes waiters (bot, long-polls) on commits of other processes (the CLI)
+                workers.start_soon(ctx.engine.watch_external)
                 await workers.start(timer.run)
                 components.append(f"timer (every {timer.policy.interval:g} s)")
                 if config.telegram_enabled:
@@ -116,6 +132,7 @@ async def run_daemon(
                 task_status.started(plan)
                 await stop.wait()
                 log.info("stopping: finishing in-flight requests")
+                stop_waiters(app)
                 workers.cancel_scope.cancel()
             # leaving tg waits for serve_api: Hypercorn drains in-flight requests first
         # ... but a request still running at its graceful timeout (a long-poll) is left
@@ -198,7 +215,9 @@ def _log_start(plan: ServePlan, settings: ApiSettings, components: list[str]) ->
         "plain-test": "plain HTTP (tests only)",
     }[plan.mode]
     log.info("redirect URI: %s", plan.redirect_uri)
-    log.info("listening on: %s", plan.base_url)
+    log.info("listening on: %s", ", ".join(plan.binds) if len(plan.binds) > 1 else plan.base_url)
+    if plan.local_socket:
+        log.info("local socket: %s (same-host commands)", plan.local_socket)
     log.info("TLS mode: %s", tls)
     log.info(
         "owner check: %s",

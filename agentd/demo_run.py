@@ -37,6 +37,7 @@ from agentd.config import load_config
 from agentd.context import open_context
 from agentd.simoauth import SimOAuth, create_sim_app, get_sim
 from api.app import create_app
+from api.oauth import settled
 from api.serve import serve
 from api.settings import ApiSettings
 from bot.dialogue import ConversationState, NotificationDue, Send, step
@@ -44,11 +45,11 @@ from flowengine.broker import Broker
 from flowengine.catalog import Catalog, ProviderSpec, RefreshLifetime, load_catalog
 from flowengine.clock import ManualClock, SystemClock
 from flowengine.credentials import ClientCredentials, CredentialStore
-from flowengine.daemon_client import wait_for_code
 from flowengine.diagrams import DotUnavailableError, flow_diagram
 from flowengine.engine import FlowEngine
 from flowengine.protocol import parse_callback
 from flowengine.schedule import TimerPolicy
+from flowengine.states import FlowState
 from flowengine.timer import RefreshTimer
 from flowengine.tokens import TokenStore
 from integrations import Integration, Services, Simulator, discover
@@ -215,7 +216,13 @@ async def _demo(root: Path, out: TextIO) -> int:
     ):
         for item in simulated:
             ctx.credentials.put(item.spec.id, ClientCredentials(CLIENT_ID, CLIENT_SECRET))
-        app = create_app(ctx.engine, settings=daemon_settings, catalog=ctx.catalog)
+        app = create_app(
+            ctx.engine,
+            settings=daemon_settings,
+            catalog=ctx.catalog,
+            broker=ctx.broker,
+            redirect_uri=redirect,
+        )
         stop = anyio.Event()
         timer = RefreshTimer(ctx.broker, policy=TimerPolicy(interval=1.0))
         async with anyio.create_task_group() as tg:
@@ -292,14 +299,14 @@ async def _connect(
                 for h in ("cache-control", "referrer-policy", "x-content-type-options")
             )
         )
-        p.section("The bot long-polls /oauth/pending/<state>, exchanges the code with the verifier")
-    result = await wait_for_code(http, daemon_url, start.state, api_token, timeout=10)
-    if result.status != "ready" or result.code is None:
-        p.say(f"no code: {result.status} {result.reason or ''}")
+        p.section("The daemon exchanged the code with the verifier; the bot hears the outcome")
+    flow = await ctx.engine.wait_flow(start.flow.id, until=settled, timeout=10)
+    tokens = ctx.tokens.read(spec.id)
+    if flow.state is not FlowState.STORED or tokens is None:
+        p.say(f"not connected: {flow.state.value} {flow.error_code or ''}")
         return None
     if verbose:
-        p.say("pending answered: code received (handed out once; a second read gets 410)")
-    tokens = await ctx.broker.complete(start.flow.id, result.code, actor="demo")
+        p.say("the callback's own exchange stored the tokens before the page answered")
     expires = datetime.fromtimestamp((tokens.expires or 0) / 1000, tz=UTC)
     p.say(
         f"✅ {spec.name} connected: access {_mask(tokens.access)}, refresh {_mask(tokens.refresh)}"

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import httpx
 from telethon import Button, TelegramClient, errors, events, functions
 
 from flowengine.broker import Broker
@@ -236,7 +235,6 @@ async def run_bot(
     *,
     broker: Broker,
     engine: FlowEngine,
-    http: httpx.AsyncClient | None = None,
     commands: Sequence[ChatCommandHandler] = (),
     client: TelegramClient | None = None,
     backoff: float = 1.0,
@@ -250,13 +248,6 @@ async def run_bot(
     own loop (resumed flows, notifications) starts after the first successful login.
     """
     settings.check()
-    own_http = http is None
-    if http is None:
-        from flowengine.oauth_http import client_ssl_context
-
-        # the system CAs plus client.ca_file (a ca_file alone would drop the system store)
-        verify = client_ssl_context(settings.ca_file)
-        http = httpx.AsyncClient(verify=verify, timeout=httpx.Timeout(40.0, connect=10.0))
     tg_client = client or open_client(settings)
     transport = TelethonTransport(tg_client, max_flood_wait=settings.max_flood_wait)
     runner = BotRunner(
@@ -264,11 +255,8 @@ async def run_bot(
         broker=broker,
         engine=engine,
         owners=settings.owner_ids,
-        api_base_url=settings.api_base_url,
-        api_token=settings.api_token,
         redirect_uri=settings.redirect_uri,
         resume_path=settings.resume_path,
-        http=http,
         commands=commands,
         tz=settings.timezone,
         notify_interval=settings.notify_interval,
@@ -303,5 +291,3 @@ async def run_bot(
                 await tg_client.disconnect()
             except Exception:  # noqa: BLE001 - shutting down anyway
                 log.debug("disconnect failed", exc_info=True)
-            if own_http:
-                await http.aclose()

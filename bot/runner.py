@@ -2,13 +2,15 @@
 
 The runner is the bot's only I/O driver. For every inbound it asks the pure dialogue
 (bot/dialogue.py) what to do, then executes the effects in order: messages go out through
-a :class:`~bot.transport.ChatTransport`; commands call the broker, the engine and the
-daemon's ``/oauth/pending`` long-poll, and their results come back as new inbounds.
+a :class:`~bot.transport.ChatTransport`; commands call the broker and the engine, and
+their results come back as new inbounds.
 
-Authorize links are watched by one task each: the task long-polls the daemon over HTTP
-(so the bot may run apart from the daemon), exchanges the code through the broker and
-reports how the flow ended, which the dialogue turns into an edit of the link message.
-Watched flows are noted in the resume file, so a restarted bot picks them up again.
+The bot runs inside the daemon and never talks to it over the network. The daemon
+exchanges a code as soon as its callback arrives; an authorize link is watched by one task
+that sleeps on the engine's in-process wake-up until the flow has its outcome (stored,
+failed, expired, cancelled) and reports it, which the dialogue turns into an edit of the
+link message. Watched flows are noted in the resume file, so a restarted bot picks them
+up again (and completes a code a restart left unexchanged: only the bot knows its state).
 
 Integration commands (``glucose``, ...) come in as :class:`ChatCommandHandler` objects
 (the composition root binds them, see integrations/); the runner lists them in the
@@ -28,20 +30,19 @@ from typing import Any, Protocol
 
 import anyio
 import anyio.abc
-import httpx
 
 from flowengine.broker import Broker
 from flowengine.catalog import Catalog
 from flowengine.credentials import ClientCredentials, CredentialStore
-from flowengine.daemon_client import wait_for_code
 from flowengine.engine import FlowEngine
 from flowengine.errors import (
     BrokerError,
+    CodeAlreadyUsedError,
     CredentialsMissingError,
+    FlowExpiredError,
     FlowNotFound,
     InvalidTransition,
     NotConnectedError,
-    ProviderError,
     UnknownProviderError,
 )
 from flowengine.models import Flow
@@ -58,7 +59,12 @@ log = logging.getLogger("bot")
 #: the ledger actor of everything the bot does
 ACTOR = "bot"
 
-_WATCHABLE = (FlowState.INITIATED, FlowState.AWAITING_CODE, FlowState.CODE_RECEIVED)
+_WATCHABLE = (
+    FlowState.INITIATED,
+    FlowState.AWAITING_CODE,
+    FlowState.CODE_RECEIVED,
+    FlowState.EXCHANGED,
+)
 _CANCELLABLE = (FlowState.INITIATED, FlowState.AWAITING_CODE)
 #: effects that are messages (their failure is not reported by another message)
 _OUTPUT = (d.Send, d.Edit, d.SendImage, d.AnswerTap)
@@ -121,35 +127,27 @@ class BotRunner:
         broker: Broker,
         engine: FlowEngine,
         owners: frozenset[int] | set[int],
-        api_base_url: str,
-        api_token: str,
         redirect_uri: str,
         resume_path: Any,
-        http: httpx.AsyncClient,
         catalog: Catalog | None = None,
         credentials: CredentialStore | None = None,
         commands: Sequence[ChatCommandHandler] = (),
         tz: str = "UTC",
         notify_interval: float = 5.0,
-        poll_step: float = 25.0,
         watch_grace: float = 15.0,
-        retry_delay: float = 1.0,
     ) -> None:
+        """``watch_grace``: how long past a link's deadline (and a received code's exchange)
+        the bot still waits for the outcome before it ends the flow itself."""
         self.transport = transport
         self.broker = broker
         self.engine = engine
         self.catalog = catalog or broker.catalog
         self.credentials = credentials or broker.credentials
-        self.api_base_url = api_base_url
-        self._api_token = api_token
         self.redirect_uri = redirect_uri
         self.resume_file = ResumeFile(resume_path)
-        self.http = http
         self.commands = {command.name: command for command in commands}
         self.notify_interval = notify_interval
-        self.poll_step = poll_step
         self.watch_grace = watch_grace
-        self.retry_delay = retry_delay
         specs = {
             c.name: d.CommandSpec(c.name, c.help, c.usage, c.failure, c.parse, c.aliases)
             for c in self.commands.values()
@@ -482,49 +480,43 @@ class BotRunner:
             flow = await self.engine.get_flow(w.flow_id)
         except FlowNotFound:
             return self._ended(w, d.Outcome.FAILED, detail="the flow is gone from the ledger")
-        if flow.state not in _WATCHABLE:
-            return self._from_ledger(w, flow)
-        remaining = (
-            (flow.deadline - self.engine.now_ms()) / 1000
-            if flow.deadline is not None
-            else self.engine.awaiting_ttl
-        )
-        try:
-            result = await wait_for_code(
-                self.http,
-                self.api_base_url,
-                w.state,
-                self._api_token,
-                timeout=max(remaining, 0.0) + self.watch_grace,
-                step=self.poll_step,
-                retry_delay=self.retry_delay,
+        if flow.state is FlowState.CODE_RECEIVED:
+            # a code nobody exchanged: the daemon restarted between the callback and its
+            # exchange. The bot kept the state, so it can finish the job.
+            await self._complete_stranded(w)
+        while True:
+            flow = await self.engine.get_flow(w.flow_id)
+            if flow.state not in _WATCHABLE:
+                return self._from_ledger(w, flow)
+            deadline = flow.deadline
+            remaining = (
+                (deadline - self.engine.now_ms()) / 1000
+                if deadline is not None
+                else self.engine.awaiting_ttl
             )
-        except FlowNotFound:
-            return self._ended(w, d.Outcome.FAILED, detail="the daemon does not know this link")
-        except BrokerError as err:
-            log.warning("waiting for %s failed: %s", w.flow_id, err.code)
-            return self._ended(w, d.Outcome.FAILED, detail=err.message)
-        if result.status == "timeout":
+            flow = await self.engine.wait_flow(
+                w.flow_id,
+                until=lambda f: f.state not in _WATCHABLE,
+                timeout=max(remaining, 0.0) + self.watch_grace,
+            )
+            if flow.state not in _WATCHABLE:
+                return self._from_ledger(w, flow)
+            if flow.deadline is not None and flow.deadline > self.engine.now_ms():
+                continue  # the deadline moved (e.g. the code arrived): wait for the new one
+            # nobody ended it in time (the timer may not be running): end it here
             try:
                 await self.engine.expire(w.flow_id, actor=ACTOR, reason="ttl")
             except InvalidTransition:
-                return self._from_ledger(w, await self.engine.get_flow(w.flow_id))
+                continue
             return self._ended(w, d.Outcome.TIMED_OUT)
-        if result.status == "gone":
-            return self._gone(w, result.reason, result.error, result.error_description)
-        if result.code is None or result.flow_id not in (None, w.flow_id):
-            return self._ended(w, d.Outcome.FAILED, detail="the daemon answered for another flow")
+
+    async def _complete_stranded(self, w: _Watched) -> None:
         try:
-            tokens = await self.broker.complete(w.flow_id, result.code, actor=ACTOR)
-        except ProviderError as err:
-            log.warning("exchange for %s failed: %s", w.flow_id, err.code)
-            detail = err.description or err.oauth_error or err.message
-            return self._ended(w, d.Outcome.FAILED, detail=detail)
+            await self.broker.complete_state(w.state, actor=ACTOR)
+        except (CodeAlreadyUsedError, FlowExpiredError, FlowNotFound):
+            pass  # somebody else took it, or it ended: the ledger says how
         except BrokerError as err:
             log.warning("exchange for %s failed: %s", w.flow_id, err.code)
-            return self._ended(w, d.Outcome.FAILED, detail=err.message)
-        scopes = tuple(tokens.scope.split()) if tokens.scope else flow.scopes
-        return self._ended(w, d.Outcome.CONNECTED, scopes=scopes, expires=tokens.expires)
 
     def _gone(
         self, w: _Watched, reason: str | None, error: str | None, description: str | None

@@ -37,8 +37,6 @@ from tests.agentd.cli_helpers import (
     SimServer,
     free_port,
 )
-from tests.api.fake_tailscale import DOMAIN as TAILNET_DOMAIN
-from tests.api.fake_tailscale import FakeTailnet, install_fake_cli
 from tests.conftest import real_peer_missing
 
 HAS_DOT = shutil.which("dot") is not None
@@ -285,43 +283,60 @@ def flows_by_state(instance: AgentdInstance) -> dict[str, int]:
     return counts
 
 
-def test_connect_fails_fast_when_the_daemon_is_down(cli: AgentdInstance) -> None:
-    before = flows_by_state(cli)
-    dead = f"https://localhost:{free_port()}"
-    result = cli.run("connect", "dexcom", "--no-qr", env=cli.env(AGENTD_CLIENT_API_BASE_URL=dead))
+def test_connect_fails_fast_when_the_daemon_is_down(cli: AgentdInstance, tmp_path: Path) -> None:
+    """Another state dir: no daemon socket there (the credentials are copied along)."""
+    state = tmp_path / "s"
+    state.mkdir()
+    shutil.copy(cli.state_dir / "credentials.json", state / "credentials.json")
+    result = cli.run("connect", "dexcom", "--no-qr", env=cli.env(AGENTD_PATHS_STATE_DIR=str(state)))
     assert result.returncode == 5
-    assert f"the daemon is not reachable at {dead}" in result.stderr
+    assert f"the daemon is not running (no socket at {state / 'agentd.sock'})" in result.stderr
     assert "agentd serve" in result.stderr
     assert result.stdout == ""  # no link printed: no flow was started
-    assert flows_by_state(cli) == before
 
 
-def test_connect_asks_tailscaled_for_the_name_and_cancels_on_timeout(
-    cli: AgentdInstance, tmp_path: Path
+def test_connect_uses_the_daemons_redirect_uri_and_cancels_on_timeout(
+    cli: AgentdInstance,
 ) -> None:
-    class Env:
-        def __init__(self) -> None:
-            self.values: dict[str, str] = {}
-
-        def setenv(self, name: str, value: str) -> None:
-            self.values[name] = value
-
-    fake = Env()
-    install_fake_cli(tmp_path / "bin", FakeTailnet(), fake)
-    env = cli.env(
-        AGENTD_SERVER_PUBLIC_NAME="",  # ask tailscaled
-        AGENTD_CLIENT_API_BASE_URL=cli.base_url,
-        **fake.values,
-    )
+    # whatever this process would derive, the daemon's own plan decides the redirect URI
+    env = cli.env(AGENTD_SERVER_PUBLIC_NAME="elsewhere.example", AGENTD_SERVER_PORT="1")
     before = flows_by_state(cli)
     result = cli.run("connect", "dexcom", "--no-qr", "--timeout", "1", env=env)
     assert result.returncode == 6, result.stderr
     url = next(line.strip() for line in result.stdout.splitlines() if "/v2/oauth2/login?" in line)
     query = parse_qs(urlsplit(url).query)
-    assert query["redirect_uri"] == [f"https://{TAILNET_DOMAIN}:{cli.daemon_port}/oauth/callback"]
+    assert query["redirect_uri"] == [cli.redirect_uri]
     assert "⌛ no answer within 1 s" in result.stdout
     after = flows_by_state(cli)
     assert after.get("cancelled", 0) == before.get("cancelled", 0) + 1
+
+
+def test_a_killed_connect_still_gets_its_connection(cli: AgentdInstance, sim: SimOAuth) -> None:
+    """The daemon owns the exchange: SIGKILL the command, open the link, tokens arrive."""
+    previous = cli.auth_entries().get("dexcom", {}).get("access")
+    process = cli.popen("connect", "dexcom", "--no-qr", "--timeout", "60")
+    assert process.stdout is not None
+    assert process.stderr is not None
+    out, err = LineReader(process.stdout), LineReader(process.stderr)
+    try:
+        url = out.wait_for(lambda text: "/v2/oauth2/login?" in text).strip()
+        process.kill()
+        process.wait(10)
+    finally:
+        out.rest()
+        err.rest()
+        process.stdout.close()
+        process.stderr.close()
+    before = sim.counters.token_requests["authorization_code"]
+    with cli.browser() as browser:
+        page = browser.get(url)
+    assert page.status_code == 200
+    assert "Dexcom connected — you can close this tab" in page.text
+    assert sim.counters.token_requests["authorization_code"] == before + 1
+    entry = remember_tokens(cli)
+    assert entry["access"]
+    assert entry["access"] != previous
+    assert flows_by_state(cli).get("code_received", 0) == 0
 
 
 def test_interrupted_connect_cancels_its_flow(cli: AgentdInstance) -> None:
@@ -823,8 +838,11 @@ def test_usage_errors_exit_2(cli: AgentdInstance) -> None:
     assert "awaiting_code" in bad_state.stderr  # the valid choices
 
 
-def test_serve_stops_cleanly_on_sigint(cli: AgentdInstance) -> None:
-    second = DaemonProcess(cli, port=free_port(), name="sigint")
+def test_serve_stops_cleanly_on_sigint(tmp_path: Path) -> None:
+    # its own installation: one state dir serves one daemon (its local socket is taken)
+    other = AgentdInstance(tmp_path / "sigint")
+    other.write_config()
+    second = DaemonProcess(other, name="sigint")
     try:
         second.wait_healthy()
     finally:
@@ -843,6 +861,15 @@ def test_second_serve_on_the_same_port_exits_2(cli: AgentdInstance) -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_second_serve_on_the_same_state_dir_exits_2(cli: AgentdInstance) -> None:
+    """Another port, the same state dir: its local socket belongs to the running daemon."""
+    result = cli.run("serve", timeout=30, env=cli.env(AGENTD_SERVER_PORT=str(free_port())))
+    assert result.returncode == 2
+    assert "agentd.sock is in use (another agentd serve with this state dir?)" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert (cli.state_dir / "agentd.sock").is_socket()  # the running daemon keeps it
+
+
 # ------------------------------------------------------------ serve: shutdown
 
 
@@ -856,7 +883,10 @@ def test_serve_stops_cleanly_on_sigterm(cli: AgentdInstance, daemon: DaemonProce
     out = LineReader(process.stdout)
     err = LineReader(process.stderr)
     try:
-        out.wait_for(lambda text: "/v2/oauth2/login?" in text)
+        try:
+            out.wait_for(lambda text: "/v2/oauth2/login?" in text)
+        except EOFError as error:
+            raise AssertionError(err.rest()) from error
         time.sleep(0.5)  # the long-poll is in flight
         assert daemon.stop(timeout=60) == 0
         returncode = process.wait(90)

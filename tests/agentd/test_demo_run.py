@@ -78,7 +78,7 @@ def test_demo_runs_every_step_and_exits_0(
     assert re.search(r"authorization URL: https://localhost:\d+/oauth2_user/authorize2\?", out)
     assert "scope=user.metrics&" in out
     assert "action=requesttoken with every token request" in out
-    assert "Authorized Withings (simulated)" in out
+    assert "Withings (simulated) connected — you can close this tab" in out
     assert re.search(r"weight +\d+\.\d kg", out)
     assert re.search(r"blood pressure +\d+/\d+ mmHg, pulse \d+", out)
     # a short-lived grant: the date, then one warning three days before and one on the last day

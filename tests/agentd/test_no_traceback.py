@@ -193,7 +193,7 @@ def _known_argv() -> list[Any]:
         (("connect", "dexcom", "--timeout", "-5"), 2, "--timeout: must be above 0"),
         (("connect", "dexcom", "--timeout", "1e400"), 2, "--timeout: must be above 0"),
         (("connect", "dexcom", "--scope", "a b"), 2, "is not a scope"),
-        (("connect", "dexcom", "--no-qr"), 5, "the daemon is not reachable"),
+        (("connect", "dexcom", "--no-qr"), 5, "the daemon is not running"),
         (("token", "\u202edexcom"), 2, "a provider id is"),
         (("flow", "x" * 1000), 2, "a flow id is"),
         (("flow", "no-such-flow"), 2, "no flow no-such-flow"),

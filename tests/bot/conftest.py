@@ -1,8 +1,10 @@
 """Bot fixtures: an in-memory chat, the real API served by Hypercorn on 127.0.0.1, a fake
 provider behind the broker, and a BotRunner wired to all three.
 
-The daemon and the bot each open their own FlowEngine on the same ledger file, as the two
-processes do on one host; the bot reaches the daemon only over HTTP.
+``rig.running()`` is one daemon process: one FlowEngine and Broker shared by the API (which
+exchanges codes as their callbacks arrive) and the bot (which waits on the engine's
+in-process wake-up), plus the engine's watcher for other processes' commits. The port and
+the redirect URI stay the same across restarts of the rig's daemon.
 """
 
 from __future__ import annotations
@@ -170,25 +172,36 @@ class Daemon:
 
 
 @asynccontextmanager
-async def serve_daemon(ledger: Path, catalog: Catalog) -> AsyncIterator[Daemon]:
-    """The real API app (plain-test mode) on an ephemeral 127.0.0.1 port, own engine."""
-    engine = await FlowEngine.open(ledger, poll_interval=0.05)
-    settings = ApiSettings(mode="plain-test", host="127.0.0.1", port=0, api_token=API_TOKEN)
-    app = create_app(engine, settings=settings, catalog=catalog)
+async def serve_daemon(
+    engine: FlowEngine, catalog: Catalog, broker: Broker | None, port: int
+) -> AsyncIterator[Daemon]:
+    """The real API app (plain-test mode) on 127.0.0.1:``port``, completing flows."""
+    settings = ApiSettings(mode="plain-test", host="127.0.0.1", port=port, api_token=API_TOKEN)
+    redirect = f"http://127.0.0.1:{port}/oauth/callback"
+    app = create_app(
+        engine, settings=settings, catalog=catalog, broker=broker, redirect_uri=redirect
+    )
     stop = anyio.Event()
-    try:
-        async with anyio.create_task_group() as tg:
-            plan = await tg.start(
-                lambda task_status: serve(
-                    app, settings, shutdown_trigger=stop.wait, task_status=task_status
-                )
+    async with anyio.create_task_group() as tg:
+        plan = await tg.start(
+            lambda task_status: serve(
+                app, settings, shutdown_trigger=stop.wait, task_status=task_status
             )
-            try:
-                yield Daemon(plan.base_url, plan.redirect_uri, engine)
-            finally:
-                stop.set()
-    finally:
-        await engine.close()
+        )
+        tg.start_soon(engine.watch_external)
+        try:
+            yield Daemon(plan.base_url, plan.redirect_uri, engine)
+        finally:
+            stop.set()
+            tg.cancel_scope.cancel()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 # --------------------------------------------------------------------- the bot
@@ -200,14 +213,15 @@ class BotRig:
     chat: FakeChat
     fake: FakeProvider
     catalog: Catalog
-    daemon: Daemon
-    http: httpx.AsyncClient  # to the daemon (the bot's poller and the "browser")
+    http: httpx.AsyncClient  # the owner's browser
     provider_http: httpx.AsyncClient  # the broker's client to the fake provider
     credentials: CredentialStore
     tokens: TokenStore
+    port: int = field(default_factory=_free_port)
     engine: FlowEngine | None = None
     broker: Broker | None = None
     runner: BotRunner | None = None
+    daemon: Daemon | None = None
     awaiting_ttl: float = 600.0
     #: integration chat commands, made from the running broker and engine
     commands: Callable[[Broker, FlowEngine], Sequence[ChatCommandHandler]] | None = None
@@ -221,14 +235,17 @@ class BotRig:
     def resume_path(self) -> Path:
         return self.tmp / "state" / "telegram-flows.json"
 
+    @property
+    def redirect_uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}/oauth/callback"
+
     @asynccontextmanager
-    async def running(
-        self,
-        before_run: Callable[[], Awaitable[None]] | None = None,
-        **runner_options: Any,
-    ) -> AsyncIterator[BotRunner]:
-        """A bot process: its own engine and broker on the shared ledger, runner running."""
-        engine = await FlowEngine.open(self.ledger, awaiting_ttl=self.awaiting_ttl)
+    async def _daemon(
+        self, *, bot: bool = True
+    ) -> AsyncIterator[tuple[FlowEngine, Broker, Daemon]]:
+        engine = await FlowEngine.open(
+            self.ledger, awaiting_ttl=self.awaiting_ttl, poll_interval=0.05
+        )
         broker = Broker(
             engine,
             catalog=self.catalog,
@@ -236,31 +253,41 @@ class BotRig:
             tokens=self.tokens,
             http=self.provider_http,
         )
-        options: dict[str, Any] = {
-            "owners": {OWNER},
-            "api_base_url": self.daemon.base_url,
-            "api_token": API_TOKEN,
-            "redirect_uri": self.daemon.redirect_uri,
-            "resume_path": self.resume_path,
-            "http": self.http,
-            "commands": self.commands(broker, engine) if self.commands else (),
-            "notify_interval": 3600.0,
-            "poll_step": 5.0,
-        }
-        options.update(runner_options)
-        runner = BotRunner(self.chat, broker=broker, engine=engine, **options)
-        self.engine, self.broker, self.runner = engine, broker, runner
         try:
-            if before_run is not None:
-                await before_run()  # updates handled before run() starts
-            async with anyio.create_task_group() as tg:
-                await tg.start(runner.run)
-                try:
-                    yield runner
-                finally:
-                    tg.cancel_scope.cancel()
+            async with serve_daemon(engine, self.catalog, broker, self.port) as daemon:
+                yield engine, broker, daemon
         finally:
             await engine.close()
+
+    @asynccontextmanager
+    async def running(
+        self,
+        before_run: Callable[[], Awaitable[None]] | None = None,
+        **runner_options: Any,
+    ) -> AsyncIterator[BotRunner]:
+        """The daemon process with its bot: API, engine, broker and runner running."""
+        async with self._daemon() as (engine, broker, daemon):
+            options: dict[str, Any] = {
+                "owners": {OWNER},
+                "redirect_uri": daemon.redirect_uri,
+                "resume_path": self.resume_path,
+                "commands": self.commands(broker, engine) if self.commands else (),
+                "notify_interval": 3600.0,
+            }
+            options.update(runner_options)
+            runner = BotRunner(self.chat, broker=broker, engine=engine, **options)
+            self.engine, self.broker, self.runner, self.daemon = engine, broker, runner, daemon
+            try:
+                if before_run is not None:
+                    await before_run()  # updates handled before run() starts
+                async with anyio.create_task_group() as tg:
+                    await tg.start(runner.run)
+                    try:
+                        yield runner
+                    finally:
+                        tg.cancel_scope.cancel()
+            finally:
+                self.daemon = None
 
     async def say(self, text: str, *, sender: int = OWNER, chat_id: int | None = None) -> int:
         """The owner (or ``sender``) writes to the bot; returns the message id."""
@@ -284,25 +311,34 @@ class BotRig:
         )
 
     async def browser(self, message: ChatMessage, *, deny: bool = False) -> httpx.Response:
-        """The owner opens the link, the provider redirects to the daemon's callback."""
+        """The owner opens the link, the provider redirects to the daemon's callback.
+
+        With the rig's daemon down, a daemon without a bot serves the callback.
+        """
+        if self.daemon is None:
+            async with self._daemon() as (engine, _, daemon):
+                return await self._open(message, engine, daemon, deny=deny)
         assert self.engine is not None
+        return await self._open(message, self.engine, self.daemon, deny=deny)
+
+    async def _open(
+        self, message: ChatMessage, engine: FlowEngine, daemon: Daemon, *, deny: bool
+    ) -> httpx.Response:
         url = url_button(message).url
         query = parse_qs(urlsplit(url).query)
         state = query["state"][0]
-        assert query["redirect_uri"] == [self.daemon.redirect_uri]
+        assert query["redirect_uri"] == [self.redirect_uri]
         if deny:
             params = {"state": state, "error": "access_denied"}
         else:
-            flow = await self.daemon.engine.ledger.by_state_hash(_hash(state))
+            flow = await engine.ledger.by_state_hash(_hash(state))
             assert flow is not None
-            verifier = await self.engine.code_verifier(flow.id)
+            verifier = await engine.code_verifier(flow.id)
             assert verifier is not None
             assert query["code_challenge"] == [code_challenge(verifier)]
-            code = self.fake.issue_code(
-                redirect_uri=self.daemon.redirect_uri, code_verifier=verifier
-            )
+            code = self.fake.issue_code(redirect_uri=self.redirect_uri, code_verifier=verifier)
             params = {"state": state, "code": code}
-        response = await self.http.get(f"{self.daemon.base_url}/oauth/callback", params=params)
+        response = await self.http.get(f"{daemon.base_url}/oauth/callback", params=params)
         assert response.status_code == 200, response.text
         return response
 
@@ -335,14 +371,12 @@ async def _rig(tmp_path: Path, fake: FakeProvider, catalog: Catalog) -> AsyncIte
     async with (
         httpx.AsyncClient(transport=fake.transport()) as provider_http,
         httpx.AsyncClient(timeout=httpx.Timeout(60.0, connect=5.0)) as http,
-        serve_daemon(tmp_path / "ledger.sqlite3", catalog) as daemon,
     ):
         yield BotRig(
             tmp=tmp_path,
             chat=FakeChat(),
             fake=fake,
             catalog=catalog,
-            daemon=daemon,
             http=http,
             provider_http=provider_http,
             credentials=credentials,

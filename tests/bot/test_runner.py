@@ -1,13 +1,14 @@
 """Whole conversations through the BotRunner: a fake chat, the real API over HTTP
-(Hypercorn on 127.0.0.1), a fake provider behind the real broker, a real ledger file."""
+(Hypercorn on 127.0.0.1) in the same process, which exchanges the code when its callback
+arrives, a fake provider behind the real broker, a real ledger file."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
-import socket
 import stat
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import anyio
 import pytest
@@ -17,7 +18,7 @@ from bot.dialogue import CallbackButton
 from flowengine.credentials import ClientCredentials
 from flowengine.states import FlowState, FlowTrigger
 
-from .conftest import OWNER, STRANGER, BotRig, callback_button
+from .conftest import OWNER, STRANGER, BotRig, callback_button, url_button
 
 pytestmark = pytest.mark.anyio
 
@@ -63,8 +64,8 @@ async def test_connect_with_stored_credentials(rig: BotRig) -> None:
             ("initiated", "bot"),
             ("awaiting_code", "bot"),
             ("code_received", "api"),
-            ("exchanged", "bot"),
-            ("stored", "bot"),
+            ("exchanged", "api"),
+            ("stored", "api"),
         ]
         # the exchange used the PKCE verifier (the fake checks it) with our client
         exchange = [r for r in rig.fake.requests if r.form.get("grant_type")]
@@ -154,26 +155,39 @@ async def test_timeout(rig: BotRig) -> None:
         assert json.loads(rig.resume_path.read_text()) == {}
 
 
-async def test_daemon_unreachable_is_reported_when_the_link_runs_out(rig: BotRig) -> None:
-    rig.awaiting_ttl = 0.5
-    with socket.socket() as closed:
-        closed.bind(("127.0.0.1", 0))
-        nobody = f"http://127.0.0.1:{closed.getsockname()[1]}"
-    async with rig.running(api_base_url=nobody, watch_grace=0.3, retry_delay=0.05):
+async def test_a_flow_another_process_cancels_wakes_the_bot(rig: BotRig) -> None:
+    """`agentd flows cancel` runs in its own process: the engine's watcher wakes the bot."""
+    from flowengine.engine import FlowEngine
+
+    async with rig.running():
         await rig.say("connect fake")
         link = await rig.authorize_message()
-        await rig.chat.wait_for(lambda: link.edits)
-        assert link.current.startswith(
-            "❌ Fake connection failed: the daemon could not be reached: ConnectError"
-        )
+        async with await FlowEngine.open(rig.ledger) as other:
+            await other.cancel(await _only_flow(rig), actor="cli")
+        await rig.chat.wait_for(lambda: link.edits, timeout=20)
+        assert link.current == "🚫 Fake authorization cancelled"
 
 
-async def test_a_wrong_api_token_is_reported(rig: BotRig) -> None:
-    async with rig.running(api_token="wrong-token"):
+async def test_a_code_a_restart_left_unexchanged_is_completed_by_the_bot(rig: BotRig) -> None:
+    """The daemon stopped between recording the callback and its exchange."""
+    async with rig.running():
         await rig.say("connect fake")
         link = await rig.authorize_message()
+        flow_id = await _only_flow(rig)
+    # the callback is recorded by an engine that never exchanges (the crashed daemon)
+    from flowengine.engine import FlowEngine
+    from flowengine.protocol import parse_callback
+
+    url = url_button(link).url
+    state = parse_qs(urlsplit(url).query)["state"][0]
+    async with await FlowEngine.open(rig.ledger) as crashed:
+        verifier = await crashed.code_verifier(flow_id)
+        code = rig.fake.issue_code(redirect_uri=rig.redirect_uri, code_verifier=verifier)
+        await crashed.record_callback(parse_callback(urlencode({"code": code, "state": state})))
+    async with rig.running():
         await rig.chat.wait_for(lambda: link.edits)
-        assert "the daemon refused the API token" in link.current
+        assert link.current.startswith("✅ Fake connected")
+        assert (await _states(rig, flow_id))[-2:] == [("exchanged", "bot"), ("stored", "bot")]
 
 
 async def test_exchange_refused_by_the_provider(rig: BotRig) -> None:
@@ -186,7 +200,7 @@ async def test_exchange_refused_by_the_provider(rig: BotRig) -> None:
         assert link.current.startswith("❌ Fake connection failed: ")
         assert link.current.endswith("\nSay connect fake to try again.")
         assert "rotated-elsewhere" not in link.current
-        assert (await _states(rig, await _only_flow(rig)))[-1] == ("failed", "bot")
+        assert (await _states(rig, await _only_flow(rig)))[-1] == ("failed", "api")
 
 
 async def test_cancel_ends_the_pending_link(rig: BotRig) -> None:
@@ -332,15 +346,15 @@ async def test_notification_with_reconnect_button(rig: BotRig) -> None:
 async def test_notifications_written_by_another_process_are_delivered_by_the_loop(
     rig: BotRig,
 ) -> None:
-    async with rig.running(notify_interval=0.05):
-        # the daemon's timer (another engine on the same ledger) writes the row
-        await rig.daemon.engine.notify(
-            kind="refresh_failing", provider="fake", message="x", chat_id=OWNER
-        )
+    from flowengine.engine import FlowEngine
+
+    async with rig.running(notify_interval=0.05), await FlowEngine.open(rig.ledger) as other:
+        # another process (another engine on the same ledger) writes the row
+        await other.notify(kind="refresh_failing", provider="fake", message="x", chat_id=OWNER)
         note = await rig.chat.wait_message(lambda m: bool(m.buttons))
         assert note.text == "⚠️ Fake token refresh keeps failing — tap to reconnect."
         with anyio.fail_after(10):
-            while await rig.daemon.engine.notifications():
+            while await other.notifications():
                 await anyio.sleep(0.02)
 
 
@@ -363,8 +377,8 @@ async def test_restart_mid_flow_resumes_polling(rig: BotRig) -> None:
             ("initiated", "bot"),
             ("awaiting_code", "bot"),
             ("code_received", "api"),
-            ("exchanged", "bot"),
-            ("stored", "bot"),
+            ("exchanged", "api"),
+            ("stored", "api"),
         ]
     assert json.loads(rig.resume_path.read_text()) == {}
 

@@ -159,8 +159,7 @@ auth_file = "{self.instance.auth_file}"
         assert result.returncode == 0, result.stderr
 
     def stop(self) -> None:
-        if self.sim is not None:
-            self.sim.stop()
+        """The daemon first (it holds keep-alive connections to the sim), then the sim."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -169,6 +168,8 @@ auth_file = "{self.instance.auth_file}"
                 self.process.kill()
                 self.process.wait(5)
         self._log.close()
+        if self.sim is not None:
+            self.sim.stop()
 
 
 @pytest.fixture(name="start_agentd")

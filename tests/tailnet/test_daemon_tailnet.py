@@ -98,11 +98,6 @@ async def test_serve_mode_through_tailscale_serve(tailnet: Tailnet, start_agentd
         server.cli("serve", "reset")
 
 
-@pytest.mark.xfail(
-    reason="issue 15: under userspace networking a peer reaches the serve-mode backend port"
-    " directly and is taken for the local host (tailscale-verified.md #11)",
-    strict=True,
-)
 async def test_serve_mode_backend_port_is_not_a_bypass(
     tailnet: Tailnet, start_agentd: Start
 ) -> None:
@@ -124,11 +119,6 @@ def test_tailnet_proxy_reaches_nothing_without_a_listener(tailnet: Tailnet) -> N
         browser.get(f"http://{tailnet['agentd-host'].dns_name}:9/").raise_for_status()
 
 
-@pytest.mark.xfail(
-    reason="issue 15: same-host clients call https://<MagicDNS name>, which this host can"
-    " neither resolve nor reach under userspace networking (tailscale-verified.md #12)",
-    strict=True,
-)
 def test_connect_on_the_daemons_host_completes_a_flow(
     tailnet: Tailnet, start_agentd: Start
 ) -> None:
@@ -167,3 +157,64 @@ def test_connect_on_the_daemons_host_completes_a_flow(
         process.stderr.close()
     assert "✅ Dexcom connected" in stdout
     assert daemon.instance.auth_entries()["dexcom"]["access"]
+
+
+async def test_serve_mode_owner_direct_is_judged_by_whois(
+    tailnet: Tailnet, start_agentd: Start
+) -> None:
+    """Reaching the backend port directly is not a bypass, and not a lock-out either:
+    whois names the real peer and the owner check applies to it."""
+    server, owner, tagged = tailnet["agentd-host"], tailnet["owner-laptop"], tailnet["ci-runner"]
+    daemon = start_agentd(
+        mode="serve", allowed_logins=(owner.login,), extra_server="public_port = 8482"
+    )
+    status, _ = owner.raw_get(server.ip4, daemon.port, "/healthz")
+    assert status == 200
+    status, body = tagged.raw_get(
+        server.ip4, daemon.port, "/healthz", {"Tailscale-User-Login": owner.login}
+    )
+    assert status == 403
+    assert "tagged devices are not allowed here" in body
+
+
+async def test_serve_mode_with_a_unix_backend(tailnet: Tailnet, start_agentd: Start) -> None:
+    """`tailscale serve ... unix:<path>`: no TCP port at all for a peer to reach directly."""
+    import tempfile
+
+    server, owner, guest = tailnet["agentd-host"], tailnet["owner-laptop"], tailnet["guest-phone"]
+    with tempfile.TemporaryDirectory(prefix="ag") as short:
+        backend = f"{short}/http.sock"
+        daemon = start_agentd(
+            mode="serve",
+            allowed_logins=(owner.login,),
+            extra_server=f'public_port = 8483\nhost = "unix:{backend}"',
+        )
+        server.cli("serve", "--bg", "--http=8483", f"unix:{backend}")
+        try:
+            public = f"http://{server.dns_name}:8483"
+            with owner.client() as browser:
+                page = browser.get(f"{public}/healthz")
+                assert page.status_code == 200
+            with guest.client() as browser:
+                assert browser.get(f"{public}/healthz").status_code == 403
+        finally:
+            server.cli("serve", "reset")
+        assert f"no `tailscale serve` handler for {server.dns_name}:8483 yet" in daemon.log()
+
+
+def test_tls_mode_refuses_an_unidentified_loopback_caller_under_userspace(
+    tailnet: Tailnet, start_agentd: Start
+) -> None:
+    """A process on agentd-host itself calling 127.0.0.1:<port>: whois answers 404, which
+    under userspace networking also covers subnet-routed sources; it is refused and told
+    to use the local socket."""
+    owner = tailnet["owner-laptop"]
+    daemon = start_agentd(mode="tls", allowed_logins=(owner.login,))
+    with httpx.Client(verify=daemon.instance.ssl_context(), timeout=20) as local:
+        response = local.get(
+            f"https://127.0.0.1:{daemon.port}/healthz",
+            headers={"Host": f"{daemon.node.dns_name}:{daemon.port}"},
+            extensions={"sni_hostname": daemon.node.dns_name},
+        )
+    assert response.status_code == 403
+    assert "unix socket" in response.json()["message"]

@@ -188,7 +188,7 @@ async def test_connect_dexcom_at_the_simulator_then_glucose(rig: BotRig) -> None
     sim_app = create_sim_app(
         api=api,
         clients={"sim-client": "sim-secret"},
-        redirect_uris=[rig.daemon.redirect_uri],
+        redirect_uris=[rig.redirect_uri],
         consent="allow",
     )
     sim = get_sim(sim_app)
@@ -206,7 +206,7 @@ async def test_connect_dexcom_at_the_simulator_then_glucose(rig: BotRig) -> None
             consent = await sim_http.get(url)
             assert consent.status_code == 302
             callback = consent.headers["location"]
-            assert callback.startswith(rig.daemon.redirect_uri + "?")
+            assert callback.startswith(rig.redirect_uri + "?")
             assert (await rig.http.get(callback)).status_code == 200
             await rig.chat.wait_for(lambda: link.edits)
             assert link.current.startswith(
