@@ -83,6 +83,9 @@ class Conn:
     peer: str
     close: Callable[[], None] = field(repr=False)
     active: bool = False
+    #: its slot is free again (released, or evicted: the fd is closed at once, though
+    #: Hypercorn's task for it may linger until its idle timer ends)
+    released: bool = False
 
 
 class ConnectionLimiter:
@@ -124,7 +127,10 @@ class ConnectionLimiter:
         self._forget_idle(conn)
 
     def release(self, conn: Conn) -> None:
-        """``conn`` closed (for whatever reason); call exactly once per admitted conn."""
+        """``conn`` closed (for whatever reason); call once per admitted conn."""
+        if conn.released:
+            return
+        conn.released = True
         self._forget_idle(conn)
         self.total -= 1
         left = self._open.get(conn.peer, 1) - 1
@@ -147,9 +153,8 @@ class ConnectionLimiter:
                 del self._idle[conn.peer]
 
     def _evict(self, conn: Conn) -> None:
-        # out of the idle sets now (it cannot be chosen twice); release() follows on close
-        self._forget_idle(conn)
-        conn.active = True
+        conn.active = True  # never activated or chosen again
+        self.release(conn)
         self.evicted += 1
         conn.close()
 
