@@ -3,22 +3,23 @@
 - :class:`ConnectionLimiter` decides at accept time, before a byte is read: at most
   ``max_total`` open connections, at most ``max_per_peer`` from one peer, and at most
   ``max_idle_per_peer`` *idle* ones from one peer (idle: no request on it has passed the
-  guard yet). When a cap is reached the oldest idle connection is closed to make room
-  (per peer first, then anywhere), so a flood of idle connections never locks a real
-  client out; only when every connection in the way is active is the new one refused.
-  Under userspace networking every tailnet peer arrives from 127.0.0.1, which is why
-  eviction, not refusal, is the answer to idle floods.
+  guard yet). When a cap is reached a connection is closed to make room: the peer's own
+  oldest idle one, else one of the peer with the most idle connections, else the oldest
+  *parked* one (a long-poll that is only waiting: its client polls again), so neither an
+  idle flood nor a crowd of pollers locks a real client out; only when every connection in
+  the way is busy is the new one refused. Under userspace networking every tailnet peer
+  arrives from 127.0.0.1, which is why eviction, not refusal, is the answer to floods.
 - :func:`raise_nofile_limit` lifts ``RLIMIT_NOFILE``'s soft limit to the hard one (systemd
   starts services at 1024 soft / 524288 hard); :func:`default_caps` sizes the caps below it.
-- :class:`AcceptErrorLog` is a loop exception handler that turns asyncio's per-attempt
-  "socket.accept() out of system resource" reports (EMFILE & co., each with a traceback)
-  into one line a minute with a count.
+- :class:`AcceptErrorLog` turns accept() failures for lack of descriptors (EMFILE & co.)
+  into one line a minute with a count (asyncio's own accept loop would log a traceback
+  for each attempt).
 - :func:`peer_uid` reads a unix-socket peer's uid (``SO_PEERCRED``).
 """
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import errno
 import logging
 import resource
@@ -26,7 +27,7 @@ import socket
 import struct
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,6 +84,10 @@ class Conn:
     peer: str
     close: Callable[[], None] = field(repr=False)
     active: bool = False
+    #: what the connection's requests carry into the ASGI scope (listener, peer uid, ...)
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+    #: a long-poll on it is only waiting (it may be closed to make room)
+    parked: bool = False
     #: its slot is free again (released, or evicted: the fd is closed at once, though
     #: Hypercorn's task for it may linger until its idle timer ends)
     released: bool = False
@@ -96,6 +101,7 @@ class ConnectionLimiter:
         self._open: dict[str, int] = {}
         self._idle: dict[str, OrderedDict[Conn, None]] = {}
         self._idle_all: OrderedDict[Conn, None] = OrderedDict()
+        self._parked: OrderedDict[Conn, None] = OrderedDict()
         self.total = 0
         self.refused = 0
         self.evicted = 0
@@ -110,7 +116,7 @@ class ConnectionLimiter:
             return False
         if idle is not None and len(idle) >= caps.max_idle_per_peer:
             self._evict_from(idle)
-        if self.total >= caps.max_total and not self._evict_oldest():
+        if self.total >= caps.max_total and not self._make_room():
             self.refused += 1
             return False
         self.total += 1
@@ -125,6 +131,20 @@ class ConnectionLimiter:
             return
         conn.active = True
         self._forget_idle(conn)
+
+    @contextlib.contextmanager
+    def parked(self, conn: Conn) -> Iterator[None]:
+        """While a long-poll on ``conn`` only waits, the daemon may close it to make room."""
+        if conn.released:
+            yield
+            return
+        conn.parked = True
+        self._parked[conn] = None
+        try:
+            yield
+        finally:
+            conn.parked = False
+            self._parked.pop(conn, None)
 
     def release(self, conn: Conn) -> None:
         """``conn`` closed (for whatever reason); call once per admitted conn."""
@@ -145,6 +165,7 @@ class ConnectionLimiter:
         return len(self._idle.get(peer) or ())
 
     def _forget_idle(self, conn: Conn) -> None:
+        self._parked.pop(conn, None)
         self._idle_all.pop(conn, None)
         idle = self._idle.get(conn.peer)
         if idle is not None:
@@ -164,11 +185,22 @@ class ConnectionLimiter:
         self._evict(next(iter(idle)))
         return True
 
-    def _evict_oldest(self) -> bool:
-        if not self._idle_all:
-            return False
-        self._evict(next(iter(self._idle_all)))
-        return True
+    def _make_room(self) -> bool:
+        """Close one connection for a newcomer: an idle one of the peer with the most idle
+        connections (a flood renews its connections all the time, so the globally oldest
+        idle one would be a real client's), else the longest-parked long-poll, else the
+        oldest idle connection at all. False when everything is busy."""
+        crowd = max(self._idle.values(), key=len, default=None)
+        if crowd is not None and len(crowd) > 1:
+            self._evict(next(iter(crowd)))
+            return True
+        if self._parked:
+            self._evict(next(iter(self._parked)))
+            return True
+        if self._idle_all:
+            self._evict(next(iter(self._idle_all)))
+            return True
+        return False
 
 
 def peer_uid(sock: socket.socket) -> int | None:
@@ -185,50 +217,28 @@ def peer_uid(sock: socket.socket) -> int | None:
 
 
 class AcceptErrorLog:
-    """Loop exception handler: accept() resource errors at most once a ``period``, counted.
+    """accept() failing for lack of resources (EMFILE & co.): one line a ``period``, counted.
 
-    Everything else goes to the handler that was installed before (or the default one).
+    The accept loop calls :meth:`note` for every failure; without it, a daemon at its
+    descriptor limit writes a line (asyncio: a traceback) per attempt.
     """
 
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        *,
-        period: float = 60.0,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._loop = loop
-        self._previous = loop.get_exception_handler()
+    def __init__(self, *, period: float = 60.0, clock: Callable[[], float] = time.monotonic):
         self.period = period
         self._clock = clock
         self._last: float | None = None
         self.suppressed = 0
         self.total = 0
 
-    def install(self) -> AcceptErrorLog:
-        self._loop.set_exception_handler(self)
-        return self
-
-    def uninstall(self) -> None:
-        if self._loop.get_exception_handler() is self:
-            self._loop.set_exception_handler(self._previous)
-
-    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-        exc = context.get("exception")
-        if isinstance(exc, OSError) and exc.errno in _RESOURCE_ERRNOS:
-            self._resource_error(exc)
-            return
-        if self._previous is not None:
-            self._previous(loop, context)
-        else:
-            loop.default_exception_handler(context)
-
-    def _resource_error(self, exc: OSError) -> None:
+    def note(self, exc: OSError) -> bool:
+        """Count (and maybe log) ``exc``; False when it is no resource error."""
+        if exc.errno not in _RESOURCE_ERRNOS:
+            return False
         self.total += 1
         now = self._clock()
         if self._last is not None and now - self._last < self.period:
             self.suppressed += 1
-            return
+            return True
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         more = f" ({self.suppressed} more since the last report)" if self.suppressed else ""
         log.error(
@@ -239,3 +249,4 @@ class AcceptErrorLog:
         )
         self._last = now
         self.suppressed = 0
+        return True

@@ -18,6 +18,7 @@ in-process events (N <= ``max_wait`` seconds).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from typing import Any
@@ -66,6 +67,12 @@ _OUTCOMES = {
 def settled(flow: Flow) -> bool:
     """The authorization has its outcome: tokens stored, or the flow ended without."""
     return flow.state not in _UNSETTLED
+
+
+def _parked() -> contextlib.AbstractContextManager[None]:
+    """A long-poll's wait: the connection may be closed to make room (its client re-polls)."""
+    park = request.scope.get("agentd.park")
+    return park() if park is not None else contextlib.nullcontext()
 
 
 def _settled_or(stopping: Any) -> Any:
@@ -266,13 +273,15 @@ async def pending(state: str) -> Response:
     flow = await engine.get_flow(status.flow_id)
     if await _daemon_completes(flow):
         # the daemon exchanges this code itself: answer the outcome, never the code
-        flow = await engine.wait_flow(flow.id, until=_settled_or(ctx.stopping), timeout=wait)
+        with _parked():
+            flow = await engine.wait_flow(flow.id, until=_settled_or(ctx.stopping), timeout=wait)
         if settled(flow) and outcome_of(flow) == "connected":
             return _json(200, {"status": "connected", **_outcome_json(flow)})
         if settled(flow):
             return _gone(await engine.pending_status(state))
         return _waiting(await engine.pending_status(state))
-    status = await engine.wait_pending(state, timeout=0 if ctx.stopping.is_set() else wait)
+    with _parked():
+        status = await engine.wait_pending(state, timeout=0 if ctx.stopping.is_set() else wait)
     if status.status == "ready":
         try:
             taken = await engine.take_code(state)
@@ -357,7 +366,8 @@ async def outcome(flow_id: str) -> Response:
 
     ctx = api_context()
     wait = _parse_wait(request.args.get("wait"), ctx.settings.max_wait)
-    flow = await ctx.engine.wait_flow(flow_id, until=_settled_or(ctx.stopping), timeout=wait)
+    with _parked():
+        flow = await ctx.engine.wait_flow(flow_id, until=_settled_or(ctx.stopping), timeout=wait)
     if settled(flow):
         return _json(200, _outcome_json(flow))
     response = _json(503 if ctx.stopping.is_set() else 202, _outcome_json(flow))

@@ -471,6 +471,20 @@ class Listener:
     tls: bool = False
 
 
+#: asyncio's TLS protocol allocates (and zero-fills) a read buffer of this size for every
+#: connection: 256 KiB by default, i.e. 256 MB for 1,000 held long-polls. A TLS record
+#: carries at most 16 KiB, so larger reads buy nothing for this API's small messages.
+TLS_READ_BUFFER = 16 * 1024
+
+
+def _lean_tls_buffers() -> None:
+    """Shrink asyncio's per-connection TLS read buffer for this process (see above)."""
+    import asyncio.sslproto
+
+    if asyncio.sslproto.SSLProtocol.max_size > TLS_READ_BUFFER:
+        asyncio.sslproto.SSLProtocol.max_size = TLS_READ_BUFFER
+
+
 def _bind_socket(bind: str, backlog: int) -> socket.socket:
     if bind.startswith("unix:"):
         path = bind[5:]
@@ -554,13 +568,22 @@ class _ConnectionApp:
 
 @dataclass
 class _Server:
-    """Accepts connections on the listeners and hands each to Hypercorn's TCPServer."""
+    """Accepts connections on the listeners and hands each to Hypercorn's TCPServer.
+
+    Per listener one accept loop (``loop.sock_accept``): the peer is admitted or refused
+    (uid check, connection caps) before anything else happens; an admitted connection
+    waits until it sends its first bytes (an idle one costs a reader registration, no TLS
+    state), then TLS is set up on the accepted socket (``connect_accepted_socket``, with a
+    handshake timeout) and Hypercorn's TCPServer takes over. Accept failures for lack of
+    descriptors (EMFILE & co.) pause that loop briefly and are logged once a minute.
+    """
 
     app: AppWrapper
     config: Config
     limiter: ConnectionLimiter
     allowed_uids: frozenset[int]
     ssl_context: ssl.SSLContext | None
+    accept_errors: AcceptErrorLog
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     refused_uids: int = 0
 
@@ -577,19 +600,14 @@ class _Server:
             raise lifespan_task.exception()  # type: ignore[misc]
         self._context = WorkerContext(None)
         self._state = state
-        servers = [
-            await asyncio.start_server(
-                partial(self._connected, listener), sock=listener.sock, backlog=self.config.backlog
-            )
-            for listener in listeners
-        ]
+        accepting = [loop.create_task(self._accept(listener)) for listener in listeners]
         try:
             await shutdown_trigger()
         finally:
+            for task in accepting:
+                task.cancel()
+            await asyncio.gather(*accepting, return_exceptions=True)
             await self._context.terminated.set()
-            for server in servers:
-                server.close()
-                await server.wait_closed()
             if self.tasks:
                 await asyncio.wait(list(self.tasks), timeout=self.config.graceful_timeout)
             await lifespan.wait_for_shutdown()
@@ -597,27 +615,28 @@ class _Server:
             with contextlib.suppress(asyncio.CancelledError):
                 await lifespan_task
 
-    async def _connected(
-        self, listener: Listener, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        try:
-            await self._serve_connection(listener, reader, writer)
-        except asyncio.CancelledError:
-            # the root of a connection task, cancelled at shutdown: nobody awaits it, and
-            # Python 3.11's stream callback would report the cancellation as an error
-            writer.transport.abort()
-
-    async def _serve_connection(
-        self, listener: Listener, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        task = asyncio.current_task()
-        if task is not None:
+    async def _accept(self, listener: Listener) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, address = await loop.sock_accept(listener.sock)
+            except OSError as err:
+                if not self.accept_errors.note(err):
+                    log.warning("accept failed on %s: %s", listener.kind, err)
+                await asyncio.sleep(0.25)  # descriptors come back as connections close
+                continue
+            conn = self._admit(listener, sock, address)
+            if conn is None:
+                sock.close()
+                continue
+            task = loop.create_task(self._connection(listener, sock, conn))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
-        transport = writer.transport
+
+    def _admit(self, listener: Listener, sock: socket.socket, address: Any) -> Conn | None:
         extra: dict[str, Any] = {"agentd.listener": listener.kind}
         if listener.kind == "local":
-            uid = peer_uid(writer.get_extra_info("socket"))
+            uid = peer_uid(sock)
             if uid is None or uid not in self.allowed_uids:
                 self.refused_uids += 1
                 if self.refused_uids in (1, 10, 100) or self.refused_uids % 1000 == 0:
@@ -629,38 +648,73 @@ class _Server:
                         os.getuid(),
                         listener.sock.getsockname(),
                     )
-                transport.abort()
-                return
+                return None
             extra["agentd.peer_uid"] = uid
             peer = f"uid:{uid}"
         else:
-            name = writer.get_extra_info("peername")
-            peer = str(name[0]) if isinstance(name, tuple) and name else "unix"
-        conn = Conn(peer, close=transport.abort)
+            peer = str(address[0]) if isinstance(address, tuple) and address else "unix"
+        conn = Conn(peer, close=sock.close)
         if not self.limiter.admit(conn):
-            transport.abort()
-            return
+            return None
         extra["agentd.activate"] = partial(self.limiter.activate, conn)
+        extra["agentd.park"] = partial(self.limiter.parked, conn)
+        conn.extra = extra
+        return conn
+
+    async def _connection(self, listener: Listener, sock: socket.socket, conn: Conn) -> None:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        transported = False
         try:
-            if listener.tls and self.ssl_context is not None:
-                try:
-                    await writer.start_tls(
-                        self.ssl_context, ssl_handshake_timeout=self.config.ssl_handshake_timeout
-                    )
-                except (TimeoutError, OSError, ssl.SSLError, ConnectionError):
-                    transport.abort()
-                    return
+            if conn.released:
+                return  # evicted before this task ran
+            # nothing is set up for a peer that never speaks: it waits in the selector
+            conn.close = lambda: task.cancel() if task is not None else None
+            try:
+                async with asyncio.timeout(self.config.keep_alive_timeout):
+                    await _readable(loop, sock)
+            except TimeoutError:
+                return
+            reader = asyncio.StreamReader(limit=2**16, loop=loop)
+            protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+            tls = self.ssl_context if listener.tls else None
+            transported = True  # from here on asyncio closes the socket
+            transport, _ = await loop.connect_accepted_socket(
+                lambda: protocol,
+                sock,
+                ssl=tls,
+                ssl_handshake_timeout=self.config.ssl_handshake_timeout if tls else None,
+            )
+            conn.close = transport.abort
+            writer = asyncio.StreamWriter(transport, protocol, reader, loop)
             await TCPServer(
-                _ConnectionApp(self.app, extra),  # type: ignore[arg-type]
-                asyncio.get_running_loop(),
+                _ConnectionApp(self.app, conn.extra),  # type: ignore[arg-type]
+                loop,
                 self.config,
                 self._context,
                 self._state,
                 reader,
                 writer,
             )
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError):
+            pass  # the peer went away or spoke no TLS: nothing to answer
+        except asyncio.CancelledError:
+            pass  # evicted, or the daemon is stopping: this task is the root, nobody awaits it
         finally:
+            if not transported:
+                sock.close()
             self.limiter.release(conn)
+
+
+async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    """Until ``sock`` has data (or EOF) to read."""
+    ready = loop.create_future()
+    fd = sock.fileno()
+    loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
+    try:
+        await ready
+    finally:
+        loop.remove_reader(fd)
 
 
 async def serve(
@@ -694,6 +748,7 @@ async def serve(
     else:
         certs, watchers = await _cert_manager(settings, plan, tailscale)
     config = build_config(plan, certs=certs, settings=settings)
+    _lean_tls_buffers()
     if caps is None:
         before, after = raise_nofile_limit()
         if after > before:
@@ -728,8 +783,8 @@ async def serve(
         limiter=ConnectionLimiter(caps),
         allowed_uids=frozenset({os.getuid(), 0}),
         ssl_context=certs.context if certs is not None else None,
+        accept_errors=AcceptErrorLog(),
     )
-    accept_errors = AcceptErrorLog(asyncio.get_running_loop()).install()
     try:
         async with anyio.create_task_group() as tg:
             for watcher in watchers:
@@ -738,7 +793,6 @@ async def serve(
             await server.run(listeners, shutdown_trigger)
             tg.cancel_scope.cancel()
     finally:
-        accept_errors.uninstall()
         _close_listeners(listeners)
 
 

@@ -3,7 +3,6 @@ socket's uid check (a real subprocess under another uid), timeouts on silent cli
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import logging
 import os
@@ -15,7 +14,6 @@ import textwrap
 from collections.abc import AsyncIterator
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import anyio
 import httpx
@@ -78,22 +76,25 @@ def test_active_connections_are_never_evicted() -> None:
     assert limiter.admit(log.conn("p", "e"))
 
 
-def test_a_full_daemon_evicts_idle_connections_anywhere_for_a_newcomer() -> None:
+def test_a_full_daemon_evicts_the_crowds_idle_connections_for_a_newcomer() -> None:
     log = Closed()
-    limiter = ConnectionLimiter(Caps(max_total=4, max_per_peer=10, max_idle_per_peer=10))
+    limiter = ConnectionLimiter(Caps(max_total=5, max_per_peer=10, max_idle_per_peer=10))
+    owner = log.conn("owner", "owner")
+    assert limiter.admit(owner)  # the oldest idle connection of all (its TLS is slow)
     flood = [log.conn("attacker", f"x{i}") for i in range(3)]
     for conn in flood:
         assert limiter.admit(conn)
     poller = log.conn("agent", "poll")
     assert limiter.admit(poller)
     limiter.activate(poller)
-    owner = log.conn("owner", "owner")
-    assert limiter.admit(owner)  # the oldest idle connection of anyone made room
-    assert log.closed == ["x0"]
-    limiter.activate(owner)
-    # only active ones and two idle left: a further newcomer evicts again
-    assert limiter.admit(log.conn("owner", "owner2"))
-    assert log.closed == ["x0", "x1"]
+    # the flood keeps renewing: each newcomer evicts from the peer with the most idle ones
+    for i in range(3, 6):
+        assert limiter.admit(log.conn("attacker", f"x{i}"))
+    assert log.closed == ["x0", "x1", "x2"]
+    assert not owner.released
+    late = log.conn("owner", "owner2")
+    assert limiter.admit(late)
+    assert log.closed == ["x0", "x1", "x2", "x3"]
 
 
 def test_release_keeps_the_books_balanced() -> None:
@@ -125,41 +126,22 @@ def test_default_caps_stay_below_the_fd_limit() -> None:
 def test_accept_errors_are_logged_once_a_minute_with_a_count(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    loop = asyncio.new_event_loop()
-    try:
-        now = [1000.0]
-        handler = AcceptErrorLog(loop, clock=lambda: now[0])
-        emfile = OSError(errno.EMFILE, "Too many open files")
-        context = {"message": "socket.accept() out of system resource", "exception": emfile}
-        with caplog.at_level(logging.ERROR, logger="api.limits"):
-            for _ in range(5000):
-                handler(loop, context)
-                now[0] += 0.005  # 200 a second, for 25 s
-            now[0] += 60
-            handler(loop, context)
-        lines = [r for r in caplog.records if r.name == "api.limits"]
-        assert len(lines) == 2
-        assert "Too many open files" in lines[0].getMessage()
-        assert "(4999 more since the last report)" in lines[1].getMessage()
-        assert all(r.exc_info is None for r in lines)  # no traceback
-        assert handler.total == 5001
-    finally:
-        loop.close()
-
-
-def test_other_loop_errors_go_to_the_previous_handler() -> None:
-    loop = asyncio.new_event_loop()
-    seen: list[dict[str, Any]] = []
-    try:
-        loop.set_exception_handler(lambda _loop, ctx: seen.append(ctx))
-        handler = AcceptErrorLog(loop).install()
-        handler(loop, {"message": "boom", "exception": ValueError("x")})
-        handler(loop, {"message": "enoent", "exception": OSError(errno.ENOENT, "gone")})
-        assert [c["message"] for c in seen] == ["boom", "enoent"]
-        handler.uninstall()
-        assert loop.get_exception_handler() is not handler
-    finally:
-        loop.close()
+    now = [1000.0]
+    errors = AcceptErrorLog(clock=lambda: now[0])
+    emfile = OSError(errno.EMFILE, "Too many open files")
+    with caplog.at_level(logging.ERROR, logger="api.limits"):
+        for _ in range(5000):
+            assert errors.note(emfile)
+            now[0] += 0.005  # 200 a second, for 25 s
+        now[0] += 60
+        errors.note(emfile)
+    lines = [r for r in caplog.records if r.name == "api.limits"]
+    assert len(lines) == 2
+    assert "Too many open files" in lines[0].getMessage()
+    assert "(4999 more since the last report)" in lines[1].getMessage()
+    assert all(r.exc_info is None for r in lines)  # no traceback
+    assert errors.total == 5001
+    assert not errors.note(OSError(errno.ECONNABORTED, "aborted"))  # not a resource error
 
 
 def test_the_soft_fd_limit_is_raised_to_the_hard_one() -> None:
@@ -295,3 +277,40 @@ async def test_the_local_socket_refuses_another_uid(
     transport = httpx.AsyncHTTPTransport(uds=str(path))
     async with httpx.AsyncClient(transport=transport, base_url="http://agentd") as local:
         assert (await local.get("/healthz")).status_code == 200
+
+
+def test_parked_long_polls_make_room_when_the_daemon_is_full() -> None:
+    log = Closed()
+    limiter = ConnectionLimiter(Caps(max_total=3, max_per_peer=10, max_idle_per_peer=10))
+    polls = [log.conn(f"poller{i}", f"p{i}") for i in range(3)]
+    for conn in polls:
+        assert limiter.admit(conn)
+        limiter.activate(conn)
+    with limiter.parked(polls[1]), limiter.parked(polls[2]):
+        owner = log.conn("owner", "owner")
+        assert limiter.admit(owner)  # the longest-parked poll made room
+        assert log.closed == ["p1"]
+        limiter.activate(owner)
+        owner2 = log.conn("owner", "owner2")
+        assert limiter.admit(owner2)
+        assert log.closed == ["p1", "p2"]
+        limiter.activate(owner2)
+        # nothing idle, nothing parked: a busy daemon refuses
+        assert not limiter.admit(log.conn("x", "x"))
+    assert limiter._parked == {}
+
+
+def test_a_lone_idle_connection_outlives_pollers_that_reconnect() -> None:
+    """The owner's connection, still in its TLS handshake, while pollers keep reconnecting."""
+    log = Closed()
+    limiter = ConnectionLimiter(Caps(max_total=3, max_per_peer=10, max_idle_per_peer=10))
+    polls = [log.conn(f"poller{i}", f"p{i}") for i in range(2)]
+    for conn in polls:
+        assert limiter.admit(conn)
+        limiter.activate(conn)
+    with limiter.parked(polls[0]), limiter.parked(polls[1]):
+        owner = log.conn("owner", "owner")
+        assert limiter.admit(owner)
+        assert limiter.admit(log.conn("poller9", "p9"))  # a parked poll goes, not the owner
+        assert log.closed == ["p0"]
+        assert not owner.released
