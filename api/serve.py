@@ -675,6 +675,11 @@ class _Server:
                     await _readable(loop, sock)
             except TimeoutError:
                 return
+            try:
+                if not sock.recv(1, socket.MSG_PEEK):
+                    return  # the peer left without a word
+            except BlockingIOError:
+                pass
             reader = asyncio.StreamReader(limit=2**16, loop=loop)
             protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
             tls = self.ssl_context if listener.tls else None

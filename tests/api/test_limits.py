@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 from collections.abc import AsyncIterator
 from functools import partial
 from pathlib import Path
@@ -314,3 +315,85 @@ def test_a_lone_idle_connection_outlives_pollers_that_reconnect() -> None:
         assert limiter.admit(log.conn("poller9", "p9"))  # a parked poll goes, not the owner
         assert log.closed == ["p0"]
         assert not owner.released
+
+
+_AT_THE_LIMIT = textwrap.dedent(
+    """
+    import logging, resource, sys
+    from functools import partial
+    from pathlib import Path
+    import anyio
+    resource.setrlimit(resource.RLIMIT_NOFILE, (96, 96))
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")
+    from api.app import create_app
+    from api.limits import Caps
+    from api.serve import serve
+    from api.settings import ApiSettings
+    from flowengine.engine import FlowEngine
+
+    async def main():
+        engine = await FlowEngine.open(Path(sys.argv[1]))
+        settings = ApiSettings(mode="plain-test", port=0, api_token="t" * 32)
+        app = create_app(engine, settings=settings)
+        stop = anyio.Event()
+        caps = Caps(max_total=1000, max_per_peer=1000, max_idle_per_peer=1000)  # > the limit
+        async with anyio.create_task_group() as tg:
+            run = partial(serve, app, settings, shutdown_trigger=stop.wait, caps=caps)
+            plan = await tg.start(run)
+            print(plan.port, flush=True)
+            await anyio.to_thread.run_sync(sys.stdin.read)
+            stop.set()
+        await engine.close()
+
+    anyio.run(main)
+    """
+)
+
+
+def test_a_daemon_out_of_descriptors_logs_once_and_recovers(tmp_path: Path) -> None:
+    """Caps set above the fd limit on purpose, so accept() really fails with EMFILE."""
+    from tests.agentd.cli_helpers import LineReader
+
+    child = subprocess.Popen(
+        [sys.executable, "-c", _AT_THE_LIMIT, str(tmp_path / "ledger.sqlite3")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout is not None
+    assert child.stderr is not None
+    assert child.stdin is not None
+    out, err = LineReader(child.stdout), LineReader(child.stderr)
+    held: list[socket.socket] = []
+    try:
+        port = int(out.wait_for(lambda line: line.strip().isdigit(), timeout=30))
+        for _ in range(110):  # ~70 accepted up to the limit, the rest wait in the backlog
+            held.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+        err.wait_for(lambda line: "cannot accept connections" in line, timeout=30)
+        for _ in range(10):  # more attempts while still full: counted, not logged
+            held.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+        for sock in held:
+            sock.close()
+        held.clear()
+        with httpx.Client(timeout=10) as client:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    if client.get(f"http://127.0.0.1:{port}/healthz").status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    if time.monotonic() > deadline:
+                        raise
+                time.sleep(0.2)
+    finally:
+        for sock in held:
+            sock.close()
+        child.stdin.close()
+        child.wait(30)
+        log = err.rest()
+        out.rest()
+        child.stdout.close()
+        child.stderr.close()
+    assert log.count("cannot accept connections: Too many open files (open-file limit 96)") == 1
+    assert "Traceback" not in log
