@@ -64,6 +64,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_api.py
 	$(BIN)/python benchmarks/bench_vault.py
 	$(BIN)/python benchmarks/bench_tailnet.py
+	$(BIN)/python benchmarks/bench_hostile.py
 
 clean:
 	rm -rf $(VENV) test-artifacts .pytest_cache .ruff_cache $(TAILNET_BIN)
