@@ -89,12 +89,25 @@ def outcome_of(flow: Flow) -> str:
 
 
 def _outcome_json(flow: Flow) -> dict[str, Any]:
+    """The outcome for waiting clients; no secret. ``scopes``: what the provider granted
+    when the stored tokens are this flow's (``scope_source`` "granted", or "requested"
+    when the token response did not say), else what was asked for."""
+    from .app import api_context
+
+    scopes, source = list(flow.scopes), "requested"
+    broker = api_context().broker
+    if broker is not None and outcome_of(flow) == "connected":
+        tokens = broker.tokens.read(flow.provider)
+        if tokens is not None and tokens.flow_id == flow.id and tokens.scope:
+            scopes = tokens.scope.split()
+            source = str(tokens.extra.get("scope_source") or "granted")
     return {
         "flow_id": flow.id,
         "provider": flow.provider,
         "flow_state": flow.state.value,
         "outcome": outcome_of(flow),
-        "scopes": list(flow.scopes),
+        "scopes": scopes,
+        "scope_source": source,
         "token_expires_at": flow.token_expires_at,
         "error": flow.error_code,
         "error_description": flow.error_description,

@@ -127,6 +127,7 @@ async def test_a_slow_exchange_gets_a_received_page_then_completes(
 
 
 async def test_pending_answers_the_outcome_and_never_the_code(rig: Rig) -> None:
+    rig.fake.scope = "read extra"  # the provider grants more than was asked for
     flow_id, state, code = await rig.begin()
     client = rig.app.test_client()
     waiting = await client.get(f"/oauth/pending/{state}", headers=AUTH)
@@ -136,6 +137,7 @@ async def test_pending_answers_the_outcome_and_never_the_code(rig: Rig) -> None:
     assert done.status_code == 200
     body = await done.get_json()
     assert (body["status"], body["outcome"], body["flow_id"]) == ("connected", "connected", flow_id)
+    assert (body["scopes"], body["scope_source"]) == (["read", "extra"], "granted")
     assert "code" not in body
     assert code not in json.dumps(body)
 

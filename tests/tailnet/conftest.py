@@ -32,6 +32,7 @@ from tests.agentd.cli_helpers import (
     SimServer,
     agentd_command,
 )
+from tests.conftest import real_peer_missing
 
 from .harness import BIN_DIR, Node, Tailnet, missing_binaries
 
@@ -51,9 +52,10 @@ def in_ci() -> bool:
 def _tailnet() -> Iterator[Tailnet]:
     missing = missing_binaries()
     if missing:
-        reason = (
-            f"REAL TAILNET SUITE NOT RUN: {', '.join(missing)} missing in {BIN_DIR};"
-            " run `make tailnet` (needs Go >= 1.26 and the Go module proxy)"
+        reason = real_peer_missing(
+            "tailscaled",
+            f"{', '.join(missing)} not in {BIN_DIR}: `make tailnet` builds them, which needs"
+            " Go >= 1.26 and the Go module proxy",
         )
         if in_ci():
             pytest.fail(reason + " (CI must run this suite)", pytrace=False)
