@@ -198,3 +198,11 @@ async def test_cli_whois_other_failures_are_errors(tmp_path: Path) -> None:
     broken.chmod(0o755)
     with pytest.raises(TailscaleError, match="failed to connect"):
         await TailscaleCLI(str(broken)).whois("100.90.1.2:4000")
+
+
+def test_the_certificate_call_waits_long_enough_for_a_first_issuance() -> None:
+    """tailscaled runs the ACME order in the request's context: a client that gives up
+    cancels it (tailscale-verified.md #22), so the cert call never waits less than 180 s."""
+    assert LocalAPI("/nonexistent.sock", cert_timeout=10).cert_timeout == 180
+    assert LocalAPI("/nonexistent.sock").cert_timeout == 300
+    assert LocalAPI("/nonexistent.sock").whois_timeout == 10
