@@ -88,6 +88,16 @@ def outcome_of(flow: Flow) -> str:
     return _OUTCOMES.get(flow.state, "failed")
 
 
+async def _published(flow: Flow) -> None:
+    """Before anyone is told "connected": auth.json shows the new tokens (the vault is the
+    truth; publishing is idempotent and cheap when nothing is due)."""
+    from .app import api_context
+
+    broker = api_context().broker
+    if broker is not None and outcome_of(flow) == "connected":
+        await broker.publish()
+
+
 def _outcome_json(flow: Flow) -> dict[str, Any]:
     """The outcome for waiting clients; no secret. ``scopes``: what the provider granted
     when the stored tokens are this flow's (``scope_source`` "granted", or "requested"
@@ -205,6 +215,7 @@ async def callback() -> Response:
 
 
 async def _outcome_page(flow: Flow, name: str, *, daemon: bool) -> Response:
+    await _published(flow)
     outcome = outcome_of(flow)
     page: dict[str, Any]
     if outcome == "connected":
@@ -289,6 +300,7 @@ async def pending(state: str) -> Response:
         with _parked():
             flow = await engine.wait_flow(flow.id, until=_settled_or(ctx.stopping), timeout=wait)
         if settled(flow) and outcome_of(flow) == "connected":
+            await _published(flow)
             return _json(200, {"status": "connected", **_outcome_json(flow)})
         if settled(flow):
             return _gone(await engine.pending_status(state))
@@ -382,6 +394,7 @@ async def outcome(flow_id: str) -> Response:
     with _parked():
         flow = await ctx.engine.wait_flow(flow_id, until=_settled_or(ctx.stopping), timeout=wait)
     if settled(flow):
+        await _published(flow)
         return _json(200, _outcome_json(flow))
     response = _json(503 if ctx.stopping.is_set() else 202, _outcome_json(flow))
     response.headers["Retry-After"] = "1"
