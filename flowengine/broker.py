@@ -1248,13 +1248,21 @@ class Broker:
         entries another writer rolled back are put back (one warning per provider).
         Returns the providers whose entry was rewritten. Failures are logged (the vault
         keeps the truth; the next publish tries again) unless ``strict``.
+
+        A publish already under way in this process is waited for: whoever returns from
+        here can rely on auth.json holding what the vault held when it was called.
         """
         if (
             not (self._dirty or self._stranded or full)
+            and not self._publish_lock.locked()
             and self.tokens.signature() == self.vault.published_signature()
         ):
             return []  # nothing to publish and nobody else wrote auth.json
         async with self._publish_lock:
+            if not (self._dirty or self._stranded or full) and (
+                self.tokens.signature() == self.vault.published_signature()
+            ):
+                return []  # the publish we waited for did it
             # taken now: a provider refreshed while this publish runs is dirty again after
             dirty = set(self._dirty) | set(self._stranded)
             self._dirty.clear()

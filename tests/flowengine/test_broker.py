@@ -571,3 +571,41 @@ def test_three_processes_at_expiry_make_one_refresh_request(tmp_path: Path) -> N
     tokens = {out.read_text() for out in outs}
     assert len(tokens) == 1
     assert tokens == {TokenStore(tmp_path / "auth.json").read("fake").access}  # type: ignore[union-attr]
+
+
+@pytest.mark.anyio
+async def test_a_publish_under_way_is_waited_for(rig: Rig) -> None:
+    """Whoever returns from publish() finds auth.json written, also when another task's
+    publish took the work a moment earlier (the daemon's page and its exchange race so)."""
+    import threading
+
+    await _connect(rig)
+    assert rig.tokens.read("fake") is not None
+    started, release, done = threading.Event(), threading.Event(), threading.Event()
+    slow = rig.broker._publish_sync
+
+    def held(dirty: set[str], full: bool) -> list[str]:
+        started.set()
+        release.wait(10)
+        try:
+            return slow(dirty, full)
+        finally:
+            done.set()
+
+    rig.broker._dirty.add("fake")
+    rig.broker._publish_sync = held  # type: ignore[method-assign]
+    seen: list[bool] = []
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(rig.broker.publish)
+        await anyio.to_thread.run_sync(started.wait, 10)
+        rig.broker._publish_sync = slow  # type: ignore[method-assign]
+
+        async def second() -> None:
+            await rig.broker.publish()
+            seen.append(done.is_set())
+
+        tg.start_soon(second)
+        await anyio.sleep(0.2)
+        assert seen == []  # still waiting for the first one
+        release.set()
+    assert seen == [True]
