@@ -13,7 +13,7 @@ OIDC_STAMP := $(OIDC)/node_modules/.package-lock.json
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[test,demo]'
 	touch $(STAMP)
 
 install: $(STAMP)

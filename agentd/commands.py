@@ -395,6 +395,16 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, config: Config) -> int:
+    import importlib.util
+
+    if importlib.util.find_spec("trustme") is None:
+        # the demo's throwaway CA comes from trustme, a demo-only dependency
+        print(
+            "error: agentd demo needs the demo extra: pip install 'agentd-oauth[demo]'"
+            " (or pipx inject agentd-oauth trustme; `make demo` installs it)",
+            file=sys.stderr,
+        )
+        return EXIT["usage"]
     from agentd.demo_run import run_demo
 
     return run_demo(keep=args.keep)
