@@ -144,74 +144,300 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT["usage"], f"error: {message} (see `{self.prog} --help`)\n")
 
 
+#: what each exit code means, for ``--help`` (README has the same table)
+EXIT_MEANINGS = {
+    0: "success",
+    1: "unexpected error (storage trouble, or a bug)",
+    2: "usage or configuration error",
+    3: "not connected: no tokens for the provider",
+    4: "re-authorization required: connect again",
+    5: "unavailable: the provider or the daemon cannot be reached; try later",
+    6: "the authorization was denied, failed or the link expired",
+    130: "interrupted (Ctrl-C)",
+    141: "standard output closed early (e.g. piped into head)",
+}
+#: codes every command may end with, named once in each command's help
+_ALWAYS = (1, 130, 141)
+
+
+def _epilog(examples: Sequence[str], codes: Sequence[int]) -> str:
+    lines = ["examples:", *(f"  {e}" for e in examples), "", "exit codes:"]
+    lines += [f"  {code:<3}  {EXIT_MEANINGS[code]}" for code in codes]
+    lines.append(f"  {', '.join(map(str, _ALWAYS))}: as for every command (see `agentd --help`)")
+    return "\n".join(lines)
+
+
+class _Version(argparse.Action):
+    """``--version``: the installed distribution's version, looked up only when asked."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS) -> None:
+        super().__init__(
+            option_strings, dest=dest, default=argparse.SUPPRESS, nargs=0, help="show the version"
+        )
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> NoReturn:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            number = version("agentd-oauth")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            number = "unknown (not installed)"
+        sys.stdout.write(f"agentd {number} (Python {sys.version.split()[0]})\n")
+        parser.exit(0)
+
+
+def _command(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    summary: str,
+    description: str,
+    *,
+    examples: Sequence[str],
+    codes: Sequence[int],
+) -> argparse.ArgumentParser:
+    return sub.add_parser(
+        name,
+        help=summary,
+        description=description,
+        epilog=_epilog(examples, codes),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def _json_flag(parser: argparse.ArgumentParser, shape: str) -> None:
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help=f"print JSON instead of a table (stable shape: docs/json/{shape}.schema.json)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="agentd",
-        description="Self-hosted OAuth 2.0 connection broker for a personal AI agent.",
+        description="Self-hosted OAuth 2.0 connection broker for a personal AI agent.\n\n"
+        "Connect a provider once (`agentd connect oura` or `connect oura` in Telegram);\n"
+        "from then on `agentd token oura` prints an access token that is always fresh.",
+        epilog="exit codes:\n"
+        + "\n".join(f"  {code:<3}  {text}" for code, text in EXIT_MEANINGS.items())
+        + "\n\nevery command has its own help: agentd <command> --help",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", help="path to agentd.toml (default: $AGENTD_CONFIG or XDG)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="agentd.toml to use (default: $AGENTD_CONFIG, else"
+        " $XDG_CONFIG_HOME/agent/agentd.toml)",
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log at DEBUG (secrets never logged)"
+    )
+    parser.add_argument("--version", action=_Version)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    sub.add_parser("serve", help="run the daemon: HTTPS API, refresh timer and Telegram bot")
+    _command(
+        sub,
+        "serve",
+        "run the daemon: HTTPS API, refresh timer and Telegram bot",
+        "Run the daemon until SIGINT/SIGTERM: the OAuth callback over HTTPS on the tailnet,\n"
+        "the refresh timer and, when [telegram] is configured, the bot. Under systemd it\n"
+        "reports readiness and watchdog pings (Type=notify) and logs without timestamps\n"
+        "when journald reads its output (packaging/systemd/agentd.service).",
+        examples=["agentd serve", "sudo systemctl enable --now agentd"],
+        codes=(0, 2),
+    )
 
-    p = sub.add_parser("connect", help="connect a provider from this terminal")
-    p.add_argument("provider", type=_provider)
+    p = _command(
+        sub,
+        "connect",
+        "connect a provider from this terminal",
+        "Start an authorization: prints the link (and a QR code when it fits the terminal),\n"
+        "waits for the browser to come back to the daemon's callback, stores the tokens.\n"
+        "Asks for the client id and secret first if none are stored. Needs `agentd serve`\n"
+        "running (it receives the callback). Ctrl-C cancels the link.",
+        examples=["agentd connect oura", "agentd connect google --scope openid --scope email"],
+        codes=(0, 2, 5, 6),
+    )
+    p.add_argument("provider", type=_provider, help="provider id (see `agentd providers`)")
     p.add_argument(
-        "--scope", action="append", dest="scopes", type=_scope, help="override the scopes"
+        "--scope",
+        action="append",
+        dest="scopes",
+        type=_scope,
+        metavar="SCOPE",
+        help="ask for this scope instead of the catalog's (repeatable)",
     )
-    p.add_argument("--no-qr", action="store_true", help="do not print a QR code")
+    qr = p.add_mutually_exclusive_group()
+    qr.add_argument("--no-qr", action="store_true", help="never print the QR code")
+    qr.add_argument(
+        "--qr",
+        action="store_true",
+        help="print the QR code even when it does not fit the terminal (default: only if it fits)",
+    )
     p.add_argument(
-        "--timeout", type=_seconds, default=600.0, help="seconds to wait for the browser"
+        "--timeout",
+        type=_seconds,
+        default=600.0,
+        metavar="SECONDS",
+        help="give up waiting for the browser after this long (default: %(default)g)",
     )
 
-    p = sub.add_parser("token", help="print a fresh access token (refreshing if needed)")
-    p.add_argument("provider", type=_provider)
+    p = _command(
+        sub,
+        "token",
+        "print a fresh access token (refreshing if needed)",
+        "Print the provider's access token on standard output, refreshed first when it\n"
+        "expires within a minute (exactly one refresh across processes). Nothing else is\n"
+        "printed on standard output, so it fits in $(...).",
+        examples=['curl -H "Authorization: Bearer $(agentd token oura)" https://...'],
+        codes=(0, 2, 3, 4, 5),
+    )
+    p.add_argument("provider", type=_provider, help="provider id")
 
-    sub.add_parser("status", help="table of connections")
+    p = _command(
+        sub,
+        "status",
+        "connections with their health; whether the daemon runs",
+        "One row per connection: its state, its health (ok, refresh due, refresh failing\n"
+        "since ...: reason, needs reconnect, expires soon without refresh), token expiry,\n"
+        "last refresh, the date by which the provider makes you reconnect, the scopes and\n"
+        "the last error. The last line says whether the daemon answers.",
+        examples=[
+            "agentd status",
+            "agentd status --json | jq '.connections[] | select(.health.status != \"ok\")'",
+        ],
+        codes=(0, 2),
+    )
+    _json_flag(p, "status")
 
     from flowengine.states import FlowState
 
-    p = sub.add_parser("flows", help="recent authorization flows")
-    p.add_argument("--provider", type=_provider)
+    states = ", ".join(state.value for state in FlowState)
+    p = _command(
+        sub,
+        "flows",
+        "recent authorization flows",
+        "The newest flows first, each with its state, when and by whom it was started, and\n"
+        f"its error. States: {states}.",
+        examples=["agentd flows --provider oura --state failed", "agentd flows --json"],
+        codes=(0, 2),
+    )
+    p.add_argument("--provider", type=_provider, help="only this provider's flows")
     p.add_argument(
         "--state",
         action="append",
         dest="states",
         choices=[state.value for state in FlowState],
         metavar="STATE",
-        help="only flows in this state (repeatable): "
-        + ", ".join(state.value for state in FlowState),
+        help="only flows in this state (repeatable)",
     )
-    p.add_argument("--limit", type=_limit, default=20, help=f"at most this many (1-{MAX_LIMIT})")
+    p.add_argument(
+        "--limit",
+        type=_limit,
+        default=20,
+        help=f"at most this many, 1-{MAX_LIMIT} (default: %(default)s)",
+    )
+    _json_flag(p, "flows")
 
-    p = sub.add_parser("flow", help="one flow with its ledger")
-    p.add_argument("flow_id", type=_flow_id)
+    p = _command(
+        sub,
+        "flow",
+        "one flow with its ledger",
+        "One flow: redirect URI, requested and granted scopes, who started it, its error,\n"
+        "and every transition the ledger recorded (never a secret).",
+        examples=["agentd flow 4f2a9c", "agentd flow 4f2a9c --json"],
+        codes=(0, 2),
+    )
+    p.add_argument("flow_id", type=_flow_id, help="a flow id from `agentd flows`")
+    _json_flag(p, "flow")
 
-    p = sub.add_parser("diagram", help="state diagram of the machine or of one flow")
-    p.add_argument("--flow", dest="flow_id", type=_flow_id)
-    p.add_argument("--format", choices=("mermaid", "svg", "dot"), default="mermaid")
-    p.add_argument("--output", "-o", help="write to this file instead of stdout")
+    p = _command(
+        sub,
+        "diagram",
+        "state diagram of the machine or of one flow",
+        "The flow state machine as Mermaid, Graphviz dot or SVG; with --flow, the path\n"
+        "that flow took through it.",
+        examples=["agentd diagram --format svg -o machine.svg", "agentd diagram --flow 4f2a9c"],
+        codes=(0, 2),
+    )
+    p.add_argument("--flow", dest="flow_id", type=_flow_id, help="highlight this flow's path")
+    p.add_argument(
+        "--format",
+        choices=("mermaid", "svg", "dot"),
+        default="mermaid",
+        help="output format (default: %(default)s; svg needs Graphviz)",
+    )
+    p.add_argument("--output", "-o", metavar="FILE", help="write here (default: stdout)")
 
-    p = sub.add_parser("providers", help="the provider catalog, or one provider in detail")
+    p = _command(
+        sub,
+        "providers",
+        "the provider catalog, or one provider in detail",
+        "The built-in catalog merged with $XDG_CONFIG_HOME/agent/providers.toml. With an\n"
+        "id: every field, the documentation it was checked against, the unverified ones.\n"
+        "A broken providers.toml: every problem is listed (file, key, hint).",
+        examples=["agentd providers", "agentd providers strava --json"],
+        codes=(0, 2),
+    )
     p.add_argument(
         "provider", nargs="?", type=_provider, help="show this provider's fields and their sources"
     )
+    _json_flag(p, "providers")
 
-    p = sub.add_parser("disconnect", help="revoke and forget a provider's tokens")
-    p.add_argument("provider", type=_provider)
+    p = _command(
+        sub,
+        "disconnect",
+        "revoke and forget a provider's tokens",
+        "Revoke the grant at the provider where it has an endpoint for that (RFC 7009),\n"
+        "then remove the tokens from auth.json.",
+        examples=["agentd disconnect oura"],
+        codes=(0, 2, 3, 5),
+    )
+    p.add_argument("provider", type=_provider, help="provider id")
 
-    p = sub.add_parser("credentials", help="store a provider's client id and secret")
-    p.add_argument("provider", type=_provider)
-    p.add_argument("--client-id", help="client id (asked for when omitted)")
+    p = _command(
+        sub,
+        "credentials",
+        "store a provider's client id and secret",
+        "Store the client id and secret of your app at the provider (0600 in the state\n"
+        "dir). Asked for on the terminal (the secret is not echoed) unless given; the\n"
+        "safer way than sending them to the bot, whose chats are not end-to-end encrypted.",
+        examples=[
+            "agentd credentials oura",
+            "pass oura/secret | agentd credentials oura --client-id abc --secret-stdin",
+        ],
+        codes=(0, 2),
+    )
+    p.add_argument("provider", type=_provider, help="provider id")
+    p.add_argument("--client-id", help="the client id (default: asked for)")
     p.add_argument(
         "--secret-stdin", action="store_true", help="read the client secret from standard input"
     )
 
-    p = sub.add_parser("config", help="configuration")
-    p.add_argument("action", choices=("check", "show", "path"))
+    p = _command(
+        sub,
+        "config",
+        "show or check the configuration",
+        "check: every problem of agentd.toml, the environment overrides and providers.toml\n"
+        "       (file, key, hint).\n"
+        "show:  the configuration in use as TOML, the redirect URI to register first, derived\n"
+        "       values resolved and marked; on a broken file the values as written.\n"
+        "path:  the configuration file's path.",
+        examples=["agentd config check", "agentd config show"],
+        codes=(0, 2),
+    )
+    p.add_argument("action", choices=("check", "show", "path"), help="check, show or path")
 
-    p = sub.add_parser("demo", help="run the whole flow against a simulated provider")
+    p = _command(
+        sub,
+        "demo",
+        "run the whole flow against a simulated provider",
+        "The whole story on throwaway state: a simulated provider, the daemon over TLS, a\n"
+        "connection, a refresh, a revoked grant. No account, no network. Needs the demo\n"
+        "extra (trustme).",
+        examples=["agentd demo", "make demo"],
+        codes=(0, 2),
+    )
     p.add_argument("--keep", action="store_true", help="keep the demo's temp directory")
 
     _add_integrations(sub)
@@ -227,7 +453,14 @@ def _add_integrations(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         if integration.name in taken:
             print(f"warning: integration {integration.name!r} shadows a command", file=sys.stderr)
             continue
-        p = sub.add_parser(integration.name, help=integration.summary or integration.title)
+        summary = integration.summary or integration.title
+        p = sub.add_parser(
+            integration.name,
+            help=summary,
+            description=f"{summary} (integration: integrations/{integration.name}).",
+            epilog=_epilog([f"agentd {integration.name} --help"], (0, 2, 3, 4, 5)),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         integration.configure_cli(p)
         p.set_defaults(integration=integration)
 

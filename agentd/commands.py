@@ -28,6 +28,7 @@ from flowengine.errors import (
     ReauthorizationRequired,
     UnknownProviderError,
 )
+from flowengine.timefmt import format_duration
 
 __all__ = ["dispatch", "exit_code_for"]
 
@@ -49,24 +50,20 @@ def exit_code_for(err: BaseException) -> int:
     return EXIT["error"]
 
 
-def _when(ms: int | None) -> str:
+def _when(ms: int | None, now: float | None = None) -> str:
+    """``2026-12-05 18:10:57Z (in 1h 59m)``: UTC, and how far from now."""
     if ms is None:
         return "unknown"
     stamp = datetime.fromtimestamp(ms / 1000, tz=UTC)
-    delta = ms / 1000 - time.time()
-    rel = f"in {_span(delta)}" if delta >= 0 else f"{_span(-delta)} ago"
+    delta = ms / 1000 - (time.time() if now is None else now)
+    rel = f"in {format_duration(delta)}" if delta >= 0 else f"{format_duration(delta)} ago"
     return f"{stamp:%Y-%m-%d %H:%M:%S}Z ({rel})"
 
 
-def _span(seconds: float) -> str:
-    seconds = int(seconds)
-    if seconds < 90:
-        return f"{seconds}s"
-    if seconds < 5400:
-        return f"{seconds // 60}m"
-    if seconds < 2 * 86400:
-        return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
-    return f"{seconds // 86400}d"
+def _ago(ms: int, now: float | None = None) -> str:
+    """``3h 2m ago`` (or ``in 5m`` for a time still to come)."""
+    delta = ms / 1000 - (time.time() if now is None else now)
+    return f"in {format_duration(delta)}" if delta > 0 else f"{format_duration(delta)} ago"
 
 
 def scope_text(scopes: Sequence[str], source: object) -> str:
@@ -100,21 +97,46 @@ def _run(config: Config, body: Callable[[Any], Awaitable[int]]) -> int:
 # ---------------------------------------------------------------------- commands
 
 
+def catalog_problems() -> list[ConfigError]:
+    """Every problem of the provider catalog (built-in and the user's providers.toml)."""
+    from flowengine.catalog import check_catalog
+
+    return check_catalog()
+
+
+def _print_problems(lines: Sequence[str]) -> None:
+    for line in lines:
+        print(f"error: {line}", file=sys.stderr)
+    print(f"{len(lines)} problem(s)", file=sys.stderr)
+
+
+def _catalog_line(err: ConfigError) -> str:
+    if err.hint:
+        return err.message
+    return f"{err.message} (hint: fix it in that file; see `agentd providers <id>` for the fields)"
+
+
 def cmd_config(args: argparse.Namespace, config: Config) -> int:
     if args.action == "path":
         print(config.file)
         return EXIT["ok"]
     if args.action == "show":
-        print(f"# {config.file}{'' if config.file_exists else ' (not present: defaults)'}")
-        print(json.dumps(config.redacted(), indent=2, sort_keys=True))
+        from agentd.configview import derive, render
+
+        derived = {} if config.problems else anyio.run(derive, config)
+        sys.stdout.write(render(config, derived))
         return EXIT["ok"] if not config.problems else EXIT["usage"]
-    if not config.problems:
+    lines = [str(problem) for problem in config.problems]
+    lines += [_catalog_line(err) for err in catalog_problems()]
+    if not lines:
+        from flowengine import paths
+
         where = config.file if config.file_exists else f"{config.file} (absent, defaults used)"
         print(f"configuration OK: {where}")
+        catalog = paths.user_catalog_path()
+        print(f"providers OK: {catalog if catalog.is_file() else 'built-in catalog only'}")
         return EXIT["ok"]
-    for problem in config.problems:
-        print(f"error: {problem}", file=sys.stderr)
-    print(f"{len(config.problems)} problem(s)", file=sys.stderr)
+    _print_problems(lines)
     return EXIT["usage"]
 
 
@@ -122,11 +144,33 @@ def cmd_providers(args: argparse.Namespace, config: Config) -> int:
     from flowengine.catalog import load_catalog
     from flowengine.credentials import CredentialStore
 
-    catalog = load_catalog()
+    try:
+        catalog = load_catalog()
+    except ConfigError:
+        _print_problems([_catalog_line(err) for err in catalog_problems()])
+        return EXIT["usage"]
     stored = set(CredentialStore(config.credentials_path).providers())
     if args.provider:
         spec = catalog.get(args.provider)
+        if args.json:
+            _print_json({"provider": {**spec.public(), "credentials_stored": spec.id in stored}})
+            return EXIT["ok"]
         _provider_detail(spec, spec.id in stored, sys.stdout)
+        return EXIT["ok"]
+    if args.json:
+        listing = [
+            {
+                "id": spec.id,
+                "name": spec.name,
+                "pkce": spec.use_pkce,
+                "client_auth": spec.token_auth_method,
+                "scopes": list(spec.scopes),
+                "credentials_stored": spec.id in stored,
+                "unverified": spec.unverified_fields(),
+            }
+            for spec in catalog.all()
+        ]
+        _print_json({"providers": listing})
         return EXIT["ok"]
     rows = []
     for spec in catalog.all():
@@ -246,28 +290,167 @@ def cmd_token(args: argparse.Namespace, config: Config) -> int:
     return _run(config, body)
 
 
+#: the version of every ``--json`` shape (docs/json/*.schema.json); bumped only when a
+#: field is removed or changes meaning, never when one is added
+JSON_VERSION = 1
+
+
+def _print_json(data: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps({"version": JSON_VERSION, **data}, indent=2) + "\n")
+
+
+async def probe_daemon(ctx: Any) -> dict[str, Any]:
+    """Whether ``agentd serve`` answers its health check: ``{reachable, url, error}``."""
+    import httpx
+
+    from agentd.connect import resolve_urls
+
+    try:
+        _, base_url = await resolve_urls(ctx.config)
+    except BrokerError as err:
+        return {"reachable": False, "url": None, "error": err.message}
+    try:
+        response = await ctx.http.get(f"{base_url}/healthz", timeout=httpx.Timeout(3.0))
+    except httpx.HTTPError as err:
+        return {"reachable": False, "url": base_url, "error": type(err).__name__}
+    if response.status_code != 200:
+        return {"reachable": False, "url": base_url, "error": f"HTTP {response.status_code}"}
+    return {"reachable": True, "url": base_url, "error": None}
+
+
+def _health_text(health: Any, now: float) -> str:
+    if health.kind == "ok":
+        return "ok"
+    if health.kind == "refresh_due":
+        return "refresh due (on next use)"
+    if health.kind == "refresh_failing":
+        since = f" since {_ago(health.since, now)}" if health.since else ""
+        return f"refresh failing{since}: {health.reason}"
+    if health.kind == "needs_reconnect":
+        return "needs reconnect" + (f": {health.reason}" if health.reason else "")
+    if health.kind == "expires_soon":
+        return f"expires soon without refresh ({_ago(health.since, now)})"
+    return str(health.kind)  # pragma: no cover - every kind is named above
+
+
+async def _connections(ctx: Any) -> list[tuple[dict[str, Any], Any]]:
+    """Every connection as ``status --json`` shows it, with its :class:`Health`."""
+    from agentd.health import assess, last_error
+
+    now_ms = ctx.engine.now_ms()
+    out: list[dict[str, Any]] = []
+    healths = []
+    for s in await ctx.broker.status():
+        events: tuple[Any, ...] = ()
+        description = None
+        if s.flow_id is not None and s.state != "external":
+            record = await ctx.engine.inspect(s.flow_id)
+            events, description = record.events, record.flow.error_description
+        health = assess(
+            state=s.state,
+            expires=s.expires,
+            has_refresh_token=s.has_refresh_token,
+            error_code=s.error_code,
+            events=events,
+            now_ms=now_ms,
+        )
+        error = last_error(events, description=description)
+        out.append(
+            {
+                "provider": s.provider,
+                "name": s.name,
+                "state": s.state,
+                "health": health.public(),
+                "expires": s.expires,
+                "last_refresh": s.last_refresh,
+                "reconnect_by": s.reconnect_by,
+                "has_refresh_token": s.has_refresh_token,
+                "scopes": list(s.scopes),
+                "scope_source": getattr(s, "scope_source", "granted"),
+                "flow_id": s.flow_id,
+                "last_error": error.public() if error else None,
+            }
+        )
+        healths.append(health)
+    return list(zip(out, healths, strict=True))
+
+
 def cmd_status(args: argparse.Namespace, config: Config) -> int:
     async def body(ctx: Any) -> int:
-        statuses = await ctx.broker.status()
-        if not statuses:
-            print("no connections yet: agentd connect <provider>")
+        connections = await _connections(ctx)
+        daemon = await probe_daemon(ctx)
+        now = ctx.engine.now_ms() / 1000
+        if args.json:
+            shown = [c for c, _ in connections]
+            _print_json(
+                {"generated_at": ctx.engine.now_ms(), "daemon": daemon, "connections": shown}
+            )
             return EXIT["ok"]
-        rows = [
-            [
-                s.provider,
-                s.state,
-                _when(s.expires),
-                _when(s.last_refresh) if s.last_refresh else "never",
-                _when(s.reconnect_by) if s.reconnect_by else "-",
-                scope_text(s.scopes, s.scope_source),
+        if not connections:
+            print("no connections yet: agentd connect <provider>")
+        else:
+            rows = [
+                [
+                    c["provider"],
+                    c["state"],
+                    _health_text(health, now),
+                    _when(c["expires"], now),
+                    _when(c["last_refresh"], now) if c["last_refresh"] else "never",
+                    _when(c["reconnect_by"], now) if c["reconnect_by"] else "-",
+                    scope_text(c["scopes"], c["scope_source"]),
+                    _error_text(c["last_error"], now),
+                ]
+                for c, health in connections
             ]
-            for s in statuses
-        ]
-        header = ["PROVIDER", "STATE", "TOKEN EXPIRES", "LAST REFRESH", "RECONNECT BY", "SCOPES"]
-        _table(rows, header, sys.stdout)
+            header = [
+                "PROVIDER",
+                "STATE",
+                "HEALTH",
+                "TOKEN EXPIRES",
+                "LAST REFRESH",
+                "RECONNECT BY",
+                "SCOPES",
+                "LAST ERROR",
+            ]
+            _table(rows, header, sys.stdout)
+        print()
+        if daemon["reachable"]:
+            print(f"daemon: running at {daemon['url']} (refreshes tokens in the background)")
+        else:
+            where = f" at {daemon['url']}" if daemon["url"] else ""
+            print(
+                f"daemon: not reachable{where} ({daemon['error']}): tokens are refreshed only"
+                " when asked for (agentd token); start it with `agentd serve`"
+                " or `systemctl start agentd`"
+            )
         return EXIT["ok"]
 
     return _run(config, body)
+
+
+def _error_text(error: dict[str, Any] | None, now: float) -> str:
+    if error is None:
+        return "-"
+    return f"{error['code']} ({_ago(error['at'], now)})"
+
+
+def _flow_json(flow: Any) -> dict[str, Any]:
+    return {
+        "id": flow.id,
+        "provider": flow.provider,
+        "state": flow.state.value,
+        "created_at": flow.created_at,
+        "updated_at": flow.updated_at,
+        "actor": flow.actor,
+        "chat_id": flow.chat_id,
+        "redirect_uri": flow.redirect_uri,
+        "scopes": list(flow.scopes),
+        "uses_pkce": flow.uses_pkce,
+        "deadline": flow.deadline,
+        "token_expires_at": flow.token_expires_at,
+        "error_code": flow.error_code,
+        "error_description": flow.error_description,
+    }
 
 
 def cmd_flows(args: argparse.Namespace, config: Config) -> int:
@@ -275,6 +458,9 @@ def cmd_flows(args: argparse.Namespace, config: Config) -> int:
         flows = await ctx.engine.list_flows(
             provider=args.provider, states=args.states, limit=args.limit
         )
+        if args.json:
+            _print_json({"flows": [_flow_json(f) for f in flows]})
+            return EXIT["ok"]
         rows = [
             [f.id, f.provider, f.state.value, _when(f.created_at), f.actor, f.error_code or ""]
             for f in flows
@@ -289,13 +475,34 @@ def cmd_flow(args: argparse.Namespace, config: Config) -> int:
     async def body(ctx: Any) -> int:
         record = await ctx.engine.inspect(args.flow_id)
         flow = record.flow
+        tokens = ctx.tokens.read(flow.provider)
+        granted = None
+        if tokens is not None and tokens.flow_id == flow.id and tokens.scope is not None:
+            source = tokens.extra.get("scope_source")
+            granted = {
+                "scopes": tokens.scope.split(),
+                "source": "requested" if source == "requested" else "granted",
+            }
+        if args.json:
+            events = [
+                {
+                    "seq": e.seq,
+                    "at": e.at,
+                    "from": e.from_state.value if e.from_state else None,
+                    "trigger": e.trigger.value if e.trigger else "create",
+                    "to": e.to_state.value,
+                    "actor": e.actor,
+                    "detail": e.detail or {},
+                }
+                for e in record.events
+            ]
+            _print_json({"flow": _flow_json(flow), "granted": granted, "events": events})
+            return EXIT["ok"]
         print(f"flow {flow.id}  {flow.provider}  {flow.state.value}")
         print(f"  redirect_uri  {flow.redirect_uri}")
         print(f"  requested     {' '.join(flow.scopes) or '-'}")
-        tokens = ctx.tokens.read(flow.provider)
-        if tokens is not None and tokens.flow_id == flow.id and tokens.scope is not None:
-            granted = scope_text(tokens.scope.split(), tokens.extra.get("scope_source"))
-            print(f"  scopes        {granted}")
+        if granted is not None:
+            print(f"  scopes        {scope_text(granted['scopes'], granted['source'])}")
         print(f"  started by    {flow.actor}" + (f" (chat {flow.chat_id})" if flow.chat_id else ""))
         if flow.error_code:
             print(f"  error         {flow.error_code}: {flow.error_description or ''}")

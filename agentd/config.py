@@ -91,6 +91,12 @@ class Config:
     values: dict[str, dict[str, Any]] = field(repr=False)
     problems: tuple[ConfigProblem, ...] = ()
     file_exists: bool = False
+    #: ``"section.key"`` -> (where it was set: "file" or "$AGENTD_...", the value as written
+    #: there), for the keys the file or the environment set; ``config show`` prints these
+    #: when they are wrong, not the defaults used in their place
+    origins: dict[str, tuple[str, Any]] = field(default_factory=dict, repr=False)
+    #: what the file holds that is not a key of SCHEMA (unknown sections and keys, as written)
+    unknown: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def get(self, section: str, key: str) -> Any:
         return self.values[section][key]
@@ -130,6 +136,14 @@ class Config:
                 hidden = (section, key) in _SECRET_KEYS and value
                 out[section][key] = "********" if hidden else value
         return out
+
+
+def _key_hint(section: str, key: str) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key, list(SCHEMA[section]), n=1)
+    listing = f"one of {', '.join(SCHEMA[section])}"
+    return f"did you mean {close[0]!r}? ({listing})" if close else listing
 
 
 def _coerce(value: Any, kind: type, *, from_env: bool) -> Any:
@@ -349,6 +363,8 @@ def load_config(
         for section, keys in SCHEMA.items()
     }
     problems: list[ConfigProblem] = []
+    origins: dict[str, tuple[str, Any]] = {}
+    unknown: dict[str, Any] = {}
     where = str(path)
     exists = path.is_file()
     if not exists and (file or environ.get("AGENTD_CONFIG")):
@@ -378,18 +394,20 @@ def load_config(
                 problems.append(
                     ConfigProblem(where, section, "unknown section", f"one of {', '.join(SCHEMA)}")
                 )
+                unknown[section] = keys
                 continue
             if not isinstance(keys, dict):
                 problems.append(ConfigProblem(where, section, "must be a table", f"[{section}]"))
+                unknown[section] = keys
                 continue
             for key, value in keys.items():
-                if key not in SCHEMA[section]:
+                if key in SCHEMA[section]:
+                    origins[f"{section}.{key}"] = ("file", value)
+                else:
+                    unknown[f"{section}.{key}"] = value
                     problems.append(
                         ConfigProblem(
-                            where,
-                            f"{section}.{key}",
-                            "unknown key",
-                            f"one of {', '.join(SCHEMA[section])}",
+                            where, f"{section}.{key}", "unknown key", _key_hint(section, key)
                         )
                     )
                     continue
@@ -402,9 +420,17 @@ def load_config(
         for key, (kind, _, hint) in keys.items():
             name = f"AGENTD_{section.upper()}_{key.upper()}"
             if name in environ:
+                origins[f"{section}.{key}"] = (f"${name}", environ[name])
                 try:
                     values[section][key] = _coerce(environ[name], kind, from_env=True)
                 except ValueError as err:
                     problems.append(ConfigProblem(f"${name}", f"{section}.{key}", str(err), hint))
     problems += _validate(values, where)
-    return Config(file=path, values=values, problems=tuple(problems), file_exists=exists)
+    return Config(
+        file=path,
+        values=values,
+        problems=tuple(problems),
+        file_exists=exists,
+        origins=origins,
+        unknown=unknown,
+    )

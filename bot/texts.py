@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from flowengine.timefmt import format_duration
+
 __all__ = [
     "ASK_CLIENT_ID",
     "ASK_CLIENT_SECRET",
@@ -126,22 +128,12 @@ def _zone(tz: str) -> ZoneInfo:
 
 
 def duration(seconds: float) -> str:
-    """A short human duration: ``45 s``, ``12 min``, ``2 h 5 min``, ``3 d 4 h``."""
-    seconds = abs(round(seconds))
-    if seconds < 60:
-        return f"{seconds} s"
-    minutes = seconds // 60
-    if minutes < 60:
-        return f"{minutes} min"
-    hours, minutes = divmod(minutes, 60)
-    if hours < 24:
-        return f"{hours} h {minutes} min" if minutes else f"{hours} h"
-    days, hours = divmod(hours, 24)
-    return f"{days} d {hours} h" if hours else f"{days} d"
+    """A duration as the CLI writes it too: ``45s``, ``12m``, ``2h 5m``, ``3d 4h``."""
+    return format_duration(seconds)
 
 
 def relative(at_ms: int, now_ms: int) -> str:
-    """``in 2 h 5 min`` or ``12 min ago`` (``just now`` within a second)."""
+    """``in 2h 5m`` or ``12m ago`` (``just now`` within a second)."""
     delta = (at_ms - now_ms) / 1000
     if abs(delta) < 1:
         return "just now"
@@ -252,7 +244,7 @@ def connections(
 
 
 def reconnect_needed(deadline: int, now_ms: int, tz: str = "UTC") -> str:
-    """``reconnect needed by 2027-05-20 14:00 CEST (in 3 d 4 h)``."""
+    """``reconnect needed by 2027-05-20 14:00 CEST (in 3d 4h)``."""
     return f"reconnect needed by {local_time(deadline, tz)} ({relative(deadline, now_ms)})"
 
 

@@ -45,6 +45,7 @@ __all__ = [
     "ProviderSpec",
     "RefreshLifetime",
     "TOKEN_AUTH_METHODS",
+    "check_catalog",
     "load_catalog",
     "parse_catalog",
 ]
@@ -476,3 +477,63 @@ def load_catalog(user_file: Path | None = None, *, builtin: Path | None = None) 
     if user.exists():
         specs = parse_catalog(_read(user), file=str(user), base=specs)
     return Catalog(specs)
+
+
+def check_catalog(
+    user_file: Path | None = None, *, builtin: Path | None = None
+) -> list[ConfigError]:
+    """Every problem of the built-in catalog and the user's file, not only the first one
+    (``agentd config check``, ``agentd providers``); empty when :func:`load_catalog` works."""
+    problems: list[ConfigError] = []
+    user = user_file if user_file is not None else paths.user_catalog_path()
+    known: set[str] = set()
+    for path in (builtin or BUILTIN_CATALOG, user):
+        if path is user and not path.exists():
+            continue
+        file = str(path)
+        try:
+            data = _read(path)
+        except ConfigError as err:
+            problems.append(err)
+            continue
+        for key in sorted(set(data) - {"providers"}):
+            problems.append(
+                ConfigError(
+                    "unknown top-level key (expected [providers.<id>] tables)", file=file, key=key
+                )
+            )
+        providers = data.get("providers", {})
+        if not isinstance(providers, dict):
+            problems.append(
+                ConfigError(
+                    "must be a table of [providers.<id>] tables", file=file, key="providers"
+                )
+            )
+            continue
+        for pid, raw in providers.items():
+            if not _ID_RE.match(pid):
+                problems.append(
+                    _err(
+                        file, pid, None, "provider id must be lowercase letters, digits, '-' or '_'"
+                    )
+                )
+                continue
+            if not isinstance(raw, dict):
+                problems.append(_err(file, pid, None, "must be a table"))
+                continue
+            for key, value in raw.items():
+                try:
+                    _coerce(file, pid, {key: value})
+                except ConfigError as err:
+                    problems.append(err)
+            if pid not in known:
+                for key in _REQUIRED:
+                    if key not in raw:
+                        problems.append(_err(file, pid, key, "is required for a new provider"))
+            known.add(pid)
+    if not problems:
+        try:  # whatever the field-by-field checks cannot see
+            load_catalog(user_file, builtin=builtin)
+        except ConfigError as err:
+            problems.append(err)
+    return problems

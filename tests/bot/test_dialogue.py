@@ -168,7 +168,7 @@ def test_connect_with_stored_credentials_whole_conversation(state: ConversationS
     assert effects == [
         Send(
             CHAT,
-            "Tap the button to authorize Fake. The link is valid for 10 min.",
+            "Tap the button to authorize Fake. The link is valid for 10m.",
             buttons=(UrlButton("Authorize Fake", "https://x/auth?s"),),
             watch=Watch("f1", "fake", "Fake", "st"),
         )
@@ -181,7 +181,7 @@ def test_connect_with_stored_credentials_whole_conversation(state: ConversationS
         Edit(
             CHAT,
             55,
-            "✅ Fake connected\nScopes: read\nToken expires in 1 h (2027-01-15 09:00 UTC)",
+            "✅ Fake connected\nScopes: read\nToken expires in 1h (2027-01-15 09:00 UTC)",
         )
     ]
     assert state.chats == {}
@@ -416,7 +416,7 @@ def test_connections_say_when_to_reconnect() -> None:
     _, effects = step(state, ConnectionsListed(CHAT, items, NOW))
     assert isinstance(effects[0], Send)
     lines = effects[0].text.splitlines()
-    assert lines[2] == "    reconnect needed by 2027-01-18 10:00 CET (in 3 d 1 h)"
+    assert lines[2] == "    reconnect needed by 2027-01-18 10:00 CET (in 3d 1h)"
     assert "reconnect" not in "\n".join(lines[3:])  # an expired one needs it now, not by
 
 
@@ -497,10 +497,10 @@ def test_connections_list_shows_state_expiry_and_last_refresh(state: Conversatio
         Send(
             CHAT,
             "✅ Dexcom — stored\n"
-            "    token expires in 2 h (2027-01-15 10:00 UTC); last refresh 5 min ago\n"
+            "    token expires in 2h (2027-01-15 10:00 UTC); last refresh 5m ago\n"
             "    scopes: offline\n"
             "⚠️ Fake — expired\n"
-            "    token expired 1 min ago (2027-01-15 07:59 UTC); never refreshed",
+            "    token expired 1m ago (2027-01-15 07:59 UTC); never refreshed",
         )
     ]
 
@@ -523,8 +523,8 @@ def test_flows_list(state: ConversationState) -> None:
         Send(
             CHAT,
             "Recent flows of fake:\n"
-            "❌ ab12 fake — failed (access_denied), 2 min ago\n"
-            "✅ cd34 fake — stored, 2 h ago",
+            "❌ ab12 fake — failed (access_denied), 2m ago\n"
+            "✅ cd34 fake — stored, 2h ago",
         )
     ]
 

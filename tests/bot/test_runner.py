@@ -44,7 +44,7 @@ async def test_connect_with_stored_credentials(rig: BotRig) -> None:
         await rig.say("connect fake")
         link = await rig.authorize_message()
         assert link.chat_id == OWNER
-        assert link.text == "Tap the button to authorize Fake. The link is valid for 10 min."
+        assert link.text == "Tap the button to authorize Fake. The link is valid for 10m."
         flow_id = await _only_flow(rig)
         # noted for a restart, privately
         assert flow_id in json.loads(rig.resume_path.read_text())
@@ -54,7 +54,7 @@ async def test_connect_with_stored_credentials(rig: BotRig) -> None:
         # how soon after the callback (issue: within a second) is benchmarks/bench_api.py's
         await rig.chat.wait_for(lambda: link.edits)
 
-        assert link.current.startswith("✅ Fake connected\nScopes: read\nToken expires in 1 h")
+        assert link.current.startswith("✅ Fake connected\nScopes: read\nToken expires in 1h")
         assert link.buttons == ()
         stored = rig.tokens.read("fake")
         assert stored is not None
