@@ -8,7 +8,8 @@
   other Telegram error becomes a TransportError. Nothing else escapes.
 * :func:`to_inbound` turns a NewMessage / CallbackQuery event into a dialogue inbound;
   :func:`attach` registers the two handlers that pass them to the runner.
-* :func:`run_bot` logs in (session file in the state dir, 0600), runs the
+* :func:`set_menu` offers the dialogue's command table in Telegram's "/" menu.
+* :func:`run_bot` logs in (session file in the state dir, 0600), sets the menu, runs the
   :class:`~bot.runner.BotRunner` and reconnects with backoff until cancelled; it fits in
   an anyio task group next to the daemon's server and timer.
 """
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-from telethon import Button, TelegramClient, errors, events, functions
+from telethon import Button, TelegramClient, errors, events, functions, types
 
 from flowengine.broker import Broker
 from flowengine.engine import FlowEngine
@@ -34,7 +35,7 @@ from .settings import BotSettings
 from .transport import Button as ButtonSpec
 from .transport import TransportError
 
-__all__ = ["TelethonTransport", "attach", "open_client", "run_bot", "to_inbound"]
+__all__ = ["TelethonTransport", "attach", "open_client", "run_bot", "set_menu", "to_inbound"]
 
 log = logging.getLogger("bot.telegram")
 
@@ -210,6 +211,23 @@ def attach(client: TelegramClient, dispatch: Dispatch) -> list[Callable[[Any], A
 # --------------------------------------------------------------------- running
 
 
+async def set_menu(client: TelegramClient, commands: Sequence[tuple[str, str]]) -> bool:
+    """Offer the command table in Telegram's "/" menu (bots.setBotCommands, default scope,
+    every language); False when Telegram refused or could not be reached (logged)."""
+    request = functions.bots.SetBotCommandsRequest(
+        scope=types.BotCommandScopeDefault(),
+        lang_code="",
+        commands=[types.BotCommand(command=name, description=text) for name, text in commands],
+    )
+    try:
+        await client(request)
+    except (errors.RPCError, *_NETWORK_ERRORS) as err:
+        log.warning("command menu not set: %s", type(err).__name__)
+        return False
+    log.info("command menu set: %s", ", ".join(name for name, _ in commands))
+    return True
+
+
 def _private_file(path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
@@ -273,6 +291,7 @@ async def run_bot(
                     if settings.session_path.exists():
                         os.chmod(settings.session_path, 0o600)
                     if not started:
+                        await set_menu(tg_client, d.menu(runner.state))
                         await tg.start(runner.run)
                         started = True
                         log.info("telegram bot running for %d owner(s)", len(settings.owner_ids))

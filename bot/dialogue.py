@@ -37,7 +37,9 @@ from . import texts
 
 __all__ = [
     "AnswerTap",
+    "BUILTIN_COMMANDS",
     "BeginConnect",
+    "BotCommand",
     "CallbackButton",
     "CancelFlows",
     "ChatState",
@@ -80,7 +82,11 @@ __all__ = [
     "UrlButton",
     "Watch",
     "RECONNECT_PREFIX",
+    "command_table",
+    "menu",
+    "parse_command",
     "step",
+    "suggest",
 ]
 
 #: callback data of a "Reconnect <Provider>" button is this prefix + the provider id
@@ -500,19 +506,88 @@ Effect = (
 Step = tuple[ConversationState, list[Effect]]
 
 
-# ========================================================================= parsing
+# =================================================================== the table
 
+
+@dataclass(frozen=True, slots=True)
+class BotCommand:
+    """One row of the command table, which the dialogue, Telegram's "/" menu, the help and
+    "did you mean" all read: a name, its aliases, what it takes (``args``, as help writes
+    it), what it does, and which branch of :func:`_command` runs it (``handler``)."""
+
+    name: str
+    aliases: tuple[str, ...] = ()
+    args: str = ""
+    description: str = ""
+    handler: str = ""
+
+    @property
+    def help(self) -> str:
+        return texts.help_line(self.name, self.args, self.description)
+
+
+def _builtin(name: str, *aliases: str) -> BotCommand:
+    return BotCommand(
+        name, aliases, texts.COMMAND_ARGS.get(name, ""), texts.COMMAND_HELP[name], name
+    )
+
+
+#: the bot's own commands, in help order; integration commands go before ``help``
+BUILTIN_COMMANDS: tuple[BotCommand, ...] = (
+    _builtin("connect"),
+    _builtin("connections", "status"),
+    _builtin("disconnect"),
+    _builtin("flows"),
+    _builtin("cancel"),
+)
+HELP_COMMAND = _builtin("help")
+#: words that run a command without being offered anywhere (Telegram sends /start first)
+_HIDDEN_ALIASES = {"start": "help"}
+#: handler key of an integration's command (its CommandSpec parses the arguments)
+INTEGRATION = "integration"
+
+
+def _integration_row(spec: CommandSpec) -> BotCommand:
+    """An integration command as a row: ``spec.help`` is ``"name args — what it does"``."""
+    head, sep, description = spec.help.partition(" — ")
+    if not sep:
+        head, description = spec.name, spec.help
+    args = head[len(spec.name) :].strip() if head.startswith(spec.name) else ""
+    return BotCommand(spec.name, spec.aliases, args, description, INTEGRATION)
+
+
+def command_table(commands: Mapping[str, CommandSpec] | None = None) -> tuple[BotCommand, ...]:
+    """Every command the bot answers, in help and menu order."""
+    extra = tuple(_integration_row(spec) for spec in (commands or {}).values())
+    return (*BUILTIN_COMMANDS, *extra, HELP_COMMAND)
+
+
+def _words(table: tuple[BotCommand, ...]) -> dict[str, BotCommand]:
+    """Every word that names a command (names, aliases, hidden aliases) -> its row."""
+    out: dict[str, BotCommand] = {}
+    by_name = {row.name: row for row in table}
+    for row in table:
+        out.setdefault(row.name, row)
+    for row in table:
+        for alias in row.aliases:
+            out.setdefault(alias, row)
+    for alias, name in _HIDDEN_ALIASES.items():
+        out.setdefault(alias, by_name[name])
+    return out
+
+
+def menu(state: ConversationState) -> list[tuple[str, str]]:
+    """Telegram's "/" menu: (command, description) per row, in table order."""
+    return [
+        (row.name, texts.menu_description(row.args, texts.MENU_HELP.get(row.name, row.description)))
+        for row in command_table(state.commands)
+        if _MENU_NAME.match(row.name)
+    ]
+
+
+#: what Telegram accepts as a menu command (BotCommand.command)
+_MENU_NAME = re.compile(r"^[a-z0-9_]{1,32}$")
 _COMMAND_RE = re.compile(r"^/?(?P<cmd>[A-Za-z_]+)(?:@\w+)?(?:\s+(?P<args>.*))?$", re.DOTALL)
-_ALIASES = {
-    "start": "help",
-    "help": "help",
-    "connect": "connect",
-    "connections": "connections",
-    "status": "connections",
-    "disconnect": "disconnect",
-    "flows": "flows",
-    "cancel": "cancel",
-}
 
 
 def parse_command(
@@ -525,26 +600,71 @@ def parse_command(
     match = _COMMAND_RE.match(text.strip())
     if match is None:
         return None
-    word = match["cmd"].lower()
-    command = _ALIASES.get(word)
-    if command is None:
-        spec = _extra(commands or {}, word)
-        if spec is None:
-            return None
-        command = spec.name
+    row = _words(command_table(commands)).get(match["cmd"].lower())
+    if row is None:
+        return None
     args = [a.lower() for a in (match["args"] or "").split()]
-    return command, args
+    return row.name, args
 
 
-def _extra(commands: Mapping[str, CommandSpec], word: str) -> CommandSpec | None:
-    spec = commands.get(word)
-    if spec is not None:
-        return spec
-    return next((c for c in commands.values() if word in c.aliases), None)
+def suggest(text: str, commands: Mapping[str, CommandSpec] | None = None) -> list[str]:
+    """Close matches for a mistyped command, whole: ``"conect dexcom"`` -> ``["connect
+    dexcom"]``; empty when nothing is close (or it is no command-like text)."""
+    import difflib
+
+    match = _COMMAND_RE.match(text.strip())
+    if match is None:
+        return []
+    words = _words(command_table(commands))
+    typed = match["cmd"].lower()
+    scored = sorted(
+        (
+            (difflib.SequenceMatcher(None, typed, word).ratio(), word)
+            for word in words
+            if word not in _HIDDEN_ALIASES  # offered nowhere, suggested neither
+        ),
+        reverse=True,
+    )
+    rest = " ".join(a.lower() for a in (match["args"] or "").split())
+    best = scored[0][0] if scored else 0.0
+    seen: set[str] = set()
+    out: list[str] = []
+    for ratio, word in scored:  # the closest, and any about as close; one per command
+        if ratio < max(0.75, best - 0.05) or len(out) == 2:
+            break
+        if words[word].name not in seen:
+            seen.add(words[word].name)
+            out.append(f"{word} {rest}".strip())
+    return out
 
 
 def _help(state: ConversationState) -> str:
-    return texts.help_text([spec.help for spec in state.commands.values()])
+    return texts.help_text([row.help for row in command_table(state.commands)])
+
+
+# ===================================================== what a credential is not
+
+#: chat words nobody's client id or secret is
+_CHATTER = frozenset(
+    {"yes", "no", "ok", "okay", "hi", "hello", "hey", "thanks", "thank", "stop", "quit",
+     "exit", "back", "later", "what", "why", "how", "sure", "done", "next", "skip"}
+)  # fmt: skip
+_MIN_CLIENT_ID = 4
+_MIN_SECRET = 8
+
+
+def _refusal(text: str, what: str, state: ConversationState, *, minimum: int) -> str | None:
+    """Why ``text`` (one word, no spaces) is not a credential, as an answer; None if it may be."""
+    word = text.lstrip("/").lower()
+    if word in _words(command_table(state.commands)):
+        return texts.command_at_prompt(word, what)
+    if any(not 0x21 <= ord(ch) <= 0x7E for ch in text):
+        return texts.not_a_credential(what, "only printable ASCII, RFC 6749")
+    if word in _CHATTER:
+        return texts.not_a_credential(what, "a word from a chat")
+    if len(text) < minimum:
+        return texts.not_a_credential(what, f"shorter than {minimum} characters")
+    return None
 
 
 # ========================================================================== step
@@ -600,12 +720,15 @@ def _message(state: ConversationState, msg: Message) -> Step:
     if chat.mode is Mode.AWAITING_CLIENT_ID:
         if not text or any(c.isspace() for c in text):
             return state, [Send(msg.chat_id, texts.BAD_CLIENT_ID)]
+        refusal = _refusal(text, "client id", state, minimum=_MIN_CLIENT_ID)
+        if refusal is not None:
+            return state, [Send(msg.chat_id, refusal)]
         assert chat.provider is not None
         if chat.needs_secret:
             state = state.with_chat(
                 msg.chat_id, replace(chat, mode=Mode.AWAITING_CLIENT_SECRET, client_id=text)
             )
-            return state, [Send(msg.chat_id, texts.ASK_CLIENT_SECRET.format(name=name))]
+            return state, [Send(msg.chat_id, texts.ask_client_secret(name, chat.provider))]
         state = state.with_chat(msg.chat_id, _IDLE)
         return state, [SaveCredentials(msg.chat_id, chat.provider, name, text, None)]
 
@@ -615,6 +738,11 @@ def _message(state: ConversationState, msg: Message) -> Step:
     delete = DeleteSecret(msg.chat_id, msg.message_id)
     if not text or any(c.isspace() for c in text):
         return state, [delete, Send(msg.chat_id, texts.BAD_SECRET)]
+    if text == chat.client_id:
+        return state, [delete, Send(msg.chat_id, texts.SECRET_IS_THE_CLIENT_ID)]
+    refusal = _refusal(text, "client secret", state, minimum=_MIN_SECRET)
+    if refusal is not None:
+        return state, [delete, Send(msg.chat_id, refusal)]
     state = state.with_chat(msg.chat_id, _IDLE)
     return state, [delete, SaveCredentials(msg.chat_id, chat.provider, name, chat.client_id, text)]
 
@@ -622,7 +750,9 @@ def _message(state: ConversationState, msg: Message) -> Step:
 def _command(state: ConversationState, chat_id: int, text: str) -> Step:
     parsed = parse_command(text, state.commands)
     if parsed is None:
-        return state, [Send(chat_id, texts.UNKNOWN_COMMAND)]
+        close = suggest(text, state.commands)
+        reply = texts.did_you_mean(close) if close else texts.UNKNOWN_COMMAND
+        return state, [Send(chat_id, reply)]
     command, args = parsed
     if command == "help":
         return state, [Send(chat_id, _help(state))]

@@ -16,26 +16,31 @@ from flowengine.timefmt import format_duration
 
 __all__ = [
     "ASK_CLIENT_ID",
-    "ASK_CLIENT_SECRET",
     "BAD_CLIENT_ID",
     "BAD_SECRET",
+    "COMMAND_ARGS",
+    "COMMAND_HELP",
     "CREDENTIALS_CANCELLED",
     "CREDENTIALS_SAVED",
-    "HELP",
     "LEFT_CREDENTIALS",
+    "MENU_HELP",
     "NOTHING_TO_CANCEL",
     "NO_CONNECTIONS",
     "NO_FLOWS",
     "REFUSAL",
     "SECRET_DELETED",
+    "SECRET_IS_THE_CLIENT_ID",
     "SECRET_NOT_DELETED",
     "UNKNOWN_COMMAND",
+    "ask_client_secret",
     "authorize_button",
     "authorize_prompt",
     "cancelled_flows",
+    "command_at_prompt",
     "command_failed",
     "command_not_connected",
     "connections",
+    "did_you_mean",
     "disconnected",
     "duration",
     "error",
@@ -45,8 +50,11 @@ __all__ = [
     "flow_failed",
     "flow_timed_out",
     "flows",
+    "help_line",
     "help_text",
     "local_time",
+    "menu_description",
+    "not_a_credential",
     "not_connected",
     "notification",
     "reconnect_button",
@@ -59,36 +67,93 @@ __all__ = [
 
 REFUSAL = "Sorry, this is a private bot."
 
-_HELP_LINES = (
-    "connect <provider> — authorize a provider (asks for client credentials if needed)",
-    "connections — every connection with its state, expiry and last refresh (also /status)",
-    "disconnect <provider> — revoke and remove a provider's tokens",
-    "flows [provider] — recent authorization flows and their states",
-    "cancel — stop what is in progress (credential entry or a pending authorization)",
-)
+#: what each built-in command does, by its name in the command table (bot/dialogue.py)
+COMMAND_HELP = {
+    "connect": "authorize a provider (asks for client credentials if needed)",
+    "connections": "every connection with its state, expiry and last refresh (also /status)",
+    "disconnect": "revoke and remove a provider's tokens",
+    "flows": "recent authorization flows and their states",
+    "cancel": "stop what is in progress (credential entry or a pending authorization)",
+    "help": "this text",
+}
 
 
-def help_text(extra: Sequence[str] = ()) -> str:
-    """The help, with one line per integration command (``extra``) before ``help``."""
-    lines = [*_HELP_LINES, *extra, "help — this text"]
+def help_line(name: str, args: str, description: str) -> str:
+    """``connect <provider> — authorize a provider ...``: one line of the help."""
+    return f"{name}{' ' + args if args else ''} — {description}"
+
+
+#: where Telegram's "/" menu says it differently from the help
+MENU_HELP = {"help": "what I can do"}
+
+#: what each built-in command takes, as its help writes it
+COMMAND_ARGS = {"connect": "<provider>", "disconnect": "<provider>", "flows": "[provider]"}
+
+
+def help_text(lines: Sequence[str]) -> str:
+    """The help: one line per command of the table (bot/dialogue.py), in its order."""
     return "I connect your agent to OAuth providers.\n\n" + "\n".join(lines)
 
 
-HELP = help_text()
-
 UNKNOWN_COMMAND = "I did not understand that. Say help for what I can do."
+
+
+def did_you_mean(suggestions: Sequence[str]) -> str:
+    """A mistyped command: the closest commands, whole (``connect dexcom``)."""
+    return (
+        f"I did not understand that. Did you mean {' or '.join(suggestions)}? (Say help for all.)"
+    )
+
+
+def menu_description(args: str, description: str) -> str:
+    """The text next to a command in Telegram's "/" menu (at most 256 characters)."""
+    text = f"{args} — {description}" if args else description
+    return text[:256]
+
 
 ASK_CLIENT_ID = (
     "No client credentials are stored for {name} yet.\n"
     "Send me the client id of your {name} app (or say cancel)."
 )
-ASK_CLIENT_SECRET = (
-    "Now send the client secret of your {name} app.\n"
-    "I delete your message as soon as I have read it."
-)
+
+
+def ask_client_secret(name: str, provider: str) -> str:
+    """The secret prompt, with the safer way: the terminal (bot chats are not end-to-end
+    encrypted, so the secret passes Telegram's servers even though I delete it)."""
+    return (
+        f"Now send the client secret of your {name} app.\n"
+        "I delete your message as soon as I have read it. Safer: chats with a bot are not"
+        " end-to-end encrypted, so you may rather type it on the server:\n"
+        f"agentd credentials {provider}\n"
+        f"then say connect {provider} (or say cancel here)."
+    )
+
+
 BAD_CLIENT_ID = "A client id has no spaces. Send it again, or say cancel."
 BAD_SECRET = (
     "That does not look like a client secret (it has spaces). Send it again, or say cancel."
+)
+
+
+def command_at_prompt(word: str, what: str) -> str:
+    """A command word sent where a credential was asked for: not stored."""
+    return (
+        f"“{word}” is a command, not a {what}: I did not store it. Send the {what},"
+        f" say cancel to stop, or /{word} to leave the credential entry."
+    )
+
+
+def not_a_credential(what: str, why: str) -> str:
+    """An answer that cannot be a credential (too short, a chat word, not ASCII)."""
+    return (
+        f"That does not look like a {what} ({why}): I did not store it."
+        " Send it again, or say cancel."
+    )
+
+
+SECRET_IS_THE_CLIENT_ID = (
+    "That is the client id again, not the client secret: I did not store it."
+    " Send the secret, or say cancel."
 )
 CREDENTIALS_CANCELLED = "OK, nothing was stored."
 LEFT_CREDENTIALS = "(I stopped waiting for the {name} client credentials; nothing was stored.)"

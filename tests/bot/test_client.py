@@ -19,6 +19,7 @@ import pytest
 from telethon import TelegramClient, errors, events, functions, types
 
 from bot import client as adapter
+from bot import dialogue as d
 from bot.client import TelethonTransport, attach, open_client, run_bot, to_inbound
 from bot.dialogue import CallbackButton, Inbound, Message, Tap, UrlButton
 from bot.settings import BotSettings
@@ -86,6 +87,9 @@ class OfflineClient(TelegramClient):  # type: ignore[misc]
         if isinstance(request, functions.upload.SaveFilePartRequest):
             return True
         if isinstance(request, functions.messages.SetBotCallbackAnswerRequest):
+            return True
+        if isinstance(request, functions.bots.SetBotCommandsRequest):
+            bytes(request)  # serializes as Telegram's TL schema wants it
             return True
         raise AssertionError(f"unexpected request {type(request).__name__}")
 
@@ -466,6 +470,14 @@ async def test_run_bot_logs_in_retries_and_serves(tmp_path: Path) -> None:
                 while len(client.logins) < 3:
                     await anyio.sleep(0.01)
             assert client.logins == ["123:bot-token-value"] * 3
+            # the "/" menu is the dialogue's command table, set once after the login
+            (menu,) = client.sent(functions.bots.SetBotCommandsRequest)
+            assert isinstance(menu.scope, types.BotCommandScopeDefault)
+            assert menu.lang_code == ""
+            assert [(c.command, c.description) for c in menu.commands] == d.menu(runner.state)
+            assert [c.command for c in menu.commands] == [
+                "connect", "connections", "disconnect", "flows", "cancel", "help"
+            ]  # fmt: skip
             # an owner's message goes through the registered handler to the runner
             ((handler, _), *_) = client.list_event_handlers()
             await handler(_message_event(client, "help"))
@@ -481,6 +493,16 @@ async def test_run_bot_logs_in_retries_and_serves(tmp_path: Path) -> None:
     finally:
         await engine.close()
         client.session.close()
+
+
+@pytest.mark.anyio
+async def test_a_refused_menu_is_logged_not_fatal(
+    client: OfflineClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    client.script.append(errors.BotCommandInvalidError(request=None))
+    assert await adapter.set_menu(client, [("connect", "authorize a provider")]) is False
+    assert "command menu not set: BotCommandInvalidError" in caplog.text
+    assert await adapter.set_menu(client, [("connect", "authorize a provider")]) is True
 
 
 def test_telethon_is_imported_only_by_the_adapter() -> None:

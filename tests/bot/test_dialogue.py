@@ -10,6 +10,7 @@ from bot import texts
 from bot.dialogue import (
     AnswerTap,
     BeginConnect,
+    BotCommand,
     CallbackButton,
     CancelFlows,
     ChatState,
@@ -49,6 +50,8 @@ from bot.dialogue import (
     Tap,
     UrlButton,
     Watch,
+    command_table,
+    menu,
     parse_command,
     step,
 )
@@ -82,6 +85,19 @@ TEMP = CommandSpec(
     "No temperature",
     _days,
     aliases=("temperature",),
+)
+
+
+HELP_WITH_TEMP = texts.help_text(
+    [
+        "connect <provider> — authorize a provider (asks for client credentials if needed)",
+        "connections — every connection with its state, expiry and last refresh (also /status)",
+        "disconnect <provider> — revoke and remove a provider's tokens",
+        "flows [provider] — recent authorization flows and their states",
+        "cancel — stop what is in progress (credential entry or a pending authorization)",
+        TEMP.help,
+        "help — this text",
+    ]
 )
 
 
@@ -142,12 +158,15 @@ def test_parse_integration_commands(text: str, expected: tuple[str, list[str]] |
         ("temp", RunCommand(CHAT, "temp", 7)),
         ("temperature 3d", RunCommand(CHAT, "temp", 3)),
         ("/temp 30d", RunCommand(CHAT, "temp", 30)),
-        ("help", Send(CHAT, texts.help_text([TEMP.help]))),
-        ("disconnect", Send(CHAT, texts.help_text([TEMP.help]))),
+        ("help", Send(CHAT, HELP_WITH_TEMP)),
+        ("disconnect", Send(CHAT, HELP_WITH_TEMP)),
         ("temp soon", Send(CHAT, "Say temp or temp 3d.")),
         ("temp 3d 4d", Send(CHAT, "Say temp or temp 3d.")),
         ("glucose", Send(CHAT, texts.UNKNOWN_COMMAND)),
         ("what?", Send(CHAT, texts.UNKNOWN_COMMAND)),
+        ("conect fake", Send(CHAT, texts.did_you_mean(["connect fake"]))),
+        ("/stauts", Send(CHAT, texts.did_you_mean(["status"]))),
+        ("tmep 3d", Send(CHAT, texts.did_you_mean(["temp 3d"]))),
     ],
 )
 def test_owner_commands(state: ConversationState, text: str, effect: object) -> None:
@@ -203,7 +222,9 @@ def test_connect_asking_for_credentials_whole_conversation(state: ConversationSt
     assert state.chat(CHAT) == ChatState(
         Mode.AWAITING_CLIENT_SECRET, "fake", "Fake", True, "client-123"
     )
-    assert effects == [Send(CHAT, texts.ASK_CLIENT_SECRET.format(name="Fake"))]
+    assert effects == [Send(CHAT, texts.ask_client_secret("Fake", "fake"))]
+    # the secret prompt offers the terminal, the safer path
+    assert "agentd credentials fake" in effects[0].text  # type: ignore[union-attr]
 
     secret = msg("  s3cr3t-value ")
     state, effects = step(state, secret)
@@ -234,7 +255,7 @@ def test_public_client_needs_only_the_client_id(state: ConversationState) -> Non
 
 def test_a_secret_with_spaces_is_deleted_and_asked_again(state: ConversationState) -> None:
     state, _ = step(state, CredentialsNeeded(CHAT, "fake", "Fake", needs_secret=True))
-    state, _ = step(state, msg("cid"))
+    state, _ = step(state, msg("cid-1234"))
     bad = msg("two words")
     new, effects = step(state, bad)
     assert new == state
@@ -249,7 +270,7 @@ def test_secret_not_deletable_is_said(state: ConversationState) -> None:
 @pytest.mark.parametrize("word", ["cancel", "/cancel", "CANCEL"])
 def test_cancel_during_credential_entry(state: ConversationState, word: str) -> None:
     state, _ = step(state, CredentialsNeeded(CHAT, "fake", "Fake", needs_secret=True))
-    state, _ = step(state, msg("cid"))
+    state, _ = step(state, msg("cid-1234"))
     state, effects = step(state, msg(word))
     assert state.chats == {}
     assert effects == [Send(CHAT, texts.CREDENTIALS_CANCELLED)]
@@ -277,15 +298,70 @@ def test_a_command_with_arguments_leaves_client_id_entry(state: ConversationStat
 
 def test_at_the_secret_prompt_only_slash_commands_count(state: ConversationState) -> None:
     state, _ = step(state, CredentialsNeeded(CHAT, "fake", "Fake", needs_secret=True))
-    state, _ = step(state, msg("cid"))
+    state, _ = step(state, msg("cid-1234"))
     words = msg("connect plain")
     new, effects = step(state, words)
     assert new == state
     assert effects == [DeleteSecret(CHAT, words.message_id), Send(CHAT, texts.BAD_SECRET)]
-    # a single word that looks like a command is a value, not a command
-    state, effects = step(state, msg("connections"))
-    assert state.chats == {}
-    assert effects[1] == SaveCredentials(CHAT, "fake", "Fake", "cid", "connections")
+    # a single command word is refused (deleted all the same), not stored as the secret
+    word = msg("connections")
+    new, effects = step(state, word)
+    assert new == state
+    assert effects == [
+        DeleteSecret(CHAT, word.message_id),
+        Send(CHAT, texts.command_at_prompt("connections", "client secret")),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "reply"),
+    [
+        ("help", texts.command_at_prompt("help", "client id")),
+        ("status", texts.command_at_prompt("status", "client id")),
+        ("Temperature", texts.command_at_prompt("temperature", "client id")),
+        ("/start", None),  # a slash command leaves the entry (see below)
+        ("yes", texts.not_a_credential("client id", "a word from a chat")),
+        ("OK", texts.not_a_credential("client id", "a word from a chat")),
+        ("ab1", texts.not_a_credential("client id", "shorter than 4 characters")),
+        ("clïent-id", texts.not_a_credential("client id", "only printable ASCII, RFC 6749")),
+        ("12345", "ask-secret"),  # Strava's client ids are numbers
+    ],
+)
+def test_the_client_id_prompt_refuses_what_is_no_client_id(
+    state: ConversationState, text: str, reply: str | None
+) -> None:
+    state, _ = step(state, CredentialsNeeded(CHAT, "fake", "Fake", needs_secret=True))
+    new, effects = step(state, msg(text))
+    if reply is None:
+        assert new.chats == {}
+        assert effects[0] == Send(CHAT, texts.LEFT_CREDENTIALS.format(name="Fake"))
+    elif reply == "ask-secret":
+        assert new.chat(CHAT).mode is Mode.AWAITING_CLIENT_SECRET
+        assert effects == [Send(CHAT, texts.ask_client_secret("Fake", "fake"))]
+    else:
+        assert new == state  # still waiting for the client id, nothing stored
+        assert effects == [Send(CHAT, reply)]
+
+
+@pytest.mark.parametrize(
+    ("text", "reply"),
+    [
+        ("status", texts.command_at_prompt("status", "client secret")),
+        ("thanks", texts.not_a_credential("client secret", "a word from a chat")),
+        ("short7x", texts.not_a_credential("client secret", "shorter than 8 characters")),
+        ("cid-1234", texts.SECRET_IS_THE_CLIENT_ID),
+        ("sécret-value", texts.not_a_credential("client secret", "only printable ASCII, RFC 6749")),
+    ],
+)
+def test_the_secret_prompt_refuses_what_is_no_secret_and_deletes_it(
+    state: ConversationState, text: str, reply: str
+) -> None:
+    state, _ = step(state, CredentialsNeeded(CHAT, "fake", "Fake", needs_secret=True))
+    state, _ = step(state, msg("cid-1234"))
+    answer = msg(text)
+    new, effects = step(state, answer)
+    assert new == state
+    assert effects == [DeleteSecret(CHAT, answer.message_id), Send(CHAT, reply)]
 
 
 def test_credential_entry_is_per_chat(state: ConversationState) -> None:
@@ -535,5 +611,34 @@ def test_a_command_answer_with_a_chart_is_an_image(state: ConversationState) -> 
 
 
 def test_help_lists_integration_commands_before_help() -> None:
-    assert texts.help_text([TEMP.help]).endswith(f"\n{TEMP.help}\nhelp — this text")
-    assert TEMP.help not in texts.HELP
+    table = command_table({"temp": TEMP})
+    assert [row.name for row in table] == [
+        "connect", "connections", "disconnect", "flows", "cancel", "temp", "help"
+    ]  # fmt: skip
+    assert table[-2] == BotCommand(
+        "temp", ("temperature",), "[Nd]", TEMP.help.split(" — ")[1], "integration"
+    )
+    assert table[-2].help == TEMP.help
+    assert texts.help_text([row.help for row in table]) == HELP_WITH_TEMP
+
+
+def test_the_menu_the_help_and_the_parser_read_one_table(state: ConversationState) -> None:
+    table = command_table(state.commands)
+    entries = menu(state)
+    assert [name for name, _ in entries] == [row.name for row in table]
+    assert dict(entries)["connect"] == (
+        "<provider> — authorize a provider (asks for client credentials if needed)"
+    )
+    assert dict(entries)["temp"] == "[Nd] — body temperature and a chart"
+    assert dict(entries)["help"] == "what I can do"
+    for row in table:  # every name and alias parses to its row
+        for word in (row.name, *row.aliases):
+            assert parse_command(word, state.commands) == (row.name, [])
+    help_lines = _help_lines(state)
+    assert help_lines == [row.help for row in table]
+
+
+def _help_lines(state: ConversationState) -> list[str]:
+    _, (effect,) = step(state, msg("help"))
+    assert isinstance(effect, Send)
+    return effect.text.split("\n\n", 1)[1].splitlines()

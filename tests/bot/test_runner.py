@@ -80,7 +80,7 @@ async def test_connect_asks_for_credentials_and_deletes_the_secret(rig: BotRig) 
         await rig.say("/connect fake")
         assert rig.chat.texts(OWNER) == [texts.ASK_CLIENT_ID.format(name="Fake")]
         await rig.say("client-123")
-        assert rig.chat.texts(OWNER)[-1] == texts.ASK_CLIENT_SECRET.format(name="Fake")
+        assert rig.chat.texts(OWNER)[-1] == texts.ask_client_secret("Fake", "fake")
         secret_id = await rig.say("secret-456")
         assert rig.chat.messages[secret_id].deleted
         assert rig.chat.texts(OWNER)[-3:-1] == [
@@ -97,6 +97,23 @@ async def test_connect_asks_for_credentials_and_deletes_the_secret(rig: BotRig) 
         assert link.current.startswith("✅ Fake connected")
         # the secret reached no ledger row
         assert b"secret-456" not in rig.ledger.read_bytes()
+
+
+async def test_command_words_at_the_prompts_are_refused_not_stored(rig: BotRig) -> None:
+    """The whole conversation: "help" is no client id, "status" no secret; then the real ones."""
+    rig.credentials.delete("fake")
+    async with rig.running():
+        await rig.say("connect fake")
+        await rig.say("help")
+        assert rig.chat.texts(OWNER)[-1] == texts.command_at_prompt("help", "client id")
+        await rig.say("client-123")
+        word_id = await rig.say("status")
+        assert rig.chat.messages[word_id].deleted  # deleted like any answer to that prompt
+        assert texts.command_at_prompt("status", "client secret") in rig.chat.texts(OWNER)
+        assert rig.credentials.get("fake") is None
+        await rig.say("secret-456")
+        await rig.authorize_message()
+        assert rig.credentials.get("fake") == ClientCredentials("client-123", "secret-456")
 
 
 async def test_secret_that_cannot_be_deleted_is_said(rig: BotRig) -> None:
@@ -116,7 +133,7 @@ async def test_public_client_is_asked_only_for_its_id(rig: BotRig) -> None:
         await rig.say("public-id")
         link = await rig.authorize_message("Public")
         assert rig.credentials.get("public") == ClientCredentials("public-id", None)
-        assert texts.ASK_CLIENT_SECRET.format(name="Public") not in rig.chat.texts()
+        assert texts.ask_client_secret("Public", "public") not in rig.chat.texts()
         assert "client_id=public-id" in link.buttons[0].url  # type: ignore[union-attr]
 
 

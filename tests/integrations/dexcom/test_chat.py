@@ -210,7 +210,7 @@ async def test_connect_dexcom_at_the_simulator_then_glucose(rig: BotRig) -> None
             assert (await rig.http.get(callback)).status_code == 200
             await rig.chat.wait_for(lambda: link.edits)
             assert link.current.startswith(
-                "✅ Dexcom connected\nScopes: offline_access\nToken expires in 2 h"
+                "✅ Dexcom connected\nScopes: offline_access\nToken expires in 2h"
             )
             assert sim.counters.token_requests["authorization_code"] == 1
 
