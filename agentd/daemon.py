@@ -28,6 +28,7 @@ from typing import Any
 import anyio
 from quart import Quart
 
+from agentd import systemd
 from agentd.config import Config
 from agentd.context import Context, daemon_base_url, open_context, timer_policy
 from agentd.local_client import socket_path
@@ -128,9 +129,14 @@ async def run_daemon(
                 if config.telegram_enabled:
                     await _start_bot(workers, ctx, config, settings, plan)
                     components.append("telegram bot")
-                _log_start(plan, settings, components)
+                    off = ""
+                else:
+                    off = f"; telegram bot off: no telegram.bot_token in {config.file}"
+                _log_start(plan, settings, components, off)
+                _service_ready(workers, plan, components)
                 task_status.started(plan)
                 await stop.wait()
+                systemd.notify("STOPPING=1\nSTATUS=stopping: finishing in-flight requests")
                 log.info("stopping: finishing in-flight requests")
                 stop_waiters(app)
                 workers.cancel_scope.cancel()
@@ -208,7 +214,26 @@ async def _start_bot(
     )
 
 
-def _log_start(plan: ServePlan, settings: ApiSettings, components: list[str]) -> None:
+def _service_ready(workers: Any, plan: ServePlan, components: list[str]) -> None:
+    """Tell systemd (Type=notify) that we serve, and ping its watchdog from the event loop:
+    a loop that hangs stops the pings, and systemd restarts the service."""
+    status = f"serving {plan.redirect_uri}; running: {', '.join(components)}"
+    if systemd.notify(f"READY=1\nSTATUS={status}"):
+        log.debug("told systemd: ready")
+    interval = systemd.watchdog_interval()
+    if interval is not None:
+        workers.start_soon(_watchdog, interval)
+
+
+async def _watchdog(interval: float) -> None:
+    while True:
+        systemd.notify("WATCHDOG=1")
+        await anyio.sleep(interval)
+
+
+def _log_start(
+    plan: ServePlan, settings: ApiSettings, components: list[str], off: str = ""
+) -> None:
     tls = {
         "tls": "TLS terminated here (certificate from tailscaled or cert_file)",
         "serve": "plain HTTP on loopback behind `tailscale serve` (TLS at tailscaled)",
@@ -223,7 +248,8 @@ def _log_start(plan: ServePlan, settings: ApiSettings, components: list[str]) ->
         "owner check: %s",
         ", ".join(settings.allowed_logins) if settings.allowed_logins else "any tailnet user",
     )
-    log.info("running: %s", ", ".join(components))
+    # one line: what runs, and why a component that could run does not
+    log.info("running: %s%s", ", ".join(components), off)
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:

@@ -776,7 +776,7 @@ async def serve(
     plan = replace(plan, port=port)
     if plan.mode == "plain-test" and not (settings.redirect_uri or settings.public_name):
         plan = replace(plan, redirect_uri=f"http://{plan.bind}/oauth/callback")
-    log.info(
+    log.debug(  # agentd.daemon logs these at start-up (once)
         "API listening on %s (%s mode), redirect URI %s",
         plan.base_url,
         plan.mode,

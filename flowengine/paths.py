@@ -7,7 +7,8 @@ auth.json           ``$AGENT_AUTH_FILE`` > ``$XDG_DATA_HOME/agent/auth.json``
                     > ``~/.local/share/agent/auth.json`` (shared with the agent runtime)
 config file         ``$AGENTD_CONFIG`` > ``$XDG_CONFIG_HOME/agent/agentd.toml``
 user catalog        ``$XDG_CONFIG_HOME/agent/providers.toml``
-state dir           ``$AGENTD_STATE_DIR`` > ``$XDG_STATE_HOME/agentd`` > ``~/.local/state/agentd``
+state dir           ``$AGENTD_STATE_DIR`` > ``$STATE_DIRECTORY`` (systemd StateDirectory=)
+                    > ``$XDG_STATE_HOME/agentd`` > ``~/.local/state/agentd``
   ledger            ``<state>/ledger.sqlite3``
   credentials       ``<state>/credentials.json`` (client ids and secrets, 0600)
   api token         ``<state>/api-token`` (bearer for /oauth/pending and /oauth/flows, 0600)
@@ -82,6 +83,10 @@ def state_dir(env: Mapping[str, str] | None = None) -> Path:
     explicit = e.get("AGENTD_STATE_DIR")
     if explicit:
         return Path(explicit).expanduser()
+    # systemd's StateDirectory=: colon-separated absolute paths, ours is the first
+    service = e.get("STATE_DIRECTORY", "").split(":")[0]
+    if service.startswith("/"):
+        return Path(service)
     return _xdg(e, "XDG_STATE_HOME", ".local/state") / "agentd"
 
 

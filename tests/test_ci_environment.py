@@ -29,6 +29,10 @@ pytestmark = pytest.mark.skipif(
     [
         ("chromium (headless browser tests)", lambda: shutil.which("chromium") is not None),
         ("graphviz dot (SVG diagrams)", lambda: shutil.which("dot") is not None),
+        (
+            "systemd-analyze (the unit file is verified)",
+            lambda: shutil.which("systemd-analyze") is not None,
+        ),
         ("node (oidc-provider end-to-end tests)", lambda: shutil.which("node") is not None),
         (
             "build/tailnet: testnet, tailscaled, tailscale (`make tailnet`, needs Go)",

@@ -212,6 +212,9 @@ revocation_url = "{sim_base_url}/v2/oauth2/revoke"
             k: v
             for k, v in os.environ.items()
             if not k.startswith(("AGENTD_", "AGENT_AUTH", "XDG_", "PYTHON", "SSL_CERT"))
+            # a test run under systemd must not hand its service's sockets to a daemon
+            and k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM")
+            and k != "STATE_DIRECTORY"
         }
         env.update(
             HOME=str(self.home),
@@ -357,15 +360,21 @@ class DaemonProcess:
         port: int | None = None,
         name: str = "daemon",
         verbose: bool = False,
+        env: dict[str, str] | None = None,
+        journald: bool = False,
     ) -> None:
         """``port``: listen there instead of the configured port (AGENTD_SERVER_PORT);
-        ``verbose``: ``agentd -v serve`` (logs at DEBUG)."""
+        ``verbose``: ``agentd -v serve`` (logs at DEBUG); ``env``: more variables;
+        ``journald``: its log file stands for journald's stream ($JOURNAL_STREAM)."""
         self.instance = instance
         self.port = port or instance.daemon_port
         self.base_url = f"https://localhost:{self.port}"
         self.log_file = instance.root / f"{name}.log"
         self._log = self.log_file.open("w", encoding="utf-8")
-        env = instance.env(**({"AGENTD_SERVER_PORT": str(port)} if port else {}))
+        env = instance.env(**({"AGENTD_SERVER_PORT": str(port)} if port else {}), **(env or {}))
+        if journald:
+            st = os.fstat(self._log.fileno())
+            env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
         self.process = subprocess.Popen(
             [*agentd_command(), *(["-v"] if verbose else []), "serve"],
             stdin=subprocess.DEVNULL,

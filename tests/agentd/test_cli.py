@@ -192,7 +192,10 @@ def test_serve_logs_redirect_uri_bind_tls_mode_and_components(
     assert len(running) == 1
     assert "api" in running[0]
     assert "timer (every 1 s)" in running[0]
-    assert "telegram" not in running[0]  # no bot token configured
+    # no bot token configured: the same line says the bot is off and why
+    assert running[0].endswith(
+        f"; telegram bot off: no telegram.bot_token in {instance.config_file}"
+    )
 
 
 # ----------------------------------------------------------------- credentials
@@ -975,48 +978,6 @@ def test_second_serve_on_the_same_state_dir_exits_2(cli: AgentdInstance) -> None
     assert (cli.state_dir / "agentd.sock").is_socket()  # the running daemon keeps it
 
 
-# ------------------------------------------------------------ serve: shutdown
-
-
-def test_serve_stops_cleanly_on_sigterm(cli: AgentdInstance, daemon: DaemonProcess) -> None:
-    # a terminal connect is long-polling the daemon while it stops
-    before = flows_by_state(cli)
-    # its own deadline leaves the daemon ample time to stop, also on a loaded machine
-    process = cli.popen("connect", "dexcom", "--no-qr", "--timeout", "12")
-    assert process.stdout is not None
-    assert process.stderr is not None
-    out = LineReader(process.stdout)
-    err = LineReader(process.stderr)
-    try:
-        try:
-            out.wait_for(lambda text: "/v2/oauth2/login?" in text)
-        except EOFError as error:
-            raise AssertionError(err.rest()) from error
-        time.sleep(0.5)  # the long-poll is in flight
-        assert daemon.stop(timeout=60) == 0
-        returncode = process.wait(90)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(5)
-        stderr = err.rest()
-        out.rest()
-        process.stdout.close()
-        process.stderr.close()
-    # the poller gives up at its deadline and cancels its flow (the ledger is the CLI's too)
-    assert returncode == 5, stderr
-    assert "the daemon could not be reached" in stderr
-    after = flows_by_state(cli)
-    assert after.get("cancelled", 0) == before.get("cancelled", 0) + 1
-    assert after.get("awaiting_code", 0) == before.get("awaiting_code", 0)
-    log = daemon.log()
-    assert "received SIGTERM: shutting down" in log
-    assert log.rstrip().endswith("stopped")
-    assert "Traceback" not in log
-    assert "ERROR" not in log
-    assert_no_secrets(log)
-
-
 # ------------------------------------------------------------------ --json shapes
 
 SCHEMAS = Path(__file__).resolve().parents[2] / "docs" / "json"
@@ -1073,3 +1034,45 @@ def test_status_json_when_the_daemon_is_down(cli: AgentdInstance) -> None:
     assert table.stdout.splitlines()[-1].startswith(
         f"daemon: not reachable at {dead} (ConnectError): tokens are refreshed only when"
     )
+
+
+# ------------------------------------------------------------ serve: shutdown
+
+
+def test_serve_stops_cleanly_on_sigterm(cli: AgentdInstance, daemon: DaemonProcess) -> None:
+    # a terminal connect is long-polling the daemon while it stops
+    before = flows_by_state(cli)
+    # its own deadline leaves the daemon ample time to stop, also on a loaded machine
+    process = cli.popen("connect", "dexcom", "--no-qr", "--timeout", "12")
+    assert process.stdout is not None
+    assert process.stderr is not None
+    out = LineReader(process.stdout)
+    err = LineReader(process.stderr)
+    try:
+        try:
+            out.wait_for(lambda text: "/v2/oauth2/login?" in text)
+        except EOFError as error:
+            raise AssertionError(err.rest()) from error
+        time.sleep(0.5)  # the long-poll is in flight
+        assert daemon.stop(timeout=60) == 0
+        returncode = process.wait(90)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(5)
+        stderr = err.rest()
+        out.rest()
+        process.stdout.close()
+        process.stderr.close()
+    # the poller gives up at its deadline and cancels its flow (the ledger is the CLI's too)
+    assert returncode == 5, stderr
+    assert "the daemon could not be reached" in stderr
+    after = flows_by_state(cli)
+    assert after.get("cancelled", 0) == before.get("cancelled", 0) + 1
+    assert after.get("awaiting_code", 0) == before.get("awaiting_code", 0)
+    log = daemon.log()
+    assert "received SIGTERM: shutting down" in log
+    assert log.rstrip().endswith("stopped")
+    assert "Traceback" not in log
+    assert "ERROR" not in log
+    assert_no_secrets(log)
