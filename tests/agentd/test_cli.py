@@ -496,7 +496,7 @@ def test_status_says_when_refreshes_keep_failing_and_since_when(
     cli: AgentdInstance, sim: SimOAuth
 ) -> None:
     ensure_connected(cli)
-    cli.edit_auth("dexcom", expires=now_ms() - 1_000)
+    cli.edit_vault("dexcom", expires=now_ms() - 1_000)
     sim.inject(503, count=2, path_prefix="/v2/oauth2/token")
     for _ in range(2):
         assert cli.run("token", "dexcom").returncode == 5
