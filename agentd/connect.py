@@ -8,20 +8,19 @@ the callback, exchanges the code and reports the outcome. Nothing goes over the 
 from __future__ import annotations
 
 import argparse
-import itertools
 import logging
 import sys
-from typing import Any
 
 import anyio
 
+from agentd import terminal
 from agentd.context import Context
 from agentd.local_client import local_daemon
 from flowengine.catalog import Catalog
 from flowengine.credentials import ClientCredentials, CredentialStore
 from flowengine.errors import BrokerError, ConfigError, CredentialsMissingError
 
-__all__ = ["connect", "ensure_credentials", "print_qr"]
+__all__ = ["connect", "ensure_credentials"]
 
 log = logging.getLogger("agentd.connect")
 
@@ -62,29 +61,6 @@ def ensure_credentials(
     credentials.put(spec.id, ClientCredentials(client_id, secret))
 
 
-def print_qr(url: str, out: Any = sys.stdout) -> None:
-    import segno
-
-    segno.make(url, error="l").terminal(out=out, compact=True, border=2)
-
-
-class _Spinner:
-    def __init__(self, out: Any) -> None:
-        self._out = out
-        self._frames = itertools.cycle("⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏")
-        self._live = bool(getattr(out, "isatty", lambda: False)())
-
-    def tick(self) -> None:
-        if self._live:
-            self._out.write(f"\r{next(self._frames)} waiting for the browser ...")
-            self._out.flush()
-
-    def clear(self) -> None:
-        if self._live:
-            self._out.write("\r" + " " * 40 + "\r")
-            self._out.flush()
-
-
 async def connect(ctx: Context, args: argparse.Namespace) -> int:
     """Ask the daemon (over its local socket) for a link, show it, wait for the outcome.
 
@@ -96,19 +72,19 @@ async def connect(ctx: Context, args: argparse.Namespace) -> int:
 
     spec = ctx.catalog.get(args.provider)
     ensure_credentials(ctx.catalog, ctx.credentials, spec.id, interactive=False)
-    spinner = _Spinner(sys.stderr)
     async with local_daemon(ctx.config.state_dir) as daemon:
         start = await daemon.begin(spec.id, scopes=args.scopes)
         flow_id = str(start["flow_id"])
         try:
-            print(f"Open this link to authorize {spec.name}:\n\n  {start['authorize_url']}\n")
-            if not args.no_qr:
-                print_qr(start["authorize_url"])
-            sys.stdout.flush()  # the link must show now, also when stdout is a pipe (tee, a log)
-            try:
-                result = await daemon.outcome(flow_id, timeout=args.timeout, on_wait=spinner.tick)
-            finally:
-                spinner.clear()
+            url = str(start["authorize_url"])
+            terminal.show_link(spec.name, url, force_qr=args.qr, no_qr=args.no_qr)
+            deadline = start.get("deadline")
+            async with terminal.waiting(
+                sys.stderr,
+                deadline_ms=int(deadline) if deadline is not None else None,
+                now_ms=ctx.engine.now_ms,
+            ):
+                result = await daemon.outcome(flow_id, timeout=args.timeout)
         except BaseException:
             # Ctrl-C or an error while waiting: the link must stop working, nothing left open
             with anyio.CancelScope(shield=True):

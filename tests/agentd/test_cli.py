@@ -251,10 +251,13 @@ def test_credentials_never_take_the_client_id_from_piped_stdin(cli: AgentdInstan
 
 def test_connect_prints_link_and_qr_then_stores_tokens(cli: AgentdInstance, sim: SimOAuth) -> None:
     before = sim.counters.token_requests["authorization_code"]
-    result = run_connect(cli)
+    result = run_connect(cli, "--qr")  # stdout is a pipe: only --qr prints the code
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Open this link to authorize Dexcom" in result.stdout
     assert "█" in result.stdout or "▀" in result.stdout or "▄" in result.stdout  # the QR code
+    assert "\x1b[" not in result.stdout  # no colours into a pipe
+    # not a terminal: the wait is said once, not animated
+    assert "waiting for the browser; the link is valid for 10m (Ctrl-C cancels)" in result.stderr
     assert "✅ Dexcom connected" in result.stdout
     assert sim.counters.token_requests["authorization_code"] == before + 1
 
