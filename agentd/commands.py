@@ -416,11 +416,12 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
         print()
         if daemon["reachable"]:
             print(f"daemon: running at {daemon['url']} (refreshes tokens in the background)")
+        elif daemon["url"] is None:
+            print(f"daemon: cannot tell where it listens: {daemon['error']}")
         else:
-            where = f" at {daemon['url']}" if daemon["url"] else ""
             print(
-                f"daemon: not reachable{where} ({daemon['error']}): tokens are refreshed only"
-                " when asked for (agentd token); start it with `agentd serve`"
+                f"daemon: not reachable at {daemon['url']} ({daemon['error']}): tokens are"
+                " refreshed only when asked for (agentd token); start it with `agentd serve`"
                 " or `systemctl start agentd`"
             )
         return EXIT["ok"]

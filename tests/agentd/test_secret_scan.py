@@ -208,13 +208,17 @@ def every_other_command(run: Run) -> list[tuple[str, ...]]:
     flow_id = run.instance.auth_entries()["dexcom"]["flow_id"]
     commands: list[tuple[str, ...]] = [
         ("status",),
+        ("status", "--json"),
         ("flows",),
+        ("flows", "--json"),
         ("flows", "--provider", "dexcom", "--state", "stored", "--limit", "5"),
         ("flow", flow_id),
+        ("flow", flow_id, "--json"),
         ("diagram",),
         ("diagram", "--flow", flow_id),
         ("diagram", "--flow", flow_id, "--format", "dot"),
         ("providers",),
+        ("providers", "dexcom", "--json"),
         ("config", "check"),
         ("config", "show"),
         ("config", "path"),

@@ -215,7 +215,7 @@ authorize_params = {{ prompt = "consent" }}
 
     status = run_cli(tmp_path, "status", ca_file=ca_file)
     assert status.returncode == 0, status.stderr
-    assert status.stdout.splitlines()[1].endswith("  openid offline_access"), status.stdout
+    assert status.stdout.splitlines()[1].endswith("  openid offline_access  -"), status.stdout
 
     auth = tmp_path / "auth.json"
     # due: `token` must refresh (the vault holds the connection's pair; auth.json shows it)
