@@ -300,22 +300,20 @@ def _print_json(data: dict[str, Any]) -> None:
 
 
 async def probe_daemon(ctx: Any) -> dict[str, Any]:
-    """Whether ``agentd serve`` answers its health check: ``{reachable, url, error}``."""
-    import httpx
+    """Whether ``agentd serve`` answers on its local socket: ``{reachable, socket, error}``."""
+    from agentd.local_client import local_daemon, socket_path
 
-    from agentd.connect import resolve_urls
-
+    path = socket_path(ctx.config.state_dir)
+    if not path.is_socket():
+        return {"reachable": False, "socket": str(path), "error": "no socket"}
     try:
-        _, base_url = await resolve_urls(ctx.config)
-    except BrokerError as err:
-        return {"reachable": False, "url": None, "error": err.message}
-    try:
-        response = await ctx.http.get(f"{base_url}/healthz", timeout=httpx.Timeout(3.0))
-    except httpx.HTTPError as err:
-        return {"reachable": False, "url": base_url, "error": type(err).__name__}
-    if response.status_code != 200:
-        return {"reachable": False, "url": base_url, "error": f"HTTP {response.status_code}"}
-    return {"reachable": True, "url": base_url, "error": None}
+        async with local_daemon(ctx.config.state_dir):
+            pass
+    except BrokerError as err:  # a socket left by a daemon that died, or one that refused
+        cause = err.__cause__
+        reason = type(cause).__name__ if cause is not None else err.code
+        return {"reachable": False, "socket": str(path), "error": reason}
+    return {"reachable": True, "socket": str(path), "error": None}
 
 
 def _health_text(health: Any, now: float) -> str:
@@ -415,12 +413,10 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
             _table(rows, header, sys.stdout)
         print()
         if daemon["reachable"]:
-            print(f"daemon: running at {daemon['url']} (refreshes tokens in the background)")
-        elif daemon["url"] is None:
-            print(f"daemon: cannot tell where it listens: {daemon['error']}")
+            print(f"daemon: running ({daemon['socket']}); it refreshes tokens in the background")
         else:
             print(
-                f"daemon: not reachable at {daemon['url']} ({daemon['error']}): tokens are"
+                f"daemon: not running ({daemon['error']} at {daemon['socket']}): tokens are"
                 " refreshed only when asked for (agentd token); start it with `agentd serve`"
                 " or `systemctl start agentd`"
             )

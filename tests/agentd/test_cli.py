@@ -14,6 +14,7 @@ import json
 import re
 import shutil
 import signal
+import socket
 import stat
 import time
 import tomllib
@@ -491,7 +492,8 @@ def test_status_table(cli: AgentdInstance) -> None:
         r" - +offline_access \(requested; the provider did not say what it granted\)\s+\S+",
         row,
     ), row
-    assert lines[-1] == f"daemon: running at {cli.base_url} (refreshes tokens in the background)"
+    sock = cli.state_dir / "agentd.sock"
+    assert lines[-1] == f"daemon: running ({sock}); it refreshes tokens in the background"
     assert_no_secrets(result.stdout, result.stderr)
 
 
@@ -999,7 +1001,8 @@ def validate(name: str, stdout: str) -> dict[str, Any]:
 def test_json_outputs_match_their_documented_schemas(cli: AgentdInstance) -> None:
     ensure_connected(cli)
     status = validate("status", cli.run("status", "--json").stdout)
-    assert status["daemon"] == {"reachable": True, "url": cli.base_url, "error": None}
+    sock = str(cli.state_dir / "agentd.sock")
+    assert status["daemon"] == {"reachable": True, "socket": sock, "error": None}
     (dexcom,) = [c for c in status["connections"] if c["provider"] == "dexcom"]
     assert dexcom["state"] == "stored"
     assert dexcom["scopes"] == ["offline_access"]
@@ -1025,18 +1028,24 @@ def test_json_outputs_match_their_documented_schemas(cli: AgentdInstance) -> Non
     assert_no_secrets(*outputs)
 
 
-def test_status_json_when_the_daemon_is_down(cli: AgentdInstance) -> None:
-    dead = f"https://localhost:{free_port()}"
-    env = cli.env(AGENTD_CLIENT_API_BASE_URL=dead)
+def test_status_json_when_the_daemon_is_down(cli: AgentdInstance, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "state"  # a state dir no daemon serves
+    elsewhere.mkdir()
+    env = cli.env(AGENTD_PATHS_STATE_DIR=str(elsewhere))
     status = validate("status", cli.run("status", "--json", env=env).stdout)
-    assert status["daemon"]["reachable"] is False
-    assert status["daemon"]["url"] == dead
-    assert status["daemon"]["error"] == "ConnectError"
+    sock = elsewhere / "agentd.sock"
+    assert status["daemon"] == {"reachable": False, "socket": str(sock), "error": "no socket"}
     table = cli.run("status", env=env)
     assert table.returncode == 0
     assert table.stdout.splitlines()[-1].startswith(
-        f"daemon: not reachable at {dead} (ConnectError): tokens are refreshed only when"
+        f"daemon: not running (no socket at {sock}): tokens are refreshed only when asked for"
     )
+    # a socket a dead daemon left behind: nobody accepts on it
+    with socket.socket(socket.AF_UNIX) as stale:
+        stale.bind(str(sock))
+        status = validate("status", cli.run("status", "--json", env=env).stdout)
+    assert status["daemon"]["reachable"] is False
+    assert status["daemon"]["error"] == "ConnectError"
 
 
 # ------------------------------------------------------------ serve: shutdown
