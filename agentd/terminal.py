@@ -100,7 +100,7 @@ def plan_screen(
     if force_qr:
         return ScreenPlan(header, url, qr, None)
     if size is None:
-        note = "(QR code left out: the output is no terminal; --qr prints it anyway)"
+        note = "(QR code left out: the output is no terminal; --qr shows it anyway)"
         return ScreenPlan(header, url, None, note)
     columns, rows = size
     # header, blank, the link (wrapped), blank, the code, blank, the status line
@@ -108,11 +108,11 @@ def plan_screen(
     width = len(qr[0]) if qr else 0
     if width <= columns and needed <= rows:
         return ScreenPlan(header, url, qr, None)
-    why = f"{needed} rows" if width <= columns else f"{width} columns"
-    note = (
-        f"(QR code left out: with the link it needs {why}, the terminal has"
-        f" {columns}x{rows}; --qr prints it anyway)"
-    )
+    if width <= columns:
+        why = f"needs {needed} rows, the terminal has {rows}"
+    else:
+        why = f"needs {width} columns, the terminal has {columns}"
+    note = f"(QR code left out: {why}; --qr shows it anyway)"  # one line at 80 columns
     return ScreenPlan(header, url, None, note)
 
 

@@ -201,6 +201,11 @@ def _known_argv() -> list[Any]:
         (("disconnect", "dexcom"), 3, "not connected"),
         (("token", "oura"), 3, "not connected"),
         (("credentials", "oura", "--client-id", "\x07bell", "--secret-stdin"), 2, "printable"),
+        (("connect", "dexcom", "--qr", "--no-qr"), 2, "not allowed with argument"),
+        (("status", "--json", "dexcom"), 2, "unrecognized arguments: dexcom"),
+        (("providers", "nope", "--json"), 2, "unknown provider 'nope'"),
+        (("flow", "no-such-flow", "--json"), 2, "no flow no-such-flow"),
+        (("config", "shoe"), 2, "invalid choice: 'shoe'"),
     ]
     # a look-back reaching past year 1 used to overflow `now - since`
     for command in ("dexcom egvs", "withings range"):
