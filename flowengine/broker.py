@@ -9,6 +9,9 @@ auth.json and the token endpoint together:
   :class:`RefreshOutcome` value (refreshed / still valid / retry at / re-authorize / not
   connected); ``get_token`` and ``refresh`` are built on it for callers that want a
   token or an exception;
+* ``hand_out``: an access token for another machine (``GET /v1/tokens/<provider>``):
+  ``renew``, then the audit row (audit.py) before the token leaves; ``handouts`` reads
+  the audit;
 * ``disconnect`` (RFC 7009 revocation where the provider has it), ``status``;
 * ``reconcile`` at start-up, and the timer's questions (``due_connections``, ``peek``,
   ``schedule``, ``settle``, ``expire_connection``, ``warn_failing``, ``warn_lifetime``,
@@ -56,6 +59,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from . import schedule
+from .audit import Caller, HandOut, HandOutRecord, Retention, token_sha
 from .catalog import Catalog, ProviderSpec
 from .clock import Clock, to_ms
 from .credentials import ClientCredentials, CredentialStore
@@ -306,6 +310,8 @@ class Broker:
         self._dirty: set[str] = set()
         self._publish_lock = anyio.Lock()
         self._stranded: dict[str, _Stranded] = {}
+        #: how long the audit keeps hand-out records (set by the composition root)
+        self.retention = Retention()
 
     # ------------------------------------------------------------------ plumbing
 
@@ -1484,6 +1490,43 @@ class Broker:
             flow_id=flow.id,
             chat_id=flow.chat_id,
             reason=reason,
+        )
+
+    # ----------------------------------------------------------- remote hand-outs
+
+    async def hand_out(self, provider: str, caller: Caller) -> HandOut:
+        """An access token for ``caller``, another machine: :meth:`renew` (the same
+        single-flight refresh as every other caller), then, when a usable token is there,
+        its audit row, and the owner's notification when this identity gets this provider
+        for the first time, committed before the token is returned. Nothing is recorded
+        when no token goes out. The policy (who may have what) is the caller's to check.
+        """
+        outcome = await self.renew(provider, actor="api")
+        if not outcome.usable or outcome.tokens is None:
+            return HandOut(outcome)
+        record, first = await self.engine.ledger.record_handout(
+            at=self.engine.now_ms(),
+            who=caller.who,
+            node=caller.node,
+            provider=provider,
+            token_sha=token_sha(outcome.tokens.access),
+            address=caller.address,
+            flow_id=outcome.flow_id,
+            first_message=caller.describe(),
+            retention=self.retention,
+        )
+        if first:
+            log.info("%s: first token hand-out to %s", provider, caller.describe())
+        return HandOut(outcome, record, first)
+
+    async def handouts(
+        self, *, provider: str | None = None, who: str | None = None, limit: int = 50
+    ) -> list[HandOutRecord]:
+        """The audit of token hand-outs within retention, newest first; ``who`` matches an
+        identity or one of a device's tags, whatever the case."""
+        since = self.retention.cutoff_ms(self.engine.now_ms()) + 1
+        return await self.engine.ledger.handouts(
+            provider=provider, who=who, since=since, limit=limit
         )
 
     # --------------------------------------------------------------- disconnect

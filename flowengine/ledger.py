@@ -7,8 +7,11 @@ Tables (schema version in ``schema_migrations``):
 ``flow_secrets``   the PKCE verifier while a flow needs it; deleted at the exchange or end
 ``oauth_pending``  the callback's code, keyed by the SHA-256 of the OAuth state (the raw
                    state is never stored); the code is wiped when it is handed out
-``notifications``  connection events for the owner (expired, refresh failing), read by the
-                   bot, possibly from another process
+``notifications``  connection events for the owner (expired, refresh failing, an identity's
+                   first token hand-out), read by the bot, possibly from another process
+``token_handouts`` the audit of access tokens handed to other machines (audit.py): who,
+                   node, address, provider, an 8-hex SHA-256 prefix of the token; pruned
+``token_recipients`` (identity, provider) pairs that have had a token: first hand-outs
 
 Every transition is one ``BEGIN IMMEDIATE`` transaction: read the row, ask the machine,
 update it conditionally on its version, append the event, commit. Two writers (tasks,
@@ -42,6 +45,7 @@ from typing import Any
 import aiosqlite
 import anyio
 
+from .audit import FIRST_HANDOUT, HandOutRecord, Retention
 from .errors import ConcurrentUpdateError, FlowNotFound, StorageError
 from .machine import FlowMachine
 from .models import Flow, FlowEvent
@@ -167,6 +171,30 @@ _MIGRATIONS: tuple[tuple[int, str], ...] = (
         # notifications say why as a code (e.g. "answer_lost"); the bot and CLI word it
         """
         ALTER TABLE notifications ADD COLUMN reason TEXT;
+        """,
+    ),
+    (
+        5,
+        # remote token hand-outs (audit.py): the audit, and who has had which provider
+        """
+        CREATE TABLE token_handouts (
+            id        INTEGER PRIMARY KEY AUTOINCREMENT,
+            at        INTEGER NOT NULL,
+            who       TEXT NOT NULL,
+            node      TEXT NOT NULL,
+            provider  TEXT NOT NULL,
+            token_sha TEXT NOT NULL,
+            address   TEXT NOT NULL,
+            flow_id   TEXT
+        );
+        CREATE INDEX token_handouts_at ON token_handouts(at);
+        CREATE INDEX token_handouts_provider ON token_handouts(provider, id);
+        CREATE TABLE token_recipients (
+            who      TEXT NOT NULL,
+            provider TEXT NOT NULL,
+            first_at INTEGER NOT NULL,
+            PRIMARY KEY (who, provider)
+        ) WITHOUT ROWID;
         """,
     ),
 )
@@ -317,6 +345,9 @@ class Ledger:
         #: a wiped secret may still be in the -wal file: checkpoint when possible
         self._scrub_due = False
         self.busy_timeout_ms = 10_000
+        #: hand-outs recorded since the audit was last pruned, and when that was (ms)
+        self._handouts_since_prune = 0
+        self._pruned_at: int | None = None
         #: how long a scrubbing checkpoint waits for other connections' readers before it
         #: gives up for now (it is retried); shorter than the write timeout, so a wipe never
         #: stalls a command for long
@@ -803,6 +834,111 @@ class Ledger:
                 (at, notification_id),
             )
             return cur.rowcount == 1
+
+    # ----------------------------------------------------------- token hand-outs
+
+    #: the audit is pruned on insert after this many hand-outs, or this long (ms)
+    PRUNE_EVERY = 256
+    PRUNE_INTERVAL_MS = 60_000
+
+    async def record_handout(
+        self,
+        *,
+        at: int,
+        who: str,
+        node: str,
+        provider: str,
+        token_sha: str,
+        address: str,
+        flow_id: str | None,
+        first_message: str,
+        retention: Retention | None = None,
+    ) -> tuple[HandOutRecord, bool]:
+        """Record one hand-out; the record and whether it is ``who``'s first of ``provider``.
+
+        A first hand-out queues one ``first_handout`` notification in the same
+        transaction (the primary key of ``token_recipients`` makes it exactly one, across
+        processes too). ``token_sha`` must be a short hash prefix (the ``*_sha`` rule).
+        With ``retention`` the audit is pruned now and then (see :meth:`prune_handouts`).
+        """
+        if _long_hashes({"token_sha": token_sha}):
+            raise ValueError("token_sha must be a short hex prefix of the token's hash")
+        async with self._transaction():
+            cur = await self._conn.execute(
+                "INSERT INTO token_handouts (at, who, node, provider, token_sha, address, flow_id)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (at, who, node, provider, token_sha, address, flow_id),
+            )
+            row_id = int(cur.lastrowid or 0)
+            cur = await self._conn.execute(
+                "INSERT OR IGNORE INTO token_recipients (who, provider, first_at) VALUES (?, ?, ?)",
+                (who, provider, at),
+            )
+            first = cur.rowcount == 1
+            if first:
+                await self._conn.execute(
+                    "INSERT INTO notifications (at, kind, provider, flow_id, chat_id, message,"
+                    " reason) VALUES (?, ?, ?, ?, NULL, ?, NULL)",
+                    (at, FIRST_HANDOUT, provider, flow_id, first_message),
+                )
+            self._handouts_since_prune += 1
+            if retention is not None and (
+                self._pruned_at is None
+                or self._handouts_since_prune >= self.PRUNE_EVERY
+                or at - self._pruned_at >= self.PRUNE_INTERVAL_MS
+            ):
+                await self._prune(retention, at)
+        record = HandOutRecord(row_id, at, who, node, provider, token_sha, address, flow_id)
+        return record, first
+
+    async def _prune(self, retention: Retention, now_ms: int) -> int:
+        cur = await self._conn.execute(
+            "DELETE FROM token_handouts WHERE at <= ?", (retention.cutoff_ms(now_ms),)
+        )
+        removed = max(cur.rowcount, 0)
+        cur = await self._conn.execute(
+            "DELETE FROM token_handouts WHERE id <= (SELECT MAX(id) FROM token_handouts) - ?",
+            (int(retention.max_rows),),
+        )
+        self._handouts_since_prune = 0
+        self._pruned_at = now_ms
+        return removed + max(cur.rowcount, 0)
+
+    async def prune_handouts(self, retention: Retention, now_ms: int) -> int:
+        """Drop hand-out records past ``retention`` (older than its days, beyond its newest
+        ``max_rows``); how many went."""
+        async with self._transaction():
+            return await self._prune(retention, now_ms)
+
+    async def handouts(
+        self,
+        *,
+        provider: str | None = None,
+        who: str | None = None,
+        since: int | None = None,
+        limit: int = 50,
+    ) -> list[HandOutRecord]:
+        """Hand-out records, newest first. ``who`` matches an identity or one tag of a
+        device's tag list, ignoring case; ``since``: at or after this (epoch ms)."""
+        where: list[str] = []
+        args: list[Any] = []
+        if provider:
+            where.append("provider = ?")
+            args.append(provider)
+        if who:
+            where.append("instr(',' || lower(who) || ',', ',' || lower(?) || ',') > 0")
+            args.append(who)
+        if since is not None:
+            where.append("at >= ?")
+            args.append(int(since))
+        sql = "SELECT id, at, who, node, provider, token_sha, address, flow_id FROM token_handouts"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY id DESC LIMIT ?"
+        args.append(int(limit))
+        async with self._lock, self._conn.execute(sql, args) as cur:
+            rows = await cur.fetchall()
+        return [HandOutRecord(*row) for row in rows]
 
     # ------------------------------------------------------------------- counting
 

@@ -45,12 +45,10 @@ import base64
 import email.utils
 import json
 import logging
-import os
 import ssl
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote_plus, urlencode, urlsplit
 
@@ -60,13 +58,13 @@ from authlib.oauth2.auth import ClientAuth  # type: ignore[import-untyped]
 from .catalog import ProviderSpec
 from .credentials import ClientCredentials
 from .errors import (
-    ConfigError,
     ProviderError,
     ProviderTLSError,
     ProviderTransientError,
     ReauthorizationRequired,
 )
 from .tokens import TokenSet
+from .trust import client_ssl_context
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -115,31 +113,6 @@ class AnswerSink(Protocol):
     def write(self, chunk: bytes) -> None: ...
 
     def finish(self) -> bool: ...
-
-
-def client_ssl_context(ca_file: str | os.PathLike[str] | None = None) -> ssl.SSLContext:
-    """The trust of every HTTPS call: the system CA store plus ``ca_file`` (PEM) when given.
-
-    Without any system CA (a bare container) certifi's bundle stands in for the store.
-    Raises ConfigError when ``ca_file`` cannot be loaded.
-    """
-    context = ssl.create_default_context()
-    if context.cert_store_stats()["x509_ca"] == 0:
-        paths = ssl.get_default_verify_paths()
-        if not (paths.capath and os.path.isdir(paths.capath)):
-            import certifi
-
-            context.load_verify_locations(cafile=certifi.where())
-    if ca_file:
-        path = Path(ca_file).expanduser()
-        try:
-            context.load_verify_locations(cafile=str(path))
-        except (OSError, ssl.SSLError, ValueError) as err:
-            raise ConfigError(
-                f"cannot load {path} as a PEM CA bundle ({type(err).__name__})",
-                key="client.ca_file",
-            ) from None
-    return context
 
 
 def tls_failure(err: BaseException) -> str | None:

@@ -38,6 +38,8 @@ PURE_MODULES: tuple[str, ...] = (
     "flowengine.catalog",
     "flowengine.schedule",
     "flowengine.timefmt",
+    "flowengine.access",
+    "flowengine.ratelimit",
     "bot.dialogue",
     "bot.texts",
     "integrations.durations",
