@@ -22,7 +22,8 @@ still-valid token without importing the async stack (httpx, anyio, aiosqlite). I
 does not grow with the number of connections. It takes the slow path (which refreshes,
 finishes an interrupted refresh or re-publishes auth.json) when the token is inside its
 margin, a refresh is in flight or was interrupted, or auth.json is not known to hold the
-vault's latest pair.
+vault's latest pair. ``agentd token <p> --from URL`` (or with ``$AGENTD_URL`` set) asks a
+daemon on another machine instead (agentd/remote.py); the fast path never looks there.
 """
 
 from __future__ import annotations
@@ -56,6 +57,10 @@ def _token_fast_path(argv: Sequence[str]) -> int | None:
     """Print a fresh token from the vault without the async stack; None = take the slow path."""
     if len(argv) != 2 or argv[0] != "token" or argv[1].startswith("-"):
         return None
+    import os
+
+    if os.environ.get("AGENTD_URL"):
+        return None  # a remote daemon's token was asked for (agentd/remote.py)
     import time
 
     from agentd.config import load_config
@@ -127,6 +132,16 @@ def _provider(text: str) -> str:
 def _flow_id(text: str) -> str:
     if not _printable(text, limit=64):
         raise argparse.ArgumentTypeError("a flow id is letters and digits (see `agentd flows`)")
+    return text
+
+
+def _who(text: str) -> str:
+    """``audit --who``: a login or a tag as the audit names it."""
+    if not 0 < len(text) <= 254 or not all(0x20 < ord(ch) < 0x7F for ch in text):
+        raise argparse.ArgumentTypeError(
+            "an identity is a login (user@example.com) or a tag (tag:name), as `agentd audit`"
+            " shows it"
+        )
     return text
 
 
@@ -288,11 +303,41 @@ def build_parser() -> argparse.ArgumentParser:
         "print a fresh access token (refreshing if needed)",
         "Print the provider's access token on standard output, refreshed first when it\n"
         "expires within a minute (exactly one refresh across processes). Nothing else is\n"
-        "printed on standard output, so it fits in $(...).",
-        examples=['curl -H "Authorization: Bearer $(agentd token oura)" https://...'],
+        "printed on standard output, so it fits in $(...). With --from (or $AGENTD_URL) it\n"
+        "asks the daemon on another machine of the tailnet, whose [[access]] policy must\n"
+        "grant this machine the provider; nothing is written to this machine's disk.",
+        examples=[
+            'curl -H "Authorization: Bearer $(agentd token oura)" https://...',
+            "agentd token oura --from https://host.tailnet.ts.net:8400",
+        ],
         codes=(0, 2, 3, 4, 5),
     )
     p.add_argument("provider", type=_provider, help="provider id")
+    p.add_argument(
+        "--from",
+        dest="from_url",
+        metavar="URL",
+        help="ask the daemon at this address on the tailnet instead"
+        " (https://<host>.<tailnet>.ts.net:8400; default: $AGENTD_URL)",
+    )
+
+    p = _command(
+        sub,
+        "audit",
+        "tokens handed to other machines: when, to whom, from where",
+        "Every access token the daemon handed to another machine of the tailnet\n"
+        "(GET /v1/tokens/<provider>), newest first: when, the identity ([[access]] names\n"
+        "it: a login, or the device's tags), its node and address, the provider, and the\n"
+        "first 8 hex digits of the token's SHA-256. Kept [remote] audit_days.",
+        examples=["agentd audit --provider oura", "agentd audit --who tag:agent --json"],
+        codes=(0, 2),
+    )
+    p.add_argument("--provider", type=_provider, help="only this provider's hand-outs")
+    p.add_argument("--who", type=_who, help="only this identity's (a login or a tag)")
+    p.add_argument(
+        "--limit", type=_limit, default=50, help=f"at most this many (1-{MAX_LIMIT}; default 50)"
+    )
+    _json_flag(p, "audit")
 
     p = _command(
         sub,

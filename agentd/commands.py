@@ -15,7 +15,7 @@ from typing import Any, TextIO
 import anyio
 
 from agentd.cli import EXIT
-from agentd.config import Config, check_files, load_config
+from agentd.config import Config, check_access, check_files, load_config
 from flowengine.diagrams import DotUnavailableError
 from flowengine.errors import (
     BrokerError,
@@ -282,9 +282,54 @@ def cmd_credentials(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_token(args: argparse.Namespace, config: Config) -> int:
+    import os
+
+    url = args.from_url if args.from_url is not None else os.environ.get("AGENTD_URL", "")
+    if args.from_url is not None or url:
+        return _remote_token(args.provider, url, config)
+
     async def body(ctx: Any) -> int:
         token = await ctx.broker.get_token(args.provider, actor="cli")
         sys.stdout.write(token + "\n")
+        return EXIT["ok"]
+
+    return _run(config, body)
+
+
+def _remote_token(provider: str, url: str, config: Config) -> int:
+    """``agentd token <p> --from URL``: from the daemon on another machine, nothing on disk."""
+    from agentd.remote import RemoteTokens, check_base_url
+    from flowengine.trust import client_ssl_context
+
+    base = check_base_url(url)  # a bad URL before any TLS set-up
+    trust = client_ssl_context(config.values["client"]["ca_file"] or None)
+    sys.stdout.write(RemoteTokens(base, ssl_context=trust).get(provider) + "\n")
+    return EXIT["ok"]
+
+
+def cmd_audit(args: argparse.Namespace, config: Config) -> int:
+    """``agentd audit``: the token hand-outs the daemon recorded, newest first."""
+
+    async def body(ctx: Any) -> int:
+        rows = await ctx.broker.handouts(provider=args.provider, who=args.who, limit=args.limit)
+        if args.json:
+            _print_json({"handouts": [r.public() for r in rows]})
+            return EXIT["ok"]
+        if not rows:
+            print("no token hand-outs recorded (other machines get tokens through [[access]])")
+            return EXIT["ok"]
+        table = [
+            [
+                datetime.fromtimestamp(r.at / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M:%S"),
+                r.who,
+                r.node or "-",
+                r.address,
+                r.provider,
+                r.token_sha,
+            ]
+            for r in rows
+        ]
+        _table(table, ["AT (UTC)", "WHO", "NODE", "ADDRESS", "PROVIDER", "TOKEN SHA"], sys.stdout)
         return EXIT["ok"]
 
     return _run(config, body)
@@ -630,6 +675,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Config], int]] = {
     "providers": cmd_providers,
     "credentials": cmd_credentials,
     "token": cmd_token,
+    "audit": cmd_audit,
     "status": cmd_status,
     "flows": cmd_flows,
     "flow": cmd_flow,
@@ -646,8 +692,9 @@ def dispatch(args: argparse.Namespace) -> int:
 
     configure_logging(verbose=args.verbose)
     config = load_config(args.config)
-    if args.command != "demo" and not config.problems:
-        config = replace(config, problems=tuple(check_files(config)))
+    if args.command != "demo":
+        found = (check_files(config) if not config.problems else []) + check_access(config)
+        config = replace(config, problems=config.problems + tuple(found))
     if config.problems and args.command not in ("config", "demo"):
         for problem in config.problems:
             print(f"error: {problem}", file=sys.stderr)

@@ -7,6 +7,10 @@ comma-separated in the environment.
 
 Loading never stops at the first problem: :func:`load_config` collects every problem
 with file, key and a hint; ``agentd config check`` prints them all.
+
+``[[access]]`` tables (who may fetch which provider's tokens from another machine, see
+flowengine/access.py) are read into :attr:`Config.access`; they have no environment
+override. Their provider ids are checked against the catalog by :func:`check_access`.
 """
 
 from __future__ import annotations
@@ -18,11 +22,14 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flowengine import paths
 
-__all__ = ["Config", "ConfigProblem", "SCHEMA", "check_files", "load_config"]
+if TYPE_CHECKING:  # pragma: no cover
+    from flowengine.access import AccessPolicy
+
+__all__ = ["Config", "ConfigProblem", "SCHEMA", "check_access", "check_files", "load_config"]
 
 # section -> key -> (type, default, hint)
 SCHEMA: dict[str, dict[str, tuple[type, Any, str]]] = {
@@ -63,6 +70,12 @@ SCHEMA: dict[str, dict[str, tuple[type, Any, str]]] = {
         "api_base_url": (str, "", "where the bot and CLI reach the daemon; empty = derived"),
         "ca_file": (str, "", "CA bundle to trust for the daemon; empty = system CAs"),
     },
+    "remote": {
+        "rate": (float, 1.0, "token requests a second one identity may make, sustained (> 0)"),
+        "burst": (int, 30, "token requests one identity may make at once, 1-100000"),
+        "audit_days": (float, 90.0, "days a token hand-out stays in the audit, > 0"),
+        "audit_max_rows": (int, 100_000, "hand-outs the audit keeps at most, 1-100000000"),
+    },
     "paths": {
         "state_dir": (str, "", "empty = $XDG_STATE_HOME/agentd"),
         "auth_file": (str, "", "empty = $AGENT_AUTH_FILE or $XDG_DATA_HOME/agent/auth.json"),
@@ -70,6 +83,11 @@ SCHEMA: dict[str, dict[str, tuple[type, Any, str]]] = {
 }
 
 _SECRET_KEYS = {("telegram", "bot_token"), ("telegram", "api_hash"), ("server", "api_token")}
+#: the hint of every ``[[access]]`` problem
+ACCESS_HINT = (
+    '[[access]] who = ["tag:<name>", "user@example.com"] providers = ["<provider id>"]'
+    " (see `agentd providers`)"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,9 +115,22 @@ class Config:
     origins: dict[str, tuple[str, Any]] = field(default_factory=dict, repr=False)
     #: what the file holds that is not a key of SCHEMA (unknown sections and keys, as written)
     unknown: dict[str, Any] = field(default_factory=dict, repr=False)
+    #: the ``[[access]]`` rules as parsed (None: the file has none); see :attr:`access`
+    access_rules: AccessPolicy | None = field(default=None, repr=False)
 
     def get(self, section: str, key: str) -> Any:
         return self.values[section][key]
+
+    @property
+    def access(self) -> AccessPolicy:
+        """Who may fetch which provider's tokens from another machine (default: nobody).
+        flowengine.access is imported only for a file with ``[[access]]`` tables, so that
+        ``agentd token``'s fast path does not pay for it otherwise."""
+        if self.access_rules is not None:
+            return self.access_rules
+        from flowengine.access import AccessPolicy
+
+        return AccessPolicy()
 
     @property
     def state_dir(self) -> Path:
@@ -273,6 +304,15 @@ def _validate(values: dict[str, dict[str, Any]], where: str) -> list[ConfigProbl
             bad("timer", key, f"must be greater than {low:g} and at most {high:g} seconds")
     if not 0 < values["timer"]["refresh_fraction"] < 1:  # NaN fails too
         bad("timer", "refresh_fraction", "must be between 0 and 1")
+    remote = values["remote"]
+    if not (math.isfinite(remote["rate"]) and 0 < remote["rate"] <= 1_000_000):
+        bad("remote", "rate", "must be greater than 0 and at most 1000000 a second")
+    if not 1 <= remote["burst"] <= 100_000:
+        bad("remote", "burst", f"{remote['burst']} is not between 1 and 100000")
+    if not (math.isfinite(remote["audit_days"]) and 0 < remote["audit_days"] <= 36_500):
+        bad("remote", "audit_days", "must be greater than 0 and at most 36500 days")
+    if not 1 <= remote["audit_max_rows"] <= 100_000_000:
+        bad("remote", "audit_max_rows", f"{remote['audit_max_rows']} is not between 1 and 1e8")
     tg = values["telegram"]
     if not 0 <= tg["api_id"] <= 2**31 - 1:
         bad("telegram", "api_id", f"{tg['api_id']} is not an api_id")
@@ -339,6 +379,30 @@ def check_files(config: Config) -> list[ConfigProblem]:
     return problems
 
 
+def check_access(config: Config) -> list[ConfigProblem]:
+    """``[[access]]`` providers the catalog does not know (loads the catalog; a catalog
+    that does not load is reported where it is used, not here)."""
+    if not config.access.providers():
+        return []
+    import difflib
+
+    from flowengine.access import unknown_providers
+    from flowengine.catalog import load_catalog
+    from flowengine.errors import ConfigError
+
+    try:
+        catalog = load_catalog()
+    except ConfigError:
+        return []
+    problems = []
+    for key, provider in unknown_providers(config.access, catalog.ids()):
+        close = difflib.get_close_matches(provider, catalog.ids(), n=3)
+        hint = f"did you mean {', '.join(close)}?" if close else ACCESS_HINT
+        message = f"unknown provider {provider!r}"
+        problems.append(ConfigProblem(str(config.file), key, message, hint))
+    return problems
+
+
 def _telegram_id(raw: Any) -> int | None:
     """A positive 64-bit Telegram user id from an int or a string of digits, else None."""
     if isinstance(raw, bool):
@@ -367,6 +431,7 @@ def load_config(
     unknown: dict[str, Any] = {}
     where = str(path)
     exists = path.is_file()
+    policy: AccessPolicy | None = None
     if not exists and (file or environ.get("AGENTD_CONFIG")):
         # the default file is optional; one named explicitly must be there
         problems.append(
@@ -389,10 +454,17 @@ def load_config(
         except RecursionError:
             problems.append(ConfigProblem(where, "-", "nested too deeply", "fix the syntax"))
             data = {}
+        if "access" in data:
+            from flowengine.access import parse_rules
+
+            policy, found = parse_rules(data.pop("access"))
+            problems += [ConfigProblem(where, key, msg, ACCESS_HINT) for key, msg in found]
         for section, keys in data.items():
             if section not in SCHEMA:
                 problems.append(
-                    ConfigProblem(where, section, "unknown section", f"one of {', '.join(SCHEMA)}")
+                    ConfigProblem(
+                        where, section, "unknown section", f"one of {', '.join(SCHEMA)}, [[access]]"
+                    )
                 )
                 unknown[section] = keys
                 continue
@@ -433,4 +505,5 @@ def load_config(
         file_exists=exists,
         origins=origins,
         unknown=unknown,
+        access_rules=policy,
     )

@@ -185,6 +185,11 @@ def render(config: Config, derived: Mapping[str, Derived]) -> str:
                     lines.append(_line(name, d.value, f"derived: {d.how}"))
                 continue
             lines.append(_line(name, value, comment))
+    rules = config.access.rules
+    lines += ["", f"# [[access]]: {len(rules) or 'no'} rule(s) (tokens for other machines)"]
+    for rule in rules:
+        lines += ["[[access]]", _line("who", list(rule.who), None)]
+        lines += [_line("providers", list(rule.providers), None)]
     if config.unknown:
         lines += ["", "# not read (unknown sections and keys, as written):"]
         for dotted, raw in config.unknown.items():

@@ -13,12 +13,14 @@ import httpx
 
 from agentd.config import Config
 from flowengine import oauth_http
+from flowengine.audit import Retention
 from flowengine.broker import Broker
 from flowengine.catalog import Catalog, load_catalog
 from flowengine.clock import Clock
 from flowengine.credentials import CredentialStore
 from flowengine.engine import FlowEngine
 from flowengine.errors import ConfigError
+from flowengine.ratelimit import Rate
 from flowengine.schedule import TimerPolicy
 from flowengine.tokens import TokenStore
 from flowengine.vault import Vault, vault_root
@@ -29,7 +31,9 @@ __all__ = [
     "client_ssl_context",
     "daemon_base_url",
     "open_context",
+    "handout_rate",
     "redirect_uri",
+    "retention",
     "timer_policy",
     "vault_dir",
 ]
@@ -44,6 +48,18 @@ def timer_policy(config: Config) -> TimerPolicy:
         refresh_floor=float(timer["refresh_floor"]),
         unknown_expiry_check=float(timer["unknown_expiry_check"]),
     )
+
+
+def retention(config: Config) -> Retention:
+    """How long the audit keeps token hand-outs (``[remote] audit_days``/``audit_max_rows``)."""
+    remote = config.values["remote"]
+    return Retention(days=float(remote["audit_days"]), max_rows=int(remote["audit_max_rows"]))
+
+
+def handout_rate(config: Config) -> Rate:
+    """Each identity's token bucket (``[remote] rate``/``burst``)."""
+    remote = config.values["remote"]
+    return Rate(per_second=float(remote["rate"]), burst=float(remote["burst"]))
 
 
 def vault_dir(config: Config) -> Path:
@@ -99,6 +115,7 @@ async def open_context(
             http=client,
             policy=timer_policy(config),
         )
+        broker.retention = retention(config)
         yield Context(config, engine, cat, credentials, tokens, broker, client)
     finally:
         if own_http:

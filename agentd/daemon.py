@@ -7,6 +7,11 @@ start the timer, then the bot (it never delays start-up: Telegram logs in in the
 background). The API completes the flows it owns as their callbacks arrive; the bot, in
 this process, waits for their outcomes through the engine, never over the network.
 
+SIGHUP reloads the configuration file: the ``[[access]]`` policy, the ``[remote]`` rate
+limit and audit retention take effect at once (one log line says what changed, never a
+value of another section); changes elsewhere are named and wait for a restart. A file
+with problems is refused whole and the running configuration stays.
+
 Shutdown on SIGINT/SIGTERM: Hypercorn stops accepting and finishes in-flight requests,
 then the timer and the bot are cancelled. Ledger transitions are shielded transactions,
 so one that has begun commits; a token answer is in the vault before anything else
@@ -22,6 +27,7 @@ import logging
 import os
 import shutil
 import signal
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -29,18 +35,26 @@ import anyio
 from quart import Quart
 
 from agentd import systemd
-from agentd.config import Config
-from agentd.context import Context, daemon_base_url, open_context, timer_policy
+from agentd.config import Config, check_access, check_files, load_config
+from agentd.context import (
+    Context,
+    daemon_base_url,
+    handout_rate,
+    open_context,
+    retention,
+    timer_policy,
+)
 from agentd.local_client import socket_path
 from api.app import create_app, stop_waiters
 from api.serve import ServePlan, plan_serving
 from api.serve import serve as serve_api
 from api.settings import ApiSettings
 from api.tailscale import LocalAPI, TailscaleCLI, TailscaleClient
+from api.tokens import configure_access
 from flowengine.errors import BrokerError
 from flowengine.timer import RefreshTimer
 
-__all__ = ["run_daemon", "serve", "tailscale_client", "timer_policy"]
+__all__ = ["reload_changes", "run_daemon", "serve", "tailscale_client", "timer_policy"]
 
 log = logging.getLogger("agentd.daemon")
 
@@ -106,6 +120,9 @@ async def run_daemon(
             own_addresses=plan.own_addresses,
             userspace=plan.userspace,
         )
+        configure_access(app, policy=config.access, rate=handout_rate(config))
+        log.info("token hand-outs (/v1/tokens): %s", _grants(config))
+        await ctx.engine.ledger.prune_handouts(ctx.broker.retention, ctx.engine.now_ms())
         timer = RefreshTimer(ctx.broker, policy=timer_policy(config))
         requests = _track_requests(app)
         async with anyio.create_task_group() as tg:
@@ -126,6 +143,7 @@ async def run_daemon(
                 workers.start_soon(ctx.engine.watch_external)
                 await workers.start(timer.run)
                 components.append(f"timer (every {timer.policy.interval:g} s)")
+                await workers.start(partial(_watch_reload, config, app, ctx))
                 if config.telegram_enabled:
                     await _start_bot(workers, ctx, config, settings, plan)
                     components.append("telegram bot")
@@ -147,6 +165,67 @@ async def run_daemon(
     if isinstance(tailscale, LocalAPI):
         await tailscale.aclose()
     log.info("stopped")
+
+
+async def _watch_reload(
+    config: Config, app: Quart, ctx: Context, *, task_status: Any = anyio.TASK_STATUS_IGNORED
+) -> None:
+    """SIGHUP: read the configuration again and apply what can change while running."""
+    with anyio.open_signal_receiver(signal.SIGHUP) as signals:
+        task_status.started()
+        async for _ in signals:
+            config = _reload(config, app, ctx)
+
+
+def _reload(current: Config, app: Quart, ctx: Context) -> Config:
+    new = load_config(current.file if current.file_exists else None)
+    if not new.problems:
+        new = replace(new, problems=tuple(check_files(new) + check_access(new)))
+    if new.problems:
+        log.error(
+            "reload of %s refused (%d problem(s); the first: %s); the running configuration"
+            " stays (see `agentd config check`)",
+            new.file,
+            len(new.problems),
+            new.problems[0],
+        )
+        return current
+    configure_access(app, policy=new.access, rate=handout_rate(new))
+    ctx.broker.retention = retention(new)
+    log.info("reloaded %s: %s", new.file, "; ".join(reload_changes(current, new)) or "no change")
+    return new
+
+
+def _grants(config: Config) -> str:
+    rules = config.access.rules
+    if not rules:
+        return "nobody (no [[access]] in the configuration)"
+    return "; ".join(f"{', '.join(r.who)}: {', '.join(r.providers)}" for r in rules)
+
+
+def reload_changes(old: Config, new: Config) -> list[str]:
+    """What a reload changed, as short phrases: grants by identity, ``[remote]`` values, and
+    the names (never the values) of other keys that wait for a restart."""
+    out: list[str] = []
+    before, after = old.access.pairs(), new.access.pairs()
+    for verb, pairs in (("granted", after - before), ("withdrawn", before - after)):
+        by_who: dict[str, list[str]] = {}
+        for who, provider in sorted(pairs):
+            by_who.setdefault(who, []).append(provider)
+        out += [f"{verb} {who}: {', '.join(providers)}" for who, providers in by_who.items()]
+    for key, value in new.values["remote"].items():
+        if old.values["remote"].get(key) != value:
+            out.append(f"remote.{key} {old.values['remote'].get(key):g} -> {value:g}")
+    pending = [
+        f"{section}.{key}"
+        for section, keys in new.values.items()
+        if section != "remote"
+        for key, value in keys.items()
+        if old.values.get(section, {}).get(key) != value
+    ]
+    if pending:
+        out.append(f"restart to apply {', '.join(pending)}")
+    return out
 
 
 def _track_requests(app: Quart) -> set[asyncio.Task[Any]]:

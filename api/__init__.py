@@ -5,7 +5,8 @@ Served by Hypercorn in-process, reachable only from the tailnet (see api/guard.p
     from api import ApiSettings, create_app, plan_serving, serve
 
 Modules: app (create_app, error mapping), oauth (callback + pending), inspection (flows,
-diagrams), guard (source guard, Funnel refusal, owner check), auth (bearer), tailscale
+diagrams), tokens (``/v1/tokens``: access tokens for other machines by tailnet identity),
+guard (source guard, Funnel refusal, owner check, naming token callers), auth (bearer), tailscale
 (LocalAPI client, CLI fallback), tls (reloading SSLContext, certificate fetch),
 serve (bind/redirect planning, Hypercorn), settings (ApiSettings, API token file).
 """

@@ -9,9 +9,12 @@ Routes (see api/oauth.py and api/inspection.py)::
     GET  /oauth/flows                 flow list                          (bearer)
     GET  /oauth/flows/<id>            flow + ledger events               (bearer)
     GET  /oauth/flows/<id>/diagram    Mermaid / SVG / dot                (bearer)
+    GET  /v1/tokens/<provider>        an access token for a tailnet peer (whois + [[access]])
     GET  /healthz                     liveness                           (no bearer)
 
 "bearer" routes need no token on the local listener (the state dir's unix socket).
+``/v1/tokens`` takes no bearer: the caller's tailnet identity and the ``[[access]]`` policy
+decide (api/tokens.py), and it answers only on the tailnet listener.
 Every request first passes :class:`api.guard.TailnetGuard` (tailnet or loopback sources,
 no Funnel, optional owner check). Errors are mapped in one handler: JSON for the API,
 an HTML page for the callback. Every response carries no-store, no-referrer, nosniff and
@@ -37,6 +40,8 @@ from .errors import status_for
 from .guard import SECURITY_HEADERS, TailnetGuard, loggable_path
 from .settings import ApiSettings
 from .tailscale import LocalAPI, TailscaleClient
+from .tokens import PREFIX as TOKENS_PREFIX
+from .tokens import TokenAccess
 
 __all__ = ["ApiContext", "api_context", "create_app", "provider_name", "stop_waiters"]
 
@@ -59,6 +64,8 @@ class ApiContext:
     redirect_uri: str = ""
     #: set when the daemon stops: long-polls answer 503 at once instead of being cut off
     stopping: anyio.Event = field(default_factory=anyio.Event)
+    #: token hand-outs: the [[access]] policy and the callers' rate limits
+    access: TokenAccess = field(default_factory=TokenAccess)
 
 
 def api_context() -> ApiContext:
@@ -155,6 +162,7 @@ def create_app(
     """
     from .inspection import blueprint as inspection_blueprint
     from .oauth import blueprint as oauth_blueprint
+    from .tokens import blueprint as tokens_blueprint
 
     app = Quart(
         __name__,
@@ -175,6 +183,7 @@ def create_app(
 
     app.register_blueprint(oauth_blueprint)
     app.register_blueprint(inspection_blueprint)
+    app.register_blueprint(tokens_blueprint)
     app.register_error_handler(BrokerError, _handle_broker_error)
     app.register_error_handler(HTTPException, _handle_http_exception)
     app.register_error_handler(Exception, _handle_unexpected)
@@ -203,5 +212,6 @@ def create_app(
         html_paths=HTML_PATHS,
         own_addresses=own_addresses,
         userspace=userspace,
+        identify_prefixes=(TOKENS_PREFIX,),
     )
     return app

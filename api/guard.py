@@ -27,6 +27,20 @@
      without ``X-Forwarded-For`` is a local process: allowed in kernel-TUN mode only. A
      ``unix:`` backend cannot be reached by peers at all, so its headers are trusted.
 
+4. Paths that hand out tokens (``identify_prefixes``: ``/v1/tokens/``) are judged by the
+   ``[[access]]`` policy, not by ``allowed_logins``: the guard only names the caller there,
+   always with whois (tls mode: the TCP peer ``ip:port``; serve mode: a loopback peer
+   userspace networking forwarded, else, on a ``unix:`` backend only, the single
+   ``X-Forwarded-For`` address ``tailscale serve`` set). Behind serve on a loopback *port*
+   the forwarded address is refused there: any local process could claim to be anyone.
+   A caller whois cannot name gets an identity without a login or tags (a local process)
+   or 403 (not a node); whois failing answers 503 with ``Retry-After``.
+
+whois answers about a connection's own peer are kept for the connection (at most
+``WHOIS_CACHE_SECONDS``): a keep-alive caller is looked up once, not per request. The
+connection's peer cannot change, and tags or users that change are seen on its next
+connection or a minute later.
+
 Every response leaving the app (error pages included, whoever made them) carries the
 security headers. A request that passed is reported to the connection limiter (its
 connection is no longer idle), and its identity put in ``scope["agentd.identity"]``.
@@ -40,6 +54,7 @@ import ipaddress
 import json
 import logging
 import re
+import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
@@ -74,6 +89,11 @@ TAILNET_V6 = ipaddress.ip_network("fd7a:115c:a1e0::/48")
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _LOOPBACK = ipaddress.IPv4Address("127.0.0.1")
 
+#: how long a connection keeps the whois answer about its own peer
+WHOIS_CACHE_SECONDS = 60.0
+#: Retry-After of a 503 when tailscaled could not be asked
+WHOIS_RETRY_AFTER = 5
+
 SECURITY_HEADERS: tuple[tuple[bytes, bytes], ...] = (
     (b"cache-control", b"no-store"),
     (b"referrer-policy", b"no-referrer"),
@@ -93,6 +113,15 @@ class Identity:
     address: str
     login: str | None = None
     via: str = "direct"  # direct | serve | whois | loopback | own-node | local
+    #: the device's tags (a tagged device has no user) and its MagicDNS name, when whois
+    #: named it (token hand-outs)
+    tags: tuple[str, ...] = ()
+    node: str = ""
+
+    @property
+    def named(self) -> bool:
+        """Whether whois named a tailnet node (a login or tags) for this caller."""
+        return self.via in ("whois", "own-node") and bool(self.tags or self.login)
 
 
 _HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
@@ -187,10 +216,11 @@ def decode_login(value: str) -> str:
 
 
 class _Refused(Exception):
-    def __init__(self, reason: str, status: int = 403) -> None:
+    def __init__(self, reason: str, status: int = 403, retry_after: int | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
         self.status = status
+        self.retry_after = retry_after
 
 
 def _with_security_headers(send: Send) -> Send:
@@ -226,6 +256,7 @@ class TailnetGuard:
         html_paths: tuple[str, ...] = ("/oauth/callback",),
         own_addresses: Iterable[str] = (),
         userspace: bool = False,
+        identify_prefixes: tuple[str, ...] = (),
     ) -> None:
         self.app = app
         self.mode = mode
@@ -236,6 +267,8 @@ class TailnetGuard:
         self.own_addresses = frozenset(own_addresses)
         #: tailscaled in userspace-networking mode: loopback peers may be tailnet peers
         self.userspace = userspace
+        #: paths whose callers are always named by whois and judged by the app (tokens)
+        self.identify_prefixes = identify_prefixes
         if self.allowed_logins and mode in ("tls", "serve") and whois is None:
             raise ValueError(f"the owner check in {mode} mode needs a whois function")
 
@@ -254,7 +287,7 @@ class TailnetGuard:
                 client[0] if client else "unix",
                 refused.reason,
             )
-            await self._refuse(scope, send, refused.reason, refused.status)
+            await self._refuse(scope, send, refused.reason, refused.status, refused.retry_after)
             return
         scope["agentd.identity"] = identity
         activate = scope.get("agentd.activate")
@@ -273,6 +306,9 @@ class TailnetGuard:
         if _header(scope, b"tailscale-funnel-request"):
             raise _Refused("requests through Tailscale Funnel are not accepted")
         client = scope.get("client")
+        identify = self._identifies(scope)
+        if client is None and identify:
+            return await self._identify_unix_backend(scope)
         if client is None:
             # a unix-socket backend: only tailscaled (`tailscale serve ... unix:<path>`) and
             # local processes reach it, never a tailnet peer directly
@@ -285,15 +321,17 @@ class TailnetGuard:
             raise _Refused("only devices on this tailnet may connect")
         assert ip is not None
         port = int(client[1] or 0)
+        if identify:
+            return await self._identify(scope, ip, port)
         if self.mode == "serve":
             if is_loopback(ip) and self.allowed_logins:
                 # userspace networking forwards tailnet peers to 127.0.0.1:<port> too
-                who = await self._whois(ip, port)
+                who = await self._whois(ip, port, scope)
                 if who is not None:
                     return self._judge(who, ip)
             return self._check_serve(scope, ip, local_ok=not self.userspace)
         if self.mode == "tls" and self.allowed_logins:
-            return await self._check_whois(ip, port)
+            return await self._check_whois(ip, port, scope)
         return Identity(address=str(ip), via="loopback" if is_loopback(ip) else "direct")
 
     def _check_serve(self, scope: Scope, peer: IPAddress, *, local_ok: bool) -> Identity:
@@ -324,14 +362,86 @@ class TailnetGuard:
                 raise _Refused("this tailnet user is not allowed here")
         return Identity(address=str(origin), login=login or None, via="serve")
 
-    async def _whois(self, ip: IPAddress, port: int) -> WhoIs | None:
-        assert self.whois is not None
-        addr = f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+    def _identifies(self, scope: Scope) -> bool:
+        path = str(scope.get("path", ""))
+        return any(path.startswith(prefix) for prefix in self.identify_prefixes)
+
+    async def _whois(
+        self, ip: IPAddress, port: int | None, scope: Scope | None = None, *, status: int = 403
+    ) -> WhoIs | None:
+        """whois ``ip:port`` (``ip`` alone when ``port`` is None). With ``scope`` the
+        answer is about the connection's own peer and kept on the connection for a while."""
+        if self.whois is None:
+            raise _Refused(
+                "the caller could not be identified (tailscaled is not reachable)",
+                status,
+                WHOIS_RETRY_AFTER if status == 503 else None,
+            )
+        if port is None:
+            addr = str(ip)
+        else:
+            addr = f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+        cache = scope.get("agentd.whois_cache") if scope is not None else None
+        if cache is not None:
+            hit = cache.get(addr)
+            if hit is not None and time.monotonic() - hit[0] < WHOIS_CACHE_SECONDS:
+                return hit[1]  # type: ignore[no-any-return]
         try:
-            return await self.whois(addr)
+            who = await self.whois(addr)
         except TailscaleError as err:
             log.warning("whois failed: %s", err.message)
-            raise _Refused("the caller could not be identified") from err
+            raise _Refused(
+                "the caller could not be identified",
+                status,
+                WHOIS_RETRY_AFTER if status == 503 else None,
+            ) from err
+        if cache is not None:
+            cache[addr] = (time.monotonic(), who)
+        return who
+
+    def _named(self, who: WhoIs, ip: IPAddress) -> Identity:
+        """A caller whois named, for the app to judge (no allowed_logins check)."""
+        own = [address.split("/", 1)[0] for address in who.addresses]
+        # a peer userspace networking forwarded arrives from loopback: name its node's address
+        address = str(ip) if is_tailnet_address(ip) or not own else own[0]
+        return Identity(
+            address=address,
+            login=who.login or None,
+            via="own-node" if set(own) & self.own_addresses else "whois",
+            tags=who.tags,
+            node=who.node_name,
+        )
+
+    async def _identify(self, scope: Scope, ip: IPAddress, port: int) -> Identity:
+        """The caller of a token path, named by whois (see the module docstring, 4.)."""
+        who = await self._whois(ip, port, scope, status=503)
+        if who is not None:
+            return self._named(who, ip)
+        if self.mode == "serve" and is_loopback(ip) and _header(scope, b"x-forwarded-for"):
+            raise _Refused(
+                "token hand-outs behind `tailscale serve` need its unix: backend"
+                ' (server.host = "unix:/path"); on a loopback port any local process could'
+                " claim a tailnet identity"
+            )
+        if is_loopback(ip):
+            return Identity(address=str(ip), via="loopback")  # no tailnet identity
+        raise _Refused("the caller is not a tailnet node")
+
+    async def _identify_unix_backend(self, scope: Scope) -> Identity:
+        """A token path on a ``unix:`` backend: only tailscaled (serve) and local processes
+        of the daemon's uid or root reach it; serve's X-Forwarded-For names the peer."""
+        forwarded = _header(scope, b"x-forwarded-for")
+        if self.mode != "serve" or not forwarded:
+            return Identity(address="unix", via="loopback")  # no tailnet identity
+        if len(forwarded) > 1 or "," in forwarded[0]:
+            raise _Refused("unexpected X-Forwarded-For chain")
+        origin = parse_ip(forwarded[0])
+        if origin is None or not is_tailnet_address(origin):
+            raise _Refused("only devices on this tailnet may connect")
+        who = await self._whois(origin, None, status=503)
+        if who is None:
+            raise _Refused("the caller is not a tailnet node")
+        return self._named(who, origin)
 
     def _judge(self, who: WhoIs, ip: IPAddress) -> Identity:
         """A tailnet node named by whois: own node, tagged, allowed login?"""
@@ -346,8 +456,8 @@ class TailnetGuard:
             raise _Refused("this tailnet user is not allowed here")
         return Identity(address=str(ip), login=who.login, via="whois")
 
-    async def _check_whois(self, ip: IPAddress, port: int) -> Identity:
-        who = await self._whois(ip, port)
+    async def _check_whois(self, ip: IPAddress, port: int, scope: Scope) -> Identity:
+        who = await self._whois(ip, port, scope)
         if who is None:
             if is_loopback(ip) and not self.userspace:
                 return Identity(address=str(ip), via="loopback")
@@ -359,11 +469,19 @@ class TailnetGuard:
             raise _Refused("the caller is not a tailnet node")
         return self._judge(who, ip)
 
-    async def _refuse(self, scope: Scope, send: Send, reason: str, status: int = 403) -> None:
+    async def _refuse(
+        self,
+        scope: Scope,
+        send: Send,
+        reason: str,
+        status: int = 403,
+        retry_after: int | None = None,
+    ) -> None:
         path = str(scope.get("path", ""))
-        title, code = (
-            ("Not allowed", "forbidden") if status == 403 else ("Bad request", "bad_request")
-        )
+        title, code = {
+            400: ("Bad request", "bad_request"),
+            503: ("Unavailable", "unavailable"),
+        }.get(status, ("Not allowed", "forbidden"))
         if path in self.html_paths:
             from html import escape
 
@@ -387,6 +505,7 @@ class TailnetGuard:
                     (b"content-type", ctype),
                     (b"content-length", str(len(body)).encode()),
                     *SECURITY_HEADERS,
+                    *([(b"retry-after", str(retry_after).encode())] if retry_after else []),
                 ],
             }
         )

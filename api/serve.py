@@ -656,6 +656,7 @@ class _Server:
         conn = Conn(peer, close=sock.close)
         if not self.limiter.admit(conn):
             return None
+        extra["agentd.whois_cache"] = {}  # the guard's whois answers about this peer
         extra["agentd.activate"] = partial(self.limiter.activate, conn)
         extra["agentd.park"] = partial(self.limiter.parked, conn)
         conn.extra = extra

@@ -8,7 +8,8 @@ effects it gets back, in order:
 * outgoing messages — :class:`Send`, :class:`Edit`, :class:`SendImage`, :class:`AnswerTap`;
 * commands for the runner — :class:`BeginConnect`, :class:`SaveCredentials`,
   :class:`DeleteSecret`, :class:`ListConnections`, :class:`Disconnect`, :class:`ListFlows`,
-  :class:`CancelFlows`, :class:`RunCommand`, :class:`MarkDelivered`, :class:`LogRefusal`.
+  :class:`CancelFlows`, :class:`ListAudit`, :class:`RunCommand`, :class:`MarkDelivered`,
+  :class:`LogRefusal`.
   Each command's outcome comes back as another inbound.
 
 Besides its own commands the bot offers those of the integrations (``glucose``, ...), which
@@ -37,6 +38,7 @@ from . import texts
 
 __all__ = [
     "AnswerTap",
+    "AuditListed",
     "BUILTIN_COMMANDS",
     "BeginConnect",
     "BotCommand",
@@ -64,6 +66,8 @@ __all__ = [
     "FlowsListed",
     "Inbound",
     "ListConnections",
+    "HandOutView",
+    "ListAudit",
     "ListFlows",
     "LogRefusal",
     "MarkDelivered",
@@ -91,6 +95,8 @@ __all__ = [
 
 #: callback data of a "Reconnect <Provider>" button is this prefix + the provider id
 RECONNECT_PREFIX = "connect:"
+#: notification kinds that are news, not trouble: no "Reconnect" button
+_NEWS_KINDS = frozenset({"first_handout"})
 
 
 # =========================================================================== state
@@ -314,6 +320,28 @@ class FlowsCancelled:
 
 
 @dataclass(frozen=True, slots=True)
+class HandOutView:
+    """One token hand-out of the audit (no token: a hash prefix names it)."""
+
+    at: int
+    who: str
+    node: str
+    address: str
+    provider: str
+    name: str
+    token_sha: str
+
+
+@dataclass(frozen=True, slots=True)
+class AuditListed:
+    chat_id: int
+    provider: str | None
+    who: str | None
+    items: tuple[HandOutView, ...]
+    now_ms: int
+
+
+@dataclass(frozen=True, slots=True)
 class CommandAnswered:
     """An integration command's answer: a caption and, optionally, a PNG."""
 
@@ -362,6 +390,7 @@ Inbound = (
     | NotConnected
     | FlowsListed
     | FlowsCancelled
+    | AuditListed
     | CommandAnswered
     | CommandUnavailable
     | NotificationDue
@@ -466,6 +495,15 @@ class CancelFlows:
 
 
 @dataclass(frozen=True, slots=True)
+class ListAudit:
+    """Recent token hand-outs, of one provider or one identity (a login or a tag)."""
+
+    chat_id: int
+    provider: str | None = None
+    who: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class RunCommand:
     """Run an integration's command with the request its ``parse`` made."""
 
@@ -498,6 +536,7 @@ Effect = (
     | Disconnect
     | ListFlows
     | CancelFlows
+    | ListAudit
     | RunCommand
     | MarkDelivered
     | LogRefusal
@@ -539,6 +578,7 @@ BUILTIN_COMMANDS: tuple[BotCommand, ...] = (
     _builtin("disconnect"),
     _builtin("flows"),
     _builtin("cancel"),
+    _builtin("audit"),
 )
 HELP_COMMAND = _builtin("help")
 #: words that run a command without being offered anywhere (Telegram sends /start first)
@@ -768,6 +808,8 @@ def _command(state: ConversationState, chat_id: int, text: str) -> Step:
         return state, [ListFlows(chat_id, args[0] if args else None)]
     if command == "cancel":
         return state, [CancelFlows(chat_id)]
+    if command == "audit":
+        return state, [_audit(chat_id, args)]
     spec = state.commands.get(command)
     if spec is None:  # pragma: no cover - parse_command only returns known commands
         raise AssertionError(command)
@@ -775,6 +817,16 @@ def _command(state: ConversationState, chat_id: int, text: str) -> Step:
     if request is None:
         return state, [Send(chat_id, spec.usage)]
     return state, [RunCommand(chat_id, spec.name, request)]
+
+
+def _audit(chat_id: int, args: list[str]) -> ListAudit:
+    """``audit``, ``audit <provider>``, ``audit <login or tag:name>``."""
+    if not args:
+        return ListAudit(chat_id)
+    word = args[0]
+    if word.startswith("tag:") or "@" in word:
+        return ListAudit(chat_id, who=word)
+    return ListAudit(chat_id, provider=word)
 
 
 def _tap(state: ConversationState, tap: Tap) -> Step:
@@ -839,6 +891,10 @@ def _result(state: ConversationState, inbound: Inbound) -> list[Effect]:
             return [Send(inbound.chat_id, texts.flows(lines, inbound.now_ms, inbound.provider))]
         case FlowsCancelled():
             return [Send(inbound.chat_id, texts.cancelled_flows(inbound.names))]
+        case AuditListed():
+            rows = [(h.at, h.who, h.node, h.address, h.name, h.token_sha) for h in inbound.items]
+            text = texts.audit(rows, inbound.now_ms, tz, inbound.provider or inbound.who)
+            return [Send(inbound.chat_id, text)]
         case CommandAnswered():
             if inbound.image is None:
                 return [Send(inbound.chat_id, inbound.text)]
@@ -858,7 +914,8 @@ def _result(state: ConversationState, inbound: Inbound) -> list[Effect]:
             button = CallbackButton(
                 texts.reconnect_button(inbound.name), RECONNECT_PREFIX + inbound.provider
             )
-            sends: list[Effect] = [Send(chat, text, buttons=(button,)) for chat in targets]
+            buttons = () if inbound.kind in _NEWS_KINDS else (button,)
+            sends: list[Effect] = [Send(chat, text, buttons=buttons) for chat in targets]
             return [*sends, MarkDelivered(inbound.id)]
     raise TypeError(f"not an inbound: {type(inbound).__name__}")  # pragma: no cover
 

@@ -278,6 +278,8 @@ class BotRunner:
                 return await self._guard(effect.chat_id, self._flows(effect))
             case d.CancelFlows():
                 return await self._guard(effect.chat_id, self._cancel(effect))
+            case d.ListAudit():
+                return await self._guard(effect.chat_id, self._audit(effect))
             case d.RunCommand():
                 return await self._run_command(effect)
             case d.MarkDelivered():
@@ -411,6 +413,23 @@ class BotRunner:
             d.FlowView(f.id, f.provider, f.state.value, f.updated_at, f.error_code) for f in flows
         )
         return d.FlowsListed(effect.chat_id, effect.provider, items, self.engine.now_ms())
+
+    async def _audit(self, effect: d.ListAudit) -> d.Inbound:
+        if effect.provider is not None and effect.provider not in self.catalog:
+            try:
+                self.catalog.get(effect.provider)
+            except UnknownProviderError as err:
+                return self._unknown(effect.chat_id, err)
+        rows = await self.broker.handouts(provider=effect.provider, who=effect.who, limit=10)
+        items = tuple(
+            d.HandOutView(
+                r.at, r.who, r.node, r.address, r.provider, self._name(r.provider), r.token_sha
+            )
+            for r in rows
+        )
+        return d.AuditListed(
+            effect.chat_id, effect.provider, effect.who, items, self.engine.now_ms()
+        )
 
     async def _cancel(self, effect: d.CancelFlows) -> d.Inbound:
         names: list[str] = []

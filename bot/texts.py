@@ -25,6 +25,7 @@ __all__ = [
     "LEFT_CREDENTIALS",
     "MENU_HELP",
     "NOTHING_TO_CANCEL",
+    "NO_HANDOUTS",
     "NO_CONNECTIONS",
     "NO_FLOWS",
     "REFUSAL",
@@ -33,6 +34,7 @@ __all__ = [
     "SECRET_NOT_DELETED",
     "UNKNOWN_COMMAND",
     "ask_client_secret",
+    "audit",
     "authorize_button",
     "authorize_prompt",
     "cancelled_flows",
@@ -74,6 +76,7 @@ COMMAND_HELP = {
     "disconnect": "revoke and remove a provider's tokens",
     "flows": "recent authorization flows and their states",
     "cancel": "stop what is in progress (credential entry or a pending authorization)",
+    "audit": "tokens handed to other machines: who, when, from where",
     "help": "this text",
 }
 
@@ -87,7 +90,12 @@ def help_line(name: str, args: str, description: str) -> str:
 MENU_HELP = {"help": "what I can do"}
 
 #: what each built-in command takes, as its help writes it
-COMMAND_ARGS = {"connect": "<provider>", "disconnect": "<provider>", "flows": "[provider]"}
+COMMAND_ARGS = {
+    "connect": "<provider>",
+    "disconnect": "<provider>",
+    "flows": "[provider]",
+    "audit": "[provider | login | tag:name]",
+}
 
 
 def help_text(lines: Sequence[str]) -> str:
@@ -166,6 +174,7 @@ SECRET_NOT_DELETED = (
 NO_CONNECTIONS = "No connections yet. Say connect <provider> to add one."
 NO_FLOWS = "No authorization flows yet."
 NOTHING_TO_CANCEL = "Nothing to cancel."
+NO_HANDOUTS = "No token was handed to another machine yet."
 
 _STATE_ICONS = {
     "stored": "✅",
@@ -347,6 +356,26 @@ def flows(
     return "\n".join(lines)
 
 
+def audit(
+    items: Sequence[tuple[int, str, str, str, str, str]],
+    now_ms: int,
+    tz: str = "UTC",
+    about: str | None = None,
+) -> str:
+    """``items``: (at ms, who, node, address, provider name, token hash prefix), newest
+    first; ``about``: the provider or identity the list is limited to."""
+    if not items:
+        return f"No token hand-outs for {about}." if about else NO_HANDOUTS
+    lines = [f"Token hand-outs{f' for {about}' if about else ''}, newest first:"]
+    for at, who, node, address, name, sha in items:
+        where = f"{node} ({address})" if node else address
+        lines.append(
+            f"🔑 {name} to {who} on {where}, {local_time(at, tz)} ({relative(at, now_ms)});"
+            f" token {sha}…"
+        )
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------- notifications
 
 
@@ -365,6 +394,11 @@ def notification(kind: str, name: str, message: str, reason: str | None = None) 
         return f"⏳ {message}. Three days left — tap to reconnect now."
     if kind == "reconnect_today":
         return f"⏳ Last day: {message}. Tap to reconnect."
+    if kind == "first_handout":
+        return (
+            f"🔑 First {name} token for {message}. Every hand-out is in the audit: say"
+            " audit to see them; the [[access]] policy in agentd.toml decides who may."
+        )
     return f"ℹ️ {message}" if message else f"ℹ️ {name}: {kind}"
 
 

@@ -206,6 +206,12 @@ def _known_argv() -> list[Any]:
         (("providers", "nope", "--json"), 2, "unknown provider 'nope'"),
         (("flow", "no-such-flow", "--json"), 2, "no flow no-such-flow"),
         (("config", "shoe"), 2, "invalid choice: 'shoe'"),
+        (("token", "dexcom", "--from", "http://localhost:8400"), 2, "not the daemon's address"),
+        (("token", "dexcom", "--from", "https://localhost:0x1"), 2, "not the daemon's address"),
+        (("token", "dexcom", "--from", f"https://localhost:{free_port()}"), 5, "not be reached"),
+        (("audit", "--limit", "0"), 2, "--limit: must be between 1 and 10000"),
+        (("audit", "--who", "a b"), 2, "an identity is a login"),
+        (("audit", "--provider", "\u202edexcom"), 2, "a provider id is"),
     ]
     # a look-back reaching past year 1 used to overflow `now - since`
     for command in ("dexcom egvs", "withings range"):
@@ -267,6 +273,17 @@ BAD_CONFIGS = {
     "api-id-huge": ("[telegram]\napi_id = 9223372036854775807\n", "telegram.api_id"),
     "datetime": ("[server]\nhost = 1979-05-27T07:32:00Z\n", "server.host"),
     "not-toml": ("[server\n", "not valid TOML"),
+    "access-not-array": ('[access]\nwho = ["tag:ci"]\n', "access: must be an array"),
+    "access-tag": ('[[access]]\nwho = ["tag:"]\nproviders = ["oura"]\n', "access[1].who[1]"),
+    "access-login": ('[[access]]\nwho = ["owner"]\nproviders = ["oura"]\n', "access[1].who[1]"),
+    "access-provider": (
+        '[[access]]\nwho = ["tag:ci"]\nproviders = ["dexcon"]\n',
+        "access[1].providers[1]",
+    ),
+    "access-key": ('[[access]]\nwho = ["tag:ci"]\nproviders = ["oura"]\nx = 1\n', "access[1].x"),
+    "remote-rate-nan": ("[remote]\nrate = nan\n", "remote.rate"),
+    "remote-burst-zero": ("[remote]\nburst = 0\n", "remote.burst"),
+    "remote-days-huge": ("[remote]\naudit_days = 1e300\n", "remote.audit_days"),
 }
 
 
@@ -436,6 +453,16 @@ _VALUE = st.one_of(
     _SCALAR, st.lists(_SCALAR, max_size=3), st.dictionaries(_TEXT, _SCALAR, max_size=2)
 )
 _KEYS = [(section, key) for section, keys in SCHEMA.items() for key in keys]
+#: ``who``/``providers`` lists: good entries, near misses and junk
+_ACCESS_LIST = st.lists(
+    st.one_of(
+        st.sampled_from(
+            ["tag:ci", "tag:", "tag:1x", "owner@example.com", "owner", "dexcom", "dexcon", "*"]
+        ),
+        _TEXT,
+    ),
+    max_size=3,
+)
 
 
 def _toml_value(value: object) -> str:
@@ -465,11 +492,20 @@ def _toml_value(value: object) -> str:
 @given(
     values=st.lists(st.tuples(st.sampled_from(_KEYS), _VALUE), min_size=1, max_size=4),
     env=st.lists(st.tuples(st.sampled_from(_KEYS), _TEXT), max_size=2),
+    access=st.lists(
+        st.dictionaries(
+            st.sampled_from(["who", "providers", "extra"]),
+            st.one_of(_ACCESS_LIST, _VALUE),
+            max_size=3,
+        ),
+        max_size=2,
+    ),
 )
 def test_generated_configuration_never_gives_a_traceback(
     inst: AgentdInstance,
     values: list[tuple[tuple[str, str], object]],
     env: list[tuple[tuple[str, str], str]],
+    access: list[dict[str, object]],
 ) -> None:
     base = {
         key: line
@@ -487,6 +523,8 @@ def test_generated_configuration_never_gives_a_traceback(
         f"[{section}]\n" + "\n".join(f"{k} = {v}" for k, v in keys.items())
         for section, keys in sections.items()
     )
+    for table in access:  # [[access]] tables go last: they would swallow following keys
+        text += "\n[[access]]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in table.items())
     config = inst.root / "generated.toml"
     config.write_text(text + "\n", encoding="utf-8")
     overrides = {f"AGENTD_{s.upper()}_{k.upper()}": v for (s, k), v in env}

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import sqlite3
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -42,6 +43,7 @@ from tests.agentd.cli_helpers import (
     LineReader,
     SimServer,
 )
+from tests.api.fake_tailscale import FakeTailnet, LocalAPIThread, status_json
 
 pytestmark = pytest.mark.slow
 
@@ -224,6 +226,10 @@ def every_other_command(run: Run) -> list[tuple[str, ...]]:
         ("config", "path"),
         ("token", "dexcom"),
         ("token", "oura"),
+        # another machine's fetch over the tailnet listener, and the audit of it
+        ("token", "dexcom", "--from", run.instance.base_url),
+        ("audit",),
+        ("audit", "--json"),
         ("credentials", "oura", "--client-id", "oura-id", "--secret-stdin"),
     ]
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
@@ -237,7 +243,18 @@ def every_other_command(run: Run) -> list[tuple[str, ...]]:
 @pytest.fixture(name="run", scope="module")
 def _run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
     instance = AgentdInstance(tmp_path_factory.mktemp("secret-scan"))
-    instance.write_config()
+    instance.write_config(extra='[[access]]\nwho = ["tag:ci"]\nproviders = ["dexcom"]\n')
+    # a tailscaled that names every loopback caller a tagged device (remote hand-outs)
+    status = status_json(tun=False)
+    status["CertDomains"], status["Self"]["DNSName"] = ["localhost"], "localhost."
+    tailnet = FakeTailnet(status=status, loopback_peer="100.90.1.4")
+    tailnet.add_peer("100.90.1.4", "tagged-devices", tags=("tag:ci",))
+    short = tempfile.TemporaryDirectory(prefix="ts")
+    localapi = LocalAPIThread(tailnet, Path(short.name) / "tailscaled.sock").start()
+    config = instance.config_file.read_text()
+    instance.config_file.write_text(
+        config.replace(str(instance.root / "no-tailscaled.sock"), str(localapi.socket_path))
+    )
     sim = SimServer(
         instance.cert_file,
         instance.key_file,
@@ -282,6 +299,8 @@ def _run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
         if daemon.process.poll() is None:
             daemon.stop()
         sim.stop()
+        localapi.stop()
+        short.cleanup()
 
 
 def test_the_scan_has_something_to_find(run: Run) -> None:
@@ -293,6 +312,11 @@ def test_the_scan_has_something_to_find(run: Run) -> None:
     assert all(line.strip() in run.found["token"] for line in run.token_stdout[:2])
     assert " INFO " in run.texts["the daemon's log (-v, DEBUG)"]
     assert any(" connect dexcom " in line for line in run.cmdlines)
+    # another machine got a token over the tailnet listener, and the audit shows it
+    assert "first token hand-out to tag:ci" in run.texts["the daemon's log (-v, DEBUG)"]
+    assert len(run.token_stdout) == 5  # two refreshes, dexcom, oura (none), --from
+    assert run.token_stdout[4].strip() in run.found["token"]
+    assert "tag:ci" in run.texts["agentd -v audit (stdout)"]
     assert any(line.endswith(" -v serve ") for line in run.cmdlines)
     assert {("connect",), ("dexcom", "latest"), ("disconnect", "dexcom")} <= set(run.commands)
 

@@ -4,7 +4,8 @@
   serve config) and switches for the certificate endpoint's failure modes.
 - :func:`localapi_app`: a Quart app speaking the LocalAPI (``/localapi/v0/status``,
   ``whois``, ``cert/<domain>``, ``serve-config``); :func:`run_localapi` serves it with
-  Hypercorn on a unix socket.
+  Hypercorn on a unix socket; :class:`LocalAPIThread` does so from a thread of its own
+  (for tests that are not async, e.g. with a daemon subprocess asking it).
 - :func:`install_fake_cli`: writes a ``tailscale`` executable into a directory (put it on
   PATH) that answers ``status --json``, ``whois --json``, ``cert --cert-file --key-file``
   and ``ip`` from a JSON file, and logs its argv.
@@ -12,11 +13,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import os
 import stat
 import sys
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -144,6 +147,10 @@ class FakeTailnet:
     #: netstack forwarded there (wgengine/netstack RegisterIPPortIdentity)
     forwarded: dict[str, str] = field(default_factory=dict)
 
+    #: a peer every loopback connection not in ``forwarded`` comes from (userspace
+    #: networking when one peer is all that calls; for clients whose port is not known)
+    loopback_peer: str | None = None
+
     def add_peer(self, ip: str, login: str, *, tags: tuple[str, ...] = ()) -> None:
         self.whois[ip] = whois_json(ip, login, tags=tags)
 
@@ -241,6 +248,8 @@ def localapi_app(tailnet: FakeTailnet) -> Quart:
         found = tailnet.whois.get(ip)
         if found is None and addr in tailnet.forwarded:
             found = tailnet.whois.get(tailnet.forwarded[addr])
+        if found is None and tailnet.loopback_peer and ip == "127.0.0.1" and addr != ip:
+            found = tailnet.whois.get(tailnet.loopback_peer)
         if found is None:
             return _go_error("no match for IP:port", 404)
         return Response(json.dumps(found, indent="\t"), content_type="application/json")
@@ -291,6 +300,39 @@ async def run_localapi(tailnet: FakeTailnet, socket_path: Path) -> AsyncIterator
             yield socket_path
         finally:
             stop.set()
+
+
+class LocalAPIThread:
+    """:func:`run_localapi` on its own event loop in a thread: ``start()``, ``stop()``."""
+
+    def __init__(self, tailnet: FakeTailnet, socket_path: Path) -> None:
+        self.tailnet = tailnet
+        self.socket_path = socket_path
+        self._ready = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = threading.Thread(target=self._run, name="fake-localapi", daemon=True)
+
+    def _run(self) -> None:
+        async def main() -> None:
+            self._loop = asyncio.get_running_loop()
+            self._stop = asyncio.Event()
+            async with run_localapi(self.tailnet, self.socket_path):
+                self._ready.set()
+                await self._stop.wait()
+
+        asyncio.run(main())
+
+    def start(self) -> LocalAPIThread:
+        self._thread.start()
+        if not self._ready.wait(30):
+            raise RuntimeError("the fake LocalAPI did not start")
+        return self
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
 
 
 _CLI = r'''#!{python}

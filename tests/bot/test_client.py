@@ -476,7 +476,7 @@ async def test_run_bot_logs_in_retries_and_serves(tmp_path: Path) -> None:
             assert menu.lang_code == ""
             assert [(c.command, c.description) for c in menu.commands] == d.menu(runner.state)
             assert [c.command for c in menu.commands] == [
-                "connect", "connections", "disconnect", "flows", "cancel", "help"
+                "connect", "connections", "disconnect", "flows", "cancel", "audit", "help"
             ]  # fmt: skip
             # an owner's message goes through the registered handler to the runner
             ((handler, _), *_) = client.list_event_handlers()

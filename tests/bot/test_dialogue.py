@@ -9,6 +9,7 @@ import pytest
 from bot import texts
 from bot.dialogue import (
     AnswerTap,
+    AuditListed,
     BeginConnect,
     BotCommand,
     CallbackButton,
@@ -32,6 +33,8 @@ from bot.dialogue import (
     FlowsCancelled,
     FlowsListed,
     FlowView,
+    HandOutView,
+    ListAudit,
     ListConnections,
     ListFlows,
     LogRefusal,
@@ -95,6 +98,8 @@ HELP_WITH_TEMP = texts.help_text(
         "disconnect <provider> — revoke and remove a provider's tokens",
         "flows [provider] — recent authorization flows and their states",
         "cancel — stop what is in progress (credential entry or a pending authorization)",
+        "audit [provider | login | tag:name] — tokens handed to other machines: who, when,"
+        " from where",
         TEMP.help,
         "help — this text",
     ]
@@ -155,6 +160,10 @@ def test_parse_integration_commands(text: str, expected: tuple[str, list[str]] |
         ("flows", ListFlows(CHAT, None)),
         ("flows fake", ListFlows(CHAT, "fake")),
         ("cancel", CancelFlows(CHAT)),
+        ("audit", ListAudit(CHAT)),
+        ("/audit Fake", ListAudit(CHAT, provider="fake")),
+        ("audit tag:CI", ListAudit(CHAT, who="tag:ci")),
+        ("audit owner@example.com", ListAudit(CHAT, who="owner@example.com")),
         ("temp", RunCommand(CHAT, "temp", 7)),
         ("temperature 3d", RunCommand(CHAT, "temp", 3)),
         ("/temp 30d", RunCommand(CHAT, "temp", 30)),
@@ -613,7 +622,7 @@ def test_a_command_answer_with_a_chart_is_an_image(state: ConversationState) -> 
 def test_help_lists_integration_commands_before_help() -> None:
     table = command_table({"temp": TEMP})
     assert [row.name for row in table] == [
-        "connect", "connections", "disconnect", "flows", "cancel", "temp", "help"
+        "connect", "connections", "disconnect", "flows", "cancel", "audit", "temp", "help"
     ]  # fmt: skip
     assert table[-2] == BotCommand(
         "temp", ("temperature",), "[Nd]", TEMP.help.split(" — ")[1], "integration"
@@ -642,3 +651,54 @@ def _help_lines(state: ConversationState) -> list[str]:
     _, (effect,) = step(state, msg("help"))
     assert isinstance(effect, Send)
     return effect.text.split("\n\n", 1)[1].splitlines()
+    assert texts.help_text([TEMP.help]).endswith(f"\n{TEMP.help}\nhelp — this text")
+    assert TEMP.help not in texts.HELP
+
+
+# ---------------------------------------------------------------- token hand-outs
+
+
+def test_a_first_hand_out_is_news_without_a_reconnect_button(state: ConversationState) -> None:
+    where = "tag:ci on ci-runner.tailnet.ts.net (100.64.0.4)"
+    _, effects = step(state, NotificationDue(7, "first_handout", "fake", "Fake", where))
+    text = (
+        f"🔑 First Fake token for {where}. Every hand-out is in the audit: say audit to see"
+        " them; the [[access]] policy in agentd.toml decides who may."
+    )
+    assert effects == [Send(100, text), Send(101, text), MarkDelivered(7)]
+
+
+def test_audit_list() -> None:
+    state = ConversationState(owners=frozenset({OWNER}), tz="Europe/Berlin")
+    ci = ("tag:ci", "ci.tailnet.ts.net", "100.64.0.4")
+    owner = ("owner@example.com", "", "100.64.0.2")
+    items = (
+        HandOutView(NOW - 60_000, *ci, "fake", "Fake", "0a1b2c3d"),
+        HandOutView(NOW - 7_200_000, *owner, "fake", "Fake", "99aa88bb"),
+    )
+    _, effects = step(state, AuditListed(CHAT, "fake", None, items, NOW))
+    assert effects == [
+        Send(
+            CHAT,
+            "Token hand-outs for fake, newest first:\n"
+            "🔑 Fake to tag:ci on ci.tailnet.ts.net (100.64.0.4), 2027-01-15 08:59 CET"
+            " (1m ago); token 0a1b2c3d…\n"
+            "🔑 Fake to owner@example.com on 100.64.0.2, 2027-01-15 07:00 CET (2h ago);"
+            " token 99aa88bb…",
+        )
+    ]
+    _, effects = step(state, AuditListed(CHAT, None, "tag:gpu", (), NOW))
+    assert effects == [Send(CHAT, "No token hand-outs for tag:gpu.")]
+    _, effects = step(state, AuditListed(CHAT, None, None, (), NOW))
+    assert effects == [Send(CHAT, texts.NO_HANDOUTS)]
+
+
+def test_help_and_menu_offer_the_audit(state: ConversationState) -> None:
+    _, effects = step(state, msg("help"))
+    assert isinstance(effects[0], Send)
+    assert (
+        "audit [provider | login | tag:name] — tokens handed to other machines: who, when,"
+        " from where" in effects[0].text
+    )
+    assert ("audit", "[provider | login | tag:name] — tokens handed to other machines: who,"
+            " when, from where") in menu(state)  # fmt: skip

@@ -437,3 +437,35 @@ async def test_a_bot_flow_missing_from_the_resume_file_is_cancelled(rig: BotRig)
         assert message.text == "🚫 Fake authorization cancelled"
         assert rig.engine is not None
         assert [f.state for f in await rig.engine.list_flows()] == [FlowState.CANCELLED]
+
+
+# ------------------------------------------------------------------ hand-outs
+
+
+async def test_audit_and_the_first_hand_out_notice(rig: BotRig) -> None:
+    from flowengine.audit import Caller
+
+    async with rig.running() as runner:
+        await _connected(rig)
+        broker = runner.broker
+        ci = Caller("tag:ci", "ci-runner.tailnet.ts.net", "100.64.0.4")
+        for _ in range(2):
+            assert (await broker.hand_out("fake", ci)).handed_out
+        assert await runner.deliver_notifications() == 1
+        note = rig.chat.sent(OWNER)[-1]
+        assert note.text.startswith(
+            "🔑 First Fake token for tag:ci on ci-runner.tailnet.ts.net (100.64.0.4)."
+        )
+        assert note.buttons == ()  # news, not trouble: nothing to reconnect
+        await rig.say("audit")
+        listing = rig.chat.texts(OWNER)[-1]
+        assert listing.startswith("Token hand-outs, newest first:\n")
+        assert listing.count("🔑 Fake to tag:ci on ci-runner.tailnet.ts.net (100.64.0.4)") == 2
+        sha = (await broker.handouts())[0].token_sha
+        assert f"token {sha}…" in listing
+        await rig.say("audit tag:ci")
+        assert rig.chat.texts(OWNER)[-1].startswith("Token hand-outs for tag:ci, newest first:")
+        await rig.say("audit owner@example.com")
+        assert rig.chat.texts(OWNER)[-1] == "No token hand-outs for owner@example.com."
+        await rig.say("audit dexcon")
+        assert "dexcon" in rig.chat.texts(OWNER)[-1]  # an unknown provider, named

@@ -76,6 +76,7 @@ class AgentdOnNode:
         mode: str = "tls",
         allowed_logins: tuple[str, ...] = (),
         extra_server: str = "",
+        extra: str = "",
         sim: bool = False,
     ) -> None:
         self.node = node
@@ -119,6 +120,8 @@ ca_file = "{self.instance.ca_file}"
 [paths]
 state_dir = "{self.instance.state_dir}"
 auth_file = "{self.instance.auth_file}"
+
+{extra}
 """,
             encoding="utf-8",
         )
