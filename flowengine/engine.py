@@ -125,17 +125,22 @@ class FlowEngine:
         actor: str,
         chat_id: int | None = None,
         exchange: str = "daemon",
+        grant: str = "code",
     ) -> StartedFlow:
         """Create a flow in ``initiated`` with a fresh state (and PKCE verifier).
 
         ``exchange``: "daemon" (the daemon that receives the callback exchanges the code
         at once) or "client" (the code waits in ``oauth_pending`` for the caller, who
         exchanges it itself: ``take_code`` then ``Broker.complete``).
+        ``grant="device"``: a device authorization grant (RFC 8628): no redirect URI, no
+        PKCE, no callback; :meth:`issue_device_code` moves it on and its starter polls.
         """
         _check_actor(actor)
         if exchange not in ("daemon", "client"):
             raise ValueError(f"exchange must be 'daemon' or 'client', not {exchange!r}")
         state = new_state()
+        if grant == "device":
+            redirect_uri, use_pkce = "", False
         verifier = new_code_verifier() if use_pkce else None
         now = self.now_ms()
         flow = await self.ledger.create(
@@ -153,7 +158,9 @@ class FlowEngine:
                 "pkce": use_pkce,
                 "scopes": list(scopes),
                 **({"exchange": "client"} if exchange == "client" else {}),
+                **({"grant": grant} if grant != "code" else {}),
             },
+            grant=grant,
         )
         log.info("flow %s started for %s by %s", flow.id, provider, actor)
         return StartedFlow(flow=flow, state=state, code_verifier=verifier)
@@ -167,6 +174,70 @@ class FlowEngine:
             actor=actor,
             at=now,
             updates={"deadline": now + to_ms(self.awaiting_ttl)},
+        )
+
+    # ------------------------------------------------------------------- device
+
+    async def issue_device_code(
+        self,
+        flow_id: str,
+        *,
+        actor: str,
+        device_code: str,
+        user_code: str,
+        verification_uri: str,
+        interval: int,
+        expires_in: int,
+    ) -> Flow:
+        """The device endpoint answered (RFC 8628 §3.2): ``initiated`` -> ``awaiting_device``.
+
+        The device code and user code go to ``flow_secrets`` in the same transaction; the
+        flow's deadline becomes the device code's expiry; the event notes the interval.
+        """
+        now = self.now_ms()
+        return await self._move(
+            flow_id,
+            FlowTrigger.ISSUE_DEVICE_CODE,
+            actor=actor,
+            at=now,
+            updates={"deadline": now + int(expires_in) * 1000},
+            detail={
+                "interval": int(interval),
+                "expires_in": int(expires_in),
+                "verification_uri": verification_uri,
+            },
+            device_secrets=(device_code, user_code),
+        )
+
+    async def record_slow_down(self, flow_id: str, *, actor: str, interval: int) -> Flow:
+        """The token endpoint said ``slow_down`` (§3.5): poll every ``interval`` s from now."""
+        return await self._move(
+            flow_id, FlowTrigger.SLOW_DOWN, actor=actor, detail={"interval": int(interval)}
+        )
+
+    async def device_secrets(self, flow_id: str) -> tuple[str, str] | None:
+        """(device code, user code) of a device flow that still polls."""
+        return await self.ledger.device_secrets(flow_id)
+
+    async def device_interval(self, flow_id: str, *, default: int = 5) -> int:
+        """The poll interval in seconds: the latest one the ledger recorded for the flow."""
+        for event in reversed(await self.ledger.events(flow_id)):
+            interval = event.detail.get("interval")
+            if isinstance(interval, int) and not isinstance(interval, bool) and interval > 0:
+                return interval
+        return default
+
+    async def record_denied(
+        self, flow_id: str, *, actor: str, error: str, description: str | None = None
+    ) -> Flow:
+        """The owner refused (``access_denied`` while polling): -> failed; secrets wiped."""
+        return await self._move(
+            flow_id,
+            FlowTrigger.DENY,
+            actor=actor,
+            updates={"deadline": None, "error_code": error, "error_description": description},
+            detail={"error": error},
+            drop_verifier=True,
         )
 
     # ------------------------------------------------------------------ callback
@@ -318,7 +389,7 @@ class FlowEngine:
             "provider": flow.provider,
             "flow_state": flow.state,
         }
-        if flow.state in (FlowState.INITIATED, FlowState.AWAITING_CODE):
+        if flow.state in (FlowState.INITIATED, FlowState.AWAITING_CODE, FlowState.AWAITING_DEVICE):
             return PendingStatus(status="waiting", **base)
         if flow.state in _GONE_REASONS:
             return PendingStatus(
@@ -532,12 +603,17 @@ class FlowEngine:
 
     # ------------------------------------------------------------------- endings
 
-    async def expire(self, flow_id: str, *, actor: str, reason: str) -> Flow:
+    async def expire(
+        self, flow_id: str, *, actor: str, reason: str, description: str | None = None
+    ) -> Flow:
+        updates: dict[str, Any] = {"deadline": None, "next_check_at": None, "error_code": reason}
+        if description is not None:
+            updates["error_description"] = description
         flow = await self._move(
             flow_id,
             FlowTrigger.EXPIRE,
             actor=actor,
-            updates={"deadline": None, "next_check_at": None, "error_code": reason},
+            updates=updates,
             detail={"reason": reason},
             drop_verifier=True,
         )
@@ -594,6 +670,7 @@ class FlowEngine:
             states=(
                 FlowState.INITIATED,
                 FlowState.AWAITING_CODE,
+                FlowState.AWAITING_DEVICE,
                 FlowState.CODE_RECEIVED,
                 FlowState.EXCHANGED,
                 FlowState.REFRESHING,
@@ -625,7 +702,12 @@ class FlowEngine:
             flow.deadline is not None
             and flow.deadline <= now
             and flow.state
-            in (FlowState.INITIATED, FlowState.AWAITING_CODE, FlowState.CODE_RECEIVED)
+            in (
+                FlowState.INITIATED,
+                FlowState.AWAITING_CODE,
+                FlowState.AWAITING_DEVICE,
+                FlowState.CODE_RECEIVED,
+            )
         ):
             try:
                 return await self.expire(flow.id, actor=actor, reason="ttl")

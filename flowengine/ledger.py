@@ -4,7 +4,8 @@ Tables (schema version in ``schema_migrations``):
 
 ``flows``          one row per authorization; no tokens, the OAuth state only as a hash
 ``flow_events``    append-only, one row per transition (flow_id, seq) with actor and detail
-``flow_secrets``   the PKCE verifier while a flow needs it; deleted at the exchange or end
+``flow_secrets``   the PKCE verifier, or the device code and user code of the device grant
+                   (RFC 8628), while a flow needs them; deleted at the exchange or end
 ``oauth_pending``  the callback's code, keyed by the SHA-256 of the OAuth state (the raw
                    state is never stored); the code is wiped when it is handed out
 ``notifications``  connection events for the owner (expired, refresh failing, an identity's
@@ -19,13 +20,14 @@ connections or processes) racing on one flow serialise on SQLite's write lock; t
 second sees the first one's result and gets InvalidTransition or ConcurrentUpdateError
 and writes nothing.
 
-Secrets at rest. A flow's verifier and code live here while the flow needs them: they are
-written in the same transaction as the transition they belong to (the code with
-``receive_code``), which is what makes a crash leave nothing half-done, so they share the
-ledger's write-ahead log. Keeping them out of the WAL would mean a second database file
-outside those transactions (and its rollback journal would hold the same pages), so the
-ledger scrubs instead: ``secure_delete`` zeroes wiped values in the main file and its free
-pages, and every transaction that wipes one (the code handed out, a verifier dropped) is
+Secrets at rest. A flow's verifier and code (or its device code) live here while the flow
+needs them: they are written in the same transaction as the transition they belong to (the
+code with ``receive_code``, the device code with ``issue_device_code``), which is what
+makes a crash leave nothing half-done, so they share the ledger's write-ahead log. Keeping
+them out of the WAL would mean a second database file outside those transactions (and its
+rollback journal would hold the same pages), so the ledger scrubs instead:
+``secure_delete`` zeroes wiped values in the main file and its free pages, and every
+transaction that wipes one (the code handed out, a verifier or a device code dropped) is
 followed by ``PRAGMA wal_checkpoint(TRUNCATE)``, which copies the zeroed pages into the main
 file and empties the ``-wal`` file. When another connection keeps the checkpoint from
 finishing, it is retried after the next write and at close.
@@ -52,7 +54,7 @@ from .models import Flow, FlowEvent
 from .protocol import hash_state
 from .states import Condition, FlowState, FlowTrigger
 
-__all__ = ["Ledger", "Notification", "SECRET_KEYS"]
+__all__ = ["GRANTS", "Ledger", "Notification", "SECRET_KEYS"]
 
 log = logging.getLogger("flowengine.ledger")
 
@@ -62,6 +64,9 @@ SECRET_KEYS = frozenset(
         "code",
         "code_verifier",
         "verifier",
+        "device_code",
+        "user_code",
+        "verification_uri_complete",
         "state",
         "access",
         "access_token",
@@ -74,6 +79,9 @@ SECRET_KEYS = frozenset(
         "password",
     }
 )
+
+#: the grants a flow can use: the authorization code (RFC 6749 §4.1), the device grant (RFC 8628)
+GRANTS = ("code", "device")
 
 #: columns a transition may change besides state/version/updated_at
 _UPDATABLE = frozenset(
@@ -197,6 +205,16 @@ _MIGRATIONS: tuple[tuple[int, str], ...] = (
         ) WITHOUT ROWID;
         """,
     ),
+    (
+        6,
+        # the device authorization grant (RFC 8628): which grant a flow uses, and its
+        # device code and user code kept with the other secrets while it polls
+        """
+        ALTER TABLE flows ADD COLUMN grant_type TEXT NOT NULL DEFAULT 'code';
+        ALTER TABLE flow_secrets ADD COLUMN device_code TEXT;
+        ALTER TABLE flow_secrets ADD COLUMN user_code TEXT;
+        """,
+    ),
 )
 
 SCHEMA_VERSION = _MIGRATIONS[-1][0]
@@ -204,7 +222,7 @@ SCHEMA_VERSION = _MIGRATIONS[-1][0]
 _FLOW_COLUMNS = (
     "id, provider, state, version, created_at, updated_at, redirect_uri, scopes, actor,"
     " chat_id, state_hash, uses_pkce, deadline, token_expires_at, error_code,"
-    " error_description"
+    " error_description, grant_type"
 )
 
 
@@ -226,6 +244,7 @@ def _flow_from_row(row: Sequence[Any]) -> Flow:
         token_expires_at=row[13],
         error_code=row[14],
         error_description=row[15],
+        grant=row[16],
     )
 
 
@@ -519,14 +538,21 @@ class Ledger:
         code_verifier: str | None,
         deadline: int | None,
         detail: Mapping[str, Any] | None = None,
+        grant: str = "code",
     ) -> Flow:
-        """Insert a new flow in ``initiated`` with its creating event (seq 1)."""
+        """Insert a new flow in ``initiated`` with its creating event (seq 1).
+
+        ``grant``: "code" (authorization code, RFC 6749 §4.1) or "device" (RFC 8628).
+        """
+        if grant not in GRANTS:
+            raise ValueError(f"grant must be one of {GRANTS}, not {grant!r}")
         detail_json = check_detail(detail or {})
         async with self._transaction():
             await self._conn.execute(
                 "INSERT INTO flows (id, provider, state, version, created_at, updated_at,"
-                " redirect_uri, scopes, actor, chat_id, state_hash, uses_pkce, deadline)"
-                " VALUES (?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " redirect_uri, scopes, actor, chat_id, state_hash, uses_pkce, deadline,"
+                " grant_type)"
+                " VALUES (?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     flow_id,
                     provider,
@@ -540,6 +566,7 @@ class Ledger:
                     state_hash,
                     int(code_verifier is not None),
                     deadline,
+                    grant,
                 ),
             )
             await self._conn.execute(
@@ -548,7 +575,8 @@ class Ledger:
             )
             if code_verifier is not None:
                 await self._conn.execute(
-                    "INSERT INTO flow_secrets VALUES (?, ?)", (flow_id, code_verifier)
+                    "INSERT INTO flow_secrets (flow_id, code_verifier) VALUES (?, ?)",
+                    (flow_id, code_verifier),
                 )
         flow = await self.get(flow_id)
         assert flow is not None
@@ -566,13 +594,17 @@ class Ledger:
         updates: Mapping[str, Any] | None = None,
         detail: Mapping[str, Any] | None = None,
         pending_code: tuple[str, str] | None = None,
+        device_secrets: tuple[str, str] | None = None,
         drop_verifier: bool = False,
     ) -> Flow:
         """Apply ``trigger`` to one flow in one transaction and return the new row.
 
         ``pending_code`` = (oauth state, code) also records the callback in
-        ``oauth_pending`` (under the state's hash) in the same transaction. Raises FlowNotFound,
-        InvalidTransition or ConcurrentUpdateError, having written nothing.
+        ``oauth_pending`` (under the state's hash) in the same transaction;
+        ``device_secrets`` = (device code, user code) keeps them in ``flow_secrets``.
+        ``drop_verifier`` deletes every secret of the flow (verifier, device code, an
+        unconsumed code). Raises FlowNotFound, InvalidTransition or ConcurrentUpdateError,
+        having written nothing.
         """
         detail_json = check_detail(detail or {})
         changes = dict(updates or {})
@@ -619,8 +651,16 @@ class Ledger:
                     " VALUES (?, ?, ?, ?)",
                     (hash_state(pending_code[0]), flow_id, pending_code[1], at),
                 )
+            if device_secrets is not None:
+                await self._conn.execute(
+                    "INSERT INTO flow_secrets (flow_id, device_code, user_code) VALUES (?, ?, ?)"
+                    " ON CONFLICT(flow_id) DO UPDATE SET device_code = excluded.device_code,"
+                    " user_code = excluded.user_code",
+                    (flow_id, device_secrets[0], device_secrets[1]),
+                )
             if drop_verifier:
-                # the flow can no longer exchange: its verifier and any unconsumed code go
+                # the flow can no longer exchange: its verifier (or device code) and any
+                # unconsumed code go
                 cur = await self._conn.execute(
                     "DELETE FROM flow_secrets WHERE flow_id = ?", (flow_id,)
                 )
@@ -734,6 +774,19 @@ class Ledger:
         ):
             row = await cur.fetchone()
         return row[0] if row else None
+
+    async def device_secrets(self, flow_id: str) -> tuple[str, str] | None:
+        """(device code, user code) of a device flow still polling, else None."""
+        async with (
+            self._lock,
+            self._conn.execute(
+                "SELECT device_code, user_code FROM flow_secrets"
+                " WHERE flow_id = ? AND device_code IS NOT NULL",
+                (flow_id,),
+            ) as cur,
+        ):
+            row = await cur.fetchone()
+        return (str(row[0]), str(row[1] or "")) if row else None
 
     # -------------------------------------------------------------- oauth_pending
 

@@ -30,6 +30,8 @@ class Flow:
     token_expires_at: int | None  # epoch ms of the stored access token, if known
     error_code: str | None = None
     error_description: str | None = None
+    #: "code" (authorization code with a callback) or "device" (RFC 8628, polled)
+    grant: str = "code"
 
     @property
     def is_pending(self) -> bool:
@@ -55,6 +57,7 @@ class Flow:
             "token_expires_at": self.token_expires_at,
             "error_code": self.error_code,
             "error_description": self.error_description,
+            "grant": self.grant,
         }
 
 

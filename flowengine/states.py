@@ -9,6 +9,12 @@ owner in the browser (``awaiting_code``), receives the code on the callback
 (``stored``) and from then on lives as the provider's connection: it goes through
 ``refreshing`` and back, until it ``expired`` (needs a new authorization), is
 ``revoked`` by the owner or ``superseded`` by a newer connection of the same provider.
+
+The device authorization grant (RFC 8628) has no callback: the provider's device endpoint
+answers with a user code (``issue_device_code`` -> ``awaiting_device``), the owner enters it
+on another device while we poll the token endpoint; ``slow_down`` (§3.5) stays in
+``awaiting_device`` with a longer interval, the tokens move the flow to ``exchanged``, and
+``access_denied`` / ``expired_token`` end it (``deny`` -> ``failed``, ``expire``).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ __all__ = [
 class FlowState(StrEnum):
     INITIATED = "initiated"
     AWAITING_CODE = "awaiting_code"
+    AWAITING_DEVICE = "awaiting_device"
     CODE_RECEIVED = "code_received"
     EXCHANGED = "exchanged"
     STORED = "stored"
@@ -46,6 +53,8 @@ class FlowState(StrEnum):
 
 class FlowTrigger(StrEnum):
     ISSUE_URL = "issue_url"
+    ISSUE_DEVICE_CODE = "issue_device_code"
+    SLOW_DOWN = "slow_down"
     RECEIVE_CODE = "receive_code"
     DENY = "deny"
     EXCHANGE = "exchange"
@@ -83,10 +92,37 @@ T = FlowTrigger
 #: Rule 1: every allowed move. Anything not listed is an InvalidTransition.
 TRANSITIONS: tuple[Transition, ...] = (
     Transition(T.ISSUE_URL, (S.INITIATED,), S.AWAITING_CODE, why="authorize link sent"),
+    Transition(
+        T.ISSUE_DEVICE_CODE,
+        (S.INITIATED,),
+        S.AWAITING_DEVICE,
+        why="device endpoint gave a user code (RFC 8628)",
+    ),
+    Transition(
+        T.SLOW_DOWN,
+        (S.AWAITING_DEVICE,),
+        S.AWAITING_DEVICE,
+        why="slow_down: poll interval +5 s",
+    ),
     Transition(T.RECEIVE_CODE, (S.AWAITING_CODE,), S.CODE_RECEIVED, why="callback with code"),
-    Transition(T.DENY, (S.AWAITING_CODE,), S.FAILED, why="callback with error=..."),
-    Transition(T.EXCHANGE, (S.CODE_RECEIVED,), S.EXCHANGED, why="token endpoint answered"),
-    Transition(T.EXCHANGE_FAILED, (S.CODE_RECEIVED,), S.FAILED, why="token endpoint refused"),
+    Transition(
+        T.DENY,
+        (S.AWAITING_CODE, S.AWAITING_DEVICE),
+        S.FAILED,
+        why="callback error= / access_denied",
+    ),
+    Transition(
+        T.EXCHANGE,
+        (S.CODE_RECEIVED, S.AWAITING_DEVICE),
+        S.EXCHANGED,
+        why="token endpoint answered",
+    ),
+    Transition(
+        T.EXCHANGE_FAILED,
+        (S.CODE_RECEIVED, S.AWAITING_DEVICE),
+        S.FAILED,
+        why="token endpoint refused",
+    ),
     Transition(T.STORE, (S.EXCHANGED,), S.STORED, why="tokens written to auth.json"),
     Transition(T.STORE_FAILED, (S.EXCHANGED,), S.FAILED, why="tokens could not be stored"),
     Transition(T.BEGIN_REFRESH, (S.STORED,), S.REFRESHING, why="write-ahead before refresh"),
@@ -107,11 +143,16 @@ TRANSITIONS: tuple[Transition, ...] = (
     ),
     Transition(
         T.EXPIRE,
-        (S.INITIATED, S.AWAITING_CODE, S.CODE_RECEIVED, S.STORED),
+        (S.INITIATED, S.AWAITING_CODE, S.AWAITING_DEVICE, S.CODE_RECEIVED, S.STORED),
         S.EXPIRED,
         why="TTL passed / token dead",
     ),
-    Transition(T.CANCEL, (S.INITIATED, S.AWAITING_CODE), S.CANCELLED, why="owner cancelled"),
+    Transition(
+        T.CANCEL,
+        (S.INITIATED, S.AWAITING_CODE, S.AWAITING_DEVICE),
+        S.CANCELLED,
+        why="owner cancelled",
+    ),
     Transition(T.REVOKE, (S.STORED, S.EXPIRED), S.REVOKED, why="owner disconnected"),
     Transition(
         T.SUPERSEDE,
@@ -123,7 +164,7 @@ TRANSITIONS: tuple[Transition, ...] = (
 
 #: states in which a flow waits for the owner or the callback (they have a TTL)
 PENDING_STATES: frozenset[FlowState] = frozenset(
-    {S.INITIATED, S.AWAITING_CODE, S.CODE_RECEIVED, S.EXCHANGED}
+    {S.INITIATED, S.AWAITING_CODE, S.AWAITING_DEVICE, S.CODE_RECEIVED, S.EXCHANGED}
 )
 #: states of a live connection (tokens in auth.json)
 ACTIVE_STATES: frozenset[FlowState] = frozenset({S.STORED, S.REFRESHING})

@@ -40,10 +40,13 @@ def _allow(
 
 # an unconditioned row ignores whatever condition is passed along
 _allow([S.INITIATED], T.ISSUE_URL, S.AWAITING_CODE)
+# the device authorization grant (RFC 8628, issue 13): no callback, the token endpoint polled
+_allow([S.INITIATED], T.ISSUE_DEVICE_CODE, S.AWAITING_DEVICE)
+_allow([S.AWAITING_DEVICE], T.SLOW_DOWN, S.AWAITING_DEVICE)
 _allow([S.AWAITING_CODE], T.RECEIVE_CODE, S.CODE_RECEIVED)
-_allow([S.AWAITING_CODE], T.DENY, S.FAILED)
-_allow([S.CODE_RECEIVED], T.EXCHANGE, S.EXCHANGED)
-_allow([S.CODE_RECEIVED], T.EXCHANGE_FAILED, S.FAILED)
+_allow([S.AWAITING_CODE, S.AWAITING_DEVICE], T.DENY, S.FAILED)
+_allow([S.CODE_RECEIVED, S.AWAITING_DEVICE], T.EXCHANGE, S.EXCHANGED)
+_allow([S.CODE_RECEIVED, S.AWAITING_DEVICE], T.EXCHANGE_FAILED, S.FAILED)
 _allow([S.EXCHANGED], T.STORE, S.STORED)
 _allow([S.EXCHANGED], T.STORE_FAILED, S.FAILED)
 _allow([S.STORED], T.BEGIN_REFRESH, S.REFRESHING)
@@ -51,14 +54,18 @@ _allow([S.REFRESHING], T.REFRESHED, S.STORED)
 # refresh_failed needs its condition: without one it is not allowed at all
 _allow([S.REFRESHING], T.REFRESH_FAILED, S.STORED, [C.TRANSIENT])
 _allow([S.REFRESHING], T.REFRESH_FAILED, S.EXPIRED, [C.PERMANENT])
-_allow([S.INITIATED, S.AWAITING_CODE, S.CODE_RECEIVED, S.STORED], T.EXPIRE, S.EXPIRED)
-_allow([S.INITIATED, S.AWAITING_CODE], T.CANCEL, S.CANCELLED)
+_allow(
+    [S.INITIATED, S.AWAITING_CODE, S.AWAITING_DEVICE, S.CODE_RECEIVED, S.STORED],
+    T.EXPIRE,
+    S.EXPIRED,
+)
+_allow([S.INITIATED, S.AWAITING_CODE, S.AWAITING_DEVICE], T.CANCEL, S.CANCELLED)
 _allow([S.STORED, S.EXPIRED], T.REVOKE, S.REVOKED)
 _allow([S.STORED, S.EXPIRED], T.SUPERSEDE, S.SUPERSEDED)
 
 CONDITIONS: tuple[Condition | None, ...] = (None, C.TRANSIENT, C.PERMANENT)
 
-#: every combination the tests parametrize over (11 states x 14 triggers x 3 conditions)
+#: every combination the tests parametrize over (12 states x 16 triggers x 3 conditions)
 ALL_COMBOS: list[tuple[FlowState, FlowTrigger, Condition | None]] = [
     (state, trigger, condition)
     for state in FlowState

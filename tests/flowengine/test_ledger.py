@@ -182,7 +182,7 @@ async def test_create_writes_the_flow_and_its_first_event(ledger: Ledger, db: Pa
     assert await ledger.verifier(flow.id) == VERIFIER
     assert await ledger.by_state_hash(flow.state_hash) == flow
     snap = snapshot(db)
-    assert snap["flow_secrets"] == [(flow.id, VERIFIER)]
+    assert snap["flow_secrets"] == [(flow.id, VERIFIER, None, None)]
     assert VERIFIER not in repr(snap["flows"]) + repr(snap["flow_events"])
 
 

@@ -31,9 +31,10 @@ def test_next_state_matches_the_expected_table(
 
 def test_the_expected_table_is_not_vacuous() -> None:
     allowed = [c for c in ALL_COMBOS if c in EXPECTED]
-    # 15 rows; unconditioned ones accept any of 3 conditions, refresh_failed only its own
-    assert len(allowed) == 19 * 3 + 2
-    assert len(ALL_COMBOS) == len(FlowState) * len(FlowTrigger) * 3 == 462
+    # 17 rows, 28 (source, trigger) moves; unconditioned ones accept any of 3
+    # conditions, refresh_failed only its own
+    assert len(allowed) == 26 * 3 + 2
+    assert len(ALL_COMBOS) == len(FlowState) * len(FlowTrigger) * 3 == 576
 
 
 @pytest.mark.parametrize("state", list(FlowState), ids=str)
@@ -85,6 +86,7 @@ def test_state_groups() -> None:
     assert PENDING_STATES == {
         FlowState.INITIATED,
         FlowState.AWAITING_CODE,
+        FlowState.AWAITING_DEVICE,
         FlowState.CODE_RECEIVED,
         FlowState.EXCHANGED,
     }
