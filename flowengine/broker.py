@@ -5,6 +5,13 @@ auth.json and the token endpoint together:
 
 * ``begin`` / ``complete`` / ``complete_state``: an authorization from the link to stored
   tokens, every step recorded in the ledger;
+* ``begin_device`` / ``complete_device``: the device authorization grant (RFC 8628): a user
+  code instead of a link, the token endpoint polled (``slow_down`` honoured), the answer
+  captured in the vault like an exchange's;
+* ``provider_for`` / ``adopt``: ``connect <url>``: discovery (RFC 9728, RFC 8414, OpenID
+  Connect), dynamic client registration (RFC 7591) and a catalog entry persisted for the
+  owner; such a provider's metadata is validated again on every connect and after a
+  refresh failure that is no network trouble (see ``revalidate``);
 * ``renew``: refresh a connection if it needs it and say what happened as a
   :class:`RefreshOutcome` value (refreshed / still valid / retry at / re-authorize / not
   connected); ``get_token`` and ``refresh`` are built on it for callers that want a
@@ -50,7 +57,7 @@ import fcntl
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from functools import partial
@@ -63,6 +70,7 @@ from .audit import Caller, HandOut, HandOutRecord, Retention, token_sha
 from .catalog import Catalog, ProviderSpec
 from .clock import Clock, to_ms
 from .credentials import ClientCredentials, CredentialStore
+from .discovery import STRICT, DiscoveredStore, Discovery, UrlPolicy
 from .engine import FlowEngine
 from .errors import (
     BrokerError,
@@ -73,12 +81,15 @@ from .errors import (
     InvalidTransition,
     NotConnectedError,
     ProviderError,
+    ProviderTransientError,
     ReauthorizationRequired,
     StorageError,
+    UnknownProviderError,
 )
 from .forecast import grant_deadline, grant_times, next_warning_at, warning_due
 from .models import Flow
 from .protocol import build_authorize_url
+from .registration import Registration
 from .schedule import TokenTimes
 from .states import FlowState, FlowTrigger
 from .tokens import TokenSet, TokenStore, entry_matches
@@ -88,10 +99,13 @@ if TYPE_CHECKING:  # pragma: no cover
     import httpx
 
 __all__ = [
+    "Adopted",
     "Broker",
     "ConnectStart",
     "Connection",
     "ConnectionStatus",
+    "DeviceOutcome",
+    "DeviceStart",
     "DisconnectResult",
     "Outcome",
     "ReconcileReport",
@@ -189,6 +203,56 @@ class ConnectStart:
 
 
 @dataclass(frozen=True, slots=True)
+class DeviceStart:
+    """What ``begin_device`` returns: what the owner needs to approve (RFC 8628 §3.3).
+
+    The user code and the complete verification URI are for the owner's eyes only.
+    """
+
+    flow: Flow
+    spec: ProviderSpec
+    user_code: str = field(repr=False)
+    verification_uri: str
+    verification_uri_complete: str | None = field(repr=False)
+    #: epoch ms after which the user code is no longer accepted
+    expires_at: int
+    #: seconds between two polls
+    interval: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceOutcome:
+    """How a device authorization ended. ``status``: connected, denied, expired, cancelled
+    or failed (``error``/``description`` say why). ``repr`` hides the tokens."""
+
+    status: str
+    flow: Flow
+    tokens: TokenSet | None = field(default=None, repr=False)
+    error: str | None = None
+    description: str | None = None
+    #: token requests this call made, and how many of them answered slow_down
+    polls: int = 0
+    slow_downs: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "connected"
+
+
+@dataclass(frozen=True, slots=True)
+class Adopted:
+    """A provider ``adopt`` made (or refreshed) from a URL: its entry, where it came from and
+    whether a client was registered just now or a stored registration reused."""
+
+    spec: ProviderSpec
+    discovery: Discovery
+    registration: Registration | None
+    registered: bool = False
+    #: the catalog entry is new or its metadata changed
+    changed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class DisconnectResult:
     revoked_remotely: bool
     has_revocation_endpoint: bool
@@ -254,6 +318,35 @@ class _Stranded:
     at: int
 
 
+def _stored_discovery(spec: ProviderSpec) -> Discovery:
+    """A Discovery standing for a stored entry (no fetch happened)."""
+    return Discovery(
+        source=spec.resource or spec.issuer or spec.authorize_url,
+        issuer=spec.issuer or "",
+        metadata_url=spec.docs_url or "",
+        metadata={},
+        resource=spec.resource,
+        via="stored",
+    )
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("agentd-oauth")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return ""
+
+
+def _authorize_params(spec: ProviderSpec) -> dict[str, str]:
+    """The catalog's extra authorize parameters, and ``resource`` (RFC 8707) if it has one."""
+    params = dict(spec.authorize_params)
+    if spec.resource and "resource" not in params:
+        params["resource"] = spec.resource
+    return params
+
+
 def _times(tokens: TokenSet) -> TokenTimes:
     return TokenTimes(tokens.expires, tokens.obtained_at, bool(tokens.refresh))
 
@@ -293,6 +386,8 @@ class Broker:
         http: httpx.AsyncClient | None = None,
         leeway: float = schedule.USE_MARGIN_CAP,
         policy: schedule.TimerPolicy | None = None,
+        discovered: DiscoveredStore | None = None,
+        url_policy: UrlPolicy = STRICT,
     ) -> None:
         self.engine = engine
         self.catalog = catalog
@@ -312,6 +407,16 @@ class Broker:
         self._stranded: dict[str, _Stranded] = {}
         #: how long the audit keeps hand-out records (set by the composition root)
         self.retention = Retention()
+        #: providers found by discovery; default: ``discovered.json`` in the state dir
+        self.discovered = discovered or DiscoveredStore(
+            engine.ledger.path.parent / "discovered.json"
+        )
+        #: HTTPS only; the test suite alone passes discovery.LOOPBACK_HTTP_FOR_TESTS
+        self.url_policy = url_policy
+        #: provider -> monotonic time its discovered metadata was last validated here
+        self._validated: dict[str, float] = {}
+        self._discovered_signature: list[int] | None = None
+        self._sync_discovered()
 
     # ------------------------------------------------------------------ plumbing
 
@@ -370,6 +475,36 @@ class Broker:
             raise CredentialsMissingError(spec.id, needs_secret=spec.needs_secret)
         return creds
 
+    def _spec(self, provider: str) -> ProviderSpec:
+        """The catalog's entry; a provider another process discovered is loaded first."""
+        try:
+            return self.catalog.get(provider)
+        except UnknownProviderError:
+            if not self._sync_discovered():
+                raise
+            return self.catalog.get(provider)
+
+    def _sync_discovered(self) -> bool:
+        """Load discovered providers into the catalog when the file changed; True if so."""
+        from .tokens import signature_of
+
+        signature = signature_of(self.discovered.path)
+        if signature is None or signature == self._discovered_signature:
+            return False
+        try:
+            specs = self.discovered.specs()
+        except ConfigError as err:
+            log.warning("discovered providers not loaded: %s", err.message)
+            return False
+        for spec in specs.values():
+            self.catalog.register(spec)
+        self._discovered_signature = signature
+        return True
+
+    def is_discovered(self, provider: str) -> bool:
+        """Was ``provider`` made by discovery (``connect <url>``)?"""
+        return self.discovered.entry(provider) is not None
+
     @property
     def clock(self) -> Clock:
         """The one clock of the engine, the ledger and the timer."""
@@ -414,8 +549,11 @@ class Broker:
 
         ``exchange="client"``: the caller takes the code from /oauth/pending and calls
         :meth:`complete` itself; by default the daemon that receives the callback does.
+        A discovered provider's metadata is validated again first (``revalidate``).
         """
-        spec = self.catalog.get(provider)
+        spec = self._spec(provider)
+        if self.is_discovered(provider):
+            spec = (await self.revalidate(provider, redirect_uri=redirect_uri, actor=actor)).spec
         creds = self._creds(spec)
         wanted = tuple(scopes) if scopes is not None else spec.scopes
         started = await self.engine.start(
@@ -436,7 +574,7 @@ class Broker:
                 scopes=wanted,
                 scope_separator=spec.scope_separator,
                 code_verifier=started.code_verifier,
-                extra_params=spec.authorize_params,
+                extra_params=_authorize_params(spec),
             )
         except ValueError as err:
             await self.engine.cancel(started.flow.id, actor=actor)
@@ -449,7 +587,7 @@ class Broker:
         from .oauth_http import exchange_code
 
         flow = await self.engine.get_flow(flow_id)
-        spec = self.catalog.get(flow.provider)
+        spec = self._spec(flow.provider)
         verifier = await self.engine.code_verifier(flow_id) if flow.uses_pkce else None
         try:
             creds = self._creds(spec)
@@ -555,6 +693,438 @@ class Broker:
         pending = await self.engine.take_code(state, actor=actor)
         return await self.complete(pending.flow_id, pending.code, actor=actor)
 
+    # ------------------------------------------------------------ connect anything
+
+    async def provider_for(
+        self,
+        target: str,
+        *,
+        redirect_uri: str | None,
+        actor: str,
+        device: bool = False,
+    ) -> str:
+        """The provider id for what the owner typed: a catalog id as it is, a URL adopted
+        (discovered, registered and persisted, see :meth:`adopt`)."""
+        if "://" not in target:
+            return self._spec(target).id
+        return (
+            await self.adopt(target, redirect_uri=redirect_uri, actor=actor, device=device)
+        ).spec.id
+
+    async def adopt(
+        self,
+        url: str,
+        *,
+        redirect_uri: str | None,
+        actor: str,
+        device: bool = False,
+    ) -> Adopted:
+        """Make ``url`` (a protected resource or an issuer) a provider of the catalog.
+
+        Discovery (discovery.py), then a client: a stored registration that fits is reused,
+        else one is registered (RFC 7591) when the server has a registration endpoint, else
+        credentials stored by hand are used (CredentialsMissingError names the id to store
+        them under). The entry is persisted in ``discovered.json`` and shows in
+        ``providers`` and ``status`` like a built-in one. ``redirect_uri``: the callback to
+        register (None: a client for the device grant only).
+        """
+        from .discovery import discover, provider_id_for
+
+        found = await discover(url, client=self._client(), policy=self.url_policy)
+        pid = self.discovered.find(found.source)
+        if pid is None and found.resource is not None:
+            pid = self.discovered.find(found.resource)
+        if pid is None:
+
+            def taken(candidate: str) -> str | None:
+                if self.discovered.entry(candidate) is not None:
+                    return self.discovered.source_of(candidate)
+                return "" if candidate in self.catalog else None
+
+            pid = provider_id_for(found, taken)
+        return await self._settle_discovery(
+            pid, found, redirect_uri=redirect_uri, actor=actor, device=device
+        )
+
+    async def revalidate(
+        self,
+        provider: str,
+        *,
+        redirect_uri: str | None,
+        actor: str,
+        device: bool = False,
+        max_age: float = 60.0,
+    ) -> Adopted:
+        """Fetch a discovered provider's metadata again and update its entry if it changed.
+
+        Called by every connect of a discovered provider (at most once per ``max_age``
+        seconds in one process). A metadata document that no longer validates stops the
+        connect (DiscoveryError); a server that cannot be reached does not: the stored
+        entry is used and a warning logged. A registration that no longer fits (another
+        issuer, a new redirect URI, an expired secret) is replaced.
+        """
+        from .discovery import discover
+
+        entry = self.discovered.entry(provider)
+        spec = self._spec(provider)
+        info = entry.get("discovery") if entry else None
+        source = info.get("source") if isinstance(info, dict) else None
+        if not isinstance(source, str):
+            return Adopted(spec=spec, discovery=_stored_discovery(spec), registration=None)
+        recent = self._validated.get(provider)
+        registration = self._registration(provider)
+        if (
+            recent is not None
+            and time.monotonic() - recent < max_age
+            and registration is not None
+            and registration.fits(
+                issuer=spec.issuer or "", redirect_uri=redirect_uri, device=device, now=self._now()
+            )
+        ):
+            return Adopted(spec=spec, discovery=_stored_discovery(spec), registration=registration)
+        try:
+            found = await discover(source, client=self._client(), policy=self.url_policy)
+        except ProviderTransientError as err:
+            log.warning(
+                "%s: its metadata could not be fetched again (%s); using the stored entry",
+                provider,
+                err.code,
+            )
+            return Adopted(spec=spec, discovery=_stored_discovery(spec), registration=registration)
+        return await self._settle_discovery(
+            provider, found, redirect_uri=redirect_uri, actor=actor, device=device
+        )
+
+    async def _revalidate_after_failure(self, provider: str, *, actor: str) -> bool:
+        """After a refresh failed for another reason than the network: did the server's
+        metadata change (same issuer)? Then the entry is updated and True returned. At
+        most once per 10 minutes per provider."""
+        from .discovery import discover
+
+        last = self._validated.get(f"{provider}#failure")
+        if last is not None and time.monotonic() - last < 600:
+            return False
+        self._validated[f"{provider}#failure"] = time.monotonic()
+        entry = self.discovered.entry(provider)
+        info = entry.get("discovery") if entry else None
+        source = info.get("source") if isinstance(info, dict) else None
+        old = info.get("fingerprint") if isinstance(info, dict) else None
+        if not isinstance(source, str):
+            return False
+        try:
+            found = await discover(source, client=self._client(), policy=self.url_policy)
+        except BrokerError as err:
+            log.warning(
+                "%s: metadata not validated again after a failed refresh (%s)", provider, err.code
+            )
+            return False
+        if found.fingerprint() == old:
+            return False
+        spec = self._spec(provider)
+        if (spec.issuer or "").rstrip("/") != found.issuer.rstrip("/"):
+            log.warning("%s: its metadata now names another issuer; connect it again", provider)
+            return False
+        log.info("%s: its metadata changed; entry updated after a failed refresh", provider)
+        await self._settle_discovery(provider, found, redirect_uri=None, actor=actor)
+        return True
+
+    def _registration(self, provider: str) -> Registration | None:
+        data = self.credentials.registration(provider)
+        if data is None:
+            return None
+        creds = self.credentials.get(provider)
+        return Registration.from_json(data, client_secret=creds.client_secret if creds else None)
+
+    async def _settle_discovery(
+        self,
+        pid: str,
+        found: Discovery,
+        *,
+        redirect_uri: str | None,
+        actor: str,
+        device: bool = False,
+    ) -> Adopted:
+        """A client for ``found`` (reused or registered), then the entry persisted."""
+        from .discovery import spec_for
+        from .registration import client_name, register, registration_request
+
+        now = self._now()
+        registration = self._registration(pid)
+        registered = False
+        if registration is not None and not registration.fits(
+            issuer=found.issuer, redirect_uri=redirect_uri, device=device, now=now
+        ):
+            log.info("%s: the stored client registration does not fit; registering again", pid)
+            registration = None
+        if registration is None and found.registration_url:
+            request = registration_request(
+                metadata=found.metadata,
+                redirect_uri=redirect_uri,
+                name=client_name(),
+                software_version=_version(),
+            )
+            registration = await register(
+                found.registration_url,
+                request,
+                issuer=found.issuer,
+                provider=pid,
+                client=self._client(),
+                now_ms=self.engine.now_ms(),
+            )
+            self.credentials.put(
+                pid,
+                ClientCredentials(registration.client_id, registration.client_secret),
+                registration=registration.to_json(),
+            )
+            registered = True
+        if registration is not None:
+            method = registration.token_endpoint_auth_method
+        else:
+            manual = self.credentials.get(pid)
+            if manual is None:
+                raise CredentialsMissingError(pid, needs_secret=False)
+            method = "client_secret_basic" if manual.client_secret else "none"
+            if pid in self.catalog:
+                method = self.catalog.get(pid).token_auth_method
+        previous = self.discovered.entry(pid)
+        old = previous.get("discovery", {}).get("fingerprint") if previous else None
+        spec = spec_for(found, pid, token_auth_method=method)
+        changed = (
+            previous is None
+            or old != found.fingerprint()
+            or (previous.get("spec", {}).get("token_auth_method") != method)
+        )
+        if changed:
+            await anyio.to_thread.run_sync(
+                partial(self.discovered.put, spec, found, now_ms=self.engine.now_ms())
+            )
+            if previous is not None:
+                log.info("%s: its discovered metadata changed; the entry was updated", pid)
+        else:
+            await anyio.to_thread.run_sync(
+                partial(self.discovered.touch, pid, now_ms=self.engine.now_ms())
+            )
+        self.catalog.register(spec)
+        self._validated[pid] = time.monotonic()
+        return Adopted(
+            spec=spec,
+            discovery=found,
+            registration=registration,
+            registered=registered,
+            changed=changed,
+        )
+
+    # -------------------------------------------------------------- device grant
+
+    async def begin_device(
+        self,
+        provider: str,
+        *,
+        actor: str,
+        chat_id: int | None = None,
+        scopes: list[str] | tuple[str, ...] | None = None,
+    ) -> DeviceStart:
+        """Start a device authorization (RFC 8628 §3.1): a user code for the owner.
+
+        ConfigError when the provider has no device endpoint (catalog field
+        ``device_authorization_url`` or discovered ``device_authorization_endpoint``).
+        """
+        from .device import request_device_code
+
+        spec = self._spec(provider)
+        if self.is_discovered(provider):
+            spec = (
+                await self.revalidate(provider, redirect_uri=None, actor=actor, device=True)
+            ).spec
+        if not spec.device_authorization_url:
+            raise ConfigError(
+                f"{spec.name} has no device authorization endpoint",
+                key=f"providers.{spec.id}.device_authorization_url",
+                hint=f"connect it with the browser link: agentd connect {spec.id}",
+            )
+        creds = self._creds(spec)
+        wanted = tuple(scopes) if scopes is not None else spec.scopes
+        started = await self.engine.start(
+            provider, redirect_uri="", scopes=wanted, actor=actor, chat_id=chat_id, grant="device"
+        )
+        try:
+            code = await request_device_code(spec, creds, scopes=wanted, client=self._client())
+        except BaseException as err:
+            with anyio.CancelScope(shield=True):
+                await self.engine.cancel(
+                    started.flow.id,
+                    actor=actor,
+                    reason=getattr(err, "oauth_error", None) or getattr(err, "code", "interrupted"),
+                )
+            raise
+        flow = await self.engine.issue_device_code(
+            started.flow.id,
+            actor=actor,
+            device_code=code.device_code,
+            user_code=code.user_code,
+            verification_uri=code.verification_uri,
+            interval=code.interval,
+            expires_in=code.expires_in,
+        )
+        log.info("%s: device authorization started (flow %s)", spec.id, flow.id)
+        return DeviceStart(
+            flow=flow,
+            spec=spec,
+            user_code=code.user_code,
+            verification_uri=code.verification_uri,
+            verification_uri_complete=code.verification_uri_complete,
+            expires_at=flow.deadline or self.engine.now_ms(),
+            interval=code.interval,
+        )
+
+    async def complete_device(
+        self,
+        flow_id: str,
+        *,
+        actor: str,
+        on_poll: Callable[[str], Any] | None = None,
+    ) -> DeviceOutcome:
+        """Poll the token endpoint until the owner approved or refused or the code expired.
+
+        Waits the flow's interval before every request (§3.4); ``slow_down`` adds 5 s for
+        this and every later request and is recorded in the ledger (a restarted poller
+        resumes at the longer interval); network trouble backs off exponentially (§3.5).
+        The flow may be cancelled meanwhile from anywhere: the next look at the ledger
+        ends the polling. ``on_poll(answer)`` is told each answer ("authorization_pending",
+        "slow_down", "transient", ...).
+        """
+        flow = await self.engine.get_flow(flow_id)
+        spec = self._spec(flow.provider)
+        polls = slow_downs = failures = 0
+        while True:
+            flow = await self.engine.get_flow(flow_id)
+            if flow.state is not FlowState.AWAITING_DEVICE:
+                return await self._device_ended(flow, polls=polls, slow_downs=slow_downs)
+            now = self.engine.now_ms()
+            if flow.deadline is not None and flow.deadline <= now:
+                with contextlib.suppress(InvalidTransition, ConcurrentUpdateError):
+                    await self.engine.expire(flow_id, actor=actor, reason="expired_token")
+                continue
+            interval = await self.engine.device_interval(flow_id)
+            wait = float(interval if not failures else min(interval * 2**failures, 60))
+            if flow.deadline is not None:
+                wait = max(0.0, min(wait, (flow.deadline - now) / 1000 + 0.5))
+            await anyio.sleep(wait)
+            secrets_ = await self.engine.device_secrets(flow_id)
+            if secrets_ is None:
+                continue  # it ended meanwhile: the next look says how
+            polls += 1
+            answer = await self._poll_device(spec, flow, secrets_[0], actor=actor)
+            if on_poll is not None:
+                on_poll(answer if isinstance(answer, str) else "tokens")
+            if answer == "transient":
+                failures += 1
+                continue
+            failures = 0
+            if answer == "slow_down":
+                slow_downs += 1
+
+    async def _poll_device(
+        self, spec: ProviderSpec, flow: Flow, device_code: str, *, actor: str
+    ) -> str:
+        """One token request; the answer as a word. Tokens are stored before this returns."""
+        from .device import Poll, PollAnswer, next_interval, poll_device_token
+
+        creds = self._creds(spec)
+        async with self._held(spec.id) as pv:
+            current = pv.read()
+            try:
+                await anyio.to_thread.run_sync(pv.reserve, current)
+            except StorageError as err:
+                await self._exchange_failed(flow.id, actor, err)
+                return "failed"
+            now = self.engine.now_ms()
+            intent = Intent("exchange", now, None, flow.id)
+            capture = pv.capture(
+                current or Record(spec.id, 0, None), op="exchange", intent=intent, now_ms=now
+            )
+            try:
+                answer = await poll_device_token(
+                    spec,
+                    creds,
+                    device_code=device_code,
+                    client=self._client(),
+                    now_ms=now,
+                    requested_scopes=flow.scopes,
+                    capture=capture,
+                )
+            except ProviderTransientError as err:
+                capture.close()
+                log.warning("%s: device token request failed (%s); polling on", spec.id, err.code)
+                return "transient"
+            except ProviderError as err:
+                capture.close()
+                with contextlib.suppress(InvalidTransition, ConcurrentUpdateError):
+                    await self._exchange_failed(flow.id, actor, err)
+                return "failed"
+            except BaseException:
+                capture.close()
+                raise
+            if isinstance(answer, PollAnswer):
+                capture.close()
+                try:
+                    if answer.poll is Poll.SLOW_DOWN:
+                        interval = next_interval(await self.engine.device_interval(flow.id), answer)
+                        await self.engine.record_slow_down(flow.id, actor=actor, interval=interval)
+                    elif answer.poll is Poll.DENIED:
+                        await self.engine.record_denied(
+                            flow.id,
+                            actor=actor,
+                            error=answer.poll.value,
+                            description=answer.description,
+                        )
+                    elif answer.poll is Poll.EXPIRED:
+                        await self.engine.expire(
+                            flow.id,
+                            actor=actor,
+                            reason=answer.poll.value,
+                            description=answer.description,
+                        )
+                except (InvalidTransition, ConcurrentUpdateError):
+                    pass  # it was cancelled meanwhile: the next look says so
+                return answer.poll.value
+            checkpoint("exchange.answer")
+            tokens = replace(answer, extra={**answer.extra, "flow_id": flow.id})
+            try:
+                await self._finish_exchange(
+                    spec, pv, current, tokens, flow.id, actor=actor, capture=capture
+                )
+            finally:
+                capture.close()
+        await self.publish()
+        log.info("%s connected with the device grant (flow %s)", spec.id, flow.id)
+        return "tokens"
+
+    async def _device_ended(self, flow: Flow, *, polls: int, slow_downs: int) -> DeviceOutcome:
+        state = flow.state
+        tokens = None
+        if state in (FlowState.EXCHANGED, FlowState.STORED, FlowState.REFRESHING):
+            rec = self.vault.read(flow.provider)
+            tokens = rec.tokens if rec is not None and rec.flow_id == flow.id else None
+            status = "connected"
+        elif state is FlowState.FAILED and flow.error_code == "access_denied":
+            status = "denied"
+        elif state is FlowState.EXPIRED:
+            status = "expired"
+        elif state is FlowState.CANCELLED:
+            status = "cancelled"
+        else:
+            status = "failed"
+        return DeviceOutcome(
+            status=status,
+            flow=flow,
+            tokens=tokens,
+            error=flow.error_code,
+            description=flow.error_description,
+            polls=polls,
+            slow_downs=slow_downs,
+        )
+
     # ------------------------------------------------------------------- tokens
 
     async def get_token(
@@ -608,7 +1178,7 @@ class Broker:
         (the timer publishes once per sweep). Provider and storage trouble is an outcome,
         never an exception; unknown providers and missing credentials still raise.
         """
-        spec = self.catalog.get(provider)
+        spec = self._spec(provider)
         if provider in self._stranded:
             await self._restore_stranded(spec)
         rec = await self._current(provider)
@@ -643,6 +1213,15 @@ class Broker:
                 outcome = await self._refresh_locked(spec, pv, rec, actor=actor)
         if publish:
             await self.publish()
+        if (
+            outcome.outcome is Outcome.RETRY
+            and outcome.error is not None
+            and not isinstance(outcome.error, ProviderTransientError | StorageError)
+            and self.is_discovered(provider)
+            and await self._revalidate_after_failure(provider, actor=actor)
+        ):
+            # the server's metadata changed (e.g. a moved token endpoint): once more
+            return await self.renew(provider, actor=actor, force=True, publish=publish)
         return outcome
 
     # ---------------------------------------------------------- refresh internals
@@ -1100,7 +1679,7 @@ class Broker:
         if flow_id:
             with contextlib.suppress(FlowError):
                 flow = await self.engine.get_flow(flow_id)
-        if flow is not None and flow.state is FlowState.CODE_RECEIVED:
+        if flow is not None and flow.state in (FlowState.CODE_RECEIVED, FlowState.AWAITING_DEVICE):
             await self._finish_exchange(spec, pv, rec, new, flow.id, actor=actor)
         else:
             await self._store_pair(pv, new, flow_id=flow_id, lineage=_lineage(rec, rec.tokens))
@@ -1163,7 +1742,7 @@ class Broker:
         so none is in flight); one that is no longer the current connection is then
         superseded by it. Returns the state of ``flow_id`` afterwards.
         """
-        spec = self.catalog.get(provider)
+        spec = self._spec(provider)
         async with self._held(provider) as pv:
             rec = pv.read()
             if rec is not None and not rec.settled:
@@ -1535,7 +2114,7 @@ class Broker:
         """Revoke at the provider where possible, forget the tokens, end the connection."""
         from .oauth_http import revoke
 
-        spec = self.catalog.get(provider)
+        spec = self._spec(provider)
         has_endpoint = bool(spec.revocation_url)
         rec = await self._current(provider)
         async with self._held(provider) as pv:

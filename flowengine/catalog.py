@@ -20,6 +20,11 @@ built-in ones, table by table::
     token_url = "https://auth.example.org/token"
     token_auth_method = "client_secret_basic"
 
+Providers found by discovery (``agentd connect <url>``: RFC 9728 / RFC 8414, see
+discovery.py) are a third layer, written by the program into the state directory
+(``discovered.json``, see :func:`parse_discovered`) and merged between the two: built-ins,
+then discovered entries, then the user's file (which may still override their fields).
+
 Client credentials are not part of the catalog (see credentials.py). Every validation
 error is a ConfigError naming the file, the provider and the field.
 """
@@ -48,6 +53,8 @@ __all__ = [
     "check_catalog",
     "load_catalog",
     "parse_catalog",
+    "parse_discovered",
+    "spec_fields",
 ]
 
 TokenAuthMethod = Literal["client_secret_basic", "client_secret_post", "none"]
@@ -142,6 +149,15 @@ class ProviderSpec:
     rotates_refresh_tokens: bool | None = None
     #: documented access-token lifetime in seconds, when the response omits expires_in
     access_token_lifetime: int | None = None
+    #: RFC 8707 resource indicator sent with the authorization, token, refresh and device
+    #: requests (the protected resource, e.g. an MCP server, the token is for)
+    resource: str | None = None
+    #: RFC 8628 device authorization endpoint (``agentd connect <id> --device``)
+    device_authorization_url: str | None = None
+    #: RFC 8414 issuer identifier of the authorization server, when known
+    issuer: str | None = None
+    #: RFC 7591 dynamic client registration endpoint, when the server has one
+    registration_url: str | None = None
     #: how long a grant lives; None = unknown
     refresh_lifetime: RefreshLifetime | None = None
     docs_url: str | None = None
@@ -179,6 +195,10 @@ class ProviderSpec:
             "envelope_reauthorize": sorted(self.envelope_reauthorize),
             "rotates_refresh_tokens": self.rotates_refresh_tokens,
             "access_token_lifetime": self.access_token_lifetime,
+            "resource": self.resource,
+            "device_authorization_url": self.device_authorization_url,
+            "issuer": self.issuer,
+            "registration_url": self.registration_url,
             "refresh_lifetime": self.refresh_lifetime.public() if self.refresh_lifetime else None,
             "docs_url": self.docs_url,
             "sources": list(self.sources),
@@ -313,8 +333,20 @@ def _coerce(file: str, pid: str, raw: Mapping[str, Any]) -> dict[str, Any]:
             raise _err(file, pid, key, f"unknown field{hint}")
         if key in ("authorize_url", "token_url"):
             out[key] = _url(file, pid, key, value, optional=False)
-        elif key in ("revocation_url", "api_base_url"):
+        elif key in (
+            "revocation_url",
+            "api_base_url",
+            "device_authorization_url",
+            "registration_url",
+        ):
             out[key] = _url(file, pid, key, value or None, optional=True)
+        elif key in ("resource", "issuer"):
+            url = _url(file, pid, key, value or None, optional=True)
+            if url is not None and "#" in url:
+                raise _err(file, pid, key, "must not contain a fragment (RFC 8707 §2)")
+            if url is not None and key == "issuer" and urlsplit(url).query:
+                raise _err(file, pid, key, "must not contain a query (RFC 8414 §2)")
+            out[key] = url
         elif key == "scopes":
             if isinstance(value, str):
                 value = value.split()
@@ -469,10 +501,91 @@ def _read(path: Path) -> dict[str, Any]:
         raise ConfigError(f"cannot read: {err.strerror or err}", file=str(path)) from err
 
 
-def load_catalog(user_file: Path | None = None, *, builtin: Path | None = None) -> Catalog:
-    """The built-in catalog merged with the user's file (absent file: built-ins only)."""
+def spec_fields(spec: ProviderSpec) -> dict[str, Any]:
+    """The fields of ``spec`` that differ from their defaults, as plain data (for JSON)."""
+    out: dict[str, Any] = {}
+    for f in fields(ProviderSpec):
+        if f.name == "id":
+            continue
+        value = getattr(spec, f.name)
+        default = f.default_factory() if callable(f.default_factory) else f.default
+        if value == default:
+            continue
+        if isinstance(value, RefreshLifetime):
+            value = {k: v for k, v in value.public().items() if v}
+        elif isinstance(value, Mapping):
+            value = dict(value)
+        elif isinstance(value, frozenset):
+            value = sorted(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[f.name] = value
+    return out
+
+
+def parse_discovered(
+    data: Mapping[str, Any],
+    *,
+    file: str,
+    base: Mapping[str, ProviderSpec] | None = None,
+) -> dict[str, ProviderSpec]:
+    """Providers the program found by discovery (``discovered.json``) over ``base``.
+
+    The file is ``{"version": 1, "providers": {id: {"spec": {fields}, "discovery": {...}}}}``;
+    only ``spec`` describes the provider (``discovery`` says where it came from). A
+    discovered provider replaces a base provider of the same id as a whole.
+    """
+    specs = dict(base or {})
+    providers = data.get("providers", {})
+    if not isinstance(providers, dict):
+        raise ConfigError("must be an object of providers", file=file, key="providers")
+    for pid, entry in providers.items():
+        if not isinstance(pid, str) or not _ID_RE.match(pid):
+            raise _err(
+                file, str(pid), None, "provider id must be lowercase letters, digits, '-' or '_'"
+            )
+        raw = entry.get("spec") if isinstance(entry, dict) else None
+        if not isinstance(raw, dict):
+            raise _err(file, pid, "spec", "must be an object of provider fields")
+        values = _coerce(file, pid, raw)
+        for key in _REQUIRED:
+            if key not in values:
+                raise _err(file, pid, key, "is required for a new provider")
+        values.setdefault("name", pid)
+        specs[pid] = ProviderSpec(id=pid, **values)
+    return specs
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    import json
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(
+            f"cannot read: {getattr(err, 'strerror', None) or err}", file=str(path)
+        ) from err
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"not valid JSON: {err.msg} (line {err.lineno})", file=str(path)) from err
+    if not isinstance(data, dict):
+        raise ConfigError("must be a JSON object", file=str(path))
+    return data
+
+
+def load_catalog(
+    user_file: Path | None = None,
+    *,
+    builtin: Path | None = None,
+    discovered: Path | None = None,
+) -> Catalog:
+    """The built-in catalog, the discovered providers (``discovered``, when given) and the
+    user's file on top (absent files: left out)."""
     builtin_path = builtin or BUILTIN_CATALOG
     specs = parse_catalog(_read(builtin_path), file=str(builtin_path))
+    if discovered is not None:
+        specs = parse_discovered(_read_json(discovered), file=str(discovered), base=specs)
     user = user_file if user_file is not None else paths.user_catalog_path()
     if user.exists():
         specs = parse_catalog(_read(user), file=str(user), base=specs)

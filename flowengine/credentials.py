@@ -5,6 +5,14 @@ an exclusive flock on ``credentials.json.lock``::
 
     {"dexcom": {"client_id": "...", "client_secret": "..."}}
 
+A client this agent registered itself (RFC 7591, registration.py) also keeps what the
+authorization server answered under ``registration`` (issuer, redirect URIs, grants, the
+secret's expiry, the RFC 7592 registration access token and configuration URI)::
+
+    {"mcp-example-com": {"client_id": "...", "registration": {"issuer": "...", ...}}}
+
+Storing credentials by hand (:meth:`CredentialStore.put`) drops a stored registration.
+
 Credentials never go to the ledger, a log line or an exception message; ``repr`` of
 :class:`ClientCredentials` hides the secret.
 """
@@ -12,6 +20,7 @@ Credentials never go to the ledger, a log line or an exception message; ``repr``
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,7 +93,15 @@ class CredentialStore:
             client_id=client_id, client_secret=secret if isinstance(secret, str) else None
         )
 
-    def put(self, provider: str, creds: ClientCredentials) -> None:
+    def put(
+        self,
+        provider: str,
+        creds: ClientCredentials,
+        *,
+        registration: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Store a client; ``registration``: what RFC 7591 registration answered (else a
+        stored registration is dropped: these credentials were given by hand)."""
         with self._lock.hold():
             data = self._read()
             entry = dict(data.get(provider) or {}) if isinstance(data.get(provider), dict) else {}
@@ -93,8 +110,19 @@ class CredentialStore:
                 entry["client_secret"] = creds.client_secret
             else:
                 entry.pop("client_secret", None)
+            if registration is not None:
+                entry["registration"] = dict(registration)
+            else:
+                entry.pop("registration", None)
             data[provider] = entry
             atomic_write_json(self.path, data)
+
+    def registration(self, provider: str) -> dict[str, Any] | None:
+        """The stored RFC 7591 registration answer of ``provider`` (secrets included), if any."""
+        entry = self._read().get(provider)
+        if not isinstance(entry, dict) or not isinstance(entry.get("registration"), dict):
+            return None
+        return dict(entry["registration"])
 
     def delete(self, provider: str) -> bool:
         with self._lock.hold():

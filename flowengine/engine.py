@@ -619,12 +619,17 @@ class FlowEngine:
         )
         return flow
 
-    async def cancel(self, flow_id: str, *, actor: str) -> Flow:
+    async def cancel(self, flow_id: str, *, actor: str, reason: str | None = None) -> Flow:
+        """The flow does not go on: the owner cancelled, or (``reason``) it could not start."""
+        updates: dict[str, Any] = {"deadline": None}
+        if reason is not None:
+            updates["error_code"] = reason[:64]
         flow = await self._move(
             flow_id,
             FlowTrigger.CANCEL,
             actor=actor,
-            updates={"deadline": None},
+            updates=updates,
+            detail={"reason": reason[:64]} if reason is not None else None,
             drop_verifier=True,
         )
         return flow

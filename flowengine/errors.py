@@ -14,9 +14,11 @@ just text. No error message ever contains a secret (client secret, code, verifie
     ├── ProviderError
     │   ├── ProviderTransientError
     │   │   └── ProviderTLSError
-    │   └── ReauthorizationRequired
+    │   ├── ReauthorizationRequired
+    │   └── RegistrationError
     ├── ConfigError
-    │   └── UnknownProviderError
+    │   ├── UnknownProviderError
+    │   └── DiscoveryError
     ├── CredentialsMissingError
     ├── NotConnectedError
     └── StorageError
@@ -31,6 +33,7 @@ __all__ = [
     "ConcurrentUpdateError",
     "ConfigError",
     "CredentialsMissingError",
+    "DiscoveryError",
     "FlowError",
     "FlowExpiredError",
     "FlowNotFound",
@@ -40,6 +43,7 @@ __all__ = [
     "ProviderTLSError",
     "ProviderTransientError",
     "ReauthorizationRequired",
+    "RegistrationError",
     "StateMismatchError",
     "StorageError",
     "TokenFileCorruptError",
@@ -193,6 +197,12 @@ class ReauthorizationRequired(ProviderError):
     code = "reauthorization_required"
 
 
+class RegistrationError(ProviderError):
+    """The authorization server refused to register us as a client (RFC 7591 §3.2.2)."""
+
+    code = "registration_failed"
+
+
 # --------------------------------------------------------------------------- config
 
 
@@ -229,6 +239,19 @@ class UnknownProviderError(ConfigError):
         self.suggestions = list(suggestions or [])
         hint = f"did you mean {', '.join(self.suggestions)}?" if self.suggestions else None
         super().__init__(f"unknown provider {provider!r}", hint=hint)
+
+
+class DiscoveryError(ConfigError):
+    """A URL does not lead to usable OAuth metadata (RFC 9728 / RFC 8414): not HTTPS, no
+    metadata, an issuer or resource that does not match, a required field missing."""
+
+    code = "discovery_failed"
+
+    def __init__(self, message: str, *, url: str, reason: str, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.url = url
+        #: a short code: not_https, no_metadata, issuer_mismatch, resource_mismatch, invalid
+        self.reason = reason
 
 
 class CredentialsMissingError(BrokerError):

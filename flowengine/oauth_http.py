@@ -19,8 +19,8 @@ response: no ``access_token``, a body that is not JSON, or an error inside an en
 (Withings ``{"status": 601, ...}`` with HTTP 200) raise instead. What a provider needs
 beyond RFC 6749 is catalog data read here generically: ``token_params`` go with every
 token request, ``exchange_params`` with the code exchange only, ``refresh_params`` with
-refreshes only; an envelope's statuses are sorted by ``envelope_transient`` and
-``envelope_reauthorize``. Errors map onto errors.py:
+refreshes only, ``resource`` (RFC 8707) with both; an envelope's statuses are sorted by
+``envelope_transient`` and ``envelope_reauthorize``. Errors map onto errors.py:
 
 * network trouble, timeouts, HTTP 5xx, HTTP 429 (``Retry-After`` parsed) ->
   :class:`ProviderTransientError` (retry later; stored tokens stay); a TLS failure ->
@@ -75,6 +75,7 @@ __all__ = [
     "exchange_code",
     "parse_retry_after",
     "refresh_tokens",
+    "resource_params",
     "revoke",
     "tls_error",
     "tls_failure",
@@ -168,6 +169,16 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
         return None
     current = time.time() if now is None else now
     return max(0.0, when.timestamp() - current)
+
+
+def resource_params(
+    spec: ProviderSpec, form: Sequence[tuple[str, str]] = ()
+) -> list[tuple[str, str]]:
+    """``resource`` (RFC 8707 §2) for a request to a provider bound to a protected resource,
+    unless ``form`` has one already (a catalog ``token_params`` entry)."""
+    if spec.resource and not any(name == "resource" for name, _ in form):
+        return [("resource", spec.resource)]
+    return []
 
 
 def _short(text: Any) -> str | None:
@@ -417,6 +428,7 @@ async def exchange_code(
         # RFC 6749 allows it; some providers (Fitbit) want it even with Basic auth
         form.append(("client_id", creds.client_id))
     form += list(spec.token_params.items()) + list(spec.exchange_params.items())
+    form += resource_params(spec, form)
     what = "code exchange"
     response = await _post(
         spec,
@@ -474,6 +486,7 @@ async def refresh_tokens(
     no ``scope`` keeps ``previous``'s scope and its source."""
     form = [("grant_type", "refresh_token"), ("refresh_token", refresh_token)]
     form += list(spec.token_params.items()) + list(spec.refresh_params.items())
+    form += resource_params(spec, form)
     what = "refresh"
     response = await _post(
         spec,
