@@ -118,6 +118,9 @@ log = logging.getLogger("flowengine.broker")
 
 #: when a transient refresh failure gives no Retry-After, look again after this long
 DEFAULT_RETRY_DELAY = 60.0
+#: how long past a device code's expiry polling goes on when the provider does not say
+#: expired_token (then the flow expires here with reason "ttl")
+DEVICE_GRACE_MS = 10_000
 #: vault write attempts after an answer arrived (seconds to wait before each)
 _STORE_RETRIES = (0.0, 0.05, 0.2, 0.5)
 
@@ -411,7 +414,7 @@ class Broker:
         self.discovered = discovered or DiscoveredStore(
             engine.ledger.path.parent / "discovered.json"
         )
-        #: HTTPS only; the test suite alone passes discovery.LOOPBACK_HTTP_FOR_TESTS
+        #: HTTPS only (discovery.STRICT); only the test suite passes a looser policy
         self.url_policy = url_policy
         #: provider -> monotonic time its discovered metadata was last validated here
         self._validated: dict[str, float] = {}
@@ -1001,14 +1004,16 @@ class Broker:
             if flow.state is not FlowState.AWAITING_DEVICE:
                 return await self._device_ended(flow, polls=polls, slow_downs=slow_downs)
             now = self.engine.now_ms()
-            if flow.deadline is not None and flow.deadline <= now:
+            if flow.deadline is not None and now >= flow.deadline + DEVICE_GRACE_MS:
+                # the provider never said expired_token (unreachable?): our own deadline
                 with contextlib.suppress(InvalidTransition, ConcurrentUpdateError):
-                    await self.engine.expire(flow_id, actor=actor, reason="expired_token")
+                    await self.engine.expire(flow_id, actor=actor, reason="ttl")
                 continue
             interval = await self.engine.device_interval(flow_id)
             wait = float(interval if not failures else min(interval * 2**failures, 60))
-            if flow.deadline is not None:
-                wait = max(0.0, min(wait, (flow.deadline - now) / 1000 + 0.5))
+            if flow.deadline is not None and flow.deadline > now:
+                # one poll just after the code's end: the provider says how it ended
+                wait = min(wait, (flow.deadline - now) / 1000 + 0.5)
             await anyio.sleep(wait)
             secrets_ = await self.engine.device_secrets(flow_id)
             if secrets_ is None:

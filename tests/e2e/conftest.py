@@ -3,6 +3,10 @@
 Started once per session on 127.0.0.1 with a random port: plain HTTP, and a second one over
 HTTPS with a private CA (trustme). Skipped, and named in the run's summary, when node or
 tests/e2e/oidc/node_modules is missing (``make test`` and ``.ci/run`` run ``npm install``).
+
+"Connect anything" (issue 13) has its own servers (tests/e2e/oidc/anything.mjs: several
+issuers on one origin with registration, resource indicators and the device flow), over
+HTTPS with a private CA and over plain HTTP, and a protected resource (resource.py).
 """
 
 from __future__ import annotations
@@ -17,11 +21,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trustme
 
 from tests.conftest import real_peer_missing
+
+from .resource import ProtectedResource, running_resource
 
 OIDC_DIR = Path(__file__).parent / "oidc"
 
@@ -60,8 +67,53 @@ def _node() -> str:
     return node
 
 
+@dataclass(frozen=True)
+class AnythingServer:
+    """tests/e2e/oidc/anything.mjs: issuers ``<origin>/oauth``, ``<origin>/oidc`` (and the
+    broken ``/liar`` and ``/downgrade``) with registration, resource indicators, device flow."""
+
+    origin: str
+    grant_log: Path
+    ca_file: Path | None = None
+
+    def issuer(self, tenant: str) -> str:
+        return f"{self.origin}/{tenant}"
+
+    def log(self, event: str | None = None) -> list[dict[str, Any]]:
+        """The server's request log, oldest first (one event kind, or all)."""
+        if not self.grant_log.exists():
+            return []
+        entries = [json.loads(line) for line in self.grant_log.read_text().splitlines() if line]
+        return [e for e in entries if event is None or e.get("event") == event]
+
+    def control(self, name: str, **values: Any) -> None:
+        import httpx
+
+        verify: Any = str(self.ca_file) if self.ca_file else True
+        if self.ca_file:
+            import ssl
+
+            verify = ssl.create_default_context(cafile=str(self.ca_file))
+        with httpx.Client(verify=verify, timeout=30) as client:
+            client.post(f"{self.origin}/__test__/{name}", json=values).raise_for_status()
+
+
 @contextmanager
 def _running(workdir: Path, *, tls: trustme.CA | None = None) -> Iterator[OidcServer]:
+    with _node_server(workdir, "server.mjs", tls=tls) as (info, server, ca_file):
+        yield OidcServer(
+            issuer=info["issuer"],
+            grant_log=server.grant_log,
+            basic_secret=server.basic_secret,
+            post_secret=server.post_secret,
+            ca_file=ca_file,
+        )
+
+
+@contextmanager
+def _node_server(
+    workdir: Path, script: str, *, tls: trustme.CA | None = None, env: dict[str, str] | None = None
+) -> Iterator[tuple[dict[str, Any], OidcServer, Path | None]]:
     node = _node()
     server = OidcServer(
         issuer="",
@@ -77,6 +129,7 @@ def _running(workdir: Path, *, tls: trustme.CA | None = None) -> Iterator[OidcSe
         "BASIC_SECRET": server.basic_secret,
         "POST_SECRET": server.post_secret,
         "NODE_NO_WARNINGS": "1",
+        **(env or {}),
     }
     ca_file = None
     if tls is not None:
@@ -88,7 +141,7 @@ def _running(workdir: Path, *, tls: trustme.CA | None = None) -> Iterator[OidcSe
         env.update(TLS_CERT=str(workdir / "cert.pem"), TLS_KEY=str(workdir / "key.pem"))
     stderr = (workdir / "server.stderr").open("wb")
     proc = subprocess.Popen(
-        [node, "server.mjs"], cwd=OIDC_DIR, env=env, stdout=subprocess.PIPE, stderr=stderr
+        [node, script], cwd=OIDC_DIR, env=env, stdout=subprocess.PIPE, stderr=stderr
     )
     ready: list[str] = []
 
@@ -105,13 +158,7 @@ def _running(workdir: Path, *, tls: trustme.CA | None = None) -> Iterator[OidcSe
                 "oidc-provider did not start: " + (workdir / "server.stderr").read_text()[-2000:]
             )
         info = json.loads(ready[0])
-        yield OidcServer(
-            issuer=info["issuer"],
-            grant_log=server.grant_log,
-            basic_secret=server.basic_secret,
-            post_secret=server.post_secret,
-            ca_file=ca_file,
-        )
+        yield info, server, ca_file
     finally:
         proc.terminate()
         try:
@@ -128,6 +175,38 @@ def _running(workdir: Path, *, tls: trustme.CA | None = None) -> Iterator[OidcSe
 def _oidc_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OidcServer]:
     with _running(tmp_path_factory.mktemp("oidc")) as server:
         yield server
+
+
+@pytest.fixture(name="anything_ca", scope="session")
+def _anything_ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(name="anything_server", scope="session")
+def _anything_server(
+    tmp_path_factory: pytest.TempPathFactory, anything_ca: trustme.CA
+) -> Iterator[AnythingServer]:
+    """anything.mjs over HTTPS as https://localhost:<port>, certified by a private CA."""
+    workdir = tmp_path_factory.mktemp("anything")
+    with _node_server(workdir, "anything.mjs", tls=anything_ca) as (info, server, ca_file):
+        yield AnythingServer(origin=info["origin"], grant_log=server.grant_log, ca_file=ca_file)
+
+
+@pytest.fixture(name="anything_http_server", scope="session")
+def _anything_http_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AnythingServer]:
+    """anything.mjs over plain HTTP on 127.0.0.1 (what only the tests' URL policy accepts)."""
+    workdir = tmp_path_factory.mktemp("anything-http")
+    with _node_server(workdir, "anything.mjs") as (info, server, _):
+        yield AnythingServer(origin=info["origin"], grant_log=server.grant_log)
+
+
+@pytest.fixture(name="protected_resource", scope="session")
+def _protected_resource(
+    anything_server: AnythingServer, anything_ca: trustme.CA
+) -> Iterator[ProtectedResource]:
+    assert anything_server.ca_file is not None
+    with running_resource(anything_server.origin, anything_ca, anything_server.ca_file) as resource:
+        yield resource
 
 
 @pytest.fixture(name="oidc_tls_server", scope="session")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import ssl
 import time
 from dataclasses import dataclass
@@ -119,3 +120,29 @@ async def connect(broker: Broker, provider: str) -> TokenSet:
     query = await follow_to_redirect(start.authorize_url, redirect_uri)
     await broker.engine.record_callback(parse_callback(query), actor="test")
     return await broker.complete_state(start.state, actor="test")
+
+
+_HIDDEN = re.compile(r'<input type="hidden" name="([^"]+)" value="([^"]*)"\s*/?>')
+
+
+async def answer_device(
+    verification_uri_complete: str, *, approve: bool, verify: ssl.SSLContext | bool = True
+) -> str:
+    """Play the owner at the device page without a browser: confirm (or deny) the user code.
+
+    oidc-provider's pages: the complete URI auto-posts the code (form_post), the confirmation
+    form carries ``confirm=yes`` (approve) or ``abort=yes`` (deny), then login and consent
+    redirect through to the success page. Returns the last page's text.
+    """
+    async with httpx.AsyncClient(timeout=30, verify=verify, follow_redirects=True) as owner:
+        page = await owner.get(verification_uri_complete)
+        action = str(page.url).split("?", 1)[0]
+        form = dict(_HIDDEN.findall(page.text))
+        confirm = await owner.post(action, data=form)
+        fields = dict(_HIDDEN.findall(confirm.text))
+        if not approve:
+            fields.pop("confirm", None)
+            fields["abort"] = "yes"
+        done = await owner.post(action, data=fields)
+        done.raise_for_status()
+        return done.text
