@@ -57,7 +57,7 @@ import fcntl
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from functools import partial
@@ -986,6 +986,7 @@ class Broker:
         *,
         actor: str,
         on_poll: Callable[[str], Any] | None = None,
+        sleep: Callable[[float], Awaitable[Any]] = anyio.sleep,
     ) -> DeviceOutcome:
         """Poll the token endpoint until the owner approved or refused or the code expired.
 
@@ -994,7 +995,7 @@ class Broker:
         resumes at the longer interval); network trouble backs off exponentially (§3.5).
         The flow may be cancelled meanwhile from anywhere: the next look at the ledger
         ends the polling. ``on_poll(answer)`` is told each answer ("authorization_pending",
-        "slow_down", "transient", ...).
+        "slow_down", "transient", ...); ``sleep`` waits between polls (tests record it).
         """
         flow = await self.engine.get_flow(flow_id)
         spec = self._spec(flow.provider)
@@ -1014,7 +1015,7 @@ class Broker:
             if flow.deadline is not None and flow.deadline > now:
                 # one poll just after the code's end: the provider says how it ended
                 wait = min(wait, (flow.deadline - now) / 1000 + 0.5)
-            await anyio.sleep(wait)
+            await sleep(wait)
             secrets_ = await self.engine.device_secrets(flow_id)
             if secrets_ is None:
                 continue  # it ended meanwhile: the next look says how

@@ -752,3 +752,86 @@ async def test_callback_params_keep_secrets_out_of_repr() -> None:
     params = CallbackParams(state="s" * 43, code=CODE)
     assert CODE not in repr(params)
     assert "s" * 43 not in repr(params)
+
+
+# ----------------------------------------------------------- the device grant (RFC 8628)
+
+
+async def start_device(engine: FlowEngine, *, expires_in: int = 600) -> StartedFlow:
+    started = await engine.start(
+        "github", redirect_uri=REDIRECT, scopes=["repo"], actor="bot", grant="device"
+    )
+    await engine.issue_device_code(
+        started.flow.id,
+        actor="bot",
+        device_code="dev-" + "x" * 40,
+        user_code="ABCD-EFGH",
+        verification_uri="https://github.com/login/device",
+        interval=5,
+        expires_in=expires_in,
+    )
+    return started
+
+
+async def test_a_device_flow_has_no_redirect_and_no_verifier(
+    engine: FlowEngine, clock: ManualClock
+) -> None:
+    started = await start_device(engine)
+    flow = await engine.get_flow(started.flow.id)
+    assert (flow.state, flow.grant, flow.redirect_uri, flow.uses_pkce) == (
+        FlowState.AWAITING_DEVICE,
+        "device",
+        "",
+        False,
+    )
+    assert started.code_verifier is None
+    assert flow.deadline == to_ms(clock.now()) + 600_000
+    assert await engine.device_interval(flow.id) == 5
+    await engine.record_slow_down(flow.id, actor="bot", interval=10)
+    assert await engine.device_interval(flow.id) == 10
+    status = await engine.pending_status(started.state)
+    assert (status.status, status.flow_state) == ("waiting", FlowState.AWAITING_DEVICE)
+    report = await engine.recover()
+    assert [f.id for f in report.waiting] == [flow.id]
+    assert await check_history(engine, flow.id) == [
+        FlowState.INITIATED,
+        FlowState.AWAITING_DEVICE,
+        FlowState.AWAITING_DEVICE,
+    ]
+
+
+async def test_the_timer_expires_a_device_code_nobody_entered(
+    engine: FlowEngine, clock: ManualClock, db: Path
+) -> None:
+    started = await start_device(engine, expires_in=30)
+    assert await engine.sweep_expired() == []
+    clock.advance(31)
+    (expired,) = await engine.sweep_expired()
+    assert (expired.id, expired.state, expired.error_code) == (
+        started.flow.id,
+        FlowState.EXPIRED,
+        "ttl",
+    )
+    assert await engine.device_secrets(started.flow.id) is None
+    assert "dev-" + "x" * 40 not in dump_text(db)
+
+
+async def test_denied_and_cancelled_device_flows(engine: FlowEngine) -> None:
+    denied = await start_device(engine)
+    flow = await engine.record_denied(
+        denied.flow.id, actor="bot", error="access_denied", description="no"
+    )
+    assert (flow.state, flow.error_code, flow.error_description) == (
+        FlowState.FAILED,
+        "access_denied",
+        "no",
+    )
+    assert await engine.device_secrets(flow.id) is None
+    cancelled = await start_device(engine)
+    flow = await engine.cancel(cancelled.flow.id, actor="cli")
+    assert (flow.state, flow.error_code) == (FlowState.CANCELLED, None)
+    assert await engine.device_secrets(flow.id) is None
+    why = await engine.start("github", redirect_uri="", actor="bot", grant="device")
+    flow = await engine.cancel(why.flow.id, actor="bot", reason="invalid_scope")
+    assert (flow.state, flow.error_code) == (FlowState.CANCELLED, "invalid_scope")
+    assert (await engine.inspect(flow.id)).events[-1].detail == {"reason": "invalid_scope"}

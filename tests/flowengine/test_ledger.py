@@ -653,3 +653,126 @@ async def test_migration_3_hashes_the_states_of_an_older_ledger(db: Path) -> Non
     assert snapshot(db)["oauth_pending"] == [(hash_state(state), "f1", None, 2, 5)]
     assert state.encode() not in raw_bytes(db)
     assert b"the-code" not in raw_bytes(db)
+
+
+# ------------------------------------------------------------- the device grant (RFC 8628)
+
+DEVICE_CODE = "device-" + "q" * 40
+USER_CODE = "WDJB-MJHT"
+
+
+async def device_flow(ledger: Ledger) -> Flow:
+    n = next(_ids)
+    flow = await ledger.create(
+        flow_id=f"flow{n:04d}",
+        provider="dexcom",
+        at=1_000,
+        redirect_uri="",
+        scopes=["offline_access"],
+        actor="test",
+        chat_id=None,
+        state_hash=f"{n:064x}",
+        code_verifier=None,
+        deadline=None,
+        grant="device",
+    )
+    return await ledger.transition(
+        flow.id,
+        FlowTrigger.ISSUE_DEVICE_CODE,
+        actor="test",
+        at=2_000,
+        device_secrets=(DEVICE_CODE, USER_CODE),
+    )
+
+
+async def test_the_device_code_is_kept_with_the_other_secrets(ledger: Ledger, db: Path) -> None:
+    flow = await device_flow(ledger)
+    assert (flow.state, flow.grant, flow.uses_pkce) == (FlowState.AWAITING_DEVICE, "device", False)
+    assert flow.public()["grant"] == "device"
+    assert await ledger.device_secrets(flow.id) == (DEVICE_CODE, USER_CODE)
+    assert snapshot(db)["flow_secrets"] == [(flow.id, None, DEVICE_CODE, USER_CODE)]
+    text = repr(snapshot(db)["flows"]) + repr(snapshot(db)["flow_events"])
+    assert DEVICE_CODE not in text
+    assert USER_CODE not in text
+    # a slow_down stays where it is and keeps the secrets
+    slowed = await ledger.transition(
+        flow.id, FlowTrigger.SLOW_DOWN, actor="test", at=3_000, detail={"interval": 10}
+    )
+    assert slowed.state is FlowState.AWAITING_DEVICE
+    assert await ledger.device_secrets(flow.id) == (DEVICE_CODE, USER_CODE)
+    code_flow = await new_flow(ledger)
+    assert code_flow.grant == "code"
+    assert await ledger.device_secrets(code_flow.id) is None
+
+
+@pytest.mark.parametrize(
+    "trigger", [FlowTrigger.EXCHANGE, FlowTrigger.DENY, FlowTrigger.EXPIRE, FlowTrigger.CANCEL]
+)
+async def test_no_device_code_survives_the_end_of_its_flow(
+    ledger: Ledger, db: Path, trigger: FlowTrigger
+) -> None:
+    flow = await device_flow(ledger)
+    for secret in (DEVICE_CODE, USER_CODE):
+        assert secret.encode() in raw_bytes(db), secret
+    await ledger.transition(flow.id, trigger, actor="test", at=4_000, drop_verifier=True)
+    assert await ledger.device_secrets(flow.id) is None
+    data = raw_bytes(db)
+    for secret in (DEVICE_CODE, USER_CODE):
+        assert secret.encode() not in data, secret
+    assert wal_size(db) == 0
+
+
+@pytest.mark.parametrize("key", ["device_code", "user_code", "verification_uri_complete"])
+def test_event_detail_refuses_the_device_secrets(key: str) -> None:
+    with pytest.raises(ValueError, match="secrets"):
+        check_detail({"poll": {key: "x"}})
+
+
+async def test_unknown_grant_is_refused(ledger: Ledger) -> None:
+    with pytest.raises(ValueError, match="grant"):
+        await ledger.create(
+            flow_id="g",
+            provider="dexcom",
+            at=1,
+            redirect_uri="",
+            scopes=[],
+            actor="test",
+            chat_id=None,
+            state_hash="0" * 64,
+            code_verifier=None,
+            deadline=None,
+            grant="implicit",
+        )
+
+
+async def test_migration_5_keeps_older_flows_as_code_flows(db: Path) -> None:
+    db.parent.mkdir(parents=True)
+    conn = sqlite3.connect(db, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute(
+            "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)"
+        )
+        for version, script in _MIGRATIONS[:4]:
+            conn.executescript(script)
+            conn.execute("INSERT INTO schema_migrations VALUES (?, 'then')", (version,))
+        conn.execute(
+            "INSERT INTO flows (id, provider, state, version, created_at, updated_at,"
+            " redirect_uri, scopes, actor, state_hash, uses_pkce)"
+            " VALUES ('f4', 'dexcom', 'awaiting_code', 2, 1, 2, 'https://x/oauth/callback',"
+            " '', 'test', ?, 1)",
+            ("4" * 64,),
+        )
+        conn.execute("INSERT INTO flow_secrets VALUES ('f4', ?)", (VERIFIER,))
+    finally:
+        conn.close()
+    ledger = await Ledger.open(db)
+    try:
+        flow = await ledger.get("f4")
+        assert flow is not None
+        assert flow.grant == "code"
+        assert await ledger.verifier("f4") == VERIFIER
+        assert await ledger.device_secrets("f4") is None
+        assert await ledger.schema_version() == SCHEMA_VERSION == 5
+    finally:
+        await ledger.close()
