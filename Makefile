@@ -66,6 +66,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_tailnet.py
 	$(BIN)/python benchmarks/bench_hostile.py
 	$(BIN)/python benchmarks/bench_remote.py
+	$(BIN)/python benchmarks/bench_anything.py
 
 clean:
 	rm -rf $(VENV) test-artifacts .pytest_cache .ruff_cache $(TAILNET_BIN)
