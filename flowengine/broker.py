@@ -849,7 +849,7 @@ class Broker:
     ) -> Adopted:
         """A client for ``found`` (reused or registered), then the entry persisted."""
         from .discovery import spec_for
-        from .registration import client_name, register, registration_request
+        from .registration import auth_method_for, client_name, register, registration_request
 
         now = self._now()
         registration = self._registration(pid)
@@ -880,15 +880,16 @@ class Broker:
                 registration=registration.to_json(),
             )
             registered = True
+        manual = None if registration is not None else self.credentials.get(pid)
         if registration is not None:
             method = registration.token_endpoint_auth_method
-        else:
-            manual = self.credentials.get(pid)
-            if manual is None:
-                raise CredentialsMissingError(pid, needs_secret=False)
+        elif manual is not None:
             method = "client_secret_basic" if manual.client_secret else "none"
             if pid in self.catalog:
                 method = self.catalog.get(pid).token_auth_method
+        else:
+            # no registration endpoint: the entry is kept, the owner stores a client by hand
+            method = auth_method_for(found.metadata)
         previous = self.discovered.entry(pid)
         old = previous.get("discovery", {}).get("fingerprint") if previous else None
         spec = spec_for(found, pid, token_auth_method=method)
@@ -909,6 +910,8 @@ class Broker:
             )
         self.catalog.register(spec)
         self._validated[pid] = time.monotonic()
+        if registration is None and manual is None:
+            raise CredentialsMissingError(pid, needs_secret=spec.needs_secret)
         return Adopted(
             spec=spec,
             discovery=found,

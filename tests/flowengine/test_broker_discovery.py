@@ -154,7 +154,12 @@ async def test_without_a_registration_endpoint_credentials_are_stored_by_hand(
     with pytest.raises(CredentialsMissingError) as info:
         await rig.broker.adopt(RESOURCE, redirect_uri=REDIRECT, actor="test")
     assert info.value.provider == "mcp-test"
-    assert not (rig.root / "discovered.json").exists()
+    assert info.value.needs_secret is False  # the server takes public clients
+    # the entry is kept: the owner stores the client under its id, then connects
+    assert rig.broker.catalog.get("mcp-test").resource == RESOURCE
+    assert json.loads((rig.root / "discovered.json").read_text())["providers"]["mcp-test"]
+    with pytest.raises(CredentialsMissingError):
+        await rig.broker.begin("mcp-test", redirect_uri=REDIRECT, actor="test")
     rig.broker.credentials.put("mcp-test", ClientCredentials("by-hand"))
     adopted = await rig.broker.adopt(RESOURCE, redirect_uri=REDIRECT, actor="test")
     assert adopted.registration is None
