@@ -129,6 +129,15 @@ def _provider(text: str) -> str:
     return text
 
 
+def _target(text: str) -> str:
+    """``connect``'s argument: a provider id, or the https URL of a server to discover."""
+    if "://" not in text:
+        return _provider(text)
+    if not _printable(text, limit=2048):
+        raise argparse.ArgumentTypeError("a URL is printable ASCII without spaces")
+    return text
+
+
 def _flow_id(text: str) -> str:
     if not _printable(text, limit=64):
         raise argparse.ArgumentTypeError("a flow id is letters and digits (see `agentd flows`)")
@@ -265,15 +274,33 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(
         sub,
         "connect",
-        "connect a provider from this terminal",
+        "connect a provider (or an MCP server by its URL) from this terminal",
         "Start an authorization: prints the link (and a QR code when it fits the terminal),\n"
         "waits for the browser to come back to the daemon's callback, stores the tokens.\n"
         "Asks for the client id and secret first if none are stored. Needs `agentd serve`\n"
-        "running (it receives the callback). Ctrl-C cancels the link.",
-        examples=["agentd connect oura", "agentd connect google --scope openid --scope email"],
+        "running (it receives the callback). Ctrl-C cancels the link.\n\n"
+        "A URL (an MCP server, any OAuth protected resource or authorization server) is\n"
+        "discovered and the agent registers itself as its client (RFC 9728, 8414, 7591).\n"
+        "--device uses a code entered on any device instead of a link (RFC 8628): no\n"
+        "daemon needed, for when the browser cannot reach this machine.",
+        examples=[
+            "agentd connect oura",
+            "agentd connect google --scope openid --scope email",
+            "agentd connect https://mcp.example.com/mcp",
+            "agentd connect github --device",
+        ],
         codes=(0, 2, 5, 6),
     )
-    p.add_argument("provider", type=_provider, help="provider id (see `agentd providers`)")
+    p.add_argument(
+        "provider",
+        type=_target,
+        help="provider id (see `agentd providers`), or the URL of a server to discover",
+    )
+    p.add_argument(
+        "--device",
+        action="store_true",
+        help="a code to enter on any device instead of a link back here (RFC 8628)",
+    )
     p.add_argument(
         "--scope",
         action="append",

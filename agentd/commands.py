@@ -145,17 +145,24 @@ def cmd_providers(args: argparse.Namespace, config: Config) -> int:
     from flowengine.credentials import CredentialStore
 
     try:
-        catalog = load_catalog()
+        catalog = load_catalog(discovered=config.discovered_path)
     except ConfigError:
         _print_problems([_catalog_line(err) for err in catalog_problems()])
         return EXIT["usage"]
-    stored = set(CredentialStore(config.credentials_path).providers())
+    credentials = CredentialStore(config.credentials_path)
+    stored = set(credentials.providers())
     if args.provider:
         spec = catalog.get(args.provider)
+        registration = credentials.registration(spec.id)
         if args.json:
-            _print_json({"provider": {**spec.public(), "credentials_stored": spec.id in stored}})
+            detail = {**spec.public(), "credentials_stored": spec.id in stored}
+            if registration is not None:
+                detail["registered_by_agent"] = {
+                    k: registration.get(k) for k in ("issuer", "registered_at", "redirect_uris")
+                }
+            _print_json({"provider": detail})
             return EXIT["ok"]
-        _provider_detail(spec, spec.id in stored, sys.stdout)
+        _provider_detail(spec, spec.id in stored, sys.stdout, registration)
         return EXIT["ok"]
     if args.json:
         listing = [
@@ -201,7 +208,9 @@ def _value(value: Any) -> str:
     return str(value)
 
 
-def _provider_detail(spec: Any, has_credentials: bool, out: TextIO) -> None:
+def _provider_detail(
+    spec: Any, has_credentials: bool, out: TextIO, registration: dict[str, Any] | None = None
+) -> None:
     """``agentd providers <id>``: every field, where it was checked, what is unverified."""
     from flowengine.catalog import CLAIM_FIELDS
 
@@ -210,6 +219,9 @@ def _provider_detail(spec: Any, has_credentials: bool, out: TextIO) -> None:
     for source in spec.sources:
         out.write(f"               {source}\n")
     out.write(f"credentials:   {'stored' if has_credentials else 'not stored'}\n")
+    if registration is not None:
+        when = _when(registration.get("registered_at"))
+        out.write(f"client:        registered by this agent (RFC 7591) {when}\n")
     unverified = set(spec.unverified_fields())
     always = ("revocation_url", "rotates_refresh_tokens", "refresh_lifetime")
     rows = []
@@ -245,7 +257,7 @@ def cmd_credentials(args: argparse.Namespace, config: Config) -> int:
     from flowengine.catalog import load_catalog
     from flowengine.credentials import ClientCredentials, CredentialStore
 
-    spec = load_catalog().get(args.provider)
+    spec = load_catalog(discovered=config.discovered_path).get(args.provider)
     if args.client_id is not None:
         client_id = check_credential(args.client_id, key="--client-id", what="client id")
     elif args.secret_stdin or not sys.stdin.isatty():
@@ -627,13 +639,24 @@ def cmd_connect(args: argparse.Namespace, config: Config) -> int:
     from flowengine.catalog import load_catalog
     from flowengine.credentials import CredentialStore
 
-    # prompts first, outside the event loop, so that Ctrl-C at them ends the command
-    ensure_credentials(
-        load_catalog(),
-        CredentialStore(config.credentials_path),
-        args.provider,
-        interactive=sys.stdin.isatty(),
-    )
+    # prompts first, outside the event loop, so that Ctrl-C at them ends the command;
+    # a URL is discovered and registers its own client
+    if "://" not in args.provider:
+        catalog = load_catalog(discovered=config.discovered_path)
+        spec = catalog.get(args.provider)
+        if args.device and not spec.device_authorization_url:
+            # said before the credentials are asked for
+            raise ConfigError(
+                f"{spec.name} has no device authorization endpoint",
+                key=f"providers.{spec.id}.device_authorization_url",
+                hint=f"connect it with the browser link: agentd connect {spec.id}",
+            )
+        ensure_credentials(
+            catalog,
+            CredentialStore(config.credentials_path),
+            args.provider,
+            interactive=sys.stdin.isatty(),
+        )
     return _run(config, lambda ctx: connect(ctx, args))
 
 

@@ -155,6 +155,11 @@ class Config:
         return self.state_dir / "api-token"
 
     @property
+    def discovered_path(self) -> Path:
+        """Providers found by discovery (``agentd connect <url>``), a catalog layer."""
+        return self.state_dir / "discovered.json"
+
+    @property
     def telegram_enabled(self) -> bool:
         return bool(self.values["telegram"]["bot_token"])
 

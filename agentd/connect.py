@@ -3,6 +3,13 @@
 The command talks to the running daemon over its unix socket in the state dir
 (agentd/local_client.py): the daemon starts the flow with its own redirect URI, receives
 the callback, exchanges the code and reports the outcome. Nothing goes over the network.
+A URL instead of a provider id is handed to the daemon as it is: the daemon discovers it
+and registers its own callback (Broker.provider_for).
+
+``--device`` uses the device authorization grant (RFC 8628) and needs no daemon: this
+command asks the provider for a code, shows it with the page to enter it on (and a QR code
+of the page with the code filled in, where it fits), and polls the provider until the
+owner approved or refused or the code expired. Ctrl-C (or ``--timeout``) cancels the flow.
 """
 
 from __future__ import annotations
@@ -10,17 +17,19 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import TextIO
 
 import anyio
 
 from agentd import terminal
 from agentd.context import Context
 from agentd.local_client import local_daemon
+from flowengine.broker import DeviceOutcome, DeviceStart
 from flowengine.catalog import Catalog
 from flowengine.credentials import ClientCredentials, CredentialStore
 from flowengine.errors import BrokerError, ConfigError, CredentialsMissingError
 
-__all__ = ["connect", "ensure_credentials"]
+__all__ = ["connect", "connect_device", "ensure_credentials", "show_code"]
 
 log = logging.getLogger("agentd.connect")
 
@@ -70,11 +79,17 @@ async def connect(ctx: Context, args: argparse.Namespace) -> int:
     from agentd.cli import EXIT
     from agentd.commands import scope_text
 
-    spec = ctx.catalog.get(args.provider)
-    ensure_credentials(ctx.catalog, ctx.credentials, spec.id, interactive=False)
+    if getattr(args, "device", False):
+        return await connect_device(ctx, args)
+    target = args.provider
+    if "://" not in target:
+        target = ctx.catalog.get(args.provider).id
+        ensure_credentials(ctx.catalog, ctx.credentials, target, interactive=False)
     async with local_daemon(ctx.config.state_dir) as daemon:
-        start = await daemon.begin(spec.id, scopes=args.scopes)
+        start = await daemon.begin(target, scopes=args.scopes)
         flow_id = str(start["flow_id"])
+        # a URL was discovered by the daemon just now: its entry is in discovered.json
+        spec = ctx.broker.spec(str(start["provider"]))
         try:
             url = str(start["authorize_url"])
             terminal.show_link(spec.name, url, force_qr=args.qr, no_qr=args.no_qr)
@@ -109,4 +124,84 @@ async def connect(ctx: Context, args: argparse.Namespace) -> int:
     else:
         detail = result.get("error_description") or result.get("error")
         print(f"❌ {spec.name} authorization {outcome}" + (f": {detail}" if detail else ""))
+    return EXIT["flow_failed"]
+
+
+def _callback_if_known(ctx: Context) -> str | None:
+    """The daemon's redirect URI when the configuration names it (no tailscaled query)."""
+    from agentd.context import redirect_uri
+
+    try:
+        return redirect_uri(ctx.config)
+    except ConfigError:
+        return None
+
+
+def show_code(start: DeviceStart, *, force_qr: bool, no_qr: bool, out: TextIO) -> None:
+    """The page, the code, and the QR code of the page with the code filled in where it fits
+    (the rules of the link's QR code: ``--qr`` prints it anyway, ``--no-qr`` never)."""
+    from agentd.commands import _when
+
+    name = start.spec.name
+    out.write(
+        f"To connect {name}, open this page on any device:\n\n{start.verification_uri}\n\n"
+        f"and enter the code  {start.user_code}  (valid until {_when(start.expires_at)})\n\n"
+    )
+    complete = start.verification_uri_complete
+    if complete and not no_qr:
+        size = terminal.terminal_size(out)
+        rows = terminal.qr_rows(complete)
+        fits = size is not None and len(rows[0]) <= size[0] and len(rows) + 10 <= size[1]
+        if force_qr or fits:
+            out.write("or scan this QR code (the code is filled in):\n\n")
+            out.write("".join(f"{row}\n" for row in rows) + "\n")
+        else:
+            out.write("(QR code left out: it does not fit here; --qr shows it anyway)\n\n")
+    out.flush()
+
+
+async def connect_device(ctx: Context, args: argparse.Namespace) -> int:
+    """The device grant (RFC 8628) from this terminal: a code to enter, the provider polled."""
+    from agentd.cli import EXIT
+    from agentd.commands import _when, scope_text
+
+    provider = await ctx.broker.provider_for(
+        args.provider, redirect_uri=_callback_if_known(ctx), actor="cli", device=True
+    )
+    start = await ctx.broker.begin_device(provider, actor="cli", scopes=args.scopes)
+    name = start.spec.name
+    outcome: DeviceOutcome | None = None
+    try:
+        show_code(start, force_qr=args.qr, no_qr=args.no_qr, out=sys.stdout)
+        with anyio.move_on_after(args.timeout):
+            async with terminal.waiting(
+                sys.stderr, deadline_ms=start.expires_at, now_ms=ctx.engine.now_ms
+            ):
+                outcome = await ctx.broker.complete_device(start.flow.id, actor="cli")
+    except BaseException:
+        # Ctrl-C or an error while polling: the code must stop working here
+        with anyio.CancelScope(shield=True):
+            await _cancel_quietly(ctx, start.flow.id)
+        raise
+    if outcome is None:
+        await _cancel_quietly(ctx, start.flow.id)
+        again = f"agentd connect {provider} --device"
+        print(f"⌛ no answer within {int(args.timeout)} s; run {again} again")
+        return EXIT["flow_failed"]
+    if outcome.ok:
+        tokens = outcome.tokens
+        expiry = "unknown expiry"
+        if tokens is not None and tokens.expires is not None:
+            expiry = f"token expires {_when(tokens.expires)}"
+        granted = tokens.scope.split() if tokens is not None and tokens.scope else start.flow.scopes
+        source = tokens.extra.get("scope_source") if tokens is not None else "requested"
+        print(f"✅ {name} connected (scopes: {scope_text(granted, source)}; {expiry})")
+        return EXIT["ok"]
+    if outcome.status == "denied":
+        print(f"❌ {name} authorization was denied")
+    elif outcome.status == "expired":
+        print(f"⌛ the code expired; run agentd connect {provider} --device again")
+    else:
+        detail = outcome.description or outcome.error
+        print(f"❌ {name} authorization {outcome.status}" + (f": {detail}" if detail else ""))
     return EXIT["flow_failed"]

@@ -18,6 +18,7 @@ from flowengine.broker import Broker
 from flowengine.catalog import Catalog, load_catalog
 from flowengine.clock import Clock
 from flowengine.credentials import CredentialStore
+from flowengine.discovery import DiscoveredStore
 from flowengine.engine import FlowEngine
 from flowengine.errors import ConfigError
 from flowengine.ratelimit import Rate
@@ -103,7 +104,7 @@ async def open_context(
         await engine.close()
         raise
     try:
-        cat = catalog or load_catalog()
+        cat = catalog or load_catalog(discovered=config.discovered_path)
         credentials = CredentialStore(config.credentials_path)
         tokens = TokenStore(config.auth_file)
         broker = Broker(
@@ -114,6 +115,7 @@ async def open_context(
             vault=Vault(vault_dir(config)),
             http=client,
             policy=timer_policy(config),
+            discovered=DiscoveredStore(config.discovered_path),
         )
         broker.retention = retention(config)
         yield Context(config, engine, cat, credentials, tokens, broker, client)

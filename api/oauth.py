@@ -51,6 +51,7 @@ _MAX_QUERY = 16_384
 _UNSETTLED = (
     FlowState.INITIATED,
     FlowState.AWAITING_CODE,
+    FlowState.AWAITING_DEVICE,
     FlowState.CODE_RECEIVED,
     FlowState.EXCHANGED,
 )
@@ -346,7 +347,8 @@ def _waiting(status: PendingStatus) -> Response:
 @blueprint.post("/oauth/flows")
 @require_bearer
 async def begin() -> Response:
-    """Start a flow the daemon completes: ``{"provider": "dexcom", "scopes": [...]}``.
+    """Start a flow the daemon completes: ``{"provider": "dexcom", "scopes": [...]}``;
+    ``provider`` may be the URL of a server to discover (``connect <url>``).
 
     Answers 201 with the authorize URL (it holds the state: it is for the caller's eyes
     only, like the code on /oauth/pending) and the flow id to wait on.
@@ -365,8 +367,12 @@ async def begin() -> Response:
     ):
         raise BadRequestError("scopes must be a list of strings", parameter="scopes")
     actor = "cli" if request.scope.get("agentd.listener") == "local" else "api"
+    # a URL (an MCP server, an issuer) is discovered and gets a client for our callback
+    provider = await ctx.broker.provider_for(
+        data["provider"], redirect_uri=ctx.redirect_uri, actor=actor
+    )
     start = await ctx.broker.begin(
-        data["provider"], redirect_uri=ctx.redirect_uri, actor=actor, scopes=scopes
+        provider, redirect_uri=ctx.redirect_uri, actor=actor, scopes=scopes
     )
     flow = start.flow
     return _json(

@@ -56,6 +56,7 @@ __all__ = [
     "CredentialsNeeded",
     "CredentialsSaved",
     "DeleteSecret",
+    "DeviceStarted",
     "Disconnect",
     "Disconnected",
     "Edit",
@@ -200,6 +201,24 @@ class ConnectStarted:
 
 
 @dataclass(frozen=True, slots=True)
+class DeviceStarted:
+    """The broker started a device authorization (RFC 8628): a code for the owner to enter.
+
+    ``qr`` is a PNG of the complete verification URI (the runner renders it), if any.
+    """
+
+    chat_id: int
+    provider: str
+    name: str
+    flow_id: str
+    user_code: str = field(repr=False)
+    verification_uri: str
+    verification_uri_complete: str | None = field(default=None, repr=False)
+    valid_seconds: float | None = None
+    qr: bytes | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
 class ProviderUnknown:
     chat_id: int
     provider: str
@@ -259,6 +278,10 @@ class FlowEnded:
     scopes: tuple[str, ...] = ()
     expires: int | None = None
     detail: str | None = None
+    #: a device authorization (a code, no link)
+    device: bool = False
+    #: a link that expired for a provider with a device endpoint: suggest the device flow
+    device_hint: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -379,6 +402,7 @@ Inbound = (
     Message
     | Tap
     | ConnectStarted
+    | DeviceStarted
     | ProviderUnknown
     | CredentialsNeeded
     | CredentialsSaved
@@ -420,6 +444,8 @@ class Watch:
     provider: str
     name: str
     state: str = field(repr=False)
+    #: a device authorization: the watcher polls the token endpoint (nothing comes back)
+    device: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -453,8 +479,12 @@ class AnswerTap:
 
 @dataclass(frozen=True, slots=True)
 class BeginConnect:
+    """Start connecting ``provider`` (a catalog id, or a URL to discover); ``device``: with
+    the device grant (a code to enter) instead of a link."""
+
     chat_id: int
     provider: str
+    device: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -643,7 +673,8 @@ def parse_command(
     row = _words(command_table(commands)).get(match["cmd"].lower())
     if row is None:
         return None
-    args = [a.lower() for a in (match["args"] or "").split()]
+    # a URL keeps its case (paths are case-sensitive); everything else is lower-cased
+    args = [a if "://" in a else a.lower() for a in (match["args"] or "").split()]
     return row.name, args
 
 
@@ -665,7 +696,7 @@ def suggest(text: str, commands: Mapping[str, CommandSpec] | None = None) -> lis
         ),
         reverse=True,
     )
-    rest = " ".join(a.lower() for a in (match["args"] or "").split())
+    rest = " ".join(a if "://" in a else a.lower() for a in (match["args"] or "").split())
     best = scored[0][0] if scored else 0.0
     seen: set[str] = set()
     out: list[str] = []
@@ -797,7 +828,8 @@ def _command(state: ConversationState, chat_id: int, text: str) -> Step:
     if command == "help":
         return state, [Send(chat_id, _help(state))]
     if command == "connect":
-        return state, [BeginConnect(chat_id, args[0] if args else "")]
+        device = len(args) > 1 and args[1] == "device"
+        return state, [BeginConnect(chat_id, args[0] if args else "", device=device)]
     if command == "connections":
         return state, [ListConnections(chat_id)]
     if command == "disconnect":
@@ -853,6 +885,26 @@ def _result(state: ConversationState, inbound: Inbound) -> list[Effect]:
                     buttons=(UrlButton(texts.authorize_button(inbound.name), inbound.url),),
                     watch=Watch(inbound.flow_id, inbound.provider, inbound.name, inbound.state),
                 )
+            ]
+        case DeviceStarted():
+            target = inbound.verification_uri_complete or inbound.verification_uri
+            prompt = Send(
+                inbound.chat_id,
+                texts.device_prompt(
+                    inbound.name,
+                    inbound.user_code,
+                    inbound.verification_uri,
+                    inbound.valid_seconds,
+                ),
+                buttons=(UrlButton(texts.device_button(inbound.name), target),),
+                watch=Watch(inbound.flow_id, inbound.provider, inbound.name, "", device=True),
+            )
+            if inbound.qr is None:
+                return [prompt]
+            caption = texts.device_qr_caption(inbound.name)
+            return [
+                SendImage(inbound.chat_id, inbound.qr, caption=caption, filename="qr.png"),
+                prompt,
             ]
         case ProviderUnknown():
             text = texts.unknown_provider(inbound.provider, inbound.suggestions, inbound.known)
@@ -926,7 +978,9 @@ def _ending(ended: FlowEnded, tz: str) -> str:
     if ended.outcome is Outcome.DENIED:
         return texts.flow_denied(ended.name)
     if ended.outcome is Outcome.TIMED_OUT:
-        return texts.flow_timed_out(ended.provider)
+        if ended.device:
+            return texts.device_expired(ended.provider)
+        return texts.flow_timed_out(ended.provider, device_hint=ended.device_hint)
     if ended.outcome is Outcome.CANCELLED:
         return texts.flow_cancelled(ended.name)
     return texts.flow_failed(ended.name, ended.provider, ended.detail)

@@ -5,7 +5,8 @@ The ledger keeps only a hash of each flow's OAuth state, but polling
 it notes ``flow_id -> {state, provider, chat_id, message_id}`` in
 ``<state dir>/telegram-flows.json`` (0600, atomic writes) and forgets it when the flow
 ends. On start the runner reads it back and resumes polling; the ledger decides whether a
-flow is still worth waiting for. Only the bot process writes this file.
+flow is still worth waiting for. Only the bot process writes this file. A device
+authorization (RFC 8628) has no OAuth state: its entry's ``state`` is empty.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ class ResumeEntry:
             return None
         state, provider, chat_id = data.get("state"), data.get("provider"), data.get("chat_id")
         message_id = data.get("message_id")
-        if not (isinstance(state, str) and state and isinstance(provider, str)):
+        if not (isinstance(state, str) and isinstance(provider, str)):
             return None
         if not isinstance(chat_id, int) or not (message_id is None or isinstance(message_id, int)):
             return None

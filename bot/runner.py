@@ -12,6 +12,13 @@ failed, expired, cancelled) and reports it, which the dialogue turns into an edi
 link message. Watched flows are noted in the resume file, so a restarted bot picks them
 up again (and completes a code a restart left unexchanged: only the bot knows its state).
 
+``connect <provider> device`` uses the device grant (RFC 8628): the owner gets a code and
+a page to enter it on (with a QR code of the page), and the watcher polls the token
+endpoint itself (Broker.complete_device) until the owner approved or refused or the code
+expired; a restarted bot polls such a flow again. A link that expires without an answer
+for a provider that has a device endpoint ends with the suggestion to use it.
+``connect <url>`` discovers and registers the provider first (Broker.provider_for).
+
 Integration commands (``glucose``, ...) come in as :class:`ChatCommandHandler` objects
 (the composition root binds them, see integrations/); the runner lists them in the
 dialogue's state and calls the right one for a :class:`~bot.dialogue.RunCommand`.
@@ -62,10 +69,18 @@ ACTOR = "bot"
 _WATCHABLE = (
     FlowState.INITIATED,
     FlowState.AWAITING_CODE,
+    FlowState.AWAITING_DEVICE,
     FlowState.CODE_RECEIVED,
     FlowState.EXCHANGED,
 )
-_CANCELLABLE = (FlowState.INITIATED, FlowState.AWAITING_CODE)
+_CANCELLABLE = (FlowState.INITIATED, FlowState.AWAITING_CODE, FlowState.AWAITING_DEVICE)
+#: how a device authorization ended (Broker.complete_device) -> what the chat is told
+_DEVICE_OUTCOMES = {
+    "connected": d.Outcome.CONNECTED,
+    "denied": d.Outcome.DENIED,
+    "expired": d.Outcome.TIMED_OUT,
+    "cancelled": d.Outcome.CANCELLED,
+}
 #: effects that are messages (their failure is not reported by another message)
 _OUTPUT = (d.Send, d.Edit, d.SendImage, d.AnswerTap)
 
@@ -115,6 +130,21 @@ class _Watched:
     chat_id: int
     message_id: int | None
     state: str = field(repr=False)
+    device: bool = False
+
+
+def _qr_png(url: str) -> bytes | None:
+    """A QR code of ``url`` as PNG bytes (None when it cannot be drawn)."""
+    import io
+
+    import segno
+
+    try:
+        out = io.BytesIO()
+        segno.make(url, error="l").save(out, kind="png", scale=8, border=2)
+    except (ValueError, segno.DataOverflowError):
+        return None
+    return out.getvalue()
 
 
 class BotRunner:
@@ -318,8 +348,13 @@ class BotRunner:
     async def _begin(self, effect: d.BeginConnect) -> d.Inbound:
         chat_id = effect.chat_id
         try:
-            spec = self.catalog.get(effect.provider)
+            provider = await self.broker.provider_for(
+                effect.provider, redirect_uri=self.redirect_uri, actor=ACTOR, device=effect.device
+            )
+            spec = self.catalog.get(provider)
             await self._supersede(chat_id, spec.id)
+            if effect.device:
+                return await self._begin_device(chat_id, spec.id)
             start = await self.broker.begin(
                 spec.id, redirect_uri=self.redirect_uri, actor=ACTOR, chat_id=chat_id
             )
@@ -342,6 +377,22 @@ class BotRunner:
             start.authorize_url,
             start.state,
             valid_seconds=valid,
+        )
+
+    async def _begin_device(self, chat_id: int, provider: str) -> d.Inbound:
+        start = await self.broker.begin_device(provider, actor=ACTOR, chat_id=chat_id)
+        target = start.verification_uri_complete or start.verification_uri
+        qr = await anyio.to_thread.run_sync(_qr_png, target)
+        return d.DeviceStarted(
+            chat_id,
+            start.spec.id,
+            start.spec.name,
+            start.flow.id,
+            start.user_code,
+            start.verification_uri,
+            start.verification_uri_complete,
+            valid_seconds=(start.expires_at - self.engine.now_ms()) / 1000,
+            qr=qr,
         )
 
     async def _supersede(self, chat_id: int, provider: str) -> None:
@@ -457,7 +508,13 @@ class BotRunner:
 
     def _start_watch(self, watch: d.Watch, chat_id: int, message_id: int | None) -> None:
         watched = _Watched(
-            watch.flow_id, watch.provider, watch.name, chat_id, message_id, watch.state
+            watch.flow_id,
+            watch.provider,
+            watch.name,
+            chat_id,
+            message_id,
+            watch.state,
+            device=watch.device,
         )
         try:
             self.resume_file.put(
@@ -483,6 +540,7 @@ class BotRunner:
         await self.handle(ended)
 
     def _ended(self, w: _Watched, outcome: d.Outcome, **extra: Any) -> d.FlowEnded:
+        extra.setdefault("device", w.device)
         return d.FlowEnded(
             w.chat_id,
             w.message_id,
@@ -495,6 +553,8 @@ class BotRunner:
         )
 
     async def _outcome(self, w: _Watched) -> d.FlowEnded:
+        if w.device:
+            return await self._device_outcome(w)
         try:
             flow = await self.engine.get_flow(w.flow_id)
         except FlowNotFound:
@@ -527,7 +587,34 @@ class BotRunner:
                 await self.engine.expire(w.flow_id, actor=ACTOR, reason="ttl")
             except InvalidTransition:
                 continue
-            return self._ended(w, d.Outcome.TIMED_OUT)
+            return self._ended(w, d.Outcome.TIMED_OUT, device_hint=self._has_device(w.provider))
+
+    def _has_device(self, provider: str) -> bool:
+        """Could the owner connect ``provider`` with a code instead of a link?"""
+        return provider in self.catalog and bool(
+            self.catalog.get(provider).device_authorization_url
+        )
+
+    async def _device_outcome(self, w: _Watched) -> d.FlowEnded:
+        """Poll the token endpoint until the device authorization ends (RFC 8628 §3.4)."""
+        try:
+            outcome = await self.broker.complete_device(w.flow_id, actor=ACTOR)
+        except FlowNotFound:
+            return self._ended(w, d.Outcome.FAILED, detail="the flow is gone from the ledger")
+        except BrokerError as err:
+            log.warning("device authorization %s failed: %s", w.flow_id, err.code)
+            return self._ended(w, d.Outcome.FAILED, detail=err.message)
+        kind = _DEVICE_OUTCOMES.get(outcome.status, d.Outcome.FAILED)
+        if kind is d.Outcome.CONNECTED:
+            flow = outcome.flow
+            scopes = tuple(
+                outcome.tokens.scope.split()
+                if outcome.tokens is not None and outcome.tokens.scope
+                else flow.scopes
+            )
+            return self._ended(w, kind, scopes=scopes, expires=flow.token_expires_at)
+        detail = outcome.description or outcome.error if kind is d.Outcome.FAILED else None
+        return self._ended(w, kind, detail=detail)
 
     async def _complete_stranded(self, w: _Watched) -> None:
         try:
@@ -556,7 +643,8 @@ class BotRunner:
                 w, d.Outcome.CONNECTED, scopes=flow.scopes, expires=flow.token_expires_at
             )
         if state is FlowState.EXPIRED:
-            return self._ended(w, d.Outcome.TIMED_OUT)
+            hint = not w.device and self._has_device(w.provider)
+            return self._ended(w, d.Outcome.TIMED_OUT, device_hint=hint)
         if state is FlowState.CANCELLED:
             return self._ended(w, d.Outcome.CANCELLED)
         return self._gone(
@@ -588,6 +676,7 @@ class BotRunner:
                 entry.chat_id,
                 entry.message_id,
                 entry.state,
+                device=flow.grant == "device",
             )
             if entry.flow_id in self._watching:
                 continue  # started before run() (see _spawn)

@@ -47,6 +47,10 @@ __all__ = [
     "duration",
     "error",
     "flow_cancelled",
+    "device_button",
+    "device_expired",
+    "device_prompt",
+    "device_qr_caption",
     "flow_connected",
     "flow_denied",
     "flow_failed",
@@ -71,7 +75,9 @@ REFUSAL = "Sorry, this is a private bot."
 
 #: what each built-in command does, by its name in the command table (bot/dialogue.py)
 COMMAND_HELP = {
-    "connect": "authorize a provider (asks for client credentials if needed)",
+    "connect": "authorize a provider (asks for client credentials if needed); with device:"
+    " a code to enter on any device instead of a link; a URL connects an MCP server or any"
+    " OAuth server (discovered)",
     "connections": "every connection with its state, expiry and last refresh (also /status)",
     "disconnect": "revoke and remove a provider's tokens",
     "flows": "recent authorization flows and their states",
@@ -87,11 +93,14 @@ def help_line(name: str, args: str, description: str) -> str:
 
 
 #: where Telegram's "/" menu says it differently from the help
-MENU_HELP = {"help": "what I can do"}
+MENU_HELP = {
+    "help": "what I can do",
+    "connect": "connect a provider (or an MCP server by its URL; add device for a code)",
+}
 
 #: what each built-in command takes, as its help writes it
 COMMAND_ARGS = {
-    "connect": "<provider>",
+    "connect": "<provider|url> [device]",
     "disconnect": "<provider>",
     "flows": "[provider]",
     "audit": "[provider | login | tag:name]",
@@ -266,8 +275,39 @@ def flow_denied(name: str) -> str:
     return f"❌ {name} authorization was denied"
 
 
-def flow_timed_out(provider: str) -> str:
-    return f"⌛ link expired — say connect {provider} to try again"
+def flow_timed_out(provider: str, *, device_hint: bool = False) -> str:
+    text = f"⌛ link expired — say connect {provider} to try again"
+    if device_hint:
+        text += (
+            f"\nIf the browser could not come back here, say connect {provider} device:"
+            " you enter a code instead, on any device"
+        )
+    return text
+
+
+def device_prompt(
+    name: str, user_code: str, verification_uri: str, valid_seconds: float | None
+) -> str:
+    """The device grant (RFC 8628): where to go and which code to enter."""
+    text = (
+        f"To connect {name}, open {verification_uri} on any device and enter the code\n\n"
+        f"{user_code}"
+    )
+    if valid_seconds:
+        text += f"\n\nThe code is valid for {duration(valid_seconds)}. I check for your answer."
+    return text
+
+
+def device_button(name: str) -> str:
+    return f"Open the {name} page"
+
+
+def device_qr_caption(name: str) -> str:
+    return f"Scan to open the {name} page with the code filled in"
+
+
+def device_expired(provider: str) -> str:
+    return f"⌛ the code expired — say connect {provider} device to get a new one"
 
 
 def flow_cancelled(name: str) -> str:

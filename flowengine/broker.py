@@ -478,6 +478,10 @@ class Broker:
             raise CredentialsMissingError(spec.id, needs_secret=spec.needs_secret)
         return creds
 
+    def spec(self, provider: str) -> ProviderSpec:
+        """The provider's catalog entry, a provider another process discovered included."""
+        return self._spec(provider)
+
     def _spec(self, provider: str) -> ProviderSpec:
         """The catalog's entry; a provider another process discovered is loaded first."""
         try:
