@@ -26,6 +26,7 @@ from flowengine.errors import (
     NotConnectedError,
     ProviderTransientError,
     ReauthorizationRequired,
+    RegistrationError,
     UnknownProviderError,
 )
 from flowengine.timefmt import format_duration
@@ -35,8 +36,26 @@ __all__ = ["dispatch", "exit_code_for"]
 log = logging.getLogger("agentd")
 
 
+#: error codes the daemon answers a local request with -> exit code (agentd connect <url>)
+_DAEMON_CODES = {
+    "discovery_failed": "usage",
+    "registration_failed": "usage",
+    "config_error": "usage",
+    "unknown_provider": "usage",
+    "credentials_missing": "usage",
+    "bad_request": "usage",
+    "provider_unavailable": "unavailable",
+    "tls_error": "unavailable",
+    "reauthorization_required": "reauthorize",
+}
+
+
 def exit_code_for(err: BaseException) -> int:
     """One place that maps the engine's errors to documented exit codes."""
+    from agentd.local_client import DaemonRefusedError
+
+    if isinstance(err, DaemonRefusedError):
+        return EXIT[_DAEMON_CODES.get(err.code, "error")]
     if isinstance(err, NotConnectedError):
         return EXIT["not_connected"]
     if isinstance(err, ReauthorizationRequired):
@@ -45,7 +64,8 @@ def exit_code_for(err: BaseException) -> int:
         return EXIT["unavailable"]
     if isinstance(err, FlowError):
         return EXIT["flow_failed"]
-    if isinstance(err, (ConfigError, CredentialsMissingError)):
+    if isinstance(err, (ConfigError, CredentialsMissingError, RegistrationError)):
+        # RegistrationError: the server will not register us; a client stored by hand will do
         return EXIT["usage"]
     return EXIT["error"]
 

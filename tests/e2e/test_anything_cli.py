@@ -169,3 +169,37 @@ def test_a_provider_without_a_device_endpoint_is_a_usage_error(instance: AgentdI
     assert result.stderr.splitlines()[0].startswith("error:")
     assert "Dexcom has no device authorization endpoint" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_what_the_daemon_cannot_discover_is_one_line_and_exit_2(
+    instance: AgentdInstance, daemon: DaemonProcess, anything_server: AnythingServer
+) -> None:
+    result = instance.run("connect", anything_server.issuer("liar"), "--no-qr")
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("error: the metadata at ")
+    assert "names issuer" in line
+    assert "refused" in line
+    plain = instance.run("connect", "http://127.0.0.1:9/oauth", "--no-qr")
+    assert plain.returncode == 2
+    assert "must use https" in plain.stderr
+
+
+def test_ctrl_c_cancels_the_device_flow(
+    instance: AgentdInstance, protected_resource: ProtectedResource
+) -> None:
+    import signal
+
+    process = instance.popen("connect", protected_resource.url("/mcp"), "--device", "--no-qr")
+    assert process.stdout is not None
+    out = LineReader(process.stdout)
+    try:
+        out.wait_for(lambda t: "and enter the code" in t)
+        process.send_signal(signal.SIGINT)
+        assert process.wait(60) == 130
+    finally:
+        _reap(process)
+    flows = instance.run("flows", "--state", "cancelled")
+    assert flows.returncode == 0
+    assert "cancelled" in flows.stdout
+    assert "awaiting_device" not in instance.run("flows").stdout
