@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 __all__ = [
     "ACTIVE_STATES",
+    "Adopted",
     "Broker",
     "BrokerError",
     "CallbackParams",
@@ -24,7 +25,11 @@ __all__ = [
     "ConnectionStatus",
     "CredentialStore",
     "CredentialsMissingError",
+    "DeviceOutcome",
+    "DeviceStart",
     "DisconnectResult",
+    "DiscoveredStore",
+    "DiscoveryError",
     "Flow",
     "FlowEngine",
     "FlowError",
@@ -51,6 +56,7 @@ __all__ = [
     "RecoveryReport",
     "RefreshOutcome",
     "RefreshTimer",
+    "RegistrationError",
     "StartedFlow",
     "StateMismatchError",
     "StorageError",
@@ -68,7 +74,11 @@ __all__ = [
 ]
 
 _WHERE = {
+    "Adopted": "broker",
     "Broker": "broker",
+    "DeviceOutcome": "broker",
+    "DeviceStart": "broker",
+    "DiscoveredStore": "discovery",
     "ConnectStart": "broker",
     "ConnectionStatus": "broker",
     "DisconnectResult": "broker",
@@ -109,9 +119,12 @@ _WHERE = {
 
 if TYPE_CHECKING:  # pragma: no cover
     from .broker import (
+        Adopted,
         Broker,
         ConnectionStatus,
         ConnectStart,
+        DeviceOutcome,
+        DeviceStart,
         DisconnectResult,
         Outcome,
         RefreshOutcome,
@@ -119,6 +132,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .catalog import Catalog, ProviderSpec, load_catalog
     from .clock import Clock, ManualClock, SystemClock
     from .credentials import ClientCredentials, CredentialStore
+    from .discovery import DiscoveredStore
     from .engine import FlowEngine, RecoveryReport
     from .errors import (
         BrokerError,
@@ -126,6 +140,7 @@ if TYPE_CHECKING:  # pragma: no cover
         ConcurrentUpdateError,
         ConfigError,
         CredentialsMissingError,
+        DiscoveryError,
         FlowError,
         FlowExpiredError,
         FlowNotFound,
@@ -135,6 +150,7 @@ if TYPE_CHECKING:  # pragma: no cover
         ProviderTLSError,
         ProviderTransientError,
         ReauthorizationRequired,
+        RegistrationError,
         StateMismatchError,
         StorageError,
         TokenFileCorruptError,

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import sqlite3
 import ssl
@@ -367,10 +368,27 @@ async def _device_in_chromium(rig: Rig, *, approve: bool, shot: str) -> tuple[An
 
 
 @needs_chromium
-async def test_device_flow_approved_in_chromium(rig: Rig) -> None:
-    outcome, device_code, user_code = await _device_in_chromium(
-        rig, approve=True, shot="device-confirm.png"
-    )
+async def test_device_flow_approved_in_chromium(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
+    from agentd.logs import QUIET_LIBRARIES
+
+    # DEBUG everywhere, as `agentd -v` has it (libraries that log SQL parameters or request
+    # details are held at WARNING by every entry point)
+    caplog.set_level(logging.DEBUG)
+    levels = {name: logging.getLogger(name).level for name in QUIET_LIBRARIES}
+    try:
+        for name in QUIET_LIBRARIES:
+            logging.getLogger(name).setLevel(logging.WARNING)
+        outcome, device_code, user_code = await _device_in_chromium(
+            rig, approve=True, shot="device-confirm.png"
+        )
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+    # neither code reached a log line
+    logged = "\n".join(f"{r.name} {r.getMessage()}" for r in caplog.records)
+    assert "device authorization" in logged
+    assert device_code not in logged
+    assert user_code not in logged
     assert outcome.status == "connected"
     assert outcome.flow.state is FlowState.STORED
     assert outcome.tokens is not None

@@ -13,9 +13,11 @@ resource, everything over HTTPS with private CAs trusted through ``[client] ca_f
 from __future__ import annotations
 
 import re
+import sqlite3
 import ssl
 import subprocess
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 
 import anyio
@@ -121,7 +123,12 @@ def test_connect_an_mcp_server_by_its_url(
 
 
 def _device_run(instance: AgentdInstance, target: str, *, approve: bool) -> tuple[int, str, str]:
-    process = instance.popen("connect", target, "--device", "--timeout", "120")
+    """``agentd -v connect <target> --device``; the owner answers with the printed code.
+
+    The device code (read from the ledger while the command polls) must not appear in
+    the command's output, its DEBUG log or the ledger files afterwards.
+    """
+    process = instance.popen("-v", "connect", target, "--device", "--timeout", "120")
     assert process.stdout is not None
     assert process.stderr is not None
     out, err = LineReader(process.stdout), LineReader(process.stderr)
@@ -130,15 +137,25 @@ def _device_run(instance: AgentdInstance, target: str, *, approve: bool) -> tupl
         page = out.wait_for(lambda t: t.strip().startswith("https://")).strip()
         code_line = out.wait_for(lambda t: "and enter the code" in t)
         user_code = code_line.split("the code", 1)[1].split()[0]
+        ledger = f"file:{instance.state_dir / 'ledger.sqlite3'}?mode=ro"
+        with closing(sqlite3.connect(ledger, uri=True)) as db:
+            (device_code,) = db.execute(
+                "SELECT device_code FROM flow_secrets WHERE device_code IS NOT NULL"
+            ).fetchone()
         complete = f"{page}?user_code={user_code}"
         text = anyio.run(
             lambda: answer_device(complete, approve=approve, verify=instance.ssl_context())
         )
         assert ("Device approved" if approve else "Access denied") in text
         code = process.wait(60)
-        return code, out.rest(), err.rest()
+        stdout, stderr = out.rest(), err.rest()
     finally:
         _reap(process)
+    assert "DEBUG" in stderr or "INFO" in stderr  # -v: the log is there to be scanned
+    assert device_code not in stdout + stderr
+    on_disk = b"".join(p.read_bytes() for p in instance.state_dir.glob("ledger.sqlite3*"))
+    assert device_code.encode() not in on_disk
+    return code, stdout, stderr
 
 
 def test_connect_with_a_code_needs_no_daemon(
