@@ -524,6 +524,7 @@ def _flow_json(flow: Any) -> dict[str, Any]:
         "token_expires_at": flow.token_expires_at,
         "error_code": flow.error_code,
         "error_description": flow.error_description,
+        "grant": flow.grant,
     }
 
 

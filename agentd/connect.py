@@ -156,7 +156,8 @@ def show_code(start: DeviceStart, *, force_qr: bool, no_qr: bool, out: TextIO) -
             out.write("or scan this QR code (the code is filled in):\n\n")
             out.write("".join(f"{row}\n" for row in rows) + "\n")
         else:
-            out.write("(QR code left out: it does not fit here; --qr shows it anyway)\n\n")
+            why = "the output is no terminal" if size is None else "it does not fit the terminal"
+            out.write(f"(QR code left out: {why}; --qr shows it anyway)\n\n")
     out.flush()
 
 

@@ -117,7 +117,7 @@ async def test_connect_with_a_code(rig: BotRig, device: DeviceProvider) -> None:
         prompt = await rig.chat.wait_message(lambda m: USER_CODE in m.text)
         assert prompt.text.startswith(
             f"To connect TV Provider, open https://tv.example.com/activate on any device"
-            f" and enter the code\n\n{USER_CODE}\n\nThe code is valid for 10 min."
+            f" and enter the code\n\n{USER_CODE}\n\nThe code is valid for 10m."
         )
         button = url_button(prompt)
         assert button.url == f"https://tv.example.com/activate?user_code={USER_CODE}"
@@ -270,7 +270,7 @@ def test_a_device_start_is_a_qr_code_then_the_watched_prompt() -> None:
     )
     assert isinstance(prompt, d.Send)
     assert "ABCD-EFGH" in prompt.text
-    assert "valid for 15 min" in prompt.text
+    assert "valid for 15m" in prompt.text
     assert prompt.buttons == (
         d.UrlButton("Open the TV page", "https://tv.example.com/activate?user_code=ABCD-EFGH"),
     )

@@ -122,13 +122,15 @@ def test_connect_an_mcp_server_by_its_url(
     assert answer.status_code == 200
 
 
-def _device_run(instance: AgentdInstance, target: str, *, approve: bool) -> tuple[int, str, str]:
+def _device_run(
+    instance: AgentdInstance, target: str, *, approve: bool, extra: tuple[str, ...] = ()
+) -> tuple[int, str, str]:
     """``agentd -v connect <target> --device``; the owner answers with the printed code.
 
     The device code (read from the ledger while the command polls) must not appear in
     the command's output, its DEBUG log or the ledger files afterwards.
     """
-    process = instance.popen("-v", "connect", target, "--device", "--timeout", "120")
+    process = instance.popen("-v", "connect", target, "--device", "--timeout", "120", *extra)
     assert process.stdout is not None
     assert process.stderr is not None
     out, err = LineReader(process.stdout), LineReader(process.stderr)
@@ -162,10 +164,11 @@ def test_connect_with_a_code_needs_no_daemon(
     instance: AgentdInstance, protected_resource: ProtectedResource
 ) -> None:
     url = protected_resource.url("/mcp")
-    code, stdout, stderr = _device_run(instance, url, approve=True)
+    code, stdout, stderr = _device_run(instance, url, approve=True, extra=("--qr",))
     assert code == 0, stderr
     assert "✅ Test MCP server /mcp connected" in stdout
-    assert "or scan this QR code" in stdout  # a terminal QR of the complete URI
+    assert "or scan this QR code (the code is filled in):" in stdout  # --qr: even into a pipe
+    assert "█" in stdout
     pid = f"localhost-{url.split(':')[2].split('/')[0]}"
     token = instance.run("token", pid)
     assert token.returncode == 0, token.stderr
@@ -173,6 +176,7 @@ def test_connect_with_a_code_needs_no_daemon(
 
     code, stdout, _ = _device_run(instance, pid, approve=False)
     assert code == 6
+    assert "(QR code left out: the output is no terminal; --qr shows it anyway)" in stdout
     assert "❌ Test MCP server /mcp authorization was denied" in stdout
     flows = instance.run("flows", "--provider", pid)
     assert flows.returncode == 0
