@@ -75,9 +75,8 @@ REFUSAL = "Sorry, this is a private bot."
 
 #: what each built-in command does, by its name in the command table (bot/dialogue.py)
 COMMAND_HELP = {
-    "connect": "authorize a provider (asks for client credentials if needed); with device:"
-    " a code to enter on any device instead of a link; a URL connects an MCP server or any"
-    " OAuth server (discovered)",
+    "connect": "authorize a provider (asks for client credentials if needed), or an MCP"
+    " server by its URL; device: a code to enter on any device instead of a link",
     "connections": "every connection with its state, expiry and last refresh (also /status)",
     "disconnect": "revoke and remove a provider's tokens",
     "flows": "recent authorization flows and their states",

@@ -418,6 +418,8 @@ class Broker:
         self.url_policy = url_policy
         #: provider -> monotonic time its discovered metadata was last validated here
         self._validated: dict[str, float] = {}
+        #: ... and last looked at again after a failed refresh
+        self._looked_after_failure: dict[str, float] = {}
         self._discovered_signature: list[int] | None = None
         self._sync_discovered()
 
@@ -808,10 +810,10 @@ class Broker:
         most once per 10 minutes per provider."""
         from .discovery import discover
 
-        last = self._validated.get(f"{provider}#failure")
+        last = self._looked_after_failure.get(provider)
         if last is not None and time.monotonic() - last < 600:
             return False
-        self._validated[f"{provider}#failure"] = time.monotonic()
+        self._looked_after_failure[provider] = time.monotonic()
         entry = self.discovered.entry(provider)
         info = entry.get("discovery") if entry else None
         source = info.get("source") if isinstance(info, dict) else None

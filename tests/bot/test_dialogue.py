@@ -93,7 +93,9 @@ TEMP = CommandSpec(
 
 HELP_WITH_TEMP = texts.help_text(
     [
-        "connect <provider> — authorize a provider (asks for client credentials if needed)",
+        "connect <provider|url> [device] — authorize a provider (asks for client credentials"
+        " if needed), or an MCP server by its URL; device: a code to enter on any device"
+        " instead of a link",
         "connections — every connection with its state, expiry and last refresh (also /status)",
         "disconnect <provider> — revoke and remove a provider's tokens",
         "flows [provider] — recent authorization flows and their states",
@@ -636,7 +638,8 @@ def test_the_menu_the_help_and_the_parser_read_one_table(state: ConversationStat
     entries = menu(state)
     assert [name for name, _ in entries] == [row.name for row in table]
     assert dict(entries)["connect"] == (
-        "<provider> — authorize a provider (asks for client credentials if needed)"
+        "<provider|url> [device] — connect a provider (or an MCP server by its URL; add"
+        " device for a code)"
     )
     assert dict(entries)["temp"] == "[Nd] — body temperature and a chart"
     assert dict(entries)["help"] == "what I can do"
