@@ -745,7 +745,7 @@ async def test_unknown_grant_is_refused(ledger: Ledger) -> None:
         )
 
 
-async def test_migration_5_keeps_older_flows_as_code_flows(db: Path) -> None:
+async def test_migration_6_keeps_older_flows_as_code_flows(db: Path) -> None:
     db.parent.mkdir(parents=True)
     conn = sqlite3.connect(db, isolation_level=None)
     try:
@@ -753,7 +753,7 @@ async def test_migration_5_keeps_older_flows_as_code_flows(db: Path) -> None:
         conn.execute(
             "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)"
         )
-        for version, script in _MIGRATIONS[:4]:
+        for version, script in _MIGRATIONS[:5]:
             conn.executescript(script)
             conn.execute("INSERT INTO schema_migrations VALUES (?, 'then')", (version,))
         conn.execute(
@@ -773,6 +773,6 @@ async def test_migration_5_keeps_older_flows_as_code_flows(db: Path) -> None:
         assert flow.grant == "code"
         assert await ledger.verifier("f4") == VERIFIER
         assert await ledger.device_secrets("f4") is None
-        assert await ledger.schema_version() == SCHEMA_VERSION == 5
+        assert await ledger.schema_version() == SCHEMA_VERSION == 6
     finally:
         await ledger.close()
