@@ -77,11 +77,15 @@ async def test_migration_5_upgrades_a_version_4_ledger(tmp_path: Path) -> None:
     with sqlite3.connect(path) as conn:  # what a version-4 installation has
         conn.executescript(
             "DROP TABLE token_handouts; DROP TABLE token_recipients;"
-            " DELETE FROM schema_migrations WHERE version = 5;"
+            # migration 6 (the device grant's columns) came later still
+            " ALTER TABLE flows DROP COLUMN grant_type;"
+            " ALTER TABLE flow_secrets DROP COLUMN device_code;"
+            " ALTER TABLE flow_secrets DROP COLUMN user_code;"
+            " DELETE FROM schema_migrations WHERE version >= 5;"
         )
     ledger = await Ledger.open(path)
     try:
-        assert await ledger.schema_version() == SCHEMA_VERSION == 5
+        assert await ledger.schema_version() == SCHEMA_VERSION == 6
         assert await record(ledger)
     finally:
         await ledger.close()
