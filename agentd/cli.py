@@ -1,18 +1,6 @@
 """The ``agentd`` command.
 
-Exit codes (documented in README):
-
-===  ==========================================================
-0    success
-1    unexpected error (bug, storage trouble)
-2    usage or configuration error
-3    not connected (no tokens for the provider)
-4    re-authorization required (grant revoked/expired): connect again
-5    provider unavailable (network, 5xx, 429, TLS): try again later
-6    the authorization flow failed, was denied or expired
-130  interrupted (Ctrl-C)
-141  standard output closed early (e.g. piped into ``head``)
-===  ==========================================================
+Exit codes: agentd/exits.py (the README has the same table).
 
 No input gives a traceback: :func:`main` turns anything unexpected into one line naming the
 exception's type (never its text, which could hold a secret) and exit code 1.
@@ -33,19 +21,9 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-__all__ = ["EXIT", "main"]
+from agentd.exits import ALWAYS, EXIT, EXIT_MEANINGS
 
-EXIT = {
-    "ok": 0,
-    "error": 1,
-    "usage": 2,
-    "not_connected": 3,
-    "reauthorize": 4,
-    "unavailable": 5,
-    "flow_failed": 6,
-    "interrupted": 130,
-    "broken_pipe": 141,
-}
+__all__ = ["build_parser", "main"]
 
 #: ``flows --limit`` range
 MAX_LIMIT = 10_000
@@ -168,26 +146,10 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT["usage"], f"error: {message} (see `{self.prog} --help`)\n")
 
 
-#: what each exit code means, for ``--help`` (README has the same table)
-EXIT_MEANINGS = {
-    0: "success",
-    1: "unexpected error (storage trouble, or a bug)",
-    2: "usage or configuration error",
-    3: "not connected: no tokens for the provider",
-    4: "re-authorization required: connect again",
-    5: "unavailable: the provider or the daemon cannot be reached; try later",
-    6: "the authorization was denied, failed or the link expired",
-    130: "interrupted (Ctrl-C)",
-    141: "standard output closed early (e.g. piped into head)",
-}
-#: codes every command may end with, named once in each command's help
-_ALWAYS = (1, 130, 141)
-
-
 def _epilog(examples: Sequence[str], codes: Sequence[int]) -> str:
     lines = ["examples:", *(f"  {e}" for e in examples), "", "exit codes:"]
     lines += [f"  {code:<3}  {EXIT_MEANINGS[code]}" for code in codes]
-    lines.append(f"  {', '.join(map(str, _ALWAYS))}: as for every command (see `agentd --help`)")
+    lines.append(f"  {', '.join(map(str, ALWAYS))}: as for every command (see `agentd --help`)")
     return "\n".join(lines)
 
 

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -14,8 +12,9 @@ from typing import Any, TextIO
 
 import anyio
 
-from agentd.cli import EXIT
 from agentd.config import Config, check_access, check_files, load_config
+from agentd.exits import EXIT
+from agentd.formatting import EVENT_HEADER, ago, event_rows, print_json, scope_text, table, when
 from flowengine.diagrams import DotUnavailableError
 from flowengine.errors import (
     BrokerError,
@@ -29,7 +28,6 @@ from flowengine.errors import (
     RegistrationError,
     UnknownProviderError,
 )
-from flowengine.timefmt import format_duration
 
 __all__ = ["dispatch", "exit_code_for"]
 
@@ -68,40 +66,6 @@ def exit_code_for(err: BaseException) -> int:
         # RegistrationError: the server will not register us; a client stored by hand will do
         return EXIT["usage"]
     return EXIT["error"]
-
-
-def _when(ms: int | None, now: float | None = None) -> str:
-    """``2026-12-05 18:10:57Z (in 1h 59m)``: UTC, and how far from now."""
-    if ms is None:
-        return "unknown"
-    stamp = datetime.fromtimestamp(ms / 1000, tz=UTC)
-    delta = ms / 1000 - (time.time() if now is None else now)
-    rel = f"in {format_duration(delta)}" if delta >= 0 else f"{format_duration(delta)} ago"
-    return f"{stamp:%Y-%m-%d %H:%M:%S}Z ({rel})"
-
-
-def _ago(ms: int, now: float | None = None) -> str:
-    """``3h 2m ago`` (or ``in 5m`` for a time still to come)."""
-    delta = ms / 1000 - (time.time() if now is None else now)
-    return f"in {format_duration(delta)}" if delta > 0 else f"{format_duration(delta)} ago"
-
-
-def scope_text(scopes: Sequence[str], source: object) -> str:
-    """Scopes as shown to the owner; marked when the provider did not say what it granted."""
-    text = " ".join(scopes) or "-"
-    if source == "requested":
-        text += " (requested; the provider did not say what it granted)"
-    return text
-
-
-def _table(rows: list[list[str]], header: list[str], out: TextIO) -> None:
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=False)]
-    line = "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=False))
-    out.write(line.rstrip() + "\n")
-    for row in rows:
-        out.write(
-            "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=False)).rstrip() + "\n"
-        )
 
 
 def _run(config: Config, body: Callable[[Any], Awaitable[int]]) -> int:
@@ -180,7 +144,7 @@ def cmd_providers(args: argparse.Namespace, config: Config) -> int:
                 detail["registered_by_agent"] = {
                     k: registration.get(k) for k in ("issuer", "registered_at", "redirect_uris")
                 }
-            _print_json({"provider": detail})
+            print_json({"provider": detail})
             return EXIT["ok"]
         _provider_detail(spec, spec.id in stored, sys.stdout, registration)
         return EXIT["ok"]
@@ -197,7 +161,7 @@ def cmd_providers(args: argparse.Namespace, config: Config) -> int:
             }
             for spec in catalog.all()
         ]
-        _print_json({"providers": listing})
+        print_json({"providers": listing})
         return EXIT["ok"]
     rows = []
     for spec in catalog.all():
@@ -211,7 +175,7 @@ def cmd_providers(args: argparse.Namespace, config: Config) -> int:
                 "stored" if spec.id in stored else "-",
             ]
         )
-    _table(rows, ["PROVIDER", "NAME", "PKCE", "CLIENT AUTH", "SCOPES", "CREDENTIALS"], sys.stdout)
+    table(rows, ["PROVIDER", "NAME", "PKCE", "CLIENT AUTH", "SCOPES", "CREDENTIALS"], sys.stdout)
     return EXIT["ok"]
 
 
@@ -240,8 +204,8 @@ def _provider_detail(
         out.write(f"               {source}\n")
     out.write(f"credentials:   {'stored' if has_credentials else 'not stored'}\n")
     if registration is not None:
-        when = _when(registration.get("registered_at"))
-        out.write(f"client:        registered by this agent (RFC 7591) {when}\n")
+        registered = when(registration.get("registered_at"))
+        out.write(f"client:        registered by this agent (RFC 7591) {registered}\n")
     unverified = set(spec.unverified_fields())
     always = ("revocation_url", "rotates_refresh_tokens", "refresh_lifetime")
     rows = []
@@ -262,7 +226,7 @@ def _provider_detail(
         mark = "UNVERIFIED" if name in unverified else ("verified" if name in spec.verified else "")
         rows.append([name, shown, mark])
     out.write("\n")
-    _table(rows, ["FIELD", "VALUE", "CHECKED"], out)
+    table(rows, ["FIELD", "VALUE", "CHECKED"], out)
     if spec.notes:
         out.write(f"\nnotes: {spec.notes}\n")
     if unverified:
@@ -345,12 +309,12 @@ def cmd_audit(args: argparse.Namespace, config: Config) -> int:
     async def body(ctx: Any) -> int:
         rows = await ctx.broker.handouts(provider=args.provider, who=args.who, limit=args.limit)
         if args.json:
-            _print_json({"handouts": [r.public() for r in rows]})
+            print_json({"handouts": [r.public() for r in rows]})
             return EXIT["ok"]
         if not rows:
             print("no token hand-outs recorded (other machines get tokens through [[access]])")
             return EXIT["ok"]
-        table = [
+        cells = [
             [
                 datetime.fromtimestamp(r.at / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M:%S"),
                 r.who,
@@ -361,19 +325,10 @@ def cmd_audit(args: argparse.Namespace, config: Config) -> int:
             ]
             for r in rows
         ]
-        _table(table, ["AT (UTC)", "WHO", "NODE", "ADDRESS", "PROVIDER", "TOKEN SHA"], sys.stdout)
+        table(cells, ["AT (UTC)", "WHO", "NODE", "ADDRESS", "PROVIDER", "TOKEN SHA"], sys.stdout)
         return EXIT["ok"]
 
     return _run(config, body)
-
-
-#: the version of every ``--json`` shape (docs/json/*.schema.json); bumped only when a
-#: field is removed or changes meaning, never when one is added
-JSON_VERSION = 1
-
-
-def _print_json(data: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps({"version": JSON_VERSION, **data}, indent=2) + "\n")
 
 
 async def probe_daemon(ctx: Any) -> dict[str, Any]:
@@ -399,12 +354,12 @@ def _health_text(health: Any, now: float) -> str:
     if health.kind == "refresh_due":
         return "refresh due (on next use)"
     if health.kind == "refresh_failing":
-        since = f" since {_ago(health.since, now)}" if health.since else ""
+        since = f" since {ago(health.since, now)}" if health.since else ""
         return f"refresh failing{since}: {health.reason}"
     if health.kind == "needs_reconnect":
         return "needs reconnect" + (f": {health.reason}" if health.reason else "")
     if health.kind == "expires_soon":
-        return f"expires soon without refresh ({_ago(health.since, now)})"
+        return f"expires soon without refresh ({ago(health.since, now)})"
     return str(health.kind)  # pragma: no cover - every kind is named above
 
 
@@ -457,7 +412,7 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
         now = ctx.engine.now_ms() / 1000
         if args.json:
             shown = [c for c, _ in connections]
-            _print_json(
+            print_json(
                 {"generated_at": ctx.engine.now_ms(), "daemon": daemon, "connections": shown}
             )
             return EXIT["ok"]
@@ -469,9 +424,9 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
                     c["provider"],
                     c["state"],
                     _health_text(health, now),
-                    _when(c["expires"], now),
-                    _when(c["last_refresh"], now) if c["last_refresh"] else "never",
-                    _when(c["reconnect_by"], now) if c["reconnect_by"] else "-",
+                    when(c["expires"], now),
+                    when(c["last_refresh"], now) if c["last_refresh"] else "never",
+                    when(c["reconnect_by"], now) if c["reconnect_by"] else "-",
                     scope_text(c["scopes"], c["scope_source"]),
                     _error_text(c["last_error"], now),
                 ]
@@ -487,7 +442,7 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
                 "SCOPES",
                 "LAST ERROR",
             ]
-            _table(rows, header, sys.stdout)
+            table(rows, header, sys.stdout)
         print()
         if daemon["reachable"]:
             print(f"daemon: running ({daemon['socket']}); it refreshes tokens in the background")
@@ -505,7 +460,7 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
 def _error_text(error: dict[str, Any] | None, now: float) -> str:
     if error is None:
         return "-"
-    return f"{error['code']} ({_ago(error['at'], now)})"
+    return f"{error['code']} ({ago(error['at'], now)})"
 
 
 def _flow_json(flow: Any) -> dict[str, Any]:
@@ -534,13 +489,13 @@ def cmd_flows(args: argparse.Namespace, config: Config) -> int:
             provider=args.provider, states=args.states, limit=args.limit
         )
         if args.json:
-            _print_json({"flows": [_flow_json(f) for f in flows]})
+            print_json({"flows": [_flow_json(f) for f in flows]})
             return EXIT["ok"]
         rows = [
-            [f.id, f.provider, f.state.value, _when(f.created_at), f.actor, f.error_code or ""]
+            [f.id, f.provider, f.state.value, when(f.created_at), f.actor, f.error_code or ""]
             for f in flows
         ]
-        _table(rows, ["FLOW", "PROVIDER", "STATE", "CREATED", "BY", "ERROR"], sys.stdout)
+        table(rows, ["FLOW", "PROVIDER", "STATE", "CREATED", "BY", "ERROR"], sys.stdout)
         return EXIT["ok"]
 
     return _run(config, body)
@@ -571,7 +526,7 @@ def cmd_flow(args: argparse.Namespace, config: Config) -> int:
                 }
                 for e in record.events
             ]
-            _print_json({"flow": _flow_json(flow), "granted": granted, "events": events})
+            print_json({"flow": _flow_json(flow), "granted": granted, "events": events})
             return EXIT["ok"]
         print(f"flow {flow.id}  {flow.provider}  {flow.state.value}")
         print(f"  redirect_uri  {flow.redirect_uri}")
@@ -581,19 +536,7 @@ def cmd_flow(args: argparse.Namespace, config: Config) -> int:
         print(f"  started by    {flow.actor}" + (f" (chat {flow.chat_id})" if flow.chat_id else ""))
         if flow.error_code:
             print(f"  error         {flow.error_code}: {flow.error_description or ''}")
-        rows = [
-            [
-                str(e.seq),
-                datetime.fromtimestamp(e.at / 1000, tz=UTC).strftime("%H:%M:%S.%f")[:-3],
-                e.from_state.value if e.from_state else "",
-                e.trigger.value if e.trigger else "create",
-                e.to_state.value,
-                e.actor,
-                json.dumps(e.detail, sort_keys=True) if e.detail else "",
-            ]
-            for e in record.events
-        ]
-        _table(rows, ["SEQ", "AT (UTC)", "FROM", "TRIGGER", "TO", "ACTOR", "DETAIL"], sys.stdout)
+        table(event_rows(record.events), EVENT_HEADER, sys.stdout)
         return EXIT["ok"]
 
     return _run(config, body)

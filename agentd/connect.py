@@ -23,6 +23,8 @@ import anyio
 
 from agentd import terminal
 from agentd.context import Context
+from agentd.exits import EXIT
+from agentd.formatting import scope_text, when
 from agentd.local_client import local_daemon
 from flowengine.broker import DeviceOutcome, DeviceStart
 from flowengine.catalog import Catalog
@@ -76,8 +78,6 @@ async def connect(ctx: Context, args: argparse.Namespace) -> int:
     The daemon exchanges the code as soon as the browser comes back, so the connection is
     made even if this command dies meanwhile; Ctrl-C (or the timeout) cancels the flow.
     """
-    from agentd.cli import EXIT
-    from agentd.commands import scope_text
 
     if getattr(args, "device", False):
         return await connect_device(ctx, args)
@@ -113,9 +113,7 @@ async def connect(ctx: Context, args: argparse.Namespace) -> int:
     if outcome == "connected":
         expiry = "unknown expiry"
         if result.get("token_expires_at") is not None:
-            from agentd.commands import _when
-
-            expiry = f"token expires {_when(int(result['token_expires_at']))}"
+            expiry = f"token expires {when(int(result['token_expires_at']))}"
         scopes = scope_text(result.get("scopes") or (), result.get("scope_source"))
         print(f"✅ {spec.name} connected (scopes: {scopes}; {expiry})")
         return EXIT["ok"]
@@ -140,12 +138,10 @@ def _callback_if_known(ctx: Context) -> str | None:
 def show_code(start: DeviceStart, *, force_qr: bool, no_qr: bool, out: TextIO) -> None:
     """The page, the code, and the QR code of the page with the code filled in where it fits
     (the rules of the link's QR code: ``--qr`` prints it anyway, ``--no-qr`` never)."""
-    from agentd.commands import _when
-
     name = start.spec.name
     out.write(
         f"To connect {name}, open this page on any device:\n\n{start.verification_uri}\n\n"
-        f"and enter the code  {start.user_code}  (valid until {_when(start.expires_at)})\n\n"
+        f"and enter the code  {start.user_code}  (valid until {when(start.expires_at)})\n\n"
     )
     complete = start.verification_uri_complete
     if complete and not no_qr:
@@ -163,9 +159,6 @@ def show_code(start: DeviceStart, *, force_qr: bool, no_qr: bool, out: TextIO) -
 
 async def connect_device(ctx: Context, args: argparse.Namespace) -> int:
     """The device grant (RFC 8628) from this terminal: a code to enter, the provider polled."""
-    from agentd.cli import EXIT
-    from agentd.commands import _when, scope_text
-
     provider = await ctx.broker.provider_for(
         args.provider, redirect_uri=_callback_if_known(ctx), actor="cli", device=True
     )
@@ -193,7 +186,7 @@ async def connect_device(ctx: Context, args: argparse.Namespace) -> int:
         tokens = outcome.tokens
         expiry = "unknown expiry"
         if tokens is not None and tokens.expires is not None:
-            expiry = f"token expires {_when(tokens.expires)}"
+            expiry = f"token expires {when(tokens.expires)}"
         granted = tokens.scope.split() if tokens is not None and tokens.scope else start.flow.scopes
         source = tokens.extra.get("scope_source") if tokens is not None else "requested"
         print(f"✅ {name} connected (scopes: {scope_text(granted, source)}; {expiry})")

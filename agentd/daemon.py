@@ -44,6 +44,7 @@ from agentd.context import (
     retention,
     timer_policy,
 )
+from agentd.exits import EXIT
 from agentd.local_client import socket_path
 from api.app import create_app, stop_waiters
 from api.serve import ServePlan, plan_serving
@@ -344,8 +345,6 @@ def serve(config: Config, *, verbose: bool = False) -> int:
     Errors raised inside the task group arrive as exception groups; a single
     :class:`BrokerError` is re-raised as itself so the CLI maps it to its exit code.
     """
-    from agentd.cli import EXIT
-
     configure_logging(verbose)
     try:
         anyio.run(_main, config, backend="asyncio")

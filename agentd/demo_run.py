@@ -12,6 +12,7 @@ same way, then every integration runs its own demo commands.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import html
@@ -23,6 +24,7 @@ import ssl
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -35,6 +37,7 @@ import trustme
 
 from agentd.config import load_config
 from agentd.context import open_context
+from agentd.formatting import EVENT_HEADER, event_rows, table_lines
 from agentd.simoauth import SimOAuth, create_sim_app, get_sim
 from api.app import create_app
 from api.oauth import settled
@@ -92,10 +95,9 @@ class _Printer:
     def say(self, text: str = "") -> None:
         self.out.write(f"    {text}\n" if text else "\n")
 
-    def table(self, header: list[str], rows: list[list[str]]) -> None:
-        widths = [max(len(c) for c in col) for col in zip(header, *rows, strict=False)]
-        for row in [header, *rows]:
-            self.say("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)).rstrip())
+    def table(self, header: Sequence[str], rows: list[list[str]]) -> None:
+        for line in table_lines(header, rows):
+            self.say(line)
 
 
 def _visible_text(page: str) -> str:
@@ -483,9 +485,9 @@ async def _run_command(
     p: _Printer, ctx: Any, http: httpx.AsyncClient, integration: Integration, args: tuple[str, ...]
 ) -> bool:
     """``agentd <integration> <args…>`` in-process, its output shown indented."""
-    from agentd.cli import build_parser
-
-    namespace = build_parser().parse_args([integration.name, *args])
+    parser = argparse.ArgumentParser(prog=f"agentd {integration.name}")
+    integration.configure_cli(parser)
+    namespace = parser.parse_args(args)
     buffer = io.StringIO()
     services = Services(
         broker=ctx.broker,
@@ -524,18 +526,7 @@ async def _print_ledger(p: _Printer, ctx: Any, flow_id: str, title: str, last: i
     p.section(title)
     record = await ctx.engine.inspect(flow_id)
     events = record.events[-last:] if last else record.events
-    rows = [
-        [
-            str(e.seq),
-            datetime.fromtimestamp(e.at / 1000, tz=UTC).strftime("%H:%M:%S.%f")[:-3],
-            e.from_state.value if e.from_state else "",
-            e.trigger.value if e.trigger else "create",
-            e.to_state.value,
-            e.actor,
-        ]
-        for e in events
-    ]
-    p.table(["SEQ", "AT (UTC)", "FROM", "TRIGGER", "TO", "ACTOR"], rows)
+    p.table(EVENT_HEADER[:-1], event_rows(events, detail=False))
 
 
 def run_demo(*, keep: bool = False, out: TextIO | None = None) -> int:

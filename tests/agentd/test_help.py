@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from agentd.cli import EXIT_MEANINGS, build_parser
+from agentd.cli import build_parser
+from agentd.exits import EXIT_MEANINGS
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -34,7 +34,7 @@ def test_format(seconds: float, text: str) -> None:
 
 
 def test_the_cli_and_the_bot_write_durations_alike() -> None:
-    from agentd.commands import _when
+    from agentd.formatting import when as _when
     from bot.texts import relative
 
     now_ms = int(time.time() * 1000)
