@@ -24,11 +24,9 @@ a strict Content-Security-Policy.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from typing import Any
 
-import anyio
-from quart import Quart, Response, current_app, jsonify, render_template, request
+from quart import Quart, Response, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException
 
 from flowengine.broker import Broker
@@ -36,41 +34,22 @@ from flowengine.catalog import Catalog
 from flowengine.engine import FlowEngine
 from flowengine.errors import BrokerError
 
+from .context import ApiContext
 from .errors import status_for
 from .guard import SECURITY_HEADERS, TailnetGuard, loggable_path
+from .inspection import blueprint as inspection_blueprint
+from .oauth import blueprint as oauth_blueprint
+from .oauth import error_page_text
 from .settings import ApiSettings
 from .tailscale import LocalAPI, TailscaleClient
 from .tokens import PREFIX as TOKENS_PREFIX
-from .tokens import TokenAccess
+from .tokens import blueprint as tokens_blueprint
 
-__all__ = ["ApiContext", "api_context", "create_app", "provider_name", "stop_waiters"]
+__all__ = ["create_app", "stop_waiters"]
 
 log = logging.getLogger("api")
 
 HTML_PATHS = ("/oauth/callback",)
-
-
-@dataclass(slots=True)
-class ApiContext:
-    """What handlers need, stored on the app as ``app.extensions["agentd"]``."""
-
-    engine: FlowEngine
-    settings: ApiSettings
-    catalog: Catalog | None = None
-    tailscale: TailscaleClient | None = None
-    #: completes the flows the daemon owns; None: codes wait for their clients
-    broker: Broker | None = None
-    #: the redirect URI flows started here use (the serving plan's)
-    redirect_uri: str = ""
-    #: set when the daemon stops: long-polls answer 503 at once instead of being cut off
-    stopping: anyio.Event = field(default_factory=anyio.Event)
-    #: token hand-outs: the [[access]] policy and the callers' rate limits
-    access: TokenAccess = field(default_factory=TokenAccess)
-
-
-def api_context() -> ApiContext:
-    ctx: ApiContext = current_app.extensions["agentd"]
-    return ctx
 
 
 def stop_waiters(app: Quart) -> None:
@@ -78,14 +57,6 @@ def stop_waiters(app: Quart) -> None:
     ctx: ApiContext = app.extensions["agentd"]
     ctx.stopping.set()
     ctx.engine.wake_all()
-
-
-def provider_name(provider_id: str) -> str:
-    """The provider's display name from the catalog, else its id."""
-    catalog = api_context().catalog
-    if catalog is not None and provider_id in catalog:
-        return catalog.get(provider_id).name
-    return provider_id
 
 
 def _wants_html() -> bool:
@@ -108,8 +79,6 @@ async def _handle_broker_error(error: BrokerError) -> Response:
     if status >= 500:
         log.error("%s %s failed: %s", request.method, loggable_path(request.path), error.message)
     if _wants_html():
-        from .oauth import error_page_text
-
         title, message = error_page_text(error)
         return await _error_page(status, title, message)
     payload: dict[str, Any] = {"error": error.code, "message": error.message}
@@ -160,10 +129,6 @@ def create_app(
     ``own_addresses`` (the node's Tailscale IPs) and ``userspace`` (tailscaled's
     userspace networking) come from the serving plan and tune the guard.
     """
-    from .inspection import blueprint as inspection_blueprint
-    from .oauth import blueprint as oauth_blueprint
-    from .tokens import blueprint as tokens_blueprint
-
     app = Quart(
         __name__,
         static_folder="static",

@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 
 from quart import request
 
+from .context import api_context
 from .errors import UnauthorizedError
 from .settings import token_matches
 
@@ -25,8 +26,6 @@ def require_bearer(handler: F) -> F:
 
     @wraps(handler)
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from .app import api_context
-
         if request.scope.get("agentd.listener") == "local":
             return await handler(*args, **kwargs)
         header = request.headers.get("Authorization", "")

@@ -12,6 +12,7 @@ from flowengine import diagrams
 from flowengine.states import FlowState
 
 from .auth import require_bearer
+from .context import api_context
 from .errors import BadRequestError
 
 __all__ = ["DIAGRAM_TYPES", "blueprint"]
@@ -59,8 +60,6 @@ def _states(values: list[str]) -> list[FlowState] | None:
 @blueprint.get("/oauth/flows")
 @require_bearer
 async def list_flows() -> Response:
-    from .app import api_context
-
     flows = await api_context().engine.list_flows(
         provider=request.args.get("provider") or None,
         states=_states(request.args.getlist("state")),
@@ -72,8 +71,6 @@ async def list_flows() -> Response:
 @blueprint.get("/oauth/flows/<flow_id>")
 @require_bearer
 async def get_flow(flow_id: str) -> Response:
-    from .app import api_context
-
     record = await api_context().engine.inspect(flow_id)
     return jsonify(record.public())
 
@@ -96,8 +93,6 @@ def _diagram_format() -> str:
 @require_bearer
 async def flow_diagram(flow_id: str) -> Response:
     import anyio
-
-    from .app import api_context
 
     fmt = _diagram_format()
     record = await api_context().engine.inspect(flow_id)

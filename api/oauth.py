@@ -39,6 +39,7 @@ from flowengine.protocol import CallbackParseError, parse_callback
 from flowengine.states import FlowState
 
 from .auth import require_bearer
+from .context import api_context, provider_name
 from .errors import BadRequestError
 
 __all__ = ["blueprint", "error_page_text", "outcome_of", "settled"]
@@ -92,8 +93,6 @@ def outcome_of(flow: Flow) -> str:
 async def _published(flow: Flow) -> None:
     """Before anyone is told "connected": auth.json shows the new tokens (the vault is the
     truth; publishing is idempotent and cheap when nothing is due)."""
-    from .app import api_context
-
     broker = api_context().broker
     if broker is not None and outcome_of(flow) == "connected":
         await broker.publish()
@@ -103,8 +102,6 @@ def _outcome_json(flow: Flow) -> dict[str, Any]:
     """The outcome for waiting clients; no secret. ``scopes``: what the provider granted
     when the stored tokens are this flow's (``scope_source`` "granted", or "requested"
     when the token response did not say), else what was asked for."""
-    from .app import api_context
-
     scopes, source = list(flow.scopes), "requested"
     broker = api_context().broker
     if broker is not None and outcome_of(flow) == "connected":
@@ -140,8 +137,6 @@ async def _complete(broker: Broker, state: str, flow_id: str) -> None:
 
 
 async def _daemon_completes(flow: Flow) -> bool:
-    from .app import api_context
-
     ctx = api_context()
     return ctx.broker is not None and not await ctx.engine.exchanged_by_client(flow.id)
 
@@ -174,8 +169,6 @@ def error_page_text(error: BrokerError) -> tuple[str, str]:
 
 @blueprint.get("/oauth/callback")
 async def callback() -> Response:
-    from .app import api_context, provider_name
-
     raw = request.query_string
     if len(raw) > _MAX_QUERY:
         raise BadRequestError("The link is too long to be an authorization callback.")
@@ -289,8 +282,6 @@ def _gone(status: PendingStatus) -> Response:
 @require_bearer
 async def pending(state: str) -> Response:
     """The seed's contract for remote pollers (see the module docstring)."""
-    from .app import api_context
-
     ctx = api_context()
     wait = _parse_wait(request.args.get("wait"), ctx.settings.max_wait)
     engine = ctx.engine
@@ -353,8 +344,6 @@ async def begin() -> Response:
     Answers 201 with the authorize URL (it holds the state: it is for the caller's eyes
     only, like the code on /oauth/pending) and the flow id to wait on.
     """
-    from .app import api_context
-
     ctx = api_context()
     if ctx.broker is None or not ctx.redirect_uri:
         raise BadRequestError("this daemon does not start flows")
@@ -393,8 +382,6 @@ async def begin() -> Response:
 @require_bearer
 async def outcome(flow_id: str) -> Response:
     """Long-poll a flow's outcome: 200 once settled, 202 while still pending."""
-    from .app import api_context
-
     ctx = api_context()
     wait = _parse_wait(request.args.get("wait"), ctx.settings.max_wait)
     with _parked():

@@ -31,22 +31,20 @@ from __future__ import annotations
 
 import logging
 import math
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from quart import Blueprint, Quart, Response, jsonify, request
 
 from flowengine.access import AccessPolicy, principal
-from flowengine.audit import Caller, HandOut
-from flowengine.broker import Outcome, reconnect_hint
+from flowengine.audit import Caller
+from flowengine.broker import HandOut, Outcome, reconnect_hint
 from flowengine.errors import BrokerError, CredentialsMissingError, StorageError
-from flowengine.ratelimit import Rate, TokenBuckets
+from flowengine.ratelimit import Rate
 
+from .context import ApiContext, TokenAccess, api_context
 from .guard import Identity
 
-__all__ = ["PREFIX", "TokenAccess", "blueprint", "configure_access"]
+__all__ = ["PREFIX", "blueprint", "configure_access"]
 
 log = logging.getLogger("api.tokens")
 
@@ -64,22 +62,10 @@ class AnswerError(BrokerError):
     code = "internal_error"
 
 
-@dataclass
-class TokenAccess:
-    """The policy in force and the callers' token buckets (swapped on SIGHUP)."""
-
-    policy: AccessPolicy = field(default_factory=AccessPolicy)
-    buckets: TokenBuckets = field(default_factory=lambda: TokenBuckets(Rate(1.0, 30)))
-    #: monotonic seconds (tests drive it)
-    now: Callable[[], float] = time.monotonic
-
-
 def configure_access(
     app: Quart, *, policy: AccessPolicy | None = None, rate: Rate | None = None
 ) -> TokenAccess:
     """Set the policy and/or the rate of ``app``'s token hand-outs (start-up, SIGHUP)."""
-    from .app import ApiContext
-
     ctx: ApiContext = app.extensions["agentd"]
     if policy is not None:
         ctx.access.policy = policy
@@ -101,8 +87,6 @@ def _retry(response: Response, seconds: float) -> Response:
 
 @blueprint.get(f"{PREFIX}<provider>")
 async def token(provider: str) -> Response:
-    from .app import api_context
-
     ctx = api_context()
     identity: Identity | None = request.scope.get("agentd.identity")
     if identity is not None and identity.via == "local":
@@ -199,8 +183,6 @@ def _failure(provider: str, handed: HandOut, now: float) -> Response:
             hint=f"connect it on the daemon: agentd connect {provider}",
         )
     if outcome.outcome is Outcome.REAUTHORIZE:
-        from .app import api_context
-
         catalog = api_context().catalog
         hint = (
             reconnect_hint(catalog.get(provider))

@@ -20,17 +20,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .vault import token_hash
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .broker import RefreshOutcome
 
 __all__ = [
     "FIRST_HANDOUT",
     "Caller",
-    "HandOut",
     "HandOutRecord",
     "Retention",
     "token_sha",
@@ -107,17 +103,3 @@ class Retention:
     def cutoff_ms(self, now_ms: int) -> int:
         """Records at or before this (epoch ms) are past retention."""
         return now_ms - int(self.days * 86_400_000)
-
-
-@dataclass(frozen=True, slots=True)
-class HandOut:
-    """What ``Broker.hand_out`` did: the renew outcome, and the record when a token went out."""
-
-    outcome: RefreshOutcome
-    record: HandOutRecord | None = None
-    #: the identity's first hand-out of this provider (the owner was notified)
-    first: bool = False
-
-    @property
-    def handed_out(self) -> bool:
-        return self.record is not None

@@ -66,7 +66,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from . import schedule
-from .audit import Caller, HandOut, HandOutRecord, Retention, token_sha
+from .audit import Caller, HandOutRecord, Retention, token_sha
 from .catalog import Catalog, ProviderSpec
 from .clock import Clock, to_ms
 from .credentials import ClientCredentials, CredentialStore
@@ -107,6 +107,7 @@ __all__ = [
     "DeviceOutcome",
     "DeviceStart",
     "DisconnectResult",
+    "HandOut",
     "Outcome",
     "ReconcileReport",
     "RefreshOutcome",
@@ -170,6 +171,20 @@ class RefreshOutcome:
     @property
     def ok(self) -> bool:
         return self.outcome in (Outcome.REFRESHED, Outcome.STILL_VALID)
+
+
+@dataclass(frozen=True, slots=True)
+class HandOut:
+    """What ``Broker.hand_out`` did: the renew outcome, and the record when a token went out."""
+
+    outcome: RefreshOutcome
+    record: HandOutRecord | None = None
+    #: the identity's first hand-out of this provider (the owner was notified)
+    first: bool = False
+
+    @property
+    def handed_out(self) -> bool:
+        return self.record is not None
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,10 @@
   agentd (the composition root) imports only its interface, never one integration; no
   integration's name or chat command is written in the code of flowengine, api, bot or
   agentd; an integration imports the engine's public surface (``flowengine``) only, never
-  api, bot or agentd, and never another integration.
+  api, bot or agentd, and never another integration;
+- no import cycle between the project's modules: every import statement counts, those inside
+  functions and under ``if TYPE_CHECKING:`` too (a cycle hidden by a local import is still
+  one module needing the other).
 
 Extend the data below when a module is added; the rules themselves stay put.
 """
@@ -109,6 +112,67 @@ def top(name: str) -> str:
     return name.split(".")[0]
 
 
+def project_module(imported: str) -> str | None:
+    """The project module an imported name lives in (``api.app.create_app`` -> ``api.app``),
+    or None for the standard library and third parties."""
+    parts = imported.split(".")
+    while parts and ".".join(parts) not in MODULES:
+        parts.pop()
+    return ".".join(parts) or None
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the project's modules it imports (itself left out)."""
+    graph: dict[str, set[str]] = {}
+    for name in MODULES:
+        targets = {project_module(i) for i in imports_of(name)}
+        graph[name] = {t for t in targets if t is not None and t != name}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph.get(child, ())))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                parent = work[-1][0]
+                low[parent] = min(low[parent], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    found.append(sorted(component))
+    return found
+
+
 def test_the_parser_sees_imports() -> None:
     """Guard against a vacuous check: known imports are found and resolved."""
     assert {"flowengine.states", "dataclasses", "typing"} <= imports_of("flowengine.models")
@@ -117,6 +181,39 @@ def test_the_parser_sees_imports() -> None:
     if "bot.dialogue" in MODULES:
         assert "bot.texts" in imports_of("bot.dialogue")
     assert len([m for m in MODULES if top(m) == "flowengine"]) >= 10
+
+
+@pytest.mark.parametrize(
+    ("graph", "expected"),
+    [
+        ({"a": {"b"}, "b": {"c"}, "c": set()}, []),
+        ({"a": {"b"}, "b": {"a"}}, [["a", "b"]]),
+        ({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}, [["a", "b", "c"]]),
+        ({"a": {"b"}, "b": {"a"}, "c": {"d"}, "d": {"c", "a"}}, [["a", "b"], ["c", "d"]]),
+    ],
+)
+def test_the_cycle_finder_finds_cycles(
+    graph: dict[str, set[str]], expected: list[list[str]]
+) -> None:
+    assert sorted(cycles(graph)) == expected
+
+
+def test_the_import_graph_sees_local_and_type_checking_imports() -> None:
+    """Guard against a vacuous cycle check: imports inside functions and under
+    ``TYPE_CHECKING`` are edges of the graph."""
+    graph = import_graph()
+    assert "agentd.commands" in graph["agentd.cli"]  # imported inside _run
+    assert "flowengine.access" in graph["agentd.config"]  # TYPE_CHECKING and local
+    assert "api.context" in graph["api.oauth"]
+
+
+def test_no_import_cycles() -> None:
+    graph = import_graph()
+    found = cycles(graph)
+    described = [
+        "; ".join(f"{m} -> {', '.join(sorted(graph[m] & set(c)))}" for m in c) for c in found
+    ]
+    assert not found, f"import cycles: {described}"
 
 
 @pytest.mark.parametrize("name", sorted(m for m in MODULES if top(m) in FORBIDDEN))
