@@ -110,6 +110,8 @@ def cmd_config(args: argparse.Namespace, config: Config) -> int:
         derived = {} if config.problems else anyio.run(derive, config)
         sys.stdout.write(render(config, derived))
         return EXIT["ok"] if not config.problems else EXIT["usage"]
+    for warning in config.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     lines = [str(problem) for problem in config.problems]
     lines += [_catalog_line(err) for err in catalog_problems()]
     if not lines:
@@ -298,7 +300,7 @@ def _remote_token(provider: str, url: str, config: Config) -> int:
     from flowengine.trust import client_ssl_context
 
     base = check_base_url(url)  # a bad URL before any TLS set-up
-    trust = client_ssl_context(config.values["client"]["ca_file"] or None)
+    trust = client_ssl_context(config.client.ca_file or None)
     sys.stdout.write(RemoteTokens(base, ssl_context=trust).get(provider) + "\n")
     return EXIT["ok"]
 

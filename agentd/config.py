@@ -6,7 +6,9 @@ a default). Any key can be overridden from the environment as ``AGENTD_<SECTION>
 comma-separated in the environment.
 
 Loading never stops at the first problem: :func:`load_config` collects every problem
-with file, key and a hint; ``agentd config check`` prints them all.
+with file, key and a hint; ``agentd config check`` prints them all. The result is read by
+attribute, one typed frozen section each (agentd/sections.py): ``config.timer.awaiting_ttl``.
+Keys that are no longer used (:data:`DEPRECATED`) are accepted with a warning.
 
 ``[[access]]`` tables (who may fetch which provider's tokens from another machine, see
 flowengine/access.py) are read into :attr:`Config.access`; they have no environment
@@ -19,7 +21,7 @@ import math
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,8 +30,26 @@ from flowengine import paths
 
 if TYPE_CHECKING:  # pragma: no cover
     from flowengine.access import AccessPolicy
+if TYPE_CHECKING:  # pragma: no cover
+    from agentd.sections import (
+        ClientSection,
+        PathsSection,
+        RemoteSection,
+        ServerSection,
+        TelegramSection,
+        TimerSection,
+    )
 
-__all__ = ["Config", "ConfigProblem", "SCHEMA", "check_access", "check_files", "load_config"]
+__all__ = [
+    "DEPRECATED",
+    "SCHEMA",
+    "SECRET_KEYS",
+    "Config",
+    "ConfigProblem",
+    "check_access",
+    "check_files",
+    "load_config",
+]
 
 # section -> key -> (type, default, hint)
 SCHEMA: dict[str, dict[str, tuple[type, Any, str]]] = {
@@ -67,7 +87,6 @@ SCHEMA: dict[str, dict[str, tuple[type, Any, str]]] = {
         "timezone": (str, "UTC", "the owner's time zone for charts, e.g. Europe/Berlin"),
     },
     "client": {
-        "api_base_url": (str, "", "where the bot and CLI reach the daemon; empty = derived"),
         "ca_file": (str, "", "CA bundle to trust for the daemon; empty = system CAs"),
     },
     "remote": {
@@ -82,7 +101,13 @@ SCHEMA: dict[str, dict[str, tuple[type, Any, str]]] = {
     },
 }
 
-_SECRET_KEYS = {("telegram", "bot_token"), ("telegram", "api_hash"), ("server", "api_token")}
+#: keys whose values are never shown
+SECRET_KEYS = frozenset({"telegram.bot_token", "telegram.api_hash", "server.api_token"})
+#: keys agentd no longer reads -> why; accepted (an old file keeps working) with a warning
+DEPRECATED: dict[str, str] = {
+    "client.api_base_url": "no longer used: the CLI reaches the daemon on its unix socket and"
+    " the bot runs inside it; remove the key",
+}
 #: the hint of every ``[[access]]`` problem
 ACCESS_HINT = (
     '[[access]] who = ["tag:<name>", "user@example.com"] providers = ["<provider id>"]'
@@ -103,11 +128,15 @@ class ConfigProblem:
 
 @dataclass(frozen=True)
 class Config:
-    """The whole configuration; ``values[section][key]``."""
+    """The whole configuration, validated; read it by section: ``config.server.port``."""
 
     file: Path
-    values: dict[str, dict[str, Any]] = field(repr=False)
+    #: the validated values as loaded (section -> key -> value), what the typed sections
+    #: are built from on first use; read the sections instead
+    _raw: dict[str, dict[str, Any]] = field(repr=False)
     problems: tuple[ConfigProblem, ...] = ()
+    #: what works but should change (keys no longer used); never stops a command
+    warnings: tuple[ConfigProblem, ...] = ()
     file_exists: bool = False
     #: ``"section.key"`` -> (where it was set: "file" or "$AGENTD_...", the value as written
     #: there), for the keys the file or the environment set; ``config show`` prints these
@@ -118,8 +147,51 @@ class Config:
     #: the ``[[access]]`` rules as parsed (None: the file has none); see :attr:`access`
     access_rules: AccessPolicy | None = field(default=None, repr=False)
 
-    def get(self, section: str, key: str) -> Any:
-        return self.values[section][key]
+    def section(self, name: str) -> Any:
+        """Section ``name`` (a key of SCHEMA) as its typed value, built once."""
+        cache = self.__dict__.setdefault("_sections", {})
+        if name not in cache:
+            from agentd.sections import build
+
+            cache[name] = build(name, self._raw[name])
+        return cache[name]
+
+    def items(self) -> Iterator[tuple[str, Any]]:
+        """``("section.key", value)`` for every key, in SCHEMA's order (lists as tuples)."""
+        for name, keys in SCHEMA.items():
+            section = self.section(name)
+            for key in keys:
+                yield f"{name}.{key}", getattr(section, key)
+
+    @property
+    def server(self) -> ServerSection:
+        section: ServerSection = self.section("server")
+        return section
+
+    @property
+    def timer(self) -> TimerSection:
+        section: TimerSection = self.section("timer")
+        return section
+
+    @property
+    def telegram(self) -> TelegramSection:
+        section: TelegramSection = self.section("telegram")
+        return section
+
+    @property
+    def client(self) -> ClientSection:
+        section: ClientSection = self.section("client")
+        return section
+
+    @property
+    def remote(self) -> RemoteSection:
+        section: RemoteSection = self.section("remote")
+        return section
+
+    @property
+    def paths(self) -> PathsSection:
+        section: PathsSection = self.section("paths")
+        return section
 
     @property
     def access(self) -> AccessPolicy:
@@ -132,14 +204,17 @@ class Config:
 
         return AccessPolicy()
 
+    # the paths are read from the values as loaded, not from the typed section: ``agentd
+    # token``'s fast path needs them and nothing else (see agentd/sections.py)
+
     @property
     def state_dir(self) -> Path:
-        explicit = self.values["paths"]["state_dir"]
+        explicit = self._raw["paths"]["state_dir"]
         return Path(explicit).expanduser() if explicit else paths.state_dir()
 
     @property
     def auth_file(self) -> Path:
-        explicit = self.values["paths"]["auth_file"]
+        explicit = self._raw["paths"]["auth_file"]
         return Path(explicit).expanduser() if explicit else paths.auth_file()
 
     @property
@@ -161,17 +236,7 @@ class Config:
 
     @property
     def telegram_enabled(self) -> bool:
-        return bool(self.values["telegram"]["bot_token"])
-
-    def redacted(self) -> dict[str, dict[str, Any]]:
-        """The values with secrets masked, for ``agentd config show``."""
-        out: dict[str, dict[str, Any]] = {}
-        for section, keys in self.values.items():
-            out[section] = {}
-            for key, value in keys.items():
-                hidden = (section, key) in _SECRET_KEYS and value
-                out[section][key] = "********" if hidden else value
-        return out
+        return bool(self.telegram.bot_token)
 
 
 def _key_hint(section: str, key: str) -> str:
@@ -294,11 +359,6 @@ def _validate(values: dict[str, dict[str, Any]], where: str) -> list[ConfigProbl
         bad("server", "redirect_uri", "must be https://<name>:<port>/oauth/callback")
     if server["public_name"] and not _HOSTNAME.match(server["public_name"]):
         bad("server", "public_name", f"{server['public_name']!r} is not a host name")
-    base = values["client"]["api_base_url"]
-    if base:
-        problem = _url_problem(base, schemes=("https", "http"))
-        if problem:
-            bad("client", "api_base_url", problem)
     logins = server["allowed_logins"]
     if not all(isinstance(login, str) and login and _printable(login) for login in logins):
         bad("server", "allowed_logins", "must be a list of login names (strings)")
@@ -353,10 +413,10 @@ def check_files(config: Config) -> list[ConfigProblem]:
 
     problems: list[ConfigProblem] = []
     where = str(config.file)
-    client, server = config.values["client"], config.values["server"]
-    if client["ca_file"] and Path(client["ca_file"]).expanduser().is_file():
+    ca_file, server = config.client.ca_file, config.server
+    if ca_file and Path(ca_file).expanduser().is_file():
         try:
-            ssl.create_default_context(cafile=str(Path(client["ca_file"]).expanduser()))
+            ssl.create_default_context(cafile=str(Path(ca_file).expanduser()))
         except (ssl.SSLError, OSError, ValueError) as err:
             problems.append(
                 ConfigProblem(
@@ -366,7 +426,7 @@ def check_files(config: Config) -> list[ConfigProblem]:
                     SCHEMA["client"]["ca_file"][2],
                 )
             )
-    cert, key = server["cert_file"], server["key_file"]
+    cert, key = server.cert_file, server.key_file
     if cert and key and Path(cert).expanduser().is_file() and Path(key).expanduser().is_file():
         try:
             ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(
@@ -419,6 +479,10 @@ def _telegram_id(raw: Any) -> int | None:
     return None
 
 
+def _deprecated(where: str, dotted: str) -> ConfigProblem:
+    return ConfigProblem(where, dotted, "is deprecated and ignored", DEPRECATED[dotted])
+
+
 def load_config(
     file: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None
 ) -> Config:
@@ -432,6 +496,7 @@ def load_config(
         for section, keys in SCHEMA.items()
     }
     problems: list[ConfigProblem] = []
+    warnings: list[ConfigProblem] = []
     origins: dict[str, tuple[str, Any]] = {}
     unknown: dict[str, Any] = {}
     where = str(path)
@@ -480,6 +545,10 @@ def load_config(
             for key, value in keys.items():
                 if key in SCHEMA[section]:
                     origins[f"{section}.{key}"] = ("file", value)
+                elif f"{section}.{key}" in DEPRECATED:
+                    unknown[f"{section}.{key}"] = value
+                    warnings.append(_deprecated(where, f"{section}.{key}"))
+                    continue
                 else:
                     unknown[f"{section}.{key}"] = value
                     problems.append(
@@ -502,11 +571,16 @@ def load_config(
                     values[section][key] = _coerce(environ[name], kind, from_env=True)
                 except ValueError as err:
                     problems.append(ConfigProblem(f"${name}", f"{section}.{key}", str(err), hint))
+    for dotted in DEPRECATED:
+        name = "AGENTD_" + dotted.upper().replace(".", "_")
+        if name in environ:
+            warnings.append(_deprecated(f"${name}", dotted))
     problems += _validate(values, where)
     return Config(
         file=path,
-        values=values,
+        _raw=values,
         problems=tuple(problems),
+        warnings=tuple(warnings),
         file_exists=exists,
         origins=origins,
         unknown=unknown,

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agentd import tomlout
-from agentd.config import _SECRET_KEYS, SCHEMA, Config
+from agentd.config import SCHEMA, SECRET_KEYS, Config
 from flowengine import paths
 from flowengine.errors import BrokerError
 
@@ -35,14 +35,12 @@ class Derived:
 
 async def _plan(config: Config) -> Any:
     """The daemon's serving plan, as ``agentd serve`` would make it (asks tailscaled)."""
+    from agentd.context import api_settings
     from agentd.daemon import tailscale_client
     from api.serve import plan_serving
-    from api.settings import ApiSettings
 
-    # no token_file: showing the configuration must not create the API token
-    settings = ApiSettings.from_server_section(
-        config.values["server"], tls_dir=config.state_dir / "tls"
-    )
+    # not the API token: showing the configuration must not create its file
+    settings = api_settings(config)
     tailscale = tailscale_client(settings)
     try:
         return await plan_serving(settings, tailscale=tailscale)
@@ -67,18 +65,17 @@ _XDG_DEFAULTS = {"XDG_STATE_HOME": ".local/state", "XDG_DATA_HOME": ".local/shar
 async def derive(config: Config, env: Mapping[str, str] | None = None) -> dict[str, Derived]:
     """``"section.key"`` -> the derived value of every key the configuration leaves empty."""
     environ = os.environ if env is None else env
-    values = config.values
     out: dict[str, Derived] = {}
-    if not values["paths"]["state_dir"]:
+    if not config.paths.state_dir:
         how = _origin_of_path(
             environ, "AGENTD_STATE_DIR|STATE_DIRECTORY", "XDG_STATE_HOME", "agentd"
         )
         out["paths.state_dir"] = Derived(str(config.state_dir), how)
-    if not values["paths"]["auth_file"]:
+    if not config.paths.auth_file:
         how = _origin_of_path(environ, "AGENT_AUTH_FILE", "XDG_DATA_HOME", "agent/auth.json")
         out["paths.auth_file"] = Derived(str(config.auth_file), how)
-    server = values["server"]
-    if not server["api_token"]:
+    server = config.server
+    if not server.api_token:
         token_file = config.api_token_path
         if token_file.is_file():
             out["server.api_token"] = Derived(MASK, f"generated, in {token_file}")
@@ -89,37 +86,31 @@ async def derive(config: Config, env: Mapping[str, str] | None = None) -> dict[s
     except (BrokerError, OSError) as err:
         reason = err.message if isinstance(err, BrokerError) else type(err).__name__
         for name in ("host", "public_name", "public_port", "redirect_uri"):
-            if not server[name]:
+            if not getattr(server, name):
                 out[f"server.{name}"] = Derived(None, f"unknown: {reason}")
-        if not values["client"]["api_base_url"]:
-            out["client.api_base_url"] = Derived(None, f"unknown: {reason}")
         return out
     from urllib.parse import urlsplit
 
-    from agentd.context import daemon_base_url
-
-    mode = server["mode"]
-    if not server["host"]:
-        how = "the Tailscale address" if mode == "tls" else "loopback (behind tailscale serve)"
+    if not server.host:
+        how = (
+            "the Tailscale address" if server.mode == "tls" else "loopback (behind tailscale serve)"
+        )
         out["server.host"] = Derived(plan.host, how)
-    if not server["public_name"]:
+    if not server.public_name:
         out["server.public_name"] = Derived(plan.public_name, "asked tailscaled (MagicDNS name)")
-    if not server["public_port"]:
+    if not server.public_port:
         port = urlsplit(plan.redirect_uri).port or 443
-        how = "server.port" if mode == "tls" else "tailscale serve's HTTPS port"
+        how = "server.port" if server.mode == "tls" else "tailscale serve's HTTPS port"
         out["server.public_port"] = Derived(port, how)
-    if not server["redirect_uri"]:
+    if not server.redirect_uri:
         out["server.redirect_uri"] = Derived(
             plan.redirect_uri, "https://<public_name>:<public_port>/oauth/callback"
         )
-    if mode == "tls" and not server["cert_file"] and plan.public_name:
+    if server.mode == "tls" and not server.cert_file and plan.public_name:
         tls_dir = config.state_dir / "tls"
         how = "fetched from tailscaled, renewed by the daemon"
         out["server.cert_file"] = Derived(str(tls_dir / f"{plan.public_name}.crt"), how)
         out["server.key_file"] = Derived(str(tls_dir / f"{plan.public_name}.key"), how)
-    if not values["client"]["api_base_url"]:
-        base = daemon_base_url(config, plan.public_name or None)
-        out["client.api_base_url"] = Derived(base, "from the redirect URI (the daemon)")
     return out
 
 
@@ -128,14 +119,42 @@ def _line(name: str, shown: Any, comment: str | None) -> str:
     return f"{text}  # {comment}" if comment else text
 
 
+def _key_line(
+    config: Config,
+    name: str,
+    dotted: str,
+    value: Any,
+    problems: Mapping[str, list[str]],
+    derived: Mapping[str, Derived],
+) -> str:
+    """One key of ``config show``: as written and marked when wrong, else the value in use
+    (or derived), secrets masked."""
+    origin = config.origins.get(dotted)
+    secret = dotted in SECRET_KEYS
+    if dotted in problems:
+        shown = origin[1] if origin is not None else value
+        if secret and shown:
+            shown = MASK
+        source = f" ({origin[0]})" if origin and origin[0] != "file" else ""
+        return _line(name, shown, f"error{source}: {'; '.join(problems[dotted])}")
+    if secret and value:
+        value = MASK
+    if dotted in derived and not config.problems:
+        d = derived[dotted]
+        return _line(name, value if d.value is None else d.value, f"derived: {d.how}")
+    comment = f"from {origin[0]}" if origin is not None and origin[0] != "file" else None
+    return _line(name, value, comment)
+
+
 def render(config: Config, derived: Mapping[str, Derived]) -> str:
     """The whole ``config show`` text."""
     problems: dict[str, list[str]] = {}
     for problem in config.problems:
         problems.setdefault(problem.key, []).append(problem.message)
+    deprecated = {w.key: f"{w.message}: {w.hint}" for w in config.warnings}
     where = str(config.file) + ("" if config.file_exists else " (not present: defaults)")
     lines = [f"# agentd configuration: {where}"]
-    redirect = config.values["server"]["redirect_uri"] or getattr(
+    redirect = config.server.redirect_uri or getattr(
         derived.get("server.redirect_uri"), "value", None
     )
     if config.problems:
@@ -158,33 +177,13 @@ def render(config: Config, derived: Mapping[str, Derived]) -> str:
         + ("" if paths.user_catalog_path().is_file() else " (not present: built-ins only)"),
         "# derived = worked out by agentd for an empty key; secrets are masked",
     ]
-    for section, keys in SCHEMA.items():
-        lines += ["", f"[{section}]"]
-        for name in keys:
-            dotted = f"{section}.{name}"
-            origin = config.origins.get(dotted)
-            value = config.values[section][name]
-            secret = (section, name) in _SECRET_KEYS
-            if dotted in problems:
-                shown = origin[1] if origin is not None else value
-                if secret and shown:
-                    shown = MASK
-                source = f" ({origin[0]})" if origin and origin[0] != "file" else ""
-                lines.append(_line(name, shown, f"error{source}: {'; '.join(problems[dotted])}"))
-                continue
-            comment = None
-            if origin is not None and origin[0] != "file":
-                comment = f"from {origin[0]}"
-            if secret and value:
-                value = MASK
-            if dotted in derived and not config.problems:
-                d = derived[dotted]
-                if d.value is None:
-                    lines.append(_line(name, value, f"derived: {d.how}"))
-                else:
-                    lines.append(_line(name, d.value, f"derived: {d.how}"))
-                continue
-            lines.append(_line(name, value, comment))
+    last = ""
+    for dotted, value in config.items():
+        section, _, name = dotted.partition(".")
+        if section != last:
+            lines += ["", f"[{section}]"]
+            last = section
+        lines.append(_key_line(config, name, dotted, value, problems, derived))
     rules = config.access.rules
     lines += ["", f"# [[access]]: {len(rules) or 'no'} rule(s) (tokens for other machines)"]
     for rule in rules:
@@ -193,7 +192,7 @@ def render(config: Config, derived: Mapping[str, Derived]) -> str:
     if config.unknown:
         lines += ["", "# not read (unknown sections and keys, as written):"]
         for dotted, raw in config.unknown.items():
-            why = "; ".join(problems.get(dotted, ["unknown"]))
+            why = deprecated.get(dotted) or "; ".join(problems.get(dotted, ["unknown"]))
             try:
                 text = f"{dotted} = {tomlout.value(raw)}"
             except TypeError:

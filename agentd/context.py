@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -26,11 +26,14 @@ from flowengine.schedule import TimerPolicy
 from flowengine.tokens import TokenStore
 from flowengine.vault import Vault, vault_root
 
+if TYPE_CHECKING:  # pragma: no cover
+    from api.settings import ApiSettings
+
 __all__ = [
     "Context",
+    "api_settings",
     "api_token",
     "client_ssl_context",
-    "daemon_base_url",
     "open_context",
     "handout_rate",
     "redirect_uri",
@@ -42,25 +45,23 @@ __all__ = [
 
 def timer_policy(config: Config) -> TimerPolicy:
     """The refresh timer's policy from the ``[timer]`` section."""
-    timer = config.values["timer"]
+    timer = config.timer
     return TimerPolicy(
-        interval=float(timer["interval"]),
-        refresh_fraction=float(timer["refresh_fraction"]),
-        refresh_floor=float(timer["refresh_floor"]),
-        unknown_expiry_check=float(timer["unknown_expiry_check"]),
+        interval=timer.interval,
+        refresh_fraction=timer.refresh_fraction,
+        refresh_floor=timer.refresh_floor,
+        unknown_expiry_check=timer.unknown_expiry_check,
     )
 
 
 def retention(config: Config) -> Retention:
     """How long the audit keeps token hand-outs (``[remote] audit_days``/``audit_max_rows``)."""
-    remote = config.values["remote"]
-    return Retention(days=float(remote["audit_days"]), max_rows=int(remote["audit_max_rows"]))
+    return Retention(days=config.remote.audit_days, max_rows=config.remote.audit_max_rows)
 
 
 def handout_rate(config: Config) -> Rate:
     """Each identity's token bucket (``[remote] rate``/``burst``)."""
-    remote = config.values["remote"]
-    return Rate(per_second=float(remote["rate"]), burst=float(remote["burst"]))
+    return Rate(per_second=config.remote.rate, burst=float(config.remote.burst))
 
 
 def vault_dir(config: Config) -> Path:
@@ -88,12 +89,11 @@ async def open_context(
     http: httpx.AsyncClient | None = None,
 ) -> AsyncIterator[Context]:
     """Everything a command needs, closed again on exit."""
-    timer = config.values["timer"]
     engine = await FlowEngine.open(
         config.ledger_path,
         clock=clock,
-        awaiting_ttl=timer["awaiting_ttl"],
-        code_ttl=timer["code_ttl"],
+        awaiting_ttl=config.timer.awaiting_ttl,
+        code_ttl=config.timer.code_ttl,
     )
     own_http = http is None
     try:
@@ -127,7 +127,7 @@ async def open_context(
 
 def client_ssl_context(config: Config) -> ssl.SSLContext:
     """The trust of every HTTPS call (providers, the daemon): system CAs + ``client.ca_file``."""
-    return oauth_http.client_ssl_context(config.values["client"]["ca_file"] or None)
+    return oauth_http.client_ssl_context(config.client.ca_file or None)
 
 
 def api_token(config: Config) -> str:
@@ -135,15 +135,39 @@ def api_token(config: Config) -> str:
     # imported here: the api package loads Quart and Hypercorn, which most commands never use
     from api.settings import load_api_token
 
-    return load_api_token(config.api_token_path, str(config.values["server"]["api_token"]))
+    return load_api_token(config.api_token_path, config.server.api_token)
+
+
+def api_settings(config: Config, **overrides: Any) -> ApiSettings:
+    """The HTTP side's settings from ``[server]`` (``overrides``: ApiSettings fields the
+    daemon adds, e.g. its token and local socket). Makes no file."""
+    from api.settings import DEFAULT_SOCKET, ApiSettings
+
+    server = config.server
+    values: dict[str, Any] = {
+        "mode": server.mode,
+        "host": server.host,
+        "port": server.port,
+        "public_port": server.public_port,
+        "public_name": server.public_name,
+        "redirect_uri": server.redirect_uri,
+        "cert_file": Path(server.cert_file).expanduser() if server.cert_file else None,
+        "key_file": Path(server.key_file).expanduser() if server.key_file else None,
+        "tls_dir": config.state_dir / "tls",
+        "api_token": server.api_token,
+        "allowed_logins": server.allowed_logins,
+        "allow_public_bind": server.allow_public_bind,
+        "localapi_socket": server.localapi_socket or DEFAULT_SOCKET,
+    }
+    return ApiSettings(**(values | overrides))
 
 
 def redirect_uri(config: Config, public_name: str | None = None) -> str:
     """The exact redirect URI registered at providers."""
-    server = config.values["server"]
-    if server["redirect_uri"]:
-        return str(server["redirect_uri"])
-    name = public_name or server["public_name"]
+    server = config.server
+    if server.redirect_uri:
+        return server.redirect_uri
+    name = public_name or server.public_name
     if not name:
         raise ConfigError(
             "the daemon's MagicDNS name is unknown",
@@ -151,20 +175,7 @@ def redirect_uri(config: Config, public_name: str | None = None) -> str:
             hint="set server.public_name (e.g. host.tailnet.ts.net) or server.redirect_uri",
         )
     # as api.serve plans it: behind `tailscale serve` the public port is 8400 unless set
-    port = int(server["public_port"] or (8400 if server["mode"] == "serve" else server["port"]))
+    port = server.public_port or (8400 if server.mode == "serve" else server.port)
     return (
         f"https://{name}:{port}/oauth/callback" if port != 443 else f"https://{name}/oauth/callback"
     )
-
-
-def daemon_base_url(config: Config, public_name: str | None = None) -> str:
-    """Where the CLI and the bot reach the daemon's API."""
-    explicit = config.values["client"]["api_base_url"]
-    if explicit:
-        return str(explicit).rstrip("/")
-    server = config.values["server"]
-    if server["mode"] == "serve":
-        host = server["host"] or "127.0.0.1"
-        return f"http://{host}:{int(server['port'])}"
-    parts = urlsplit(redirect_uri(config, public_name))
-    return f"{parts.scheme}://{parts.netloc}"

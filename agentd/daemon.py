@@ -38,7 +38,8 @@ from agentd import systemd
 from agentd.config import Config, check_access, check_files, load_config
 from agentd.context import (
     Context,
-    daemon_base_url,
+    api_settings,
+    api_token,
     handout_rate,
     open_context,
     retention,
@@ -102,11 +103,8 @@ async def run_daemon(
 ) -> None:
     """Run until ``stop`` is set (or a signal arrives); ``task_status.started(plan)``."""
     stop = stop or anyio.Event()
-    settings = ApiSettings.from_server_section(
-        config.values["server"],
-        tls_dir=config.state_dir / "tls",
-        token_file=config.api_token_path,
-        local_socket=socket_path(config.state_dir),
+    settings = api_settings(
+        config, api_token=api_token(config), local_socket=socket_path(config.state_dir)
     )
     tailscale = tailscale_client(settings)
     async with open_context(config) as ctx:
@@ -146,7 +144,7 @@ async def run_daemon(
                 components.append(f"timer (every {timer.policy.interval:g} s)")
                 await workers.start(partial(_watch_reload, config, app, ctx))
                 if config.telegram_enabled:
-                    await _start_bot(workers, ctx, config, settings, plan)
+                    await _start_bot(workers, ctx, config, plan)
                     components.append("telegram bot")
                     off = ""
                 else:
@@ -214,16 +212,14 @@ def reload_changes(old: Config, new: Config) -> list[str]:
         for who, provider in sorted(pairs):
             by_who.setdefault(who, []).append(provider)
         out += [f"{verb} {who}: {', '.join(providers)}" for who, providers in by_who.items()]
-    for key, value in new.values["remote"].items():
-        if old.values["remote"].get(key) != value:
-            out.append(f"remote.{key} {old.values['remote'].get(key):g} -> {value:g}")
-    pending = [
-        f"{section}.{key}"
-        for section, keys in new.values.items()
-        if section != "remote"
-        for key, value in keys.items()
-        if old.values.get(section, {}).get(key) != value
+    before_values, after_values = dict(old.items()), dict(new.items())
+    changed = [key for key, value in after_values.items() if before_values[key] != value]
+    out += [
+        f"{key} {before_values[key]:g} -> {after_values[key]:g}"
+        for key in changed
+        if key.startswith("remote.")
     ]
+    pending = [key for key in changed if not key.startswith("remote.")]
     if pending:
         out.append(f"restart to apply {', '.join(pending)}")
     return out
@@ -268,18 +264,12 @@ async def _main(config: Config) -> None:
     await run_daemon(config)
 
 
-async def _start_bot(
-    workers: Any, ctx: Context, config: Config, settings: ApiSettings, plan: ServePlan
-) -> None:
+async def _start_bot(workers: Any, ctx: Context, config: Config, plan: ServePlan) -> None:
     from bot import BotSettings, run_bot
     from integrations import Services, bind_commands, discover
 
     bot_settings = BotSettings.from_config(
-        config.values,
-        api_base_url=daemon_base_url(config, plan.public_name),
-        api_token=settings.api_token,
-        redirect_uri=plan.redirect_uri,
-        state_dir=config.state_dir,
+        config.telegram, redirect_uri=plan.redirect_uri, state_dir=config.state_dir
     )
     services = Services(
         broker=ctx.broker,
@@ -358,12 +348,11 @@ def serve(config: Config, *, verbose: bool = False) -> int:
     else:
         return EXIT["ok"]
     if isinstance(error, OSError) and error.errno in _BIND_ERRNOS:
-        server = config.values["server"]
         log.error(
             "cannot listen on %s:%s: %s (hint: is another agentd serve running? see server.host"
             " and server.port in %s)",
-            server["host"] or "the Tailscale address",
-            server["port"],
+            config.server.host or "the Tailscale address",
+            config.server.port,
             error.strerror or error,
             config.file,
         )

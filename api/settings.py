@@ -1,9 +1,8 @@
 """ApiSettings: everything the HTTP side needs to know, as one frozen value. [pure-ish]
 
-Built by the composition root (agentd) from the ``[server]`` section of agentd.toml with
-:meth:`ApiSettings.from_server_section`; tests build it directly. The API bearer token is
-read from config or from ``<state>/api-token`` (created 0600 on first start) by
-:func:`load_api_token`.
+Built by the composition root (agentd/context.py ``api_settings``) from the ``[server]``
+section of agentd.toml; tests build it directly. The API bearer token is read from config
+or from ``<state>/api-token`` (created 0600 on first start) by :func:`load_api_token`.
 """
 
 from __future__ import annotations
@@ -11,10 +10,9 @@ from __future__ import annotations
 import hmac
 import os
 import secrets
-from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from flowengine.errors import ConfigError
 
@@ -88,45 +86,6 @@ class ApiSettings:
 
     def with_token(self, token: str) -> ApiSettings:
         return replace(self, api_token=token)
-
-    @classmethod
-    def from_server_section(
-        cls,
-        server: Mapping[str, Any],
-        *,
-        tls_dir: Path | None = None,
-        token_file: Path | None = None,
-        **overrides: Any,
-    ) -> ApiSettings:
-        """Build from agentd.toml's ``[server]`` values (keys as in agentd.config.SCHEMA).
-
-        With ``token_file`` the bearer token is ``server.api_token`` or that file's content
-        (generated 0600 on first start).
-        """
-
-        def path(key: str) -> Path | None:
-            value = server.get(key) or ""
-            return Path(str(value)).expanduser() if value else None
-
-        values: dict[str, Any] = {
-            "mode": server.get("mode", "tls"),
-            "host": server.get("host", ""),
-            "port": int(server.get("port", 8400)),
-            "public_port": int(server.get("public_port", 0) or 0),
-            "public_name": server.get("public_name", ""),
-            "redirect_uri": server.get("redirect_uri", ""),
-            "cert_file": path("cert_file"),
-            "key_file": path("key_file"),
-            "tls_dir": tls_dir,
-            "api_token": server.get("api_token", ""),
-            "allowed_logins": tuple(server.get("allowed_logins", ()) or ()),
-            "allow_public_bind": bool(server.get("allow_public_bind", False)),
-            "localapi_socket": server.get("localapi_socket", DEFAULT_SOCKET) or DEFAULT_SOCKET,
-        }
-        if token_file is not None:
-            values["api_token"] = load_api_token(token_file, values["api_token"])
-        values.update(overrides)
-        return cls(**values)
 
 
 def load_api_token(path: Path, configured: str = "") -> str:

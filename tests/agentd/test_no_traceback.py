@@ -276,8 +276,6 @@ BAD_CONFIGS = {
     "section-not-table": ("server = 1\n", "server"),
     "nul-in-path": ('[paths]\nstate_dir = "a\\u0000b"\n', "paths.state_dir"),
     "public-name": ('[server]\npublic_name = "not a host"\n', "server.public_name"),
-    "base-url": ('[client]\napi_base_url = "localhost:8400"\n', "client.api_base_url"),
-    "base-url-port": ('[client]\napi_base_url = "https://h:99999"\n', "client.api_base_url"),
     "api-id-huge": ("[telegram]\napi_id = 9223372036854775807\n", "telegram.api_id"),
     "datetime": ("[server]\nhost = 1979-05-27T07:32:00Z\n", "server.host"),
     "not-toml": ("[server\n", "not valid TOML"),

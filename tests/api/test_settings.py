@@ -40,33 +40,6 @@ def test_token_compare() -> None:
     assert not token_matches("", "")  # no configured token: nothing matches
 
 
-def test_from_server_section_maps_agentd_toml() -> None:
-    settings = ApiSettings.from_server_section(
-        {
-            "mode": "serve",
-            "host": "",
-            "port": 8401,
-            "public_port": 0,
-            "public_name": "host.tailnet.ts.net",
-            "redirect_uri": "",
-            "cert_file": "",
-            "key_file": "",
-            "allow_public_bind": False,
-            "allowed_logins": ["owner@example.com"],
-            "api_token": "t",
-            "localapi_socket": "/run/tailscale/tailscaled.sock",
-        },
-        tls_dir=Path("/state/tls"),
-    )
-    assert settings.mode == "serve"
-    assert settings.port == 8401
-    assert settings.allowed_logins == ("owner@example.com",)
-    assert settings.owner_check
-    assert settings.cert_file is None
-    assert settings.tls_dir == Path("/state/tls")
-    assert "api_token" not in repr(settings)
-
-
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
@@ -128,12 +101,3 @@ async def test_unexpected_errors_are_500_without_details(
     assert "Something went wrong" in body
     assert "Traceback" not in body
     assert page.headers["Content-Security-Policy"].startswith("default-src 'none'")
-
-
-def test_from_server_section_loads_or_creates_the_token_file(tmp_path: Path) -> None:
-    token_file = tmp_path / "state" / "api-token"
-    first = ApiSettings.from_server_section({"api_token": ""}, token_file=token_file)
-    again = ApiSettings.from_server_section({}, token_file=token_file)
-    assert first.api_token == again.api_token == token_file.read_text().strip()
-    configured = ApiSettings.from_server_section({"api_token": "cfg"}, token_file=token_file)
-    assert configured.api_token == "cfg"

@@ -12,6 +12,7 @@ import os
 import stat
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import anyio
@@ -330,8 +331,6 @@ def _settings(tmp_path: Path, **overrides: Any) -> BotSettings:
         "api_id": 1,
         "api_hash": "hash-value",
         "owner_ids": frozenset({OWNER}),
-        "api_base_url": "http://127.0.0.1:9",
-        "api_token": "api-token-value",
         "redirect_uri": "http://127.0.0.1:9/oauth/callback",
         "session_path": tmp_path / "state" / "telegram.session",
         "resume_path": tmp_path / "state" / "telegram-flows.json",
@@ -343,7 +342,7 @@ def _settings(tmp_path: Path, **overrides: Any) -> BotSettings:
 def test_settings_hide_secrets_and_list_problems(tmp_path: Path) -> None:
     settings = _settings(tmp_path)
     assert settings.check() is settings
-    for secret in ("bot-token-value", "hash-value", "api-token-value"):
+    for secret in ("bot-token-value", "hash-value"):
         assert secret not in repr(settings)
     bad = _settings(tmp_path, bot_token="", api_id=0, owner_ids=frozenset())
     with pytest.raises(ConfigError) as info:
@@ -354,31 +353,19 @@ def test_settings_hide_secrets_and_list_problems(tmp_path: Path) -> None:
 
 
 def test_settings_from_config_values(tmp_path: Path) -> None:
-    values = {
-        "telegram": {
-            "bot_token": "t",
-            "api_id": 5,
-            "api_hash": "h",
-            "owner_ids": [1, "2"],
-            "timezone": "Europe/Berlin",
-        },
-        "client": {"api_base_url": "", "ca_file": ""},
-    }
+    telegram = SimpleNamespace(
+        bot_token="t", api_id=5, api_hash="h", owner_ids=[1, "2"], timezone="Europe/Berlin"
+    )
     settings = BotSettings.from_config(
-        values,
-        api_base_url="https://host.ts.net:8400",
-        api_token="a",
-        redirect_uri="https://host.ts.net:8400/oauth/callback",
-        state_dir=tmp_path,
+        telegram, redirect_uri="https://host.ts.net:8400/oauth/callback", state_dir=tmp_path
     )
     assert settings.owner_ids == {1, 2}
     assert settings.session_path == tmp_path / "telegram.session"
     assert settings.resume_path == tmp_path / "telegram-flows.json"
     assert settings.timezone == "Europe/Berlin"
-    assert settings.ca_file is None
     with pytest.raises(ConfigError, match="not a Telegram user id"):
         BotSettings.from_config(
-            {"telegram": {"owner_ids": ["me"]}}, api_base_url="", api_token="", redirect_uri=""
+            SimpleNamespace(**{**vars(telegram), "owner_ids": ["me"]}), redirect_uri=""
         )
 
 
@@ -390,14 +377,11 @@ def test_settings_from_env(tmp_path: Path) -> None:
         "AGENTD_TELEGRAM_API_ID": "9",
         "AGENTD_TELEGRAM_API_HASH": "h",
         "AGENTD_TELEGRAM_OWNER_IDS": "1, 2",
-        "AGENTD_CLIENT_API_BASE_URL": "https://h:8400",
         "AGENTD_SERVER_REDIRECT_URI": "https://h:8400/oauth/callback",
     }
-    (tmp_path / "st").mkdir()
-    (tmp_path / "st" / "api-token").write_text("from-file\n")
     settings = BotSettings.from_env(env)
     assert settings.check() is settings
-    assert (settings.api_id, settings.owner_ids, settings.api_token) == (9, {1, 2}, "from-file")
+    assert (settings.api_id, settings.owner_ids) == (9, {1, 2})
     assert settings.session_path == tmp_path / "st" / "telegram.session"
 
 
