@@ -21,6 +21,7 @@ install: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 # The oidc-provider end-to-end suite's node modules: installed when npm is on PATH (a no-op
 # once they match package-lock.json). Without npm, or offline, pytest's summary says loudly

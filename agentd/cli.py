@@ -173,14 +173,14 @@ class _Version(argparse.Action):
 
 
 def _command(
-    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    sub: argparse._SubParsersAction[_Parser],
     name: str,
     summary: str,
     description: str,
     *,
     examples: Sequence[str],
     codes: Sequence[int],
-) -> argparse.ArgumentParser:
+) -> _Parser:
     return sub.add_parser(
         name,
         help=summary,
@@ -478,7 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_integrations(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_integrations(sub: argparse._SubParsersAction[_Parser]) -> None:
     """``agentd <integration> …`` for every integration the package finds (none named here)."""
     from integrations import discover
 

@@ -176,7 +176,7 @@ async def _demo(root: Path, out: TextIO) -> int:
         "AGENTD_PATHS_AUTH_FILE": str(root / "auth.json"),
     }
     config = load_config(env=env)
-    common = {
+    common: dict[str, Any] = {
         "mode": "tls",
         "host": "127.0.0.1",
         "public_name": "localhost",
@@ -414,19 +414,22 @@ async def _short_lived_grant(p: _Printer, state_dir: Path, item: _Simulated) -> 
         consent="allow",
     )
     base = "https://short-lived.invalid"
+    lifetime = RefreshLifetime("absolute", days=5)
     spec = dataclasses.replace(
         _simulated_spec(item.spec, api, base),
         id=f"{item.spec.id}-short",
         name=f"{item.integration.title} (simulated, 5-day grants)",
-        refresh_lifetime=RefreshLifetime("absolute", days=5),
+        refresh_lifetime=lifetime,
         use_pkce=False,
     )
     p.section("A grant that ends on its own: warned 3 days before and on the last day")
-    p.say(f"catalog rule of {spec.id}: the grant ends {spec.refresh_lifetime.describe()}")
+    p.say(f"catalog rule of {spec.id}: the grant ends {lifetime.describe()}")
     p.say("(a separate ledger and a clock the demo moves forward; the bot's texts as sent)")
     engine = await FlowEngine.open(state_dir / "short-lived.sqlite3", clock=clock)
     try:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app)) as http:
+        # Quart types its ASGI call with its own TypedDicts, httpx with plain mappings
+        transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
+        async with httpx.AsyncClient(transport=transport) as http:
             credentials = CredentialStore(state_dir / "short-lived-credentials.json")
             credentials.put(spec.id, ClientCredentials(CLIENT_ID, CLIENT_SECRET))
             broker = Broker(

@@ -16,7 +16,7 @@ import json
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, unquote_plus
 
 import anyio
@@ -24,6 +24,9 @@ import httpx
 
 from flowengine.catalog import ProviderSpec, load_catalog
 from flowengine.credentials import ClientCredentials
+
+if TYPE_CHECKING:  # pragma: no cover
+    from quart import Quart
 
 
 @dataclass
@@ -208,3 +211,9 @@ class FakeProvider:
 
 def json_body(response: httpx.Response) -> Any:
     return json.loads(response.content)
+
+
+def asgi(app: Quart) -> httpx.ASGITransport:
+    """An httpx transport into a Quart app, in-process (Quart types its ASGI call with its
+    own scope and event TypedDicts, httpx with plain mappings: the same protocol)."""
+    return httpx.ASGITransport(app=app)  # type: ignore[arg-type]

@@ -128,7 +128,7 @@ def seed_tokens(instance: AgentdInstance) -> dict[str, str]:
     """Tokens the daemon takes over from auth.json: a valid dexcom pair; expired ones for
     strava (the sim refuses its refresh token) and whoop (its token endpoint is closed)."""
     soon, gone = now_ms() + 3_600_000, now_ms() - 1000
-    entries = {
+    entries: dict[str, dict[str, Any]] = {
         "dexcom": {"access": "dexcom-access-remote-1", "refresh": "r1", "expires": soon},
         "strava": {"access": "strava-access-old", "refresh": "not-at-the-sim", "expires": gone},
         "whoop": {"access": "whoop-access-old", "refresh": "r3", "expires": gone},

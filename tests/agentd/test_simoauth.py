@@ -18,6 +18,7 @@ from agentd.simoauth import SimOAuth, create_sim_app, get_sim
 from flowengine.clock import ManualClock
 from flowengine.protocol import code_challenge, new_code_verifier
 from integrations import BearerCheck, SimDialect
+from tests.fakes import asgi
 
 REDIRECT = "https://broker.test/oauth/callback"
 NOW = datetime(2026, 11, 20, 18, 0, tzinfo=UTC)
@@ -75,7 +76,7 @@ def _sim(app: Quart) -> SimOAuth:
 
 @pytest.fixture(name="http")
 async def _http(app: Quart) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=app)
+    transport = asgi(app)
     async with httpx.AsyncClient(transport=transport, base_url="https://sim.test") as client:
         yield client
 
@@ -186,7 +187,7 @@ async def test_scripted_consent_redirects_at_once(clock: ManualClock, consent: s
         redirect_uris=[REDIRECT],
         consent=consent,  # type: ignore[arg-type]
     )
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="https://s") as c:
+    async with httpx.AsyncClient(transport=asgi(app), base_url="https://s") as c:
         response = await c.get("/oauth/authorize", params=_authorize_params())
     assert response.status_code == 302
     query = _query(response.headers["location"])
@@ -408,7 +409,7 @@ async def test_refresh_without_rotation_keeps_the_token(clock: ManualClock) -> N
     )
     sim = get_sim(app)
     refresh = sim.issue_tokens("cid")["refresh_token"]
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="https://s") as c:
+    async with httpx.AsyncClient(transport=asgi(app), base_url="https://s") as c:
         for _ in range(2):
             response = await _refresh(c, refresh)
             assert response.status_code == 200
@@ -424,7 +425,7 @@ async def test_refresh_ttl(clock: ManualClock) -> None:
     )
     refresh = get_sim(app).issue_tokens()["refresh_token"]
     clock.advance(3600)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="https://s") as c:
+    async with httpx.AsyncClient(transport=asgi(app), base_url="https://s") as c:
         response = await _refresh(c, refresh)
     assert response.status_code == 400
 
@@ -521,7 +522,7 @@ async def _enveloped(clock: ManualClock, api: MeApi) -> AsyncIterator[httpx.Asyn
         redirect_uris=[REDIRECT],
         consent="allow",
     )
-    transport = httpx.ASGITransport(app=app)
+    transport = asgi(app)
     async with httpx.AsyncClient(transport=transport, base_url="https://sim.test") as client:
         client.sim = get_sim(app)  # type: ignore[attr-defined]
         yield client

@@ -26,12 +26,15 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 import httpx
+
+#: a socket object (Node has a property named socket, its LocalAPI path)
+Socket = socket.socket
 
 __all__ = [
     "BIN_DIR",
@@ -305,7 +308,7 @@ class Node:
         options.setdefault("timeout", 30)
         return httpx.Client(proxy=f"http://{self.http_proxy}", **options)
 
-    def tunnel(self, host: str, port: int, timeout: float = 30) -> socket.socket:
+    def tunnel(self, host: str, port: int, timeout: float = 30) -> Socket:
         """A raw TCP connection to ``host:port`` leaving through this node (HTTP CONNECT).
 
         Unlike :meth:`client` for ``http://`` URLs (tailscaled's proxy forwards those and adds
@@ -364,7 +367,7 @@ class Tailnet:
     with tags is a tagged device.
     """
 
-    def __init__(self, nodes: dict[str, Iterable[str]], *, workdir: Path | None = None):
+    def __init__(self, nodes: Mapping[str, Iterable[str]], *, workdir: Path | None = None):
         # unix socket paths are limited to 108 bytes: keep the tree short
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="tn")
         self.workdir = workdir or Path(self._tmp.name)  # type: ignore[union-attr]

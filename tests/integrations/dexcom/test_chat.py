@@ -28,6 +28,7 @@ from integrations.dexcom.chat import caption
 from integrations.dexcom.client import TREND_ARROWS
 from integrations.dexcom.sim import DexcomSim, glucose_at
 from tests.bot.conftest import OWNER, BotRig
+from tests.fakes import asgi
 
 pytestmark = pytest.mark.anyio
 
@@ -67,7 +68,7 @@ def commands(http: httpx.AsyncClient, clock: Clock, tz: str = "UTC") -> object:
 
 @pytest.fixture(name="dexcom_http")
 async def _dexcom_http(sim_app: Quart) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=sim_app)) as client:
+    async with httpx.AsyncClient(transport=asgi(sim_app)) as client:
         yield client
 
 
@@ -193,7 +194,7 @@ async def test_connect_dexcom_at_the_simulator_then_glucose(rig: BotRig) -> None
     )
     sim = get_sim(sim_app)
     rig.catalog.register(load_catalog().get("dexcom"))  # api.dexcom.com, routed to the sim
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=sim_app)) as sim_http:
+    async with httpx.AsyncClient(transport=asgi(sim_app)) as sim_http:
         rig.provider_http = sim_http
         rig.commands = commands(sim_http, SystemClock())  # type: ignore[assignment]
         async with rig.running():

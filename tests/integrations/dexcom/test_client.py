@@ -33,6 +33,7 @@ from integrations.dexcom.client import (
     split_window,
 )
 from integrations.dexcom.sim import DexcomSim
+from tests.fakes import asgi
 
 NOW = datetime(2026, 11, 20, 18, 0, tzinfo=UTC)
 BASE = "https://sim-dexcom.test"
@@ -88,7 +89,7 @@ def _sim(app: Quart) -> SimOAuth:
 
 @pytest.fixture(name="http")
 async def _http(app: Quart) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=app)
+    transport = asgi(app)
     async with httpx.AsyncClient(transport=transport, base_url=BASE) as client:
         yield client
 
@@ -355,7 +356,7 @@ async def test_empty_range(api: DexcomSim, dexcom: DexcomClient, sim: SimOAuth) 
 @pytest.mark.anyio
 async def test_latest_respects_the_data_delay(clock: ManualClock, sleeps: Sleeps) -> None:
     app = create_sim_app(api=DexcomSim(clock=clock, data_delay=timedelta(hours=3)), clock=clock)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=BASE) as http:
+    async with httpx.AsyncClient(transport=asgi(app), base_url=BASE) as http:
         client = _client(FakeTokens(get_sim(app)), http, clock, sleeps)
         assert await client.latest(within=timedelta(hours=3)) is None
         reading = await client.latest()

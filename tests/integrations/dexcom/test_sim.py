@@ -15,6 +15,7 @@ from quart import Quart
 from agentd.simoauth import SimOAuth, create_sim_app, get_sim
 from flowengine.clock import ManualClock
 from integrations.dexcom.sim import DexcomSim
+from tests.fakes import asgi
 
 REDIRECT = "https://broker.test/oauth/callback"
 NOW = datetime(2026, 11, 20, 18, 0, tzinfo=UTC)
@@ -57,7 +58,7 @@ def _sim(app: Quart) -> SimOAuth:
 
 @pytest.fixture(name="http")
 async def _http(app: Quart) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=app)
+    transport = asgi(app)
     async with httpx.AsyncClient(transport=transport, base_url="https://sim.test") as client:
         yield client
 
@@ -133,7 +134,7 @@ async def test_receiver_records_have_no_offsets(clock: ManualClock) -> None:
     )
     app = create_sim_app(api=api, clock=clock)
     token = get_sim(app).issue_tokens()["access_token"]
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="https://s") as c:
+    async with httpx.AsyncClient(transport=asgi(app), base_url="https://s") as c:
         response = await _egvs(c, token, "2026-11-20T12:00:00", "2026-11-20T12:10:00")
     first = response.json()["records"][0]
     assert first["systemTime"] == "2026-11-20T12:00:23"
@@ -183,7 +184,7 @@ async def test_data_delay_and_history_bound_what_is_served(clock: ManualClock) -
     app = create_sim_app(api=api, clock=clock)
     sim = get_sim(app)
     token = sim.issue_tokens()["access_token"]
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="https://s") as c:
+    async with httpx.AsyncClient(transport=asgi(app), base_url="https://s") as c:
         recent = await _egvs(c, token, "2026-11-20T14:00:00", "2026-11-20T18:00:00")
         old = await _egvs(c, token, "2026-11-10T00:00:00", "2026-11-12T00:00:00")
     times = [datetime.fromisoformat(r["systemTime"]) for r in recent.json()["records"]]
@@ -302,7 +303,7 @@ async def test_the_products_oauth_client_speaks_to_the_sim(clock: ManualClock) -
         scopes=spec.scopes,
         scope_separator=spec.scope_separator,
     )
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=base) as c:
+    async with httpx.AsyncClient(transport=asgi(app), base_url=base) as c:
         redirected = await c.get(url)
         query = _query(redirected.headers["location"])
         assert query["state"] == state

@@ -31,6 +31,7 @@ from integrations.withings.chat import caption
 from integrations.withings.client import Measurement
 from integrations.withings.sim import WithingsSim
 from tests.bot.conftest import OWNER, BotRig
+from tests.fakes import asgi
 
 NOW = datetime(2026, 11, 20, 18, 0, tzinfo=UTC)
 BASE = "https://wbsapi.test"
@@ -65,7 +66,7 @@ def _sim(sim_app: Quart) -> SimOAuth:
 
 @pytest.fixture(name="withings_http")
 async def _withings_http(sim_app: Quart) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=sim_app)) as client:
+    async with httpx.AsyncClient(transport=asgi(sim_app)) as client:
         yield client
 
 

@@ -24,6 +24,7 @@ from integrations.withings.client import (
     measurements_to_json,
 )
 from integrations.withings.sim import WithingsSim, weight_on
+from tests.fakes import asgi
 
 NOW = datetime(2026, 11, 20, 18, 0, tzinfo=UTC)
 BASE = "https://wbsapi.test"
@@ -72,7 +73,7 @@ def _sim(app: Quart) -> SimOAuth:
 
 @pytest.fixture(name="http")
 async def _http(app: Quart) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app)) as client:
+    async with httpx.AsyncClient(transport=asgi(app)) as client:
         yield client
 
 

@@ -26,6 +26,7 @@ from flowengine.states import FlowState
 from flowengine.tokens import TokenStore
 from integrations.withings.client import WithingsClient
 from integrations.withings.sim import WithingsSim
+from tests.fakes import asgi
 
 pytestmark = pytest.mark.anyio
 
@@ -67,7 +68,7 @@ async def _stack(tmp_path: Path) -> AsyncIterator[Stack]:
     credentials = CredentialStore(tmp_path / "credentials.json")
     credentials.put("withings", ClientCredentials("wid", "wsecret"))
     tokens = TokenStore(tmp_path / "auth.json")
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app)) as http:
+    async with httpx.AsyncClient(transport=asgi(app)) as http:
         broker = Broker(
             engine,
             catalog=Catalog({"withings": spec}),

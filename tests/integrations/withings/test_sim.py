@@ -15,6 +15,7 @@ from quart import Quart
 from agentd.simoauth import SimOAuth, create_sim_app, get_sim
 from flowengine.clock import ManualClock
 from integrations.withings.sim import DIALECT, WithingsSim, blood_pressure_on, weight_on
+from tests.fakes import asgi
 
 REDIRECT = "https://broker.test/oauth/callback"
 NOW = datetime(2026, 11, 20, 18, 0, tzinfo=UTC)
@@ -60,7 +61,7 @@ def _sim(app: Quart) -> SimOAuth:
 
 @pytest.fixture(name="http")
 async def _http(app: Quart) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=app)
+    transport = asgi(app)
     async with httpx.AsyncClient(transport=transport, base_url="https://wbsapi.test") as client:
         yield client
 
