@@ -6,15 +6,26 @@ authorization server). When one is missing its tests skip with a reason built by
 :func:`real_peer_missing`, and the end of the pytest run says loudly which suites were
 skipped and how to get them (``make test`` installs the npm modules itself when npm is there;
 ``.ci/run`` installs everything; under CI, tests/test_ci_environment.py fails instead).
+
+Network. No test reaches beyond this machine: tests/netguard.py blocks every connection to a
+non-loopback address and every name lookup but ``localhost``, in this process and in the
+Python subprocesses tests start (through a ``.pth`` file written into the virtualenv, active
+only when ``$NETGUARD_FILE`` is set); a test during which anything was blocked fails.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import sysconfig
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests import netguard
 
 _PEER = re.compile(r"real peer missing: ([\w.-]+) \((.*)\)")
 
@@ -22,6 +33,62 @@ _PEER = re.compile(r"real peer missing: ([\w.-]+) \((.*)\)")
 def real_peer_missing(peer: str, how: str) -> str:
     """The skip reason for a test that needs ``peer``; ``how`` says how to install it."""
     return f"real peer missing: {peer} ({how})"
+
+
+#: the .pth file that runs tests/netguard.py in Python subprocesses of the tests
+_PTH_NAME = "agentd_oauth_tests_netguard.pth"
+
+
+def _install_subprocess_guard() -> str | None:
+    """Write the .pth hook into this interpreter's site-packages (once; a no-op when it is
+    there already); None when it cannot be written."""
+    target = Path(sysconfig.get_paths()["purelib"]) / _PTH_NAME
+    try:
+        if not target.is_file() or target.read_text(encoding="utf-8") != netguard.PTH_LINE:
+            target.write_text(netguard.PTH_LINE, encoding="utf-8")
+    except OSError as err:
+        return f"cannot write {target} ({type(err).__name__}): subprocesses are not guarded"
+    return None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    netguard.install()
+    config.stash[_GUARD_PROBLEM] = _install_subprocess_guard()
+    fd, log = tempfile.mkstemp(prefix="netguard-", suffix=".log")
+    os.close(fd)
+    os.environ["NETGUARD_FILE"] = str(Path(netguard.__file__).resolve())
+    os.environ["NETGUARD_LOG"] = log
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    log = os.environ.pop("NETGUARD_LOG", None)
+    os.environ.pop("NETGUARD_FILE", None)
+    if log:
+        Path(log).unlink(missing_ok=True)
+
+
+_GUARD_PROBLEM = pytest.StashKey[str | None]()
+
+
+def _subprocess_attempts() -> list[str]:
+    log = os.environ.get("NETGUARD_LOG")
+    try:
+        return Path(log).read_text(encoding="utf-8").splitlines() if log else []
+    except FileNotFoundError:
+        return []
+
+
+@pytest.fixture(name="no_network", autouse=True)
+def _no_network() -> Iterator[None]:
+    """Fail the test when it (or a subprocess of it) tried to reach the network."""
+    seen, seen_sub = len(netguard.attempts), len(_subprocess_attempts())
+    yield
+    blocked = netguard.attempts[seen:] + _subprocess_attempts()[seen_sub:]
+    if blocked:
+        pytest.fail(
+            f"the test tried to reach the network (loopback only): {'; '.join(blocked)}",
+            pytrace=False,
+        )
 
 
 @pytest.fixture(name="anyio_backend")
@@ -52,6 +119,9 @@ def _skip_reason(report: Any) -> str:
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: Any) -> None:
     """Name every real-peer suite that was skipped, with the reason and the fix."""
+    problem = config.stash.get(_GUARD_PROBLEM, None)
+    if problem:
+        terminalreporter.write_line(f"netguard: {problem}", red=True, bold=True)
     peers: dict[str, tuple[str, int]] = {}
     for report in terminalreporter.stats.get("skipped", []):
         match = _PEER.search(_skip_reason(report))
