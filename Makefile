@@ -37,8 +37,13 @@ $(OIDC_STAMP): $(OIDC)/package.json $(OIDC)/package-lock.json
 
 e2e-deps: $(OIDC_STAMP)
 
+# pytest under coverage (branch, subprocesses included; pyproject.toml [tool.coverage]); the
+# floor (fail_under) applies to the whole suite, not to a PYTEST_ARGS selection
 test: $(STAMP) lint e2e-deps tailnet
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	rm -f .coverage .coverage.*
+	$(BIN)/coverage run -m pytest $(PYTEST_ARGS)
+	$(BIN)/coverage combine -q
+	$(BIN)/coverage report $(if $(PYTEST_ARGS),--fail-under=0)
 
 # real tailscaled/tailscale + Tailscale's test control server for tests/tailnet (go.mod pins
 # tailscale.com); an up-to-date build takes well under a second
