@@ -1,9 +1,15 @@
-"""Durations as owners type them (``--since 30d``) and ages as they read them. [pure]"""
+"""Durations as owners type them (``--since 30d``) and ages as they read them. [pure]
+
+An age is written the way the CLI and the bot write every duration (flowengine/timefmt.py):
+``4m ago``, ``2h 5m ago``, ``3d ago``.
+"""
 
 from __future__ import annotations
 
 import re
 from datetime import timedelta
+
+from flowengine.timefmt import format_duration
 
 __all__ = ["age", "parse_since"]
 
@@ -30,14 +36,6 @@ def parse_since(text: str) -> timedelta:
 
 
 def age(delta: timedelta) -> str:
-    """How long ago, for a human: ``just now``, ``4 min ago``, ``2 h 5 min ago``, ``3 days ago``."""
-    seconds = delta.total_seconds()
-    if seconds < 60:
-        return "just now"
-    minutes = int(seconds // 60)
-    if minutes < 60:
-        return f"{minutes} min ago"
-    hours, rest = divmod(minutes, 60)
-    if hours < 48:
-        return f"{hours} h {rest} min ago" if rest else f"{hours} h ago"
-    return f"{hours // 24} days ago"
+    """How long ago, for a human: ``0s ago``, ``4m ago``, ``2h 5m ago``, ``3d ago`` (a time
+    ahead of the clock, from a clock that runs behind, reads ``0s ago``)."""
+    return f"{format_duration(max(0.0, delta.total_seconds()))} ago"

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
+from ..durations import age
 from .client import MGDL_PER_MMOL, Reading, Unit
 
 __all__ = ["HIGH_MGDL", "LOW_MGDL", "render_chart"]
@@ -84,8 +85,8 @@ def render_chart(
         when = latest.system_time.astimezone(tz).strftime("%d %b %H:%M")
         title = f"{latest.value_in(unit)} {unit} {latest.arrow} at {when}"
         if now is not None:
-            minutes = int((now - latest.system_time).total_seconds() // 60)
-            title += f" ({minutes} min ago)" if 0 <= minutes < 600 else ""
+            delta = now - latest.system_time
+            title += f" ({age(delta)})" if timedelta(0) <= delta < timedelta(hours=10) else ""
         ax.set_title(title, fontsize=15, loc="left")
         ax.set_xlabel(f"time ({tz.key})")
     else:

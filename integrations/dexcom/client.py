@@ -214,7 +214,7 @@ def reading_from_record(record: dict[str, Any]) -> Reading:
 
 
 def format_reading(reading: Reading, unit: Unit = "mg/dL", *, now: datetime) -> str:
-    """One line for a human: ``"142 mg/dL → 4 min ago"``."""
+    """One line for a human: ``"142 mg/dL → 4m ago"``."""
     if reading.value_mgdl is None:
         value = f"no value ({reading.status})" if reading.status else "no value"
     else:

@@ -34,14 +34,15 @@ def test_parse_since_refuses(text: str) -> None:
 @pytest.mark.parametrize(
     ("seconds", "text"),
     [
-        (0, "just now"),
-        (59, "just now"),
-        (60, "1 min ago"),
-        (3599, "59 min ago"),
-        (3600, "1 h ago"),
-        (3660, "1 h 1 min ago"),
-        (47 * 3600 + 59 * 60, "47 h 59 min ago"),
-        (48 * 3600, "2 days ago"),
+        (0, "0s ago"),
+        (59, "59s ago"),
+        (60, "1m ago"),
+        (3599, "59m 59s ago"),
+        (3600, "1h ago"),
+        (3660, "1h 1m ago"),
+        (47 * 3600 + 59 * 60, "1d 23h ago"),
+        (48 * 3600, "2d ago"),
+        (-30, "0s ago"),
     ],
 )
 def test_age(seconds: int, text: str) -> None:

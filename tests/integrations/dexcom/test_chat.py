@@ -114,7 +114,12 @@ async def test_glucose_answers_with_latest_value_trend_and_chart(
     value, unit, arrow, *age = first.removeprefix("🩸 ").split(" ")
     assert (value, unit) == (str(round(glucose_at(latest.timestamp()))), "mg/dL")
     assert arrow in TREND_ARROWS.values()
-    assert " ".join(age) in ("just now", f"{int((NOW - latest).total_seconds() // 60)} min ago")
+    minutes, seconds = divmod(round((NOW - latest).total_seconds()), 60)
+    assert minutes < 60
+    parts = [f"{minutes}m"] if minutes else []
+    if seconds or not minutes:
+        parts.append(f"{seconds}s")
+    assert age == [*parts, "ago"]  # the CLI's and the bot's duration format
     assert second == "Last 6 h"
     # one request for exactly the asked window, in Dexcom's date format
     (request,) = [r for r in api.requests if r.path.endswith("/egvs")]
@@ -173,7 +178,7 @@ def test_parse_glucose(words: tuple[str, ...], hours: int | None) -> None:
 @pytest.mark.parametrize(
     ("reading", "hours", "text"),
     [
-        ("142 mg/dL → 4 min ago", 6, "🩸 142 mg/dL → 4 min ago\nLast 6 h"),
+        ("142 mg/dL → 4m ago", 6, "🩸 142 mg/dL → 4m ago\nLast 6 h"),
         ("7.9 mmol/L ↗ just now", 24, "🩸 7.9 mmol/L ↗ just now\nLast 24 h"),
         (None, 168, "🩸 No glucose readings in the last 7 d."),
     ],

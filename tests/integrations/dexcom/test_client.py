@@ -462,13 +462,13 @@ def test_trend_arrows(trend: str, arrow: str) -> None:
 @pytest.mark.parametrize(
     ("reading", "unit", "text"),
     [
-        (_reading(142), "mg/dL", "142 mg/dL → 4 min ago"),
-        (_reading(142), "mmol/L", "7.9 mmol/L → 4 min ago"),
-        (_reading(55, "singleDown", 0.5), "mg/dL", "55 mg/dL ↓ just now"),
-        (_reading(250, "doubleUp", 125), "mmol/L", "13.9 mmol/L ↑↑ 2 h 5 min ago"),
-        (_reading(100, "flat", 120), "mg/dL", "100 mg/dL → 2 h ago"),
-        (_reading(100, "flat", 60 * 24 * 3), "mg/dL", "100 mg/dL → 3 days ago"),
-        (_reading(None, "none"), "mg/dL", "no value (ok) ? 4 min ago"),
+        (_reading(142), "mg/dL", "142 mg/dL → 4m ago"),
+        (_reading(142), "mmol/L", "7.9 mmol/L → 4m ago"),
+        (_reading(55, "singleDown", 0.5), "mg/dL", "55 mg/dL ↓ 30s ago"),
+        (_reading(250, "doubleUp", 125), "mmol/L", "13.9 mmol/L ↑↑ 2h 5m ago"),
+        (_reading(100, "flat", 120), "mg/dL", "100 mg/dL → 2h ago"),
+        (_reading(100, "flat", 60 * 24 * 3), "mg/dL", "100 mg/dL → 3d ago"),
+        (_reading(None, "none"), "mg/dL", "no value (ok) ? 4m ago"),
     ],
 )
 def test_format_reading(reading: Reading, unit: str, text: str) -> None:

@@ -144,7 +144,7 @@ def test_parse_weight(words: tuple[str, ...], days: int | None) -> None:
 
 
 def test_caption() -> None:
-    assert caption("78.4 kg 2 h ago", None, 30) == "⚖️ 78.4 kg 2 h ago\nLast 30 d"
+    assert caption("78.4 kg 2h ago", None, 30) == "⚖️ 78.4 kg 2h ago\nLast 30 d"
     assert caption(None, None, 7) == "⚖️ No weight or blood pressure in the last 7 d."
 
 

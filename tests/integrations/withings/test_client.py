@@ -203,14 +203,14 @@ def test_values_are_value_times_ten_to_unit() -> None:
 @pytest.mark.parametrize(
     ("m", "text"),
     [
-        (Measurement(NOW - timedelta(hours=2), 1, weight_kg=78.44), "78.4 kg 2 h ago"),
+        (Measurement(NOW - timedelta(hours=2), 1, weight_kg=78.44), "78.4 kg 2h ago"),
         (
             Measurement(NOW, 2, systolic=121, diastolic=79, pulse=64),
-            "121/79 mmHg, pulse 64 just now",
+            "121/79 mmHg, pulse 64 0s ago",
         ),
         (
             Measurement(NOW - timedelta(days=3), 3, weight_kg=31.2, attrib=1),
-            "31.2 kg 3 days ago (uncertain: may be another person's)",
+            "31.2 kg 3d ago (uncertain: may be another person's)",
         ),
     ],
 )
