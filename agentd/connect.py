@@ -169,7 +169,10 @@ async def connect_device(ctx: Context, args: argparse.Namespace) -> int:
         show_code(start, force_qr=args.qr, no_qr=args.no_qr, out=sys.stdout)
         with anyio.move_on_after(args.timeout):
             async with terminal.waiting(
-                sys.stderr, deadline_ms=start.expires_at, now_ms=ctx.engine.now_ms
+                sys.stderr,
+                deadline_ms=start.expires_at,
+                now_ms=ctx.engine.now_ms,
+                wait=terminal.DEVICE,
             ):
                 outcome = await ctx.broker.complete_device(start.flow.id, actor="cli")
     except BaseException:

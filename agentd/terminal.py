@@ -149,16 +149,34 @@ def show_link(
     return plan
 
 
-def status_line(frame: int, remaining: float | None, columns: int = 80) -> str:
+@dataclass(frozen=True, slots=True)
+class Wait:
+    """What ``connect`` waits for, and what expires meanwhile."""
+
+    #: ``waiting for the browser``
+    doing: str
+    #: ``link``: what the deadline is of
+    thing: str
+
+
+#: a link opened in a browser that comes back to the daemon
+BROWSER = Wait("waiting for the browser", "link")
+#: a code entered on any device (RFC 8628), the provider polled
+DEVICE = Wait("waiting for the code to be entered", "code")
+
+
+def status_line(
+    frame: int, remaining: float | None, columns: int = 80, wait: Wait = BROWSER
+) -> str:
     """One frame: ``⠹ waiting for the browser · link valid for 9m 58s · Ctrl-C cancels``."""
     spinner = FRAMES[frame % len(FRAMES)]
     if remaining is None:
         validity = ""
     elif remaining > 0:
-        validity = f" · link valid for {format_duration(remaining)}"
+        validity = f" · {wait.thing} valid for {format_duration(remaining)}"
     else:
-        validity = " · the link has expired"
-    text = f"{spinner} waiting for the browser{validity} · Ctrl-C cancels"
+        validity = f" · the {wait.thing} has expired"
+    text = f"{spinner} {wait.doing}{validity} · Ctrl-C cancels"
     return text[: max(1, columns - 1)]  # never the last column: no wrap, no scroll
 
 
@@ -172,8 +190,10 @@ class WaitingLine:
         *,
         deadline_ms: int | None,
         now_ms: Callable[[], int],
+        wait: Wait = BROWSER,
     ) -> None:
         self._out = out
+        self._wait = wait
         self._deadline = deadline_ms
         self._now = now_ms
         self._size = terminal_size(out)
@@ -184,7 +204,7 @@ class WaitingLine:
 
     def draw(self) -> None:
         columns = self._size[0] if self._size else 80
-        line = status_line(self._frame, self.remaining(), columns)
+        line = status_line(self._frame, self.remaining(), columns, self._wait)
         self._frame += 1
         self._out.write(f"\r{line}\x1b[K")
         self._out.flush()
@@ -199,8 +219,9 @@ class WaitingLine:
 
         if self._size is None:
             left = self.remaining()
-            valid = f"; the link is valid for {format_duration(left)}" if left else ""
-            self._out.write(f"waiting for the browser{valid} (Ctrl-C cancels)\n")
+            thing = self._wait.thing
+            valid = f"; the {thing} is valid for {format_duration(left)}" if left else ""
+            self._out.write(f"{self._wait.doing}{valid} (Ctrl-C cancels)\n")
             self._out.flush()
             return
         while True:
@@ -210,12 +231,16 @@ class WaitingLine:
 
 @asynccontextmanager
 async def waiting(
-    out: TextIO, *, deadline_ms: int | None, now_ms: Callable[[], int]
+    out: TextIO,
+    *,
+    deadline_ms: int | None,
+    now_ms: Callable[[], int],
+    wait: Wait = BROWSER,
 ) -> AsyncIterator[Any]:
     """Show :class:`WaitingLine` for the duration of the ``async with`` block."""
     import anyio
 
-    line = WaitingLine(out, deadline_ms=deadline_ms, now_ms=now_ms)
+    line = WaitingLine(out, deadline_ms=deadline_ms, now_ms=now_ms, wait=wait)
     error: Exception | None = None
     async with anyio.create_task_group() as tg:
         tg.start_soon(line.run)

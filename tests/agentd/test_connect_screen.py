@@ -22,7 +22,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import segno
 
-from agentd.terminal import FRAMES, plan_screen, qr_rows, status_line
+from agentd.terminal import DEVICE, FRAMES, plan_screen, qr_rows, status_line
 from tests.agentd.cli_helpers import (
     SIM_CLIENT_ID,
     SIM_CLIENT_SECRET,
@@ -302,6 +302,17 @@ def test_forced_and_refused() -> None:
 def test_status_line(frame: int, remaining: float | None, text: str) -> None:
     assert status_line(frame, remaining) == text
     assert len(status_line(frame, remaining, columns=20)) == 19  # never wraps
+
+
+@pytest.mark.parametrize(
+    ("remaining", "text"),
+    [
+        (598.2, "⠋ waiting for the code to be entered · code valid for 9m 58s · Ctrl-C cancels"),
+        (-1, "⠋ waiting for the code to be entered · the code has expired · Ctrl-C cancels"),
+    ],
+)
+def test_status_line_of_the_device_grant(remaining: float, text: str) -> None:
+    assert status_line(0, remaining, wait=DEVICE) == text
 
 
 def test_agentd_token_loads_no_terminal_code(inst: AgentdInstance) -> None:

@@ -167,6 +167,9 @@ def test_connect_with_a_code_needs_no_daemon(
     code, stdout, stderr = _device_run(instance, url, approve=True, extra=("--qr",))
     assert code == 0, stderr
     assert "✅ Test MCP server /mcp connected" in stdout
+    # worded for the device grant, not for a browser coming back
+    assert re.search(r"waiting for the code to be entered; the code is valid for \d", stderr)
+    assert "browser" not in stderr
     assert "or scan this QR code (the code is filled in):" in stdout  # --qr: even into a pipe
     assert "█" in stdout
     pid = f"localhost-{url.split(':')[2].split('/')[0]}"
