@@ -168,11 +168,12 @@ def expected_files() -> dict[str, str]:
         "Generated from `flowengine/states.py` by `make diagrams`; do not edit by hand.\n"
         "A test fails when this file differs from what the code generates.\n\n"
         "```mermaid\n" + mermaid + "```\n\n"
-        "| trigger | from | to | why |\n| --- | --- | --- | --- |\n"
+        "| trigger | from | to | why | effects |\n| --- | --- | --- | --- | --- |\n"
         + "".join(
             f"| `{r.trigger.value}`"
             + (f" [{r.condition.value}]" if r.condition else "")
-            + f" | {', '.join(s.value for s in r.sources)} | {r.dest.value} | {r.why} |\n"
+            + f" | {', '.join(s.value for s in r.sources)} | {r.dest.value} | {r.why}"
+            + f" | {r.effects.describe()} |\n"
             for r in TRANSITIONS
         )
     )

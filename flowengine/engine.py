@@ -29,7 +29,7 @@ from .errors import (
 from .ledger import Ledger, Notification
 from .models import Flow, FlowRecord, PendingCode, PendingStatus, StartedFlow
 from .protocol import CallbackParams, hash_state, new_code_verifier, new_state
-from .states import Condition, FlowState, FlowTrigger
+from .states import Condition, ErrorEffect, FlowState, FlowTrigger, Secrets, Value, effects_of
 
 __all__ = ["ACTORS", "FlowEngine", "RecoveryReport"]
 
@@ -37,6 +37,8 @@ log = logging.getLogger("flowengine")
 
 #: who may move a flow
 ACTORS = frozenset({"api", "bot", "timer", "cli", "demo", "test"})
+#: when a transient refresh failure names no time, the connection is looked at again after
+RETRY_CHECK_MS = 60_000
 
 _GONE_REASONS = {
     FlowState.EXPIRED: "expired",
@@ -167,14 +169,7 @@ class FlowEngine:
 
     async def issue_url(self, flow_id: str, *, actor: str) -> Flow:
         """The authorize link went out: ``initiated`` -> ``awaiting_code`` (TTL restarts)."""
-        now = self.now_ms()
-        return await self._move(
-            flow_id,
-            FlowTrigger.ISSUE_URL,
-            actor=actor,
-            at=now,
-            updates={"deadline": now + to_ms(self.awaiting_ttl)},
-        )
+        return await self.move(flow_id, FlowTrigger.ISSUE_URL, actor=actor)
 
     # ------------------------------------------------------------------- device
 
@@ -194,13 +189,11 @@ class FlowEngine:
         The device code and user code go to ``flow_secrets`` in the same transaction; the
         flow's deadline becomes the device code's expiry; the event notes the interval.
         """
-        now = self.now_ms()
-        return await self._move(
+        return await self.move(
             flow_id,
             FlowTrigger.ISSUE_DEVICE_CODE,
             actor=actor,
-            at=now,
-            updates={"deadline": now + int(expires_in) * 1000},
+            valid_for=int(expires_in) * 1000,
             detail={
                 "interval": int(interval),
                 "expires_in": int(expires_in),
@@ -211,7 +204,7 @@ class FlowEngine:
 
     async def record_slow_down(self, flow_id: str, *, actor: str, interval: int) -> Flow:
         """The token endpoint said ``slow_down`` (§3.5): poll every ``interval`` s from now."""
-        return await self._move(
+        return await self.move(
             flow_id, FlowTrigger.SLOW_DOWN, actor=actor, detail={"interval": int(interval)}
         )
 
@@ -231,13 +224,8 @@ class FlowEngine:
         self, flow_id: str, *, actor: str, error: str, description: str | None = None
     ) -> Flow:
         """The owner refused (``access_denied`` while polling): -> failed; secrets wiped."""
-        return await self._move(
-            flow_id,
-            FlowTrigger.DENY,
-            actor=actor,
-            updates={"deadline": None, "error_code": error, "error_description": description},
-            detail={"error": error},
-            drop_verifier=True,
+        return await self.move(
+            flow_id, FlowTrigger.DENY, actor=actor, error=error, description=description
         )
 
     # ------------------------------------------------------------------ callback
@@ -258,35 +246,29 @@ class FlowEngine:
         if flow.state is FlowState.INITIATED:
             # the link was opened before issue_url was recorded: keep the ledger in order
             try:
-                flow = await self._move(flow.id, FlowTrigger.ISSUE_URL, actor=actor, at=now)
+                flow = await self.move(flow.id, FlowTrigger.ISSUE_URL, actor=actor, at=now)
             except InvalidTransition:
                 flow = await self.get_flow(flow.id)
         self._raise_unless_waiting(flow)
         try:
             if params.error is not None:
-                flow = await self._move(
+                flow = await self.move(
                     flow.id,
                     FlowTrigger.DENY,
                     actor=actor,
                     at=now,
                     expected_version=flow.version,
-                    updates={
-                        "deadline": None,
-                        "error_code": params.error,
-                        "error_description": params.error_description,
-                    },
-                    detail={"error": params.error},
-                    drop_verifier=True,
+                    error=params.error,
+                    description=params.error_description,
                 )
             else:
                 assert params.code is not None
-                flow = await self._move(
+                flow = await self.move(
                     flow.id,
                     FlowTrigger.RECEIVE_CODE,
                     actor=actor,
                     at=now,
                     expected_version=flow.version,
-                    updates={"deadline": now + to_ms(self.code_ttl)},
                     pending_code=(params.state, params.code),
                 )
         except (InvalidTransition, ConcurrentUpdateError) as err:
@@ -450,14 +432,7 @@ class FlowEngine:
         self, flow_id: str, *, actor: str, detail: Mapping[str, Any] | None = None
     ) -> Flow:
         """The token endpoint gave tokens: -> exchanged; the verifier is deleted."""
-        return await self._move(
-            flow_id,
-            FlowTrigger.EXCHANGE,
-            actor=actor,
-            updates={"deadline": None},
-            detail=detail,
-            drop_verifier=True,
-        )
+        return await self.move(flow_id, FlowTrigger.EXCHANGE, actor=actor, detail=detail)
 
     async def record_exchange_failed(
         self,
@@ -467,8 +442,12 @@ class FlowEngine:
         error_code: str,
         description: str | None = None,
     ) -> Flow:
-        return await self._fail(
-            flow_id, FlowTrigger.EXCHANGE_FAILED, actor=actor, code=error_code, text=description
+        return await self.move(
+            flow_id,
+            FlowTrigger.EXCHANGE_FAILED,
+            actor=actor,
+            error=error_code,
+            description=description,
         )
 
     async def record_stored(
@@ -485,31 +464,21 @@ class FlowEngine:
         ``next_check_at`` defaults to now: the refresh timer looks at the new connection on
         its next sweep and schedules it from its tokens.
         """
-        now = self.now_ms()
-        flow = await self._move(
+        flow = await self.move(
             flow_id,
             FlowTrigger.STORE,
             actor=actor,
-            at=now,
-            updates={
-                "token_expires_at": token_expires_at,
-                "next_check_at": now if next_check_at is None else next_check_at,
-            },
+            token_expires_at=token_expires_at,
+            next_check_at=next_check_at,
             detail=detail,
         )
-        older = await self.ledger.list(
+        older = await self.ledger.flows(
             provider=flow.provider, states=(FlowState.STORED, FlowState.EXPIRED), limit=1000
         )
         for other in older:
             if other.id != flow.id:
                 try:
-                    await self._move(
-                        other.id,
-                        FlowTrigger.SUPERSEDE,
-                        actor=actor,
-                        updates={"next_check_at": None},
-                        detail={"by": flow.id},
-                    )
+                    await self.supersede(other.id, by=flow.id, actor=actor)
                 except InvalidTransition:
                     # it moved on meanwhile (e.g. another process began refreshing it);
                     # the new connection is stored all the same
@@ -517,8 +486,12 @@ class FlowEngine:
         return flow
 
     async def record_store_failed(self, flow_id: str, *, actor: str, description: str) -> Flow:
-        return await self._fail(
-            flow_id, FlowTrigger.STORE_FAILED, actor=actor, code="store_failed", text=description
+        return await self.move(
+            flow_id,
+            FlowTrigger.STORE_FAILED,
+            actor=actor,
+            error="store_failed",
+            description=description,
         )
 
     # ------------------------------------------------------------------- refresh
@@ -535,7 +508,7 @@ class FlowEngine:
 
         ``detail`` may name the refresh token used by its hash prefix (``refresh_sha``).
         """
-        return await self._move(
+        return await self.move(
             flow_id,
             FlowTrigger.BEGIN_REFRESH,
             actor=actor,
@@ -552,18 +525,12 @@ class FlowEngine:
         next_check_at: int | None = None,
         detail: Mapping[str, Any] | None = None,
     ) -> Flow:
-        now = self.now_ms()
-        return await self._move(
+        return await self.move(
             flow_id,
             FlowTrigger.REFRESHED,
             actor=actor,
-            at=now,
-            updates={
-                "token_expires_at": token_expires_at,
-                "next_check_at": now if next_check_at is None else next_check_at,
-                "error_code": None,
-                "error_description": None,
-            },
+            token_expires_at=token_expires_at,
+            next_check_at=next_check_at,
             detail=detail,
         )
 
@@ -583,22 +550,15 @@ class FlowEngine:
         A transient failure keeps the connection scheduled: ``next_check_at`` defaults to
         one minute from now (the timer sets its own backoff).
         """
-        data = {"error": error_code, **(detail or {})}
-        now = self.now_ms()
-        if not permanent and next_check_at is None:
-            next_check_at = now + 60_000
-        return await self._move(
+        return await self.move(
             flow_id,
             FlowTrigger.REFRESH_FAILED,
             actor=actor,
-            at=now,
             condition=Condition.PERMANENT if permanent else Condition.TRANSIENT,
-            updates={
-                "error_code": error_code,
-                "error_description": description,
-                "next_check_at": None if permanent else next_check_at,
-            },
-            detail=data,
+            error=error_code,
+            description=description,
+            next_check_at=None if permanent else next_check_at,
+            detail=detail,
         )
 
     # ------------------------------------------------------------------- endings
@@ -606,54 +566,28 @@ class FlowEngine:
     async def expire(
         self, flow_id: str, *, actor: str, reason: str, description: str | None = None
     ) -> Flow:
-        updates: dict[str, Any] = {"deadline": None, "next_check_at": None, "error_code": reason}
-        if description is not None:
-            updates["error_description"] = description
-        flow = await self._move(
-            flow_id,
-            FlowTrigger.EXPIRE,
-            actor=actor,
-            updates=updates,
-            detail={"reason": reason},
-            drop_verifier=True,
+        """Its TTL passed (``reason`` "ttl") or its tokens are gone or dead: -> expired."""
+        return await self.move(
+            flow_id, FlowTrigger.EXPIRE, actor=actor, error=reason, description=description
         )
-        return flow
 
     async def cancel(self, flow_id: str, *, actor: str, reason: str | None = None) -> Flow:
         """The flow does not go on: the owner cancelled, or (``reason``) it could not start."""
-        updates: dict[str, Any] = {"deadline": None}
-        if reason is not None:
-            updates["error_code"] = reason[:64]
-        flow = await self._move(
+        return await self.move(
             flow_id,
             FlowTrigger.CANCEL,
             actor=actor,
-            updates=updates,
-            detail={"reason": reason[:64]} if reason is not None else None,
-            drop_verifier=True,
+            error=reason[:64] if reason is not None else None,
         )
-        return flow
 
     async def revoke(
         self, flow_id: str, *, actor: str, detail: Mapping[str, Any] | None = None
     ) -> Flow:
-        return await self._move(
-            flow_id,
-            FlowTrigger.REVOKE,
-            actor=actor,
-            updates={"next_check_at": None},
-            detail=detail,
-        )
+        return await self.move(flow_id, FlowTrigger.REVOKE, actor=actor, detail=detail)
 
     async def supersede(self, flow_id: str, *, by: str, actor: str) -> Flow:
         """A newer connection of the same provider (``by``) replaced this one."""
-        return await self._move(
-            flow_id,
-            FlowTrigger.SUPERSEDE,
-            actor=actor,
-            updates={"next_check_at": None},
-            detail={"by": by},
-        )
+        return await self.move(flow_id, FlowTrigger.SUPERSEDE, actor=actor, detail={"by": by})
 
     async def sweep_expired(self, *, actor: str = "timer", limit: int = 500) -> list[Flow]:
         """Expire every pending flow past its deadline. The timer calls this periodically."""
@@ -671,7 +605,7 @@ class FlowEngine:
         """At start-up: expire overdue flows and report the ones a crash interrupted."""
         report = RecoveryReport()
         report.expired = await self.sweep_expired(actor=actor)
-        for flow in await self.ledger.list(
+        for flow in await self.ledger.flows(
             states=(
                 FlowState.INITIATED,
                 FlowState.AWAITING_CODE,
@@ -689,18 +623,6 @@ class FlowEngine:
             else:
                 report.waiting.append(flow)
         return report
-
-    async def _fail(
-        self, flow_id: str, trigger: FlowTrigger, *, actor: str, code: str, text: str | None
-    ) -> Flow:
-        return await self._move(
-            flow_id,
-            trigger,
-            actor=actor,
-            updates={"deadline": None, "error_code": code, "error_description": text},
-            detail={"error": code},
-            drop_verifier=True,
-        )
 
     async def _expire_if_overdue(self, flow: Flow, now: int, *, actor: str) -> Flow:
         if (
@@ -722,21 +644,110 @@ class FlowEngine:
                 return fresh
         return flow
 
-    async def _move(
+    async def move(
         self,
         flow_id: str,
         trigger: FlowTrigger,
         *,
         actor: str,
+        condition: Condition | None = None,
         at: int | None = None,
-        **kwargs: Any,
+        expected_version: int | None = None,
+        detail: Mapping[str, Any] | None = None,
+        error: str | None = None,
+        description: str | None = None,
+        token_expires_at: int | None = None,
+        next_check_at: int | None = None,
+        valid_for: int | None = None,
+        device_secrets: tuple[str, str] | None = None,
+        pending_code: tuple[str, str] | None = None,
     ) -> Flow:
+        """Apply ``trigger`` and the effects its row declares (states.TRANSITIONS), in one
+        ledger transaction; the one place a flow moves.
+
+        The caller gives only what the effects ask for: ``error``/``description`` (an
+        error the move records), ``token_expires_at``, ``next_check_at``, ``valid_for``
+        (ms a device code stays valid), the secrets to keep. A value the row does not use
+        is a ValueError: nothing is silently dropped.
+        """
         _check_actor(actor)
+        effects = effects_of(trigger, condition)
+        now = self.now_ms() if at is None else at
+        given = {
+            "error": error,
+            "description": description,
+            "token_expires_at": token_expires_at,
+            "next_check_at": next_check_at,
+            "valid_for": valid_for,
+            "device_secrets": device_secrets,
+            "pending_code": pending_code,
+        }
+        uses = {
+            "error": effects.error in (ErrorEffect.SET, ErrorEffect.NOTE),
+            "description": effects.error in (ErrorEffect.SET, ErrorEffect.NOTE),
+            "token_expires_at": effects.token_expires_at is not Value.KEEP,
+            "next_check_at": effects.next_check_at
+            in (Value.GIVEN, Value.GIVEN_OR_NOW, Value.GIVEN_OR_RETRY),
+            "valid_for": effects.deadline is Value.VALID_FOR,
+            "device_secrets": effects.secrets is Secrets.STORE_DEVICE,
+            "pending_code": effects.secrets is Secrets.STORE_CODE,
+        }
+        unused = sorted(k for k, v in given.items() if v is not None and not uses[k])
+        if unused:
+            raise ValueError(f"{trigger.value} does not take {', '.join(unused)}")
+        updates: dict[str, Any] = {}
+        ttl = {Value.AWAITING_TTL: self.awaiting_ttl, Value.CODE_TTL: self.code_ttl}
+        for column, rule, value in (
+            ("deadline", effects.deadline, valid_for),
+            ("next_check_at", effects.next_check_at, next_check_at),
+            ("token_expires_at", effects.token_expires_at, token_expires_at),
+        ):
+            if rule is Value.KEEP:
+                continue
+            if rule is Value.CLEAR:
+                updates[column] = None
+            elif rule is Value.GIVEN:
+                updates[column] = value
+            elif rule is Value.GIVEN_OR_NOW:
+                updates[column] = now if value is None else value
+            elif rule is Value.GIVEN_OR_RETRY:
+                updates[column] = now + RETRY_CHECK_MS if value is None else value
+            elif rule is Value.VALID_FOR:
+                if value is None:
+                    raise ValueError(f"{trigger.value} needs valid_for")
+                updates[column] = now + value
+            else:
+                updates[column] = now + to_ms(ttl[rule])
+        if effects.error is ErrorEffect.CLEAR:
+            updates.update(error_code=None, error_description=None)
+        elif effects.error is ErrorEffect.SET:
+            updates.update(error_code=error, error_description=description)
+        elif effects.error is ErrorEffect.NOTE:
+            updates.update(
+                {
+                    column: value
+                    for column, value in (("error_code", error), ("error_description", description))
+                    if value is not None
+                }
+            )
+        if effects.error_key is not None and error is not None:
+            detail = {effects.error_key: error, **(detail or {})}
         flow = await self.ledger.transition(
-            flow_id, trigger, actor=actor, at=self.now_ms() if at is None else at, **kwargs
+            flow_id,
+            trigger,
+            actor=actor,
+            at=now,
+            condition=condition,
+            expected_version=expected_version,
+            updates=updates,
+            detail=detail,
+            pending_code=pending_code,
+            device_secrets=device_secrets,
+            drop_verifier=effects.secrets is Secrets.DROP,
         )
         log.info("flow %s %s -> %s (%s)", flow.id, trigger.value, flow.state.value, actor)
-        self._changed(flow.id)
+        if effects.wakes:
+            self._changed(flow.id)
         return flow
 
     # -------------------------------------------------------------------- reading
@@ -759,11 +770,11 @@ class FlowEngine:
         limit: int = 50,
     ) -> list[Flow]:
         wanted = [FlowState(s) for s in states] if states else None
-        return await self.ledger.list(provider=provider, states=wanted, limit=limit)
+        return await self.ledger.flows(provider=provider, states=wanted, limit=limit)
 
     async def connection(self, provider: str) -> Flow | None:
         """The provider's current connection: its newest stored/refreshing/expired flow."""
-        flows = await self.ledger.list(
+        flows = await self.ledger.flows(
             provider=provider,
             states=(FlowState.STORED, FlowState.REFRESHING, FlowState.EXPIRED),
             limit=1,
@@ -772,7 +783,7 @@ class FlowEngine:
 
     async def connections(self) -> list[Flow]:
         """Current connection of every provider that has one, by provider id."""
-        flows = await self.ledger.list(
+        flows = await self.ledger.flows(
             states=(FlowState.STORED, FlowState.REFRESHING, FlowState.EXPIRED), limit=10_000
         )
         newest: dict[str, Flow] = {}

@@ -705,7 +705,7 @@ class Ledger:
             rows = await cur.fetchall()
         return [_event_from_row(r) for r in rows]
 
-    async def list(
+    async def flows(
         self,
         *,
         provider: str | None = None,
@@ -721,39 +721,33 @@ class Ledger:
         if states:
             where.append(f"state IN ({', '.join('?' for _ in states)})")
             args += [s.value for s in states]
-        sql = f"SELECT {_FLOW_COLUMNS} FROM flows"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY created_at DESC, rowid DESC LIMIT ?"
-        args.append(int(limit))
-        async with self._lock, self._conn.execute(sql, args) as cur:
-            rows = await cur.fetchall()
-        return [_flow_from_row(r) for r in rows]
+        return await self._select_flows(
+            " AND ".join(where), args, order="created_at DESC, rowid DESC", limit=limit
+        )
 
     async def due(self, now_ms: int, *, limit: int = 500) -> list[Flow]:
         """Pending flows whose deadline has passed (uses the partial deadline index)."""
-        async with (
-            self._lock,
-            self._conn.execute(
-                f"SELECT {_FLOW_COLUMNS} FROM flows WHERE deadline IS NOT NULL AND deadline <= ?"
-                " ORDER BY deadline LIMIT ?",
-                (now_ms, int(limit)),
-            ) as cur,
-        ):
-            rows = await cur.fetchall()
-        return [_flow_from_row(r) for r in rows]
+        return await self._select_flows(
+            "deadline IS NOT NULL AND deadline <= ?", [now_ms], order="deadline", limit=limit
+        )
 
     async def due_checks(self, now_ms: int, *, limit: int = 500) -> list[Flow]:
         """Connections whose next timer check is due (uses the partial next_check index)."""
-        async with (
-            self._lock,
-            self._conn.execute(
-                f"SELECT {_FLOW_COLUMNS} FROM flows"
-                " WHERE next_check_at IS NOT NULL AND next_check_at <= ?"
-                " ORDER BY next_check_at LIMIT ?",
-                (now_ms, int(limit)),
-            ) as cur,
-        ):
+        return await self._select_flows(
+            "next_check_at IS NOT NULL AND next_check_at <= ?",
+            [now_ms],
+            order="next_check_at",
+            limit=limit,
+        )
+
+    async def _select_flows(
+        self, where: str, args: Sequence[Any], *, order: str, limit: int
+    ) -> list[Flow]:
+        sql = f"SELECT {_FLOW_COLUMNS} FROM flows"
+        if where:
+            sql += f" WHERE {where}"
+        sql += f" ORDER BY {order} LIMIT ?"
+        async with self._lock, self._conn.execute(sql, [*args, int(limit)]) as cur:
             rows = await cur.fetchall()
         return [_flow_from_row(r) for r in rows]
 

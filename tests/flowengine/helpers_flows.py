@@ -15,7 +15,16 @@ from typing import Any
 
 from flowengine.models import Flow, FlowEvent
 from flowengine.protocol import CallbackParams
-from flowengine.states import TRANSITIONS, Condition, FlowState, FlowTrigger
+from flowengine.states import (
+    TRANSITIONS,
+    Condition,
+    Effects,
+    ErrorEffect,
+    FlowState,
+    FlowTrigger,
+    Secrets,
+    Value,
+)
 
 S = FlowState
 T = FlowTrigger
@@ -64,6 +73,62 @@ _allow([S.STORED, S.EXPIRED], T.REVOKE, S.REVOKED)
 _allow([S.STORED, S.EXPIRED], T.SUPERSEDE, S.SUPERSEDED)
 
 CONDITIONS: tuple[Condition | None, ...] = (None, C.TRANSIENT, C.PERMANENT)
+
+V = Value
+E = ErrorEffect
+#: an authorization that ends before any token: deadline gone, secrets gone, error kept
+_ENDED = Effects(deadline=V.CLEAR, error=E.SET, error_key="error", secrets=Secrets.DROP)
+
+#: what every (trigger, condition) does besides moving the state, written out by hand
+#: (issue 19) independently of TRANSITIONS
+EXPECTED_EFFECTS: dict[tuple[FlowTrigger, Condition | None], Effects] = {
+    (T.ISSUE_URL, None): Effects(deadline=V.AWAITING_TTL),
+    (T.ISSUE_DEVICE_CODE, None): Effects(deadline=V.VALID_FOR, secrets=Secrets.STORE_DEVICE),
+    (T.SLOW_DOWN, None): Effects(wakes=False),
+    (T.RECEIVE_CODE, None): Effects(deadline=V.CODE_TTL, secrets=Secrets.STORE_CODE),
+    (T.DENY, None): _ENDED,
+    (T.EXCHANGE, None): Effects(deadline=V.CLEAR, secrets=Secrets.DROP),
+    (T.EXCHANGE_FAILED, None): _ENDED,
+    (T.STORE, None): Effects(token_expires_at=V.GIVEN, next_check_at=V.GIVEN_OR_NOW),
+    (T.STORE_FAILED, None): _ENDED,
+    (T.BEGIN_REFRESH, None): Effects(wakes=False),
+    (T.REFRESHED, None): Effects(
+        token_expires_at=V.GIVEN, next_check_at=V.GIVEN_OR_NOW, error=E.CLEAR, wakes=False
+    ),
+    (T.REFRESH_FAILED, C.TRANSIENT): Effects(
+        next_check_at=V.GIVEN_OR_RETRY, error=E.SET, error_key="error", wakes=False
+    ),
+    (T.REFRESH_FAILED, C.PERMANENT): Effects(next_check_at=V.CLEAR, error=E.SET, error_key="error"),
+    (T.EXPIRE, None): Effects(
+        deadline=V.CLEAR,
+        next_check_at=V.CLEAR,
+        error=E.NOTE,
+        error_key="reason",
+        secrets=Secrets.DROP,
+    ),
+    (T.CANCEL, None): Effects(
+        deadline=V.CLEAR, error=E.NOTE, error_key="reason", secrets=Secrets.DROP
+    ),
+    (T.REVOKE, None): Effects(next_check_at=V.CLEAR),
+    (T.SUPERSEDE, None): Effects(next_check_at=V.CLEAR),
+}
+
+#: every edge of the machine: (source, trigger, condition, dest)
+EDGES: list[tuple[FlowState, FlowTrigger, Condition | None, FlowState]] = sorted(
+    {
+        (source, trigger, condition if trigger is T.REFRESH_FAILED else None, dest)
+        for (source, trigger, condition), dest in EXPECTED.items()
+    },
+    key=repr,
+)
+
+
+def edge_id(edge: tuple[FlowState, FlowTrigger, Condition | None, FlowState]) -> str:
+    source, trigger, condition, dest = edge
+    return (
+        f"{source.value}-{trigger.value}{f'-{condition.value}' if condition else ''}-{dest.value}"
+    )
+
 
 #: every combination the tests parametrize over (12 states x 16 triggers x 3 conditions)
 ALL_COMBOS: list[tuple[FlowState, FlowTrigger, Condition | None]] = [

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
 
 import anyio
@@ -23,13 +25,25 @@ from flowengine.errors import (
 from flowengine.ledger import SCHEMA_VERSION
 from flowengine.models import Flow, PendingStatus, StartedFlow
 from flowengine.protocol import CallbackParams, hash_state, new_state
-from flowengine.states import FlowState, FlowTrigger
+from flowengine.states import (
+    Condition,
+    ErrorEffect,
+    FlowState,
+    FlowTrigger,
+    Secrets,
+    Value,
+    effects_of,
+)
 
 from .helpers_flows import (
+    EDGES,
+    EXPECTED_EFFECTS,
     code_callback,
     dump_text,
+    edge_id,
     error_callback,
     file_mode,
+    path_to,
     replay,
     snapshot,
     table_text,
@@ -835,3 +849,161 @@ async def test_denied_and_cancelled_device_flows(engine: FlowEngine) -> None:
     flow = await engine.cancel(why.flow.id, actor="bot", reason="invalid_scope")
     assert (flow.state, flow.error_code) == (FlowState.CANCELLED, "invalid_scope")
     assert (await engine.inspect(flow.id)).events[-1].detail == {"reason": "invalid_scope"}
+
+
+# --------------------------------------------------------------------- the effects
+
+
+_SENTINELS = {
+    "deadline": 111,
+    "next_check_at": 222,
+    "token_expires_at": 333,
+    "error_code": "old_error",
+    "error_description": "what an earlier move said",
+}
+_GIVEN = {
+    "error": "some_error",
+    "description": "what the provider said",
+    "token_expires_at": 1_900_000_000_000,
+    "next_check_at": 1_800_000_500_000,
+}
+
+
+def _required(trigger: FlowTrigger, condition: Condition | None, state: str) -> dict[str, object]:
+    """What a move cannot do without: a device code's validity and secrets, the code."""
+    fx = effects_of(trigger, condition)
+    out: dict[str, object] = {}
+    if fx.deadline is Value.VALID_FOR:
+        out["valid_for"] = 45_000
+    if fx.secrets is Secrets.STORE_DEVICE:
+        out["device_secrets"] = ("dev-" + "d" * 30, "WDJB-MJHT")
+    if fx.secrets is Secrets.STORE_CODE:
+        out["pending_code"] = (state, CODE)
+    return out
+
+
+def _optional(trigger: FlowTrigger, condition: Condition | None) -> dict[str, object]:
+    """Every other value the row's effects take."""
+    fx = effects_of(trigger, condition)
+    out: dict[str, object] = {}
+    if fx.error in (ErrorEffect.SET, ErrorEffect.NOTE):
+        out.update(error=_GIVEN["error"], description=_GIVEN["description"])
+    if fx.token_expires_at is Value.GIVEN:
+        out["token_expires_at"] = _GIVEN["token_expires_at"]
+    if fx.next_check_at in (Value.GIVEN, Value.GIVEN_OR_NOW, Value.GIVEN_OR_RETRY):
+        out["next_check_at"] = _GIVEN["next_check_at"]
+    return out
+
+
+def _expected_column(rule: Value, old: object, given: object, now: int) -> object:
+    """The reference model of one time column after a move (EXPECTED_EFFECTS' words)."""
+    return {
+        Value.KEEP: old,
+        Value.CLEAR: None,
+        Value.GIVEN: given,
+        Value.GIVEN_OR_NOW: now if given is None else given,
+        Value.GIVEN_OR_RETRY: now + 60_000 if given is None else given,
+        Value.VALID_FOR: now + 45_000,
+        Value.AWAITING_TTL: now + to_ms(TTL),
+        Value.CODE_TTL: now + to_ms(CODE_TTL),
+    }[rule]
+
+
+@pytest.mark.parametrize("given", [True, False], ids=["values-given", "defaults"])
+@pytest.mark.parametrize("edge", EDGES, ids=edge_id)
+async def test_the_engine_applies_each_edges_declared_effects(
+    engine: FlowEngine,
+    db: Path,
+    clock: ManualClock,
+    edge: tuple[FlowState, FlowTrigger, Condition | None, FlowState],
+    given: bool,
+) -> None:
+    source, trigger, condition, dest = edge
+    steps = path_to(source)
+    device = any(t is FlowTrigger.ISSUE_DEVICE_CODE for t, _ in steps)
+    started = await engine.start(
+        "dexcom", redirect_uri=REDIRECT, actor="test", grant="device" if device else "code"
+    )
+    flow_id = started.flow.id
+    for step, cond in steps:
+        await engine.move(
+            flow_id, step, actor="test", condition=cond, **_required(step, cond, started.state)
+        )
+    # every column holds something, so keeping and clearing can be told apart
+    conn = sqlite3.connect(db)
+    with conn:
+        conn.execute(
+            "UPDATE flows SET deadline = ?, next_check_at = ?, token_expires_at = ?,"
+            " error_code = ?, error_description = ? WHERE id = ?",
+            (*_SENTINELS.values(), flow_id),
+        )
+    conn.close()
+    had_verifier = await engine.code_verifier(flow_id) is not None
+    clock.advance(7)
+    now = to_ms(clock.now())
+    values = {
+        **_required(trigger, condition, started.state),
+        **(_optional(trigger, condition) if given else {}),
+    }
+    fx = EXPECTED_EFFECTS[(trigger, condition)]
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(partial(engine.wait_flow, flow_id, until=lambda f: False, timeout=30))
+        with anyio.fail_after(10):
+            while flow_id not in engine._changes:
+                await anyio.sleep(0.001)
+        waiters = engine._changes[flow_id]
+        flow = await engine.move(flow_id, trigger, actor="test", condition=condition, **values)
+        assert waiters.event.is_set() is fx.wakes
+        tg.cancel_scope.cancel()
+
+    assert flow.state is dest
+    for column, rule in (
+        ("deadline", fx.deadline),
+        ("next_check_at", fx.next_check_at),
+        ("token_expires_at", fx.token_expires_at),
+    ):
+        want = _expected_column(rule, _SENTINELS[column], values.get(column), now)
+        if column == "next_check_at":
+            assert await engine.next_check_at(flow_id) == want, column
+        else:
+            assert getattr(flow, column) == want, column
+    old_error = (_SENTINELS["error_code"], _SENTINELS["error_description"])
+    got_error = (flow.error_code, flow.error_description)
+    new_error = (values.get("error"), values.get("description"))
+    if fx.error is ErrorEffect.KEEP:
+        assert got_error == old_error
+    elif fx.error is ErrorEffect.CLEAR:
+        assert got_error == (None, None)
+    elif fx.error is ErrorEffect.SET:
+        assert got_error == new_error
+    else:  # NOTE: what is given, the rest kept
+        assert got_error == (new_error if given else old_error)
+    event = (await engine.inspect(flow_id)).events[-1]
+    if fx.error_key is not None and given:
+        assert event.detail[fx.error_key] == _GIVEN["error"]
+    else:
+        assert not set(event.detail) & {"error", "reason"}
+
+    verifier = await engine.code_verifier(flow_id)
+    device_secrets = await engine.device_secrets(flow_id)
+    pending = snapshot(db)["oauth_pending"]
+    if fx.secrets is Secrets.DROP:
+        assert (verifier, device_secrets) == (None, None)
+        assert all(row[2] is None for row in pending)
+    elif fx.secrets is Secrets.STORE_DEVICE:
+        assert device_secrets == values["device_secrets"]
+    elif fx.secrets is Secrets.STORE_CODE:
+        assert [row[2] for row in pending] == [CODE]
+    else:
+        assert (verifier is not None) is had_verifier
+
+
+async def test_a_move_refuses_a_value_its_effects_do_not_take(engine: FlowEngine, db: Path) -> None:
+    started = await start(engine)
+    before = snapshot(db)
+    with pytest.raises(ValueError, match="token_expires_at"):
+        await engine.move(started.flow.id, FlowTrigger.CANCEL, actor="bot", token_expires_at=1)
+    with pytest.raises(ValueError, match="error"):
+        await engine.move(started.flow.id, FlowTrigger.BEGIN_REFRESH, actor="bot", error="x")
+    assert snapshot(db) == before

@@ -388,14 +388,14 @@ async def test_list_filters_and_orders_newest_first(ledger: Ledger) -> None:
     b = await new_flow(ledger, provider="oura", at=2)
     c = await drive(ledger, await new_flow(ledger, provider="dexcom", at=3), FlowState.STORED)
     d = await new_flow(ledger, provider="dexcom", at=3)  # same time as c: insertion order
-    assert [f.id for f in await ledger.list()] == [d.id, c.id, b.id, a.id]
-    assert [f.id for f in await ledger.list(provider="dexcom")] == [d.id, c.id, a.id]
-    assert [f.id for f in await ledger.list(states=[FlowState.STORED])] == [c.id]
-    assert [f.id for f in await ledger.list(provider="oura", states=[FlowState.INITIATED])] == [
+    assert [f.id for f in await ledger.flows()] == [d.id, c.id, b.id, a.id]
+    assert [f.id for f in await ledger.flows(provider="dexcom")] == [d.id, c.id, a.id]
+    assert [f.id for f in await ledger.flows(states=[FlowState.STORED])] == [c.id]
+    assert [f.id for f in await ledger.flows(provider="oura", states=[FlowState.INITIATED])] == [
         b.id
     ]
-    assert [f.id for f in await ledger.list(limit=2)] == [d.id, c.id]
-    assert await ledger.list(provider="withings") == []
+    assert [f.id for f in await ledger.flows(limit=2)] == [d.id, c.id]
+    assert await ledger.flows(provider="withings") == []
     assert await ledger.counts() == {"initiated": 3, "stored": 1}
 
 

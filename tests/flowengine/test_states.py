@@ -12,13 +12,27 @@ from flowengine.states import (
     TERMINAL_STATES,
     TRANSITIONS,
     Condition,
+    Effects,
+    ErrorEffect,
     FlowState,
     FlowTrigger,
+    Secrets,
+    Transition,
+    Value,
     allowed_triggers,
+    effects_of,
     next_state,
 )
 
-from .helpers_flows import ALL_COMBOS, EXPECTED, combo_id, path_to
+from .helpers_flows import (
+    ALL_COMBOS,
+    EDGES,
+    EXPECTED,
+    EXPECTED_EFFECTS,
+    combo_id,
+    edge_id,
+    path_to,
+)
 
 
 @pytest.mark.parametrize("combo", ALL_COMBOS, ids=combo_id)
@@ -124,3 +138,82 @@ def test_every_row_explains_itself() -> None:
 def test_enum_values_are_snake_case_names() -> None:
     for member in [*FlowState, *FlowTrigger, *Condition]:
         assert member.value == member.name.lower()
+
+
+# ------------------------------------------------------------------------- effects
+
+
+def _row(trigger: FlowTrigger, condition: Condition | None, source: FlowState) -> Transition:
+    rows = [
+        r
+        for r in TRANSITIONS
+        if r.trigger is trigger and source in r.sources and r.condition in (None, condition)
+    ]
+    assert len(rows) == 1, rows
+    return rows[0]
+
+
+@pytest.mark.parametrize("edge", EDGES, ids=edge_id)
+def test_every_edge_declares_its_effects(
+    edge: tuple[FlowState, FlowTrigger, Condition | None, FlowState],
+) -> None:
+    source, trigger, condition, dest = edge
+    row = _row(trigger, condition, source)
+    assert row.dest is dest
+    assert isinstance(row.effects, Effects)
+    assert row.effects == EXPECTED_EFFECTS[(trigger, condition)]
+    # what the engine reads before the move is the same row's effects
+    assert effects_of(trigger, condition) is row.effects
+    assert row.effects.describe()
+
+
+def test_a_row_without_effects_cannot_be_written() -> None:
+    with pytest.raises(TypeError, match="effects"):
+        Transition(FlowTrigger.CANCEL, (FlowState.INITIATED,), FlowState.CANCELLED)  # type: ignore[call-arg]
+
+
+def test_the_expected_effects_cover_every_row_and_nothing_else() -> None:
+    declared = {(r.trigger, r.condition) for r in TRANSITIONS}
+    assert declared == set(EXPECTED_EFFECTS)
+    assert len(EDGES) == 28
+
+
+def test_effects_of_a_move_that_does_not_exist() -> None:
+    with pytest.raises(ValueError, match="refresh_failed"):
+        effects_of(FlowTrigger.REFRESH_FAILED)  # it needs its condition
+
+
+@pytest.mark.parametrize("edge", EDGES, ids=edge_id)
+def test_effects_keep_the_row_consistent(
+    edge: tuple[FlowState, FlowTrigger, Condition | None, FlowState],
+) -> None:
+    """The invariants the ledger's columns rely on, edge by edge."""
+    source, trigger, condition, dest = edge
+    fx = _row(trigger, condition, source).effects
+    waiting = {FlowState.INITIATED, FlowState.AWAITING_CODE, FlowState.AWAITING_DEVICE}
+    waiting |= {FlowState.CODE_RECEIVED}
+    # a flow waiting for the owner or a code has a deadline; nothing else keeps one
+    if dest in waiting and dest is not source:
+        assert fx.deadline in (Value.AWAITING_TTL, Value.CODE_TTL, Value.VALID_FOR)
+    if source in waiting and dest not in waiting:
+        assert fx.deadline is Value.CLEAR
+    # an authorization that ends before its tokens are stored takes its secrets along
+    if source in PENDING_STATES and (dest in TERMINAL_STATES or dest is FlowState.EXPIRED):
+        assert fx.secrets is Secrets.DROP
+    # secrets are only ever kept for a flow that still waits for them
+    if fx.secrets in (Secrets.STORE_CODE, Secrets.STORE_DEVICE):
+        assert dest in waiting
+    # a stored connection is scheduled for the timer; a connection that ends is not
+    if dest is FlowState.STORED and source is not FlowState.STORED:
+        assert fx.next_check_at in (Value.GIVEN_OR_NOW, Value.GIVEN_OR_RETRY)
+    if source in ACTIVE_STATES | {FlowState.EXPIRED} and dest not in ACTIVE_STATES:
+        assert fx.next_check_at is Value.CLEAR
+    # a failure says why, in the row and in the event
+    if dest is FlowState.FAILED:
+        assert fx.error is ErrorEffect.SET
+        assert fx.error_key == "error"
+    if fx.error is ErrorEffect.KEEP or fx.error is ErrorEffect.CLEAR:
+        assert fx.error_key is None
+    # whoever waits for an authorization's outcome is woken by every move of one
+    if source in waiting and dest is not source:
+        assert fx.wakes
