@@ -13,20 +13,12 @@ from typing import Any, TextIO
 import anyio
 
 from agentd.config import Config, check_access, check_files, load_config
+from agentd.errortable import error_lines, exit_name
 from agentd.exits import EXIT
 from agentd.formatting import EVENT_HEADER, ago, event_rows, print_json, scope_text, table, when
-from flowengine.diagrams import DotUnavailableError
 from flowengine.errors import (
     BrokerError,
     ConfigError,
-    CredentialsMissingError,
-    FlowError,
-    FlowNotFound,
-    NotConnectedError,
-    ProviderTransientError,
-    ReauthorizationRequired,
-    RegistrationError,
-    UnknownProviderError,
 )
 
 __all__ = ["dispatch", "exit_code_for"]
@@ -34,38 +26,9 @@ __all__ = ["dispatch", "exit_code_for"]
 log = logging.getLogger("agentd")
 
 
-#: error codes the daemon answers a local request with -> exit code (agentd connect <url>)
-_DAEMON_CODES = {
-    "discovery_failed": "usage",
-    "registration_failed": "usage",
-    "config_error": "usage",
-    "unknown_provider": "usage",
-    "credentials_missing": "usage",
-    "bad_request": "usage",
-    "provider_unavailable": "unavailable",
-    "tls_error": "unavailable",
-    "reauthorization_required": "reauthorize",
-}
-
-
 def exit_code_for(err: BaseException) -> int:
-    """One place that maps the engine's errors to documented exit codes."""
-    from agentd.local_client import DaemonRefusedError
-
-    if isinstance(err, DaemonRefusedError):
-        return EXIT[_DAEMON_CODES.get(err.code, "error")]
-    if isinstance(err, NotConnectedError):
-        return EXIT["not_connected"]
-    if isinstance(err, ReauthorizationRequired):
-        return EXIT["reauthorize"]
-    if isinstance(err, ProviderTransientError):
-        return EXIT["unavailable"]
-    if isinstance(err, FlowError):
-        return EXIT["flow_failed"]
-    if isinstance(err, (ConfigError, CredentialsMissingError, RegistrationError)):
-        # RegistrationError: the server will not register us; a client stored by hand will do
-        return EXIT["usage"]
-    return EXIT["error"]
+    """The documented exit code of ``err`` (agentd/errortable.py holds the table)."""
+    return EXIT[exit_name(err)]
 
 
 def _run(config: Config, body: Callable[[Any], Awaitable[int]]) -> int:
@@ -692,28 +655,9 @@ def dispatch(args: argparse.Namespace) -> int:
     try:
         command = COMMANDS[args.command] if args.command in COMMANDS else cmd_integration
         return command(args, config)
-    except UnknownProviderError as err:
-        print(f"error: {err.message}", file=sys.stderr)
-        if err.suggestions:
-            print(f"did you mean: {', '.join(err.suggestions)}?", file=sys.stderr)
-        print("see `agentd providers` for the catalog", file=sys.stderr)
-        return EXIT["usage"]
-    except FlowNotFound as err:
-        # only `flow` and `diagram --flow` look flows up by id: a mistyped id is a usage error
-        print(f"error: {err.message}; see `agentd flows`", file=sys.stderr)
-        return EXIT["usage"]
-    except CredentialsMissingError as err:
-        print(f"error: {err.message}; run: agentd credentials {err.provider}", file=sys.stderr)
-        return EXIT["usage"]
-    except DotUnavailableError:
-        print(
-            "error: --format svg needs Graphviz's `dot`, which is not installed"
-            " (Debian/Ubuntu: sudo apt-get install graphviz; or use --format mermaid or dot)",
-            file=sys.stderr,
-        )
-        return EXIT["usage"]
     except BrokerError as err:
-        print(f"error: {err.message}", file=sys.stderr)
+        for line in error_lines(err):
+            print(line, file=sys.stderr)
         return exit_code_for(err)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -55,7 +55,7 @@ def ensure_credentials(
     if credentials.get(spec.id) is not None:
         return
     if not interactive:
-        raise CredentialsMissingError(spec.id, needs_secret=spec.needs_secret)
+        raise CredentialsMissingError(provider=spec.id, needs_secret=spec.needs_secret)
     from agentd.prompts import ask
 
     print(f"No client credentials stored for {spec.name} yet.")

@@ -465,7 +465,7 @@ async def _short_lived_grant(p: _Printer, state_dir: Path, item: _Simulated) -> 
                         [str(note.id), f"{stamp:%Y-%m-%d %H:%M}", note.kind, str(note.flow_id)]
                     )
                     due = NotificationDue(
-                        note.id, note.kind, note.provider, spec.name, note.message, None
+                        note.id, note.kind, note.provider, spec.name, data=note.data
                     )
                     for effect in step(owners, due)[1]:
                         if isinstance(effect, Send):

@@ -17,21 +17,13 @@ from typing import Any
 import anyio
 import httpx
 
-from flowengine.errors import BrokerError, ProviderTransientError
+from flowengine.errors import BrokerError, DaemonRefusedError, ProviderTransientError
 
 __all__ = ["DaemonRefusedError", "LocalDaemon", "local_daemon", "socket_path"]
 
 
 def socket_path(state_dir: Path) -> Path:
     return state_dir / "agentd.sock"
-
-
-class DaemonRefusedError(BrokerError):
-    """The daemon answered a local request with an error; ``code`` is the daemon's."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 def _not_running(path: Path, detail: str) -> ProviderTransientError:
@@ -67,7 +59,7 @@ class LocalDaemon:
             data = {}
         code = str(data.get("error") or f"http_{response.status_code}")
         message = str(data.get("message") or f"the daemon answered HTTP {response.status_code}")
-        return DaemonRefusedError(code, message)
+        return DaemonRefusedError(message, daemon_code=code)
 
     async def health(self) -> None:
         response = await self._request("GET", "/healthz", timeout=10.0)

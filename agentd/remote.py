@@ -99,15 +99,6 @@ def _text(value: object, limit: int = 300) -> str | None:
     return clean or None
 
 
-class RemoteNotConnectedError(NotConnectedError):
-    """The daemon has no tokens for this provider (exit 3, as locally)."""
-
-    def __init__(self, provider: str, daemon: str) -> None:
-        super().__init__(provider)
-        self.message = f"{provider} is not connected on {daemon}; there: agentd connect {provider}"
-        self.args = (self.message,)
-
-
 class RemoteTokens:
     """Access tokens from the daemon at ``base_url``, cached in memory."""
 
@@ -184,7 +175,7 @@ class RemoteTokens:
             raise ProviderError(
                 f"the daemon at {self.base_url} answered HTTP {status}",
                 provider=provider,
-                http_status=status,
+                provider_status=status,
             )
         try:
             data = json.loads(body)
@@ -249,13 +240,14 @@ class RemoteTokens:
         hint = _text(data.get("hint"))
         where = f"the daemon at {self.base_url}"
         if status == 404 and code == "not_connected":
-            return RemoteNotConnectedError(provider, where)
+            return NotConnectedError(provider=provider, daemon=where)
         if status == 409 and code == "reauthorization_required":
             return ReauthorizationRequired(
-                f"{message}{f' ({hint})' if hint else ''}",
+                message,
                 provider=provider,
                 oauth_error=_text(data.get("reason"), 64),
-                http_status=status,
+                provider_status=status,
+                daemon=where,
             )
         if status in (429, 503):
             retry_after = _retry_after(headers)
@@ -263,7 +255,7 @@ class RemoteTokens:
             return ProviderTransientError(
                 f"{where}: {message}{then}",
                 provider=provider,
-                http_status=status,
+                provider_status=status,
                 retry_after=retry_after,
             )
         if status == 403:
@@ -284,7 +276,7 @@ class RemoteTokens:
             )
         if status >= 500:
             return ProviderTransientError(
-                f"{where}: {message}", provider=provider, http_status=status
+                f"{where}: {message}", provider=provider, provider_status=status
             )
         return ProviderError(f"{where} answered HTTP {status}: {message}", provider=provider)
 

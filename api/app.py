@@ -35,11 +35,10 @@ from flowengine.engine import FlowEngine
 from flowengine.errors import BrokerError
 
 from .context import ApiContext
-from .errors import status_for
+from .errors import page_text, status_for
 from .guard import SECURITY_HEADERS, TailnetGuard, loggable_path
 from .inspection import blueprint as inspection_blueprint
 from .oauth import blueprint as oauth_blueprint
-from .oauth import error_page_text
 from .settings import ApiSettings
 from .tailscale import LocalAPI, TailscaleClient
 from .tokens import PREFIX as TOKENS_PREFIX
@@ -79,7 +78,7 @@ async def _handle_broker_error(error: BrokerError) -> Response:
     if status >= 500:
         log.error("%s %s failed: %s", request.method, loggable_path(request.path), error.message)
     if _wants_html():
-        title, message = error_page_text(error)
+        title, message = page_text(error)
         return await _error_page(status, title, message)
     payload: dict[str, Any] = {"error": error.code, "message": error.message}
     parameter = getattr(error, "parameter", None)

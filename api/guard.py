@@ -59,7 +59,9 @@ from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
-from .tailscale import TailscaleError, WhoIs
+from flowengine.errors import RequestError, TailscaleError
+
+from .tailscale import WhoIs
 
 __all__ = [
     "Identity",
@@ -215,12 +217,13 @@ def decode_login(value: str) -> str:
     return "".join(out)
 
 
-class _Refused(Exception):
-    def __init__(self, reason: str, status: int = 403, retry_after: int | None = None) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.status = status
-        self.retry_after = retry_after
+class _Refused(RequestError):
+    """The guard refuses a request; the message is safe to show (it holds no input)."""
+
+    code = "refused"
+    #: the status we answer with
+    answer_status: int = 403
+    retry_after: int | None = None
 
 
 def _with_security_headers(send: Send) -> Send:
@@ -285,9 +288,11 @@ class TailnetGuard:
                 "refused %s from %s: %s",
                 loggable_path(str(scope.get("path", "?"))),
                 client[0] if client else "unix",
-                refused.reason,
+                refused.message,
             )
-            await self._refuse(scope, send, refused.reason, refused.status, refused.retry_after)
+            await self._refuse(
+                scope, send, refused.message, refused.answer_status, refused.retry_after
+            )
             return
         scope["agentd.identity"] = identity
         activate = scope.get("agentd.activate")
@@ -302,7 +307,7 @@ class TailnetGuard:
             return Identity(address=f"uid:{uid}" if uid is not None else "unix", via="local")
         hosts = _header(scope, b"host")
         if len(hosts) > 1 or (hosts and not host_header_ok(hosts[0])):
-            raise _Refused("the Host header is not valid", 400)
+            raise _Refused("the Host header is not valid", answer_status=400)
         if _header(scope, b"tailscale-funnel-request"):
             raise _Refused("requests through Tailscale Funnel are not accepted")
         client = scope.get("client")
@@ -374,8 +379,8 @@ class TailnetGuard:
         if self.whois is None:
             raise _Refused(
                 "the caller could not be identified (tailscaled is not reachable)",
-                status,
-                WHOIS_RETRY_AFTER if status == 503 else None,
+                answer_status=status,
+                retry_after=WHOIS_RETRY_AFTER if status == 503 else None,
             )
         if port is None:
             addr = str(ip)
@@ -392,8 +397,8 @@ class TailnetGuard:
             log.warning("whois failed: %s", err.message)
             raise _Refused(
                 "the caller could not be identified",
-                status,
-                WHOIS_RETRY_AFTER if status == 503 else None,
+                answer_status=status,
+                retry_after=WHOIS_RETRY_AFTER if status == 503 else None,
             ) from err
         if cache is not None:
             cache[addr] = (time.monotonic(), who)

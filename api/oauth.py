@@ -30,9 +30,7 @@ from flowengine.errors import (
     BrokerError,
     CodeAlreadyUsedError,
     FlowExpiredError,
-    FlowNotFound,
     ProviderError,
-    StateMismatchError,
 )
 from flowengine.models import Flow, PendingStatus
 from flowengine.protocol import CallbackParseError, parse_callback
@@ -42,7 +40,7 @@ from .auth import require_bearer
 from .context import api_context, provider_name
 from .errors import BadRequestError
 
-__all__ = ["blueprint", "error_page_text", "outcome_of", "settled"]
+__all__ = ["blueprint", "outcome_of", "settled"]
 
 log = logging.getLogger("api.oauth")
 
@@ -139,32 +137,6 @@ async def _complete(broker: Broker, state: str, flow_id: str) -> None:
 async def _daemon_completes(flow: Flow) -> bool:
     ctx = api_context()
     return ctx.broker is not None and not await ctx.engine.exchanged_by_client(flow.id)
-
-
-def error_page_text(error: BrokerError) -> tuple[str, str]:
-    """Title and sentence of the callback's error page (escaped by the template)."""
-    if isinstance(error, StateMismatchError | FlowNotFound):
-        return (
-            "This link is not valid",
-            "It does not belong to any authorization in progress, so nothing was saved. "
-            "Start the connection again from the bot or the command line.",
-        )
-    if isinstance(error, FlowExpiredError):
-        ended = {"expired": "expired", "failed": "failed", "cancelled": "been cancelled"}
-        how = ended.get(error.state, "ended")
-        return (
-            "This authorization has " + how,
-            "Nothing was saved. Start the connection again from the bot or the command line.",
-        )
-    if isinstance(error, CodeAlreadyUsedError):
-        return (
-            "This link was already used",
-            "The authorization was completed before; nothing new was saved. "
-            "You can close this tab.",
-        )
-    if isinstance(error, BadRequestError):
-        return ("This link is not valid", error.message)
-    return ("Something went wrong", "The daemon could not record this authorization.")
 
 
 @blueprint.get("/oauth/callback")

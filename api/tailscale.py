@@ -25,7 +25,7 @@ from urllib.parse import quote
 import anyio
 import httpx
 
-from flowengine.errors import BrokerError
+from flowengine.errors import TailscaleError
 
 __all__ = [
     "CertPair",
@@ -43,19 +43,6 @@ log = logging.getLogger("api.tailscale")
 LOCALAPI_HOST = "local-tailscaled.sock"
 TAGGED_LOGIN = "tagged-devices"
 _CERT_MARK = "-----BEGIN CERTIFICATE-----"
-
-
-class TailscaleError(BrokerError):
-    """tailscaled could not be asked, or refused; ``http_status``/``retry_after`` when known."""
-
-    code = "tailscale_error"
-
-    def __init__(
-        self, message: str, *, http_status: int | None = None, retry_after: float | None = None
-    ) -> None:
-        super().__init__(message)
-        self.http_status = http_status
-        self.retry_after = retry_after
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,7 +209,7 @@ class LocalAPI:
         message = response.text.strip()[:200]
         return TailscaleError(
             f"tailscaled refused {what}: HTTP {response.status_code} {message}",
-            http_status=response.status_code,
+            local_api_status=response.status_code,
             retry_after=_retry_after(response),
         )
 

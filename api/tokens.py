@@ -37,8 +37,8 @@ from quart import Blueprint, Quart, Response, jsonify, request
 
 from flowengine.access import AccessPolicy, principal
 from flowengine.audit import Caller
-from flowengine.broker import HandOut, Outcome, reconnect_hint
-from flowengine.errors import BrokerError, CredentialsMissingError, StorageError
+from flowengine.broker import HandOut, Outcome
+from flowengine.errors import AnswerError, CredentialsMissingError, StorageError
 from flowengine.ratelimit import Rate
 
 from .context import ApiContext, TokenAccess, api_context
@@ -54,12 +54,6 @@ blueprint = Blueprint("tokens", __name__)
 PREFIX = "/v1/tokens/"
 #: Retry-After when the ledger could not record a hand-out
 STORAGE_RETRY_AFTER = 5
-
-
-class AnswerError(BrokerError):
-    """The answer carrying a token could not be built (no detail: it might quote it)."""
-
-    code = "internal_error"
 
 
 def configure_access(
@@ -78,6 +72,14 @@ def _answer(status: int, error: str, message: str, **data: Any) -> Response:
     response = jsonify({"error": error, "message": message, **data})
     response.status_code = status
     return response
+
+
+def reconnect_hint(name: str, provider: str) -> str:
+    """What the owner does when a grant is gone (a 409's ``hint``)."""
+    return (
+        f'{name} needs to be connected again: say "connect {provider}" to the bot'
+        f" or run: agentd connect {provider}"
+    )
 
 
 def _retry(response: Response, seconds: float) -> Response:
@@ -185,7 +187,7 @@ def _failure(provider: str, handed: HandOut, now: float) -> Response:
     if outcome.outcome is Outcome.REAUTHORIZE:
         catalog = api_context().catalog
         hint = (
-            reconnect_hint(catalog.get(provider))
+            reconnect_hint(catalog.get(provider).name, provider)
             if catalog is not None and provider in catalog
             else f"run on the daemon: agentd connect {provider}"
         )

@@ -34,6 +34,8 @@ from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
+from flowengine.errors import BrokerError
+
 from . import texts
 
 __all__ = [
@@ -249,11 +251,10 @@ class SecretDeleted:
 
 @dataclass(frozen=True, slots=True)
 class CommandFailed:
-    """A command's I/O raised a BrokerError: its ``code`` and (secret-free) ``message``."""
+    """A command's I/O raised a BrokerError (its message holds no secret); texts words it."""
 
     chat_id: int
-    code: str
-    message: str
+    error: BrokerError
 
 
 class Outcome(StrEnum):
@@ -375,27 +376,31 @@ class CommandAnswered:
 
 @dataclass(frozen=True, slots=True)
 class CommandUnavailable:
-    """An integration command failed: ``provider`` set = it is not connected."""
+    """An integration command failed (``error``: why, if it said); ``name`` is the
+    provider's name when the error names a provider."""
 
     chat_id: int
     command: str
-    reason: str | None = None
-    provider: str | None = None
+    error: BrokerError | None = None
     name: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class NotificationDue:
-    """An undelivered ledger notification; ``chat_id`` None means every owner."""
+    """An undelivered ledger notification; ``chat_id`` None means every owner.
+
+    ``kind``, ``reason`` (a code, e.g. "answer_lost") and ``data`` are what texts.notification
+    words; ``message`` is the text an older version wrote instead of data.
+    """
 
     id: int
     kind: str
     provider: str
     name: str
-    message: str
     chat_id: int | None = None
-    #: why, as a code (e.g. "answer_lost"); texts.notification words it
     reason: str | None = None
+    data: Mapping[str, object] = field(default_factory=dict)
+    message: str = ""
 
 
 Inbound = (
@@ -918,7 +923,7 @@ def _result(state: ConversationState, inbound: Inbound) -> list[Effect]:
             text = texts.SECRET_DELETED if inbound.ok else texts.SECRET_NOT_DELETED
             return [Send(inbound.chat_id, text)]
         case CommandFailed():
-            return [Send(inbound.chat_id, texts.error(inbound.code, inbound.message))]
+            return [Send(inbound.chat_id, texts.error(inbound.error))]
         case FlowEnded():
             text = _ending(inbound, tz)
             if inbound.message_id is None:
@@ -952,16 +957,19 @@ def _result(state: ConversationState, inbound: Inbound) -> list[Effect]:
                 return [Send(inbound.chat_id, inbound.text)]
             return [SendImage(inbound.chat_id, inbound.image, caption=inbound.text)]
         case CommandUnavailable():
-            if inbound.provider is not None:
-                name = inbound.name or inbound.provider
-                return [Send(inbound.chat_id, texts.command_not_connected(name, inbound.provider))]
             spec = state.commands.get(inbound.command)
             failure = spec.failure if spec is not None else inbound.command
-            return [Send(inbound.chat_id, texts.command_failed(failure, inbound.reason))]
+            text = texts.command_failed(failure, inbound.error, inbound.name)
+            return [Send(inbound.chat_id, text)]
         case NotificationDue():
             targets = (inbound.chat_id,) if inbound.chat_id is not None else sorted(state.owners)
             text = texts.notification(
-                inbound.kind, inbound.name, inbound.message, reason=inbound.reason
+                inbound.kind,
+                inbound.name,
+                reason=inbound.reason,
+                data=inbound.data,
+                tz=tz,
+                message=inbound.message,
             )
             button = CallbackButton(
                 texts.reconnect_button(inbound.name), RECONNECT_PREFIX + inbound.provider

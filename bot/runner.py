@@ -45,6 +45,7 @@ from flowengine.engine import FlowEngine
 from flowengine.errors import (
     BrokerError,
     CodeAlreadyUsedError,
+    ConfigError,
     CredentialsMissingError,
     FlowExpiredError,
     FlowNotFound,
@@ -249,7 +250,7 @@ class BotRunner:
                 chat_id = getattr(effect, "chat_id", None)
                 if chat_id is None:
                     return
-                follow = d.CommandFailed(chat_id, "internal_error", "internal error")
+                follow = d.CommandFailed(chat_id, BrokerError("internal error"))
             if follow is not None:
                 await self.handle(follow)
 
@@ -333,7 +334,7 @@ class BotRunner:
             return await work
         except BrokerError as err:
             log.warning("command failed: %s", err.code)
-            return d.CommandFailed(chat_id, err.code, err.message)
+            return d.CommandFailed(chat_id, err)
 
     # ------------------------------------------------------------- connecting
 
@@ -366,7 +367,7 @@ class BotRunner:
             )
         except BrokerError as err:
             log.warning("connect %s failed: %s", effect.provider, err.code)
-            return d.CommandFailed(chat_id, err.code, err.message)
+            return d.CommandFailed(chat_id, err)
         deadline = start.flow.deadline
         valid = (deadline - self.engine.now_ms()) / 1000 if deadline is not None else None
         return d.ConnectStarted(
@@ -413,9 +414,9 @@ class BotRunner:
             creds = ClientCredentials(effect.client_id, effect.client_secret)
             await anyio.to_thread.run_sync(self.credentials.put, effect.provider, creds)
         except ValueError as err:
-            return d.CommandFailed(effect.chat_id, "config_error", str(err))
+            return d.CommandFailed(effect.chat_id, ConfigError(str(err)))
         except BrokerError as err:
-            return d.CommandFailed(effect.chat_id, err.code, err.message)
+            return d.CommandFailed(effect.chat_id, err)
         log.info("client credentials for %s stored", effect.provider)
         return d.CredentialsSaved(effect.chat_id, effect.provider, effect.name)
 
@@ -495,13 +496,12 @@ class BotRunner:
         command = self.commands[effect.command]
         try:
             reply = await command(effect.request)
-        except NotConnectedError as err:
-            return d.CommandUnavailable(
-                effect.chat_id, command.name, err.message, err.provider, self._name(err.provider)
-            )
         except BrokerError as err:
-            log.warning("%s failed: %s", command.name, err.code)
-            return d.CommandUnavailable(effect.chat_id, command.name, err.message)
+            if not isinstance(err, NotConnectedError):
+                log.warning("%s failed: %s", command.name, err.code)
+            provider = getattr(err, "provider", None)
+            name = self._name(provider) if isinstance(provider, str) and provider else None
+            return d.CommandUnavailable(effect.chat_id, command.name, err, name)
         return d.CommandAnswered(effect.chat_id, reply.text, reply.image)
 
     # ================================================================ watching
@@ -717,9 +717,10 @@ class BotRunner:
                     kind=note.kind,
                     provider=note.provider,
                     name=self._name(note.provider),
-                    message=note.message,
                     chat_id=note.chat_id,
                     reason=note.reason,
+                    data=note.data,
+                    message=note.message,
                 )
             )
         return len(pending)

@@ -8,10 +8,12 @@ includes a secret: the functions only receive provider names, states, times and 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
+from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from flowengine import errors as e
 from flowengine.timefmt import format_duration
 
 __all__ = [
@@ -44,6 +46,7 @@ __all__ = [
     "connections",
     "did_you_mean",
     "disconnected",
+    "ERRORS",
     "duration",
     "error",
     "flow_cancelled",
@@ -57,7 +60,9 @@ __all__ = [
     "flow_timed_out",
     "flows",
     "help_line",
+    "handout_caller",
     "help_text",
+    "lifetime",
     "local_time",
     "menu_description",
     "not_a_credential",
@@ -418,7 +423,51 @@ def audit(
 # ---------------------------------------------------------------- notifications
 
 
-def notification(kind: str, name: str, message: str, reason: str | None = None) -> str:
+def lifetime(data: Mapping[str, object]) -> str:
+    """``6 months after authorization``: a catalog ``refresh_lifetime`` (its ``public()``)."""
+    parts = []
+    for unit in ("months", "days"):
+        count = data.get(unit)
+        if isinstance(count, int) and count:
+            parts.append(f"{count} {unit if count != 1 else unit[:-1]}")
+    span = " ".join(parts)
+    return (
+        f"{span} after authorization"
+        if data.get("rule") == "absolute"
+        else f"{span} after the last refresh"
+    )
+
+
+def handout_caller(data: Mapping[str, object]) -> str:
+    """``tag:ci on ci-runner.tailnet.ts.net (100.64.0.4)``."""
+    node, address = data.get("node"), data.get("address")
+    where = f"{node} ({address})" if node else f"{address}"
+    return f"{data.get('who')} on {where}"
+
+
+def _reconnect_by(name: str, data: Mapping[str, object], tz: str) -> str | None:
+    """``Spotify needs reconnecting by 2027-07-15 08:00 UTC: its grant ends 6 months
+    after authorization``; None when the data lacks the deadline."""
+    deadline, rule = data.get("deadline"), data.get("lifetime")
+    if not isinstance(deadline, int) or not isinstance(rule, Mapping):
+        return None
+    return (
+        f"{name} needs reconnecting by {local_time(deadline, tz)}: its grant ends {lifetime(rule)}"
+    )
+
+
+def notification(
+    kind: str,
+    name: str,
+    *,
+    reason: str | None = None,
+    data: Mapping[str, object] | None = None,
+    tz: str = "UTC",
+    message: str = "",
+) -> str:
+    """A ledger notification for the owner, from its kind, reason code and data
+    (``message``: the text an older version queued instead of data)."""
+    data = data or {}
     if kind == "expired" and reason == "answer_lost":
         return (
             f"⚠️ {name} connection expired: the provider's answer to a token refresh was"
@@ -429,13 +478,16 @@ def notification(kind: str, name: str, message: str, reason: str | None = None) 
         return f"⚠️ {name} connection expired — tap to reconnect."
     if kind in ("refresh_failing", "refresh_failed"):
         return f"⚠️ {name} token refresh keeps failing — tap to reconnect."
-    if kind == "reconnect_soon":
-        return f"⏳ {message}. Three days left — tap to reconnect now."
-    if kind == "reconnect_today":
-        return f"⏳ Last day: {message}. Tap to reconnect."
-    if kind == "first_handout":
+    if kind in ("reconnect_soon", "reconnect_today"):
+        when = _reconnect_by(name, data, tz) or message
+        if when and kind == "reconnect_soon":
+            return f"⏳ {when}. Three days left — tap to reconnect now."
+        if when:
+            return f"⏳ Last day: {when}. Tap to reconnect."
+    if kind == "first_handout" and ("who" in data or message):
+        who = handout_caller(data) if "who" in data else message
         return (
-            f"🔑 First {name} token for {message}. Every hand-out is in the audit: say"
+            f"🔑 First {name} token for {who}. Every hand-out is in the audit: say"
             " audit to see them; the [[access]] policy in agentd.toml decides who may."
         )
     return f"ℹ️ {message}" if message else f"ℹ️ {name}: {kind}"
@@ -448,22 +500,53 @@ def reconnect_button(name: str) -> str:
 # ----------------------------------------------------------------------- errors
 
 
-def error(code: str, message: str) -> str:
-    """The one place a BrokerError (by its code) becomes text for the owner."""
-    if code == "provider_unavailable":
-        return f"⚠️ The provider could not be reached; try again in a moment. ({message})"
-    if code == "reauthorization_required":
-        return f"⚠️ The provider refused the grant: {message}"
-    if code == "daemon_unauthorized":
-        return "⚠️ The daemon refused my API token: check server.api_token."
-    if code in ("config_error", "storage_error", "token_file_corrupt"):
-        return f"⚠️ {message}"
-    return f"⚠️ Something went wrong: {message}"
+def _again(err: Any) -> str:
+    return f'To connect it again, say "connect {err.provider}".'
 
 
-def command_failed(failure: str, reason: str | None) -> str:
-    """An integration command failed: ``failure`` is its own opening ("No glucose reading")."""
-    return f"⚠️ {failure}: {reason}" if reason else f"⚠️ {failure}"
+#: how the bot words an error, by class: the first class on the error's MRO that is
+#: listed wins (a new subclass is worded like its parent until it has a row)
+ERRORS: dict[type[BaseException], Callable[[Any], str]] = {
+    e.ProviderTransientError: lambda err: (
+        f"⚠️ The provider could not be reached; try again in a moment. ({err.message})"
+    ),
+    e.ReauthorizationRequired: lambda err: (
+        f"⚠️ The provider refused the grant: {err.message}. {_again(err)}"
+    ),
+    e.NoDeviceEndpointError: lambda err: (
+        f"⚠️ {err.name} has no device authorization endpoint: say connect {err.provider}"
+        " for a link instead."
+    ),
+    e.DiscoveryError: lambda err: f"⚠️ Something went wrong: {err.message}",
+    e.ConfigError: lambda err: f"⚠️ {err.message}",
+    e.StorageError: lambda err: f"⚠️ {err.message}",
+    e.BrokerError: lambda err: f"⚠️ Something went wrong: {err.message}",
+}
+
+
+def _words(err: BaseException) -> Callable[[Any], str]:
+    for cls in type(err).__mro__:
+        words = ERRORS.get(cls)
+        if words is not None:
+            return words
+    return ERRORS[e.BrokerError]
+
+
+def error(err: e.BrokerError) -> str:
+    """The one place a BrokerError becomes text for the owner (the :data:`ERRORS` table)."""
+    return _words(err)(err)
+
+
+def command_failed(failure: str, err: e.BrokerError | None, name: str | None = None) -> str:
+    """An integration command failed: ``failure`` is its own opening ("No glucose reading");
+    ``name`` is the provider's name when the error names one."""
+    if isinstance(err, e.NotConnectedError):
+        return command_not_connected(name or err.provider, err.provider)
+    if err is None:
+        return f"⚠️ {failure}"
+    if isinstance(err, e.ReauthorizationRequired):
+        return f"⚠️ {failure}: {err.message}. {_again(err)}"
+    return f"⚠️ {failure}: {err.message}"
 
 
 def command_not_connected(name: str, provider: str) -> str:

@@ -11,23 +11,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from flowengine.errors import BrokerError
+from flowengine.errors import TransportError
 
 from .dialogue import CallbackButton, UrlButton
 
 __all__ = ["Button", "ChatTransport", "TransportError"]
 
 Button = UrlButton | CallbackButton
-
-
-class TransportError(BrokerError):
-    """The chat service refused a request or could not be reached (after retries)."""
-
-    code = "transport_error"
-
-    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
 
 
 class ChatTransport(Protocol):

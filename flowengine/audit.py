@@ -55,9 +55,13 @@ class Caller:
     address: str
 
     def describe(self) -> str:
-        """``tag:ci on ci-runner.tailnet.ts.net (100.64.0.4)``: no secret, for the owner."""
+        """``tag:ci on ci-runner.tailnet.ts.net (100.64.0.4)``: no secret, for log lines."""
         where = f"{self.node} ({self.address})" if self.node else self.address
         return f"{self.who} on {where}"
+
+    def public(self) -> dict[str, str]:
+        """As a notification's data carries it (the bot words it)."""
+        return {"who": self.who, "node": self.node, "address": self.address}
 
 
 @dataclass(frozen=True, slots=True)

@@ -79,6 +79,7 @@ from .errors import (
     CredentialsMissingError,
     FlowError,
     InvalidTransition,
+    NoDeviceEndpointError,
     NotConnectedError,
     ProviderError,
     ProviderTransientError,
@@ -112,7 +113,6 @@ __all__ = [
     "ReconcileReport",
     "RefreshOutcome",
     "TokenInfo",
-    "reconnect_hint",
 ]
 
 log = logging.getLogger("flowengine.broker")
@@ -126,14 +126,6 @@ DEVICE_GRACE_MS = 10_000
 _STORE_RETRIES = (0.0, 0.05, 0.2, 0.5)
 
 _CONNECTION_STATES = (FlowState.STORED, FlowState.REFRESHING, FlowState.EXPIRED)
-
-
-def reconnect_hint(spec: ProviderSpec) -> str:
-    """What the owner must do after a permanent refresh failure."""
-    return (
-        f'{spec.name} needs to be connected again: say "connect {spec.id}" to the bot'
-        f" or run: agentd connect {spec.id}"
-    )
 
 
 # ------------------------------------------------------------------------ values
@@ -382,7 +374,7 @@ def _lineage(record: Record | None, *tokens: TokenSet | None) -> tuple[str, ...]
 
 def _request_may_have_arrived(err: ProviderError) -> bool:
     """A transport failure after the request may have been delivered (answer lost)?"""
-    if err.http_status is not None:
+    if err.provider_status is not None:
         return False  # the provider answered: the request is settled
     import httpx
 
@@ -492,7 +484,7 @@ class Broker:
     def _creds(self, spec: ProviderSpec) -> ClientCredentials:
         creds = self.credentials.get(spec.id)
         if creds is None or (spec.needs_secret and not creds.client_secret):
-            raise CredentialsMissingError(spec.id, needs_secret=spec.needs_secret)
+            raise CredentialsMissingError(provider=spec.id, needs_secret=spec.needs_secret)
         return creds
 
     def spec(self, provider: str) -> ProviderSpec:
@@ -932,7 +924,7 @@ class Broker:
         self.catalog.register(spec)
         self._validated[pid] = time.monotonic()
         if registration is None and manual is None:
-            raise CredentialsMissingError(pid, needs_secret=spec.needs_secret)
+            raise CredentialsMissingError(provider=pid, needs_secret=spec.needs_secret)
         return Adopted(
             spec=spec,
             discovery=found,
@@ -964,11 +956,7 @@ class Broker:
                 await self.revalidate(provider, redirect_uri=None, actor=actor, device=True)
             ).spec
         if not spec.device_authorization_url:
-            raise ConfigError(
-                f"{spec.name} has no device authorization endpoint",
-                key=f"providers.{spec.id}.device_authorization_url",
-                hint=f"connect it with the browser link: agentd connect {spec.id}",
-            )
+            raise NoDeviceEndpointError(provider=spec.id, name=spec.name)
         creds = self._creds(spec)
         wanted = tuple(scopes) if scopes is not None else spec.scopes
         started = await self.engine.start(
@@ -1281,7 +1269,7 @@ class Broker:
             Outcome.NOT_CONNECTED,
             provider,
             reason="not_connected",
-            error=NotConnectedError(provider),
+            error=NotConnectedError(provider=provider),
         )
 
     async def _current(self, provider: str) -> Record | None:
@@ -1340,7 +1328,9 @@ class Broker:
             flow = await self._settle_refreshing(flow, rec, actor=actor)
         if flow is not None and flow.state is FlowState.EXPIRED:
             error = ReauthorizationRequired(
-                reconnect_hint(spec), provider=provider, oauth_error=flow.error_code
+                f"the {spec.name} connection expired ({flow.error_code})",
+                provider=provider,
+                oauth_error=flow.error_code,
             )
             return self._outcome(
                 Outcome.REAUTHORIZE, provider, old, rec.flow_id, reason=flow.error_code, error=error
@@ -1348,9 +1338,9 @@ class Broker:
         if old.refresh is None:
             if flow is not None and flow.state is FlowState.STORED:
                 flow = await self.engine.expire(flow.id, actor=actor, reason="no_refresh_token")
-                await self._notify_expired(spec, flow, "no_refresh_token")
+                await self._notify_expired(flow, "no_refresh_token")
             error = ReauthorizationRequired(
-                f"{spec.name} gave no refresh token. {reconnect_hint(spec)}",
+                f"{spec.name} gave no refresh token",
                 provider=provider,
                 oauth_error="no_refresh_token",
             )
@@ -1416,19 +1406,19 @@ class Broker:
                     error_code=reason,
                     description=err.message,
                 )
-                await self._notify_expired(spec, flow, reason)
-            text = f"{spec.name} refused the refresh ({err.oauth_error}). {reconnect_hint(spec)}"
+                await self._notify_expired(flow, reason)
+            text = f"{spec.name} refused the refresh ({err.oauth_error})"
             if reason == "answer_lost":
                 text = (
                     f"{spec.name} refused the refresh token after the answer to an earlier"
-                    f" refresh was lost in transit. {reconnect_hint(spec)}"
+                    " refresh was lost in transit"
                 )
             error = ReauthorizationRequired(
                 text,
                 provider=provider,
                 oauth_error=reason,
                 description=err.description,
-                http_status=err.http_status,
+                provider_status=err.provider_status,
             )
             return self._outcome(
                 Outcome.REAUTHORIZE, provider, old, rec.flow_id, reason=reason, error=error
@@ -2004,7 +1994,6 @@ class Broker:
         happened meanwhile wins. True when the connection was expired.
         """
         flow = await self.engine.get_flow(flow_id)
-        spec = self.catalog.get(flow.provider) if flow.provider in self.catalog else None
         async with self._held(flow.provider):
             flow = await self.engine.get_flow(flow_id)
             if flow.state is not FlowState.STORED:
@@ -2023,14 +2012,7 @@ class Broker:
                 flow = await self.engine.expire(flow.id, actor=actor, reason=reason)
             except (InvalidTransition, ConcurrentUpdateError):
                 return False
-        await self.engine.notify(
-            kind="expired",
-            provider=flow.provider,
-            flow_id=flow.id,
-            chat_id=flow.chat_id,
-            message=f"{spec.name if spec else flow.provider} connection expired",
-            reason=reason,
-        )
+        await self._notify_expired(flow, reason)
         return True
 
     async def warn_lifetime(
@@ -2060,15 +2042,13 @@ class Broker:
         if due is not None and not await self.engine.notified(
             flow.id, due.kind, since=to_ms(due.opens)
         ):
-            when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(due.deadline))
             await self.engine.notify(
                 kind=due.kind,
                 provider=flow.provider,
                 flow_id=flow.id,
                 chat_id=flow.chat_id,
-                message=f"{spec.name} needs reconnecting by {when}: its grant"
-                f" ends {lifetime.describe()}",
                 reason="grant_lifetime",
+                data={"deadline": to_ms(due.deadline), "lifetime": lifetime.public()},
             )
             queued = due.kind
         return queued, next_warning_at(deadline, now)
@@ -2077,25 +2057,19 @@ class Broker:
         self, connection: Connection, *, attempts: int, reason: str | None
     ) -> None:
         """Tell the owner a connection's refresh keeps failing (once per streak)."""
-        name = (
-            self.catalog.get(connection.provider).name
-            if connection.provider in self.catalog
-            else connection.provider
-        )
         await self.engine.notify(
             kind="refresh_failing",
             provider=connection.provider,
             flow_id=connection.flow_id,
             chat_id=connection.chat_id,
-            message=f"{name} token refresh failed {attempts} times in a row",
             reason=reason,
+            data={"attempts": attempts},
         )
 
-    async def _notify_expired(self, spec: ProviderSpec, flow: Flow, reason: str | None) -> None:
+    async def _notify_expired(self, flow: Flow, reason: str | None) -> None:
         await self.engine.notify(
             kind="expired",
-            provider=spec.id,
-            message=reconnect_hint(spec),
+            provider=flow.provider,
             flow_id=flow.id,
             chat_id=flow.chat_id,
             reason=reason,
@@ -2121,7 +2095,7 @@ class Broker:
             token_sha=token_sha(outcome.tokens.access),
             address=caller.address,
             flow_id=outcome.flow_id,
-            first_message=caller.describe(),
+            first_data=caller.public(),
             retention=self.retention,
         )
         if first:
@@ -2153,7 +2127,7 @@ class Broker:
             current = current or (rec.tokens if rec is not None else None)
             flow = await self._connection_for(provider, rec)
             if current is None and flow is None:
-                raise NotConnectedError(provider)
+                raise NotConnectedError(provider=provider)
             revoked = False
             creds = self.credentials.get(provider)
             if current is not None and has_endpoint and creds is not None:

@@ -252,7 +252,7 @@ class Catalog:
         spec = self._specs.get(provider_id)
         if spec is None:
             close = difflib.get_close_matches(provider_id, list(self._specs), n=3, cutoff=0.6)
-            raise UnknownProviderError(provider_id, suggestions=close)
+            raise UnknownProviderError(provider=provider_id, suggestions=tuple(close))
         return spec
 
     def ids(self) -> list[str]:

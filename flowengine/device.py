@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 
 from .catalog import ProviderSpec
 from .credentials import ClientCredentials
-from .errors import ConfigError, ProviderError
+from .errors import NoDeviceEndpointError, ProviderError
 
 if TYPE_CHECKING:  # pragma: no cover
     import httpx
@@ -182,11 +182,7 @@ async def request_device_code(
     from .oauth_http import _check_response, _post, resource_params
 
     if not spec.device_authorization_url:
-        raise ConfigError(
-            f"{spec.name} has no device authorization endpoint",
-            key=f"providers.{spec.id}.device_authorization_url",
-            hint="connect it with the browser link instead",
-        )
+        raise NoDeviceEndpointError(provider=spec.id, name=spec.name)
     form: list[tuple[str, str]] = []
     wanted = [s for s in scopes if s]
     if wanted:

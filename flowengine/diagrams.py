@@ -19,6 +19,7 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
+from .errors import DotUnavailableError
 from .models import FlowRecord
 from .states import TRANSITIONS, FlowState, FlowTrigger
 
@@ -34,10 +35,6 @@ __all__ = [
 Edge = tuple[FlowState, FlowTrigger, FlowState]
 
 _FINAL = (FlowState.FAILED, FlowState.CANCELLED, FlowState.REVOKED, FlowState.SUPERSEDED)
-
-
-class DotUnavailableError(RuntimeError):
-    """Graphviz ``dot`` is not installed (Debian: apt-get install graphviz)."""
 
 
 def _edges() -> list[tuple[FlowState, FlowTrigger, FlowState, str]]:
@@ -129,7 +126,7 @@ def render_svg(dot_source: str) -> str:
     """Run Graphviz ``dot -Tsvg``; raises DotUnavailableError when it is missing."""
     exe = shutil.which("dot")
     if exe is None:
-        raise DotUnavailableError("Graphviz 'dot' is not installed (apt-get install graphviz)")
+        raise DotUnavailableError()
     proc = subprocess.run(
         [exe, "-Tsvg"], input=dot_source.encode(), capture_output=True, check=False, timeout=30
     )

@@ -507,7 +507,7 @@ class _Fetcher:
                 raise ProviderTransientError(
                     f"{host} failed {what} (HTTP {response.status_code}); try again later",
                     provider=host,
-                    http_status=response.status_code,
+                    provider_status=response.status_code,
                 )
             return None
         try:

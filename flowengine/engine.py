@@ -246,7 +246,9 @@ class FlowEngine:
         if flow.state is FlowState.INITIATED:
             # the link was opened before issue_url was recorded: keep the ledger in order
             try:
-                flow = await self.move(flow.id, FlowTrigger.ISSUE_URL, actor=actor, at=now)
+                flow = await self.move(
+                    flow.id, FlowTrigger.ISSUE_URL, actor=actor, at=now, deadline=flow.deadline
+                )
             except InvalidTransition:
                 flow = await self.get_flow(flow.id)
         self._raise_unless_waiting(flow)
@@ -284,7 +286,7 @@ class FlowEngine:
             return
         if flow.state in _GONE_REASONS:
             raise FlowExpiredError(
-                f"this authorization has {_GONE_REASONS[flow.state]}; start a new one",
+                f"this authorization has {_GONE_REASONS[flow.state]}",
                 flow_id=flow.id,
                 state=flow.state.value,
             )
@@ -658,6 +660,7 @@ class FlowEngine:
         description: str | None = None,
         token_expires_at: int | None = None,
         next_check_at: int | None = None,
+        deadline: int | None = None,
         valid_for: int | None = None,
         device_secrets: tuple[str, str] | None = None,
         pending_code: tuple[str, str] | None = None,
@@ -666,9 +669,9 @@ class FlowEngine:
         ledger transaction; the one place a flow moves.
 
         The caller gives only what the effects ask for: ``error``/``description`` (an
-        error the move records), ``token_expires_at``, ``next_check_at``, ``valid_for``
-        (ms a device code stays valid), the secrets to keep. A value the row does not use
-        is a ValueError: nothing is silently dropped.
+        error the move records), ``token_expires_at``, ``next_check_at``, ``deadline``
+        (epoch ms), ``valid_for`` (ms a device code stays valid), the secrets to keep. A
+        value the row does not use is a ValueError: nothing is silently dropped.
         """
         _check_actor(actor)
         effects = effects_of(trigger, condition)
@@ -678,6 +681,7 @@ class FlowEngine:
             "description": description,
             "token_expires_at": token_expires_at,
             "next_check_at": next_check_at,
+            "deadline": deadline,
             "valid_for": valid_for,
             "device_secrets": device_secrets,
             "pending_code": pending_code,
@@ -688,6 +692,7 @@ class FlowEngine:
             "token_expires_at": effects.token_expires_at is not Value.KEEP,
             "next_check_at": effects.next_check_at
             in (Value.GIVEN, Value.GIVEN_OR_NOW, Value.GIVEN_OR_RETRY),
+            "deadline": effects.deadline is Value.GIVEN_OR_LINK_TTL,
             "valid_for": effects.deadline is Value.VALID_FOR,
             "device_secrets": effects.secrets is Secrets.STORE_DEVICE,
             "pending_code": effects.secrets is Secrets.STORE_CODE,
@@ -696,9 +701,8 @@ class FlowEngine:
         if unused:
             raise ValueError(f"{trigger.value} does not take {', '.join(unused)}")
         updates: dict[str, Any] = {}
-        ttl = {Value.AWAITING_TTL: self.awaiting_ttl, Value.CODE_TTL: self.code_ttl}
         for column, rule, value in (
-            ("deadline", effects.deadline, valid_for),
+            ("deadline", effects.deadline, valid_for if valid_for is not None else deadline),
             ("next_check_at", effects.next_check_at, next_check_at),
             ("token_expires_at", effects.token_expires_at, token_expires_at),
         ):
@@ -712,12 +716,14 @@ class FlowEngine:
                 updates[column] = now if value is None else value
             elif rule is Value.GIVEN_OR_RETRY:
                 updates[column] = now + RETRY_CHECK_MS if value is None else value
+            elif rule is Value.GIVEN_OR_LINK_TTL:
+                updates[column] = now + to_ms(self.awaiting_ttl) if value is None else value
             elif rule is Value.VALID_FOR:
                 if value is None:
                     raise ValueError(f"{trigger.value} needs valid_for")
                 updates[column] = now + value
-            else:
-                updates[column] = now + to_ms(ttl[rule])
+            else:  # CODE_TTL
+                updates[column] = now + to_ms(self.code_ttl)
         if effects.error is ErrorEffect.CLEAR:
             updates.update(error_code=None, error_description=None)
         elif effects.error is ErrorEffect.SET:
@@ -818,19 +824,20 @@ class FlowEngine:
         *,
         kind: str,
         provider: str,
-        message: str,
         flow_id: str | None = None,
         chat_id: int | None = None,
         reason: str | None = None,
+        data: Mapping[str, Any] | None = None,
     ) -> int:
+        """Queue a notification for the owner: a kind, a reason code and data, no text."""
         return await self.ledger.notify(
             at=self.now_ms(),
             kind=kind,
             provider=provider,
-            message=message,
             flow_id=flow_id,
             chat_id=chat_id,
             reason=reason,
+            data=data,
         )
 
     async def notified(self, flow_id: str, kind: str, *, since: int) -> bool:

@@ -9,7 +9,8 @@ Tables (schema version in ``schema_migrations``):
 ``oauth_pending``  the callback's code, keyed by the SHA-256 of the OAuth state (the raw
                    state is never stored); the code is wiped when it is handed out
 ``notifications``  connection events for the owner (expired, refresh failing, an identity's
-                   first token hand-out), read by the bot, possibly from another process
+                   first token hand-out) as a kind, a reason code and data (JSON), read by
+                   the bot, possibly from another process, which words them
 ``token_handouts`` the audit of access tokens handed to other machines (audit.py): who,
                    node, address, provider, an 8-hex SHA-256 prefix of the token; pruned
 ``token_recipients`` (identity, provider) pairs that have had a token: first hand-outs
@@ -41,6 +42,7 @@ import os
 import sqlite3
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -215,6 +217,14 @@ _MIGRATIONS: tuple[tuple[int, str], ...] = (
         ALTER TABLE flow_secrets ADD COLUMN user_code TEXT;
         """,
     ),
+    (
+        7,
+        # notifications carry data (JSON) for the bot to word; ``message`` stays for rows an
+        # older version wrote (new rows leave it empty)
+        """
+        ALTER TABLE notifications ADD COLUMN data TEXT NOT NULL DEFAULT '{}';
+        """,
+    ),
 )
 
 SCHEMA_VERSION = _MIGRATIONS[-1][0]
@@ -302,6 +312,15 @@ def _long_hashes(value: Any) -> set[str]:
     return found
 
 
+def _json_object(text: str | None) -> dict[str, Any]:
+    """A stored JSON object (``{}`` for anything else)."""
+    try:
+        value = json.loads(text or "{}")
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def check_detail(detail: Mapping[str, Any]) -> str:
     """Serialise event detail, refusing any key, at any depth, that names a secret.
 
@@ -323,34 +342,25 @@ class _Wipes:
         self.wiped = False
 
 
+@dataclass(frozen=True, slots=True)
 class Notification:
-    """A connection event for the owner (read by the bot, marked delivered once sent)."""
+    """A connection event for the owner (read by the bot, marked delivered once sent).
 
-    __slots__ = ("at", "chat_id", "flow_id", "id", "kind", "message", "provider", "reason")
+    No sentence: the bot words it from ``kind``, ``reason`` and ``data``.
+    """
 
-    def __init__(
-        self,
-        id: int,
-        at: int,
-        kind: str,
-        provider: str,
-        flow_id: str | None,
-        chat_id: int | None,
-        message: str,
-        reason: str | None = None,
-    ) -> None:
-        self.id = id
-        self.at = at
-        self.kind = kind
-        self.provider = provider
-        self.flow_id = flow_id
-        self.chat_id = chat_id
-        self.message = message
-        #: why, as a code the bot and CLI word (e.g. "invalid_grant", "answer_lost")
-        self.reason = reason
-
-    def __repr__(self) -> str:
-        return f"Notification(id={self.id}, kind={self.kind!r}, provider={self.provider!r})"
+    id: int
+    at: int
+    kind: str
+    provider: str
+    flow_id: str | None
+    chat_id: int | None
+    #: why, as a code the bot and CLI word (e.g. "invalid_grant", "answer_lost")
+    reason: str | None = None
+    #: what the wording needs (a deadline, a count, who got a token); never a secret
+    data: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    #: the text an older version wrote instead of data ("" for new rows)
+    message: str = field(default="", repr=False)
 
 
 class Ledger:
@@ -838,16 +848,19 @@ class Ledger:
         at: int,
         kind: str,
         provider: str,
-        message: str,
         flow_id: str | None = None,
         chat_id: int | None = None,
         reason: str | None = None,
+        data: Mapping[str, Any] | None = None,
     ) -> int:
+        """Queue a notification; ``data`` is checked like event detail (no secrets)."""
+        data_json = check_detail(data or {})
         async with self._lock:
             cur = await self._conn.execute(
-                "INSERT INTO notifications (at, kind, provider, flow_id, chat_id, message, reason)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (at, kind, provider, flow_id, chat_id, message, reason),
+                "INSERT INTO notifications"
+                " (at, kind, provider, flow_id, chat_id, message, reason, data)"
+                " VALUES (?, ?, ?, ?, ?, '', ?, ?)",
+                (at, kind, provider, flow_id, chat_id, reason, data_json),
             )
             return int(cur.lastrowid or 0)
 
@@ -866,13 +879,26 @@ class Ledger:
         async with (
             self._lock,
             self._conn.execute(
-                "SELECT id, at, kind, provider, flow_id, chat_id, message, reason"
+                "SELECT id, at, kind, provider, flow_id, chat_id, reason, data, message"
                 " FROM notifications WHERE delivered_at IS NULL ORDER BY id LIMIT ?",
                 (int(limit),),
             ) as cur,
         ):
             rows = await cur.fetchall()
-        return [Notification(*row) for row in rows]
+        return [
+            Notification(
+                id=row[0],
+                at=row[1],
+                kind=row[2],
+                provider=row[3],
+                flow_id=row[4],
+                chat_id=row[5],
+                reason=row[6],
+                data=_json_object(row[7]),
+                message=row[8] or "",
+            )
+            for row in rows
+        ]
 
     async def mark_delivered(self, notification_id: int, at: int) -> bool:
         async with self._lock:
@@ -898,7 +924,7 @@ class Ledger:
         token_sha: str,
         address: str,
         flow_id: str | None,
-        first_message: str,
+        first_data: Mapping[str, Any],
         retention: Retention | None = None,
     ) -> tuple[HandOutRecord, bool]:
         """Record one hand-out; the record and whether it is ``who``'s first of ``provider``.
@@ -925,8 +951,8 @@ class Ledger:
             if first:
                 await self._conn.execute(
                     "INSERT INTO notifications (at, kind, provider, flow_id, chat_id, message,"
-                    " reason) VALUES (?, ?, ?, ?, NULL, ?, NULL)",
-                    (at, FIRST_HANDOUT, provider, flow_id, first_message),
+                    " reason, data) VALUES (?, ?, ?, ?, NULL, '', NULL, ?)",
+                    (at, FIRST_HANDOUT, provider, flow_id, check_detail(first_data)),
                 )
             self._handouts_since_prune += 1
             if retention is not None and (

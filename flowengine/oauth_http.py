@@ -191,15 +191,12 @@ def _oauth_failure(
     spec: ProviderSpec, what: str, error: str, description: Any, status: int
 ) -> ProviderError:
     cls = ReauthorizationRequired if error in PERMANENT_ERRORS else ProviderError
-    message = f"{spec.name} refused the {what}: {error} (HTTP {status})"
-    if cls is ReauthorizationRequired:
-        message += f"; reconnect {spec.id}"
     return cls(
-        message,
+        f"{spec.name} refused the {what}: {error} (HTTP {status})",
         provider=spec.id,
         oauth_error=error[:64],
         description=_short(description),
-        http_status=status,
+        provider_status=status,
     )
 
 
@@ -211,7 +208,7 @@ def _unwrap_envelope(spec: ProviderSpec, what: str, data: Any, status: int) -> A
         raise ProviderError(
             f"{spec.name} answered the {what} without its {spec.envelope_status_key!r} envelope",
             provider=spec.id,
-            http_status=status,
+            provider_status=status,
         )
     code = data.get(spec.envelope_status_key)
     if code != 0:
@@ -224,22 +221,22 @@ def _unwrap_envelope(spec: ProviderSpec, what: str, data: Any, status: int) -> A
                 provider=spec.id,
                 oauth_error=error,
                 description=description,
-                http_status=status,
+                provider_status=status,
             )
         if known and code in spec.envelope_reauthorize:
             raise ReauthorizationRequired(
-                f"{spec.name} refused the {what}: {error}; reconnect {spec.id}",
+                f"{spec.name} refused the {what}: {error}",
                 provider=spec.id,
                 oauth_error=error,
                 description=description,
-                http_status=status,
+                provider_status=status,
             )
         raise ProviderError(
             f"{spec.name} refused the {what}: {error}",
             provider=spec.id,
             oauth_error=error,
             description=description,
-            http_status=status,
+            provider_status=status,
         )
     return data.get(key)
 
@@ -251,14 +248,14 @@ def _check_response(spec: ProviderSpec, what: str, response: httpx.Response) -> 
         raise ProviderTransientError(
             f"{spec.name} is rate limiting the {what} (HTTP 429)",
             provider=spec.id,
-            http_status=status,
+            provider_status=status,
             retry_after=parse_retry_after(response.headers.get("Retry-After")),
         )
     if status >= 500:
         raise ProviderTransientError(
             f"{spec.name} failed the {what} (HTTP {status}); try again later",
             provider=spec.id,
-            http_status=status,
+            provider_status=status,
             retry_after=parse_retry_after(response.headers.get("Retry-After")),
         )
     try:
@@ -275,20 +272,20 @@ def _check_response(spec: ProviderSpec, what: str, response: httpx.Response) -> 
         raise ProviderError(
             f"{spec.name} refused the {what} (HTTP {status})",
             provider=spec.id,
-            http_status=status,
+            provider_status=status,
         )
     if data is None:
         raise ProviderError(
             f"{spec.name} answered the {what} with something that is not JSON (HTTP {status})",
             provider=spec.id,
-            http_status=status,
+            provider_status=status,
         )
     data = _unwrap_envelope(spec, what, data, status)
     if not isinstance(data, dict):
         raise ProviderError(
             f"{spec.name} answered the {what} with no token object",
             provider=spec.id,
-            http_status=status,
+            provider_status=status,
         )
     return data
 
@@ -316,7 +313,7 @@ async def _post(
     if spec.needs_secret and not creds.client_secret:
         from .errors import CredentialsMissingError
 
-        raise CredentialsMissingError(spec.id, needs_secret=True)
+        raise CredentialsMissingError(provider=spec.id, needs_secret=True)
     body = urlencode(form)
     headers = {
         "Accept": "application/json",

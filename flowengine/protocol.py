@@ -14,6 +14,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from .errors import CallbackParseError
+
 __all__ = [
     "CallbackParams",
     "CallbackParseError",
@@ -110,14 +112,6 @@ def build_authorize_url(
     return urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(params), ""))
 
 
-class CallbackParseError(ValueError):
-    """The callback query is malformed; ``reason`` is safe to show (it holds no input)."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
 @dataclass(frozen=True, slots=True)
 class CallbackParams:
     """A parsed redirect back from the provider: either a code or an error, and a state."""
@@ -134,7 +128,7 @@ def _single(query: Mapping[str, list[str]], name: str) -> str | None:
     if not values:
         return None
     if len(values) > 1:
-        raise CallbackParseError(f"parameter {name!r} given more than once")
+        raise CallbackParseError(reason=f"parameter {name!r} given more than once")
     return values[0]
 
 
@@ -149,7 +143,7 @@ def parse_callback(query: Mapping[str, list[str]] | str) -> CallbackParams:
         try:
             pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=False)
         except ValueError as err:  # pragma: no cover - parse_qsl is lenient
-            raise CallbackParseError("query string is malformed") from err
+            raise CallbackParseError(reason="query string is malformed") from err
         for name, value in pairs:
             multi.setdefault(name, []).append(value)
         query = multi
@@ -159,17 +153,17 @@ def parse_callback(query: Mapping[str, list[str]] | str) -> CallbackParams:
     description = _single(query, "error_description")
     iss = _single(query, "iss")
     if not state:
-        raise CallbackParseError("the callback has no state parameter")
+        raise CallbackParseError(reason="the callback has no state parameter")
     if not _STATE_RE.match(state):
-        raise CallbackParseError("the state parameter is not a valid state value")
+        raise CallbackParseError(reason="the state parameter is not a valid state value")
     if error is not None:
         if not _ERROR_RE.match(error):
-            raise CallbackParseError("the error parameter is malformed")
+            raise CallbackParseError(reason="the error parameter is malformed")
         if description is not None:
             description = description[:_MAX_DESCRIPTION]
         return CallbackParams(state=state, error=error, error_description=description, iss=iss)
     if not code:
-        raise CallbackParseError("the callback has neither a code nor an error")
+        raise CallbackParseError(reason="the callback has neither a code nor an error")
     if len(code) > _MAX_CODE or any(ord(ch) < 0x20 or ord(ch) > 0x7E for ch in code):
-        raise CallbackParseError("the code parameter is malformed")
+        raise CallbackParseError(reason="the code parameter is malformed")
     return CallbackParams(state=state, code=code, iss=iss)

@@ -225,7 +225,7 @@ async def register(
         raise ProviderTransientError(
             f"{issuer} failed the client registration (HTTP {status}); try again later",
             provider=provider,
-            http_status=status,
+            provider_status=status,
         )
     try:
         data = json.loads(response.content[:_MAX_ANSWER]) if response.content else None
@@ -238,19 +238,18 @@ async def register(
         raise RegistrationError(
             f"{issuer} refused to register this agent as a client"
             + (f": {code}" if code else "")
-            + f" (HTTP {status}); register one by hand and store it with"
-            f" `agentd credentials {provider}`",
+            + f" (HTTP {status})",
             provider=provider,
             oauth_error=code,
             description=description[:200] if isinstance(description, str) else None,
-            http_status=status,
+            provider_status=status,
         )
     client_id = data.get("client_id")
     if not isinstance(client_id, str) or not client_id or not client_id.isprintable():
         raise RegistrationError(
             f"{issuer} answered the client registration without a client_id",
             provider=provider,
-            http_status=status,
+            provider_status=status,
         )
     secret = data.get("client_secret")
     method = data.get("token_endpoint_auth_method")
@@ -261,13 +260,13 @@ async def register(
             f"{issuer} registered the client for {method!r} authentication, which this"
             " agent cannot do",
             provider=provider,
-            http_status=status,
+            provider_status=status,
         )
     if method != "none" and not isinstance(secret, str):
         raise ProviderError(
             f"{issuer} registered a confidential client but sent no client_secret",
             provider=provider,
-            http_status=status,
+            provider_status=status,
         )
     registration = Registration.from_json(
         {

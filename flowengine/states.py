@@ -98,7 +98,8 @@ class Value(StrEnum):
     GIVEN_OR_NOW = "given_or_now"  # the caller's value, else the move's time
     GIVEN_OR_RETRY = "given_or_retry"  # the caller's value, else a minute after the move
     VALID_FOR = "valid_for"  # the move's time + the caller's ``valid_for`` (ms)
-    AWAITING_TTL = "awaiting_ttl"  # the move's time + the engine's TTL of a sent link
+    GIVEN_OR_LINK_TTL = "given_or_link_ttl"  # the caller's value, else the move's time + the
+    #                                          engine's TTL of a sent link
     CODE_TTL = "code_ttl"  # the move's time + the engine's TTL of a received code
 
 
@@ -159,7 +160,7 @@ _WORDS: dict[StrEnum, str] = {
     Value.GIVEN_OR_NOW: "given, else now",
     Value.GIVEN_OR_RETRY: "given, else now + 1 min",
     Value.VALID_FOR: "now + the code's validity",
-    Value.AWAITING_TTL: "now + link TTL",
+    Value.GIVEN_OR_LINK_TTL: "given, else now + link TTL",
     Value.CODE_TTL: "now + code TTL",
     ErrorEffect.CLEAR: "cleared",
     ErrorEffect.SET: "set",
@@ -196,7 +197,8 @@ TRANSITIONS: tuple[Transition, ...] = (
         (S.INITIATED,),
         S.AWAITING_CODE,
         why="authorize link sent",
-        effects=Effects(deadline=V.AWAITING_TTL),
+        # the TTL restarts, unless the callback came first (then the start's deadline holds)
+        effects=Effects(deadline=V.GIVEN_OR_LINK_TTL),
     ),
     Transition(
         T.ISSUE_DEVICE_CODE,

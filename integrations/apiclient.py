@@ -4,7 +4,7 @@
 before every request and interprets the answer with the integration's ``classify``:
 
 * ``classify`` returns the decoded data: done;
-* it raises :class:`TokenRejected`: the broker is asked for ONE forced refresh and the
+* it raises :class:`TokenRejectedError`: the broker is asked for ONE forced refresh and the
   request is sent again; a second rejection is :class:`ReauthorizationRequired`;
 * it raises :class:`ProviderTransientError` (429, 5xx, "too many requests" in an envelope),
   or the network fails: bounded exponential backoff, at least the provider's Retry-After,
@@ -29,10 +29,11 @@ from flowengine import (
     ProviderTransientError,
     ReauthorizationRequired,
     SystemClock,
+    TokenRejectedError,
     parse_retry_after,
 )
 
-__all__ = ["BearerClient", "Sleep", "TokenRejected", "TokenSource", "json_object"]
+__all__ = ["BearerClient", "Sleep", "TokenSource", "json_object"]
 
 Sleep = Callable[[float], Awaitable[None]]
 
@@ -49,18 +50,6 @@ class TokenSource(Protocol):
         ...
 
 
-class TokenRejected(Exception):
-    """Raised by a ``classify`` function: the API did not accept the access token."""
-
-    def __init__(
-        self, *, error: str | None = None, description: str | None = None, http_status: int
-    ) -> None:
-        super().__init__(error or "token rejected")
-        self.error = error
-        self.description = description
-        self.http_status = http_status
-
-
 def json_object(response: httpx.Response, *, name: str, provider: str) -> dict[str, Any]:
     """The response's JSON object, or a ProviderError that does not echo the body."""
     try:
@@ -69,13 +58,13 @@ def json_object(response: httpx.Response, *, name: str, provider: str) -> dict[s
         raise ProviderError(
             f"{name} answered HTTP {response.status_code} with a body that is not JSON",
             provider=provider,
-            http_status=response.status_code,
+            provider_status=response.status_code,
         ) from err
     if not isinstance(data, dict):
         raise ProviderError(
             f"{name} answered HTTP {response.status_code} with an unexpected body",
             provider=provider,
-            http_status=response.status_code,
+            provider_status=response.status_code,
         )
     return data
 
@@ -144,15 +133,15 @@ class BearerClient:
             else:
                 try:
                     return classify(response)
-                except TokenRejected as rejected:
+                except TokenRejectedError as rejected:
                     if refreshed:
                         raise ReauthorizationRequired(
                             f"{self.name} rejected the access token even after a refresh;"
                             f" connect {self.provider_id} again",
                             provider=self.provider_id,
-                            oauth_error=rejected.error,
+                            oauth_error=rejected.oauth_error,
                             description=rejected.description,
-                            http_status=rejected.http_status,
+                            provider_status=rejected.provider_status,
                         ) from None
                     refreshed = True
                     await self.tokens.refresh(self.provider_id, actor=self.actor, force=True)

@@ -46,9 +46,10 @@ from flowengine import (
     ProviderSpec,
     ProviderTransientError,
     SystemClock,
+    TokenRejectedError,
 )
 
-from ..apiclient import BearerClient, Sleep, TokenRejected, TokenSource, json_object
+from ..apiclient import BearerClient, Sleep, TokenSource, json_object
 from ..durations import age, parse_since
 
 __all__ = [
@@ -432,14 +433,16 @@ class DexcomClient:
                 return json_object(response, name="Dexcom", provider=self.provider_id)
             error, description = _description(response)
             if status == 401:
-                raise TokenRejected(error=error, description=description, http_status=401)
+                raise TokenRejectedError(
+                    oauth_error=error, description=description, provider_status=401
+                )
             if status == 429 or status >= 500:
                 raise ProviderTransientError(
                     f"Dexcom is unavailable (HTTP {status})",
                     provider=self.provider_id,
                     oauth_error=error,
                     description=description,
-                    http_status=status,
+                    provider_status=status,
                     retry_after=self.api.retry_after(response),
                 )
             raise ProviderError(
@@ -447,7 +450,7 @@ class DexcomClient:
                 provider=self.provider_id,
                 oauth_error=error,
                 description=description,
-                http_status=status,
+                provider_status=status,
             )
 
         return classify

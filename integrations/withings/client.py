@@ -43,9 +43,10 @@ from flowengine import (
     ProviderSpec,
     ProviderTransientError,
     SystemClock,
+    TokenRejectedError,
 )
 
-from ..apiclient import BearerClient, Sleep, TokenRejected, TokenSource, json_object
+from ..apiclient import BearerClient, Sleep, TokenSource, json_object
 from ..durations import age
 
 __all__ = [
@@ -322,14 +323,14 @@ class WithingsClient:
             raise ProviderTransientError(
                 f"Withings is unavailable (HTTP {status})",
                 provider=self.provider_id,
-                http_status=status,
+                provider_status=status,
                 retry_after=self.api.retry_after(response),
             )
         if status != 200:
             raise ProviderError(
                 f"Withings answered HTTP {status} to getmeas",
                 provider=self.provider_id,
-                http_status=status,
+                provider_status=status,
             )
         data = json_object(response, name="Withings", provider=self.provider_id)
         code = data.get("status")
@@ -347,19 +348,21 @@ class WithingsClient:
                 "Withings answered without its status envelope", provider=self.provider_id
             )
         if code in AUTH_FAILED:
-            raise TokenRejected(error=f"status_{code}", description=description, http_status=200)
+            raise TokenRejectedError(
+                oauth_error=f"status_{code}", description=description, provider_status=200
+            )
         if code in TRANSIENT:
             raise ProviderTransientError(
                 f"Withings is busy or failing (status {code})",
                 provider=self.provider_id,
                 oauth_error=f"status_{code}",
                 description=description,
-                http_status=200,
+                provider_status=200,
             )
         raise ProviderError(
             f"Withings refused getmeas (status {code})",
             provider=self.provider_id,
             oauth_error=f"status_{code}",
             description=description,
-            http_status=200,
+            provider_status=200,
         )

@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 
+from bot import texts
 from tests.agentd.cli_helpers import (
     SIM_CLIENT_ID,
     SIM_CLIENT_SECRET,
@@ -308,9 +309,11 @@ def test_audit_shows_the_hand_outs_and_the_owner_was_told_once(remote: Remote) -
     none = remote.instance.run("audit", "--who", "owner@example.com")
     assert "no token hand-outs recorded" in none.stdout
     with sqlite3.connect(remote.instance.state_dir / "ledger.sqlite3") as conn:
-        notes = conn.execute(
-            "SELECT provider, message FROM notifications WHERE kind = 'first_handout'"
+        rows_ = conn.execute(
+            "SELECT provider, data FROM notifications WHERE kind = 'first_handout'"
         ).fetchall()
+    # who got it, as the bot words the notification's data
+    notes = [(provider, texts.handout_caller(json.loads(data))) for provider, data in rows_]
     assert notes == [("dexcom", f"tag:ci on {CI_NODE} ({CI_IP})")]
     # no token in the daemon's log or the audit's output
     log = remote.daemon.log()

@@ -64,7 +64,7 @@ def test_settings_validation(kwargs: dict[str, object], match: str) -> None:
         (errors.CodeAlreadyUsedError("x"), 410),
         (errors.InvalidTransition(flow_id="f", state="s", trigger="t"), 409),
         (errors.ConcurrentUpdateError(flow_id="f", expected=1, actual=2), 409),
-        (errors.UnknownProviderError("nope"), 404),
+        (errors.UnknownProviderError(provider="nope"), 404),
         (errors.ConfigError("x"), 500),
         (errors.ProviderTransientError("x", provider="p"), 503),
         (errors.ReauthorizationRequired("x", provider="p"), 409),

@@ -91,7 +91,7 @@ async def test_cert_errors_carry_status_and_retry_after(
     tailnet.cert_mode = mode
     with pytest.raises(TailscaleError) as info:
         await localapi.cert_pair(DOMAIN)
-    assert info.value.http_status == status
+    assert info.value.local_api_status == status
     assert info.value.retry_after == retry_after
     assert text in info.value.message
     assert "PRIVATE" not in info.value.message

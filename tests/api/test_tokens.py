@@ -30,6 +30,7 @@ from api.serve import ServePlan, serve
 from api.settings import ApiSettings
 from api.tailscale import LocalAPI
 from api.tokens import configure_access
+from bot import texts
 from flowengine.access import AccessPolicy, AccessRule
 from flowengine.broker import Broker
 from flowengine.catalog import Catalog
@@ -243,7 +244,8 @@ async def test_a_tagged_device_gets_a_token_and_the_hand_out_is_audited(rig: Rig
     assert again.status == 200
     notes = await rig.engine.notifications()
     assert [(n.kind, n.provider) for n in notes] == [("first_handout", "fake")]
-    assert f"tag:ci on peer-{CI_IP.replace('.', '-')}" in notes[0].message
+    worded = texts.notification(notes[0].kind, "Fake", data=notes[0].data)  # by the bot
+    assert f"tag:ci on peer-{CI_IP.replace('.', '-')}" in worded
     assert len(await rig.broker.handouts()) == 2
 
 

@@ -58,6 +58,7 @@ from bot.dialogue import (
     parse_command,
     step,
 )
+from flowengine.errors import NotConnectedError, ProviderTransientError
 
 OWNER = 100
 STRANGER = 666
@@ -432,7 +433,7 @@ def test_a_stranger_in_an_owner_chat_is_refused(state: ConversationState) -> Non
 
 
 def test_notification_goes_to_its_chat_with_a_reconnect_button(state: ConversationState) -> None:
-    note = NotificationDue(9, "expired", "fake", "Fake", "whatever", chat_id=CHAT)
+    note = NotificationDue(9, "expired", "fake", "Fake", chat_id=CHAT)
     _, effects = step(state, note)
     assert effects == [
         Send(
@@ -445,7 +446,7 @@ def test_notification_goes_to_its_chat_with_a_reconnect_button(state: Conversati
 
 
 def test_an_expiry_after_a_lost_answer_says_so(state: ConversationState) -> None:
-    note = NotificationDue(4, "expired", "fake", "Fake", "", chat_id=CHAT, reason="answer_lost")
+    note = NotificationDue(4, "expired", "fake", "Fake", chat_id=CHAT, reason="answer_lost")
     _, effects = step(state, note)
     assert isinstance(effects[0], Send)
     assert "lost in transit" in effects[0].text
@@ -453,7 +454,7 @@ def test_an_expiry_after_a_lost_answer_says_so(state: ConversationState) -> None
 
 
 def test_notification_without_chat_goes_to_every_owner(state: ConversationState) -> None:
-    note = NotificationDue(3, "refresh_failing", "fake", "Fake", "", chat_id=None)
+    note = NotificationDue(3, "refresh_failing", "fake", "Fake", chat_id=None, data={"attempts": 3})
     _, effects = step(state, note)
     text = "⚠️ Fake token refresh keeps failing — tap to reconnect."
     button = (CallbackButton("Reconnect Fake", "connect:fake"),)
@@ -482,11 +483,13 @@ def test_notification_without_chat_goes_to_every_owner(state: ConversationState)
 def test_lifetime_warnings_carry_a_one_tap_reconnect(
     state: ConversationState, kind: str, text: str
 ) -> None:
-    message = (
-        "Spotify needs reconnecting by 2027-07-15 08:00 UTC: its grant ends 6 months after"
-        " authorization"
-    )
-    _, effects = step(state, NotificationDue(5, kind, "spotify", "Spotify", message, CHAT))
+    # what Broker.warn_lifetime queues: the deadline and the catalog's rule, no sentence
+    data = {
+        "deadline": 1_815_638_400_000,  # 2027-07-15 08:00 UTC
+        "lifetime": {"rule": "absolute", "months": 6, "days": 0, "condition": None},
+    }
+    due = NotificationDue(5, kind, "spotify", "Spotify", CHAT, "grant_lifetime", data)
+    _, effects = step(state, due)
     assert effects == [
         Send(CHAT, text, buttons=(CallbackButton("Reconnect Spotify", "connect:spotify"),)),
         MarkDelivered(5),
@@ -545,17 +548,21 @@ def test_unknown_tap_is_just_answered(state: ConversationState) -> None:
         (ConnectionsListed(CHAT, (), NOW), texts.NO_CONNECTIONS),
         (FlowsListed(CHAT, None, (), NOW), texts.NO_FLOWS),
         (
-            CommandUnavailable(CHAT, "temp", "Thermo is unavailable (HTTP 503)"),
+            CommandUnavailable(
+                CHAT,
+                "temp",
+                ProviderTransientError("Thermo is unavailable (HTTP 503)", provider="thermo"),
+            ),
             "⚠️ No temperature: Thermo is unavailable (HTTP 503)",
         ),
         (CommandUnavailable(CHAT, "temp"), "⚠️ No temperature"),
         (CommandAnswered(CHAT, "36.8 °C", None), "36.8 °C"),
         (
-            CommandUnavailable(CHAT, "temp", "not connected", "thermo", "Thermo"),
+            CommandUnavailable(CHAT, "temp", NotConnectedError(provider="thermo"), "Thermo"),
             "Thermo is not connected. Say connect thermo first.",
         ),
         (
-            CommandFailed(CHAT, "provider_unavailable", "HTTP 503"),
+            CommandFailed(CHAT, ProviderTransientError("HTTP 503", provider="thermo")),
             "⚠️ The provider could not be reached; try again in a moment. (HTTP 503)",
         ),
     ],
@@ -663,7 +670,8 @@ def _help_lines(state: ConversationState) -> list[str]:
 
 def test_a_first_hand_out_is_news_without_a_reconnect_button(state: ConversationState) -> None:
     where = "tag:ci on ci-runner.tailnet.ts.net (100.64.0.4)"
-    _, effects = step(state, NotificationDue(7, "first_handout", "fake", "Fake", where))
+    data = {"who": "tag:ci", "node": "ci-runner.tailnet.ts.net", "address": "100.64.0.4"}
+    _, effects = step(state, NotificationDue(7, "first_handout", "fake", "Fake", data=data))
     text = (
         f"🔑 First Fake token for {where}. Every hand-out is in the audit: say audit to see"
         " them; the [[access]] policy in agentd.toml decides who may."

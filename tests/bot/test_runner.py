@@ -340,7 +340,7 @@ async def test_disconnect_without_revocation_endpoint_says_so(rig: BotRig) -> No
 async def test_notification_with_reconnect_button(rig: BotRig) -> None:
     async with rig.running() as runner:
         assert rig.engine is not None
-        await rig.engine.notify(kind="expired", provider="fake", message="reconnect fake")
+        await rig.engine.notify(kind="expired", provider="fake", reason="invalid_grant")
         rig.chat.fail_sends = 1
         assert await runner.deliver_notifications() == 1
         assert rig.chat.sent() == []
@@ -367,7 +367,9 @@ async def test_notifications_written_by_another_process_are_delivered_by_the_loo
 
     async with rig.running(notify_interval=0.05), await FlowEngine.open(rig.ledger) as other:
         # another process (another engine on the same ledger) writes the row
-        await other.notify(kind="refresh_failing", provider="fake", message="x", chat_id=OWNER)
+        await other.notify(
+            kind="refresh_failing", provider="fake", data={"attempts": 3}, chat_id=OWNER
+        )
         note = await rig.chat.wait_message(lambda m: bool(m.buttons))
         assert note.text == "⚠️ Fake token refresh keeps failing — tap to reconnect."
         with anyio.fail_after(10):

@@ -82,7 +82,7 @@ _ENDED = Effects(deadline=V.CLEAR, error=E.SET, error_key="error", secrets=Secre
 #: what every (trigger, condition) does besides moving the state, written out by hand
 #: (issue 19) independently of TRANSITIONS
 EXPECTED_EFFECTS: dict[tuple[FlowTrigger, Condition | None], Effects] = {
-    (T.ISSUE_URL, None): Effects(deadline=V.AWAITING_TTL),
+    (T.ISSUE_URL, None): Effects(deadline=V.GIVEN_OR_LINK_TTL),
     (T.ISSUE_DEVICE_CODE, None): Effects(deadline=V.VALID_FOR, secrets=Secrets.STORE_DEVICE),
     (T.SLOW_DOWN, None): Effects(wakes=False),
     (T.RECEIVE_CODE, None): Effects(deadline=V.CODE_TTL, secrets=Secrets.STORE_CODE),

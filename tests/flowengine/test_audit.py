@@ -3,6 +3,7 @@ retention, and ``Broker.hand_out`` on a real ledger, vault and auth.json."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -11,6 +12,7 @@ import anyio
 import httpx
 import pytest
 
+from bot import texts
 from flowengine.audit import FIRST_HANDOUT, Caller, Retention, token_sha
 from flowengine.broker import Broker, Outcome
 from flowengine.catalog import Catalog
@@ -56,15 +58,19 @@ async def record(
         token_sha="0123abcd",
         address=caller.address,
         flow_id=None,
-        first_message=caller.describe(),
+        first_data=caller.public(),
         retention=retention,
     )
     return first
 
 
 def _notifications(path: Path) -> list[tuple[str, str, str]]:
+    """(kind, provider, who as the bot words the notification's data)."""
     with sqlite3.connect(path) as conn:
-        return conn.execute("SELECT kind, provider, message FROM notifications").fetchall()
+        rows = conn.execute("SELECT kind, provider, data FROM notifications").fetchall()
+    return [
+        (kind, provider, texts.handout_caller(json.loads(data))) for kind, provider, data in rows
+    ]
 
 
 # --------------------------------------------------------------------- ledger
@@ -81,11 +87,13 @@ async def test_migration_5_upgrades_a_version_4_ledger(tmp_path: Path) -> None:
             " ALTER TABLE flows DROP COLUMN grant_type;"
             " ALTER TABLE flow_secrets DROP COLUMN device_code;"
             " ALTER TABLE flow_secrets DROP COLUMN user_code;"
+            # and migration 7 (notifications' data)
+            " ALTER TABLE notifications DROP COLUMN data;"
             " DELETE FROM schema_migrations WHERE version >= 5;"
         )
     ledger = await Ledger.open(path)
     try:
-        assert await ledger.schema_version() == SCHEMA_VERSION == 6
+        assert await ledger.schema_version() == SCHEMA_VERSION == 7
         assert await record(ledger)
     finally:
         await ledger.close()
@@ -142,7 +150,7 @@ async def test_only_a_short_hash_prefix_is_recorded(ledger: Ledger, sha: str) ->
             token_sha=sha,
             address="100.64.0.4",
             flow_id=None,
-            first_message="",
+            first_data={},
         )
     assert await ledger.handouts() == []
 

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,8 @@ import anyio
 import httpx
 import pytest
 
+from agentd.errortable import error_lines
+from bot import texts
 from flowengine.broker import Broker
 from flowengine.catalog import Catalog, load_catalog
 from flowengine.clock import ManualClock, to_ms
@@ -259,8 +262,11 @@ async def test_concurrent_forced_refreshes_cause_one_request(rig: Rig) -> None:
 
 @pytest.mark.anyio
 async def test_not_connected(rig: Rig) -> None:
-    with pytest.raises(NotConnectedError, match="agentd connect fake"):
+    with pytest.raises(NotConnectedError) as info:
         await rig.broker.get_token("fake")
+    assert info.value.provider == "fake"
+    # the CLI words it (agentd/errortable.py)
+    assert re.search("agentd connect fake", error_lines(info.value)[0])
 
 
 @pytest.mark.anyio
@@ -302,8 +308,10 @@ async def test_invalid_grant_expires_the_connection_and_tells_the_owner(rig: Rig
     rig.clock.advance(4000)
     with pytest.raises(ReauthorizationRequired) as info:
         await rig.broker.get_token("fake")
-    assert 'say "connect fake"' in str(info.value)
-    assert "agentd connect fake" in str(info.value)
+    assert (info.value.provider, info.value.oauth_error) == ("fake", "invalid_grant")
+    # the edges word what to do: the bot (bot/texts.py) and the CLI (agentd/errortable.py)
+    assert 'say "connect fake"' in texts.error(info.value)
+    assert "agentd connect fake" in error_lines(info.value)[0]
     assert tokens.refresh not in str(info.value)
     flow = await rig.engine.get_flow(tokens.flow_id or "")
     assert flow.state is FlowState.EXPIRED

@@ -394,4 +394,4 @@ async def test_envelope_statuses_are_sorted_by_the_catalog(status: int, error: t
             )
     assert type(info.value) is error
     assert info.value.oauth_error == f"status_{status}"
-    assert info.value.http_status == 200
+    assert info.value.provider_status == 200

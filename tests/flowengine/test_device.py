@@ -20,6 +20,7 @@ import anyio
 import httpx
 import pytest
 
+from agentd.errortable import error_lines
 from flowengine.broker import Broker
 from flowengine.catalog import Catalog
 from flowengine.clock import ManualClock
@@ -37,6 +38,7 @@ from flowengine.device import (
 from flowengine.engine import FlowEngine
 from flowengine.errors import (
     ConfigError,
+    NoDeviceEndpointError,
     ProviderError,
     ProviderTransientError,
     ReauthorizationRequired,
@@ -443,7 +445,8 @@ async def test_no_device_endpoint(rig: Rig) -> None:
     rig.broker.catalog.register(spec(id="web", device_authorization_url=None))
     with pytest.raises(ConfigError) as info:
         await rig.broker.begin_device("web", actor="test")
-    assert "agentd connect web" in str(info.value)
+    assert isinstance(info.value, NoDeviceEndpointError)
+    assert "agentd connect web" in error_lines(info.value)[0]  # as the CLI words it
     assert await rig.engine.list_flows() == []
 
 

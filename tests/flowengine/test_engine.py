@@ -742,7 +742,7 @@ async def test_inspect_and_list_flows(engine: FlowEngine, clock: ManualClock) ->
 
 
 async def test_notifications_through_the_engine(engine: FlowEngine) -> None:
-    nid = await engine.notify(kind="expired", provider="dexcom", message="reconnect dexcom")
+    nid = await engine.notify(kind="expired", provider="dexcom", reason="invalid_grant")
     assert [n.id for n in await engine.notifications()] == [nid]
     assert await engine.mark_delivered(nid) is True
     assert await engine.notifications() == []
@@ -866,6 +866,7 @@ _GIVEN = {
     "description": "what the provider said",
     "token_expires_at": 1_900_000_000_000,
     "next_check_at": 1_800_000_500_000,
+    "deadline": 1_800_000_900_000,
 }
 
 
@@ -892,6 +893,8 @@ def _optional(trigger: FlowTrigger, condition: Condition | None) -> dict[str, ob
         out["token_expires_at"] = _GIVEN["token_expires_at"]
     if fx.next_check_at in (Value.GIVEN, Value.GIVEN_OR_NOW, Value.GIVEN_OR_RETRY):
         out["next_check_at"] = _GIVEN["next_check_at"]
+    if fx.deadline is Value.GIVEN_OR_LINK_TTL:
+        out["deadline"] = _GIVEN["deadline"]
     return out
 
 
@@ -904,7 +907,7 @@ def _expected_column(rule: Value, old: object, given: object, now: int) -> objec
         Value.GIVEN_OR_NOW: now if given is None else given,
         Value.GIVEN_OR_RETRY: now + 60_000 if given is None else given,
         Value.VALID_FOR: now + 45_000,
-        Value.AWAITING_TTL: now + to_ms(TTL),
+        Value.GIVEN_OR_LINK_TTL: now + to_ms(TTL) if given is None else given,
         Value.CODE_TTL: now + to_ms(CODE_TTL),
     }[rule]
 

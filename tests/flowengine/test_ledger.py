@@ -426,9 +426,11 @@ async def test_next_check_schedule(ledger: Ledger) -> None:
 
 
 async def test_notifications_are_delivered_once(ledger: Ledger) -> None:
-    first = await ledger.notify(at=1, kind="expired", provider="dexcom", message="reconnect")
+    first = await ledger.notify(
+        at=1, kind="expired", provider="dexcom", reason="invalid_grant", data={"x": "reconnect"}
+    )
     second = await ledger.notify(
-        at=2, kind="refresh_failing", provider="oura", message="m", flow_id="f", chat_id=5
+        at=2, kind="refresh_failing", provider="oura", data={"attempts": 3}, flow_id="f", chat_id=5
     )
     pending = await ledger.undelivered()
     assert [(n.id, n.kind, n.provider, n.flow_id, n.chat_id) for n in pending] == [
@@ -773,6 +775,42 @@ async def test_migration_6_keeps_older_flows_as_code_flows(db: Path) -> None:
         assert flow.grant == "code"
         assert await ledger.verifier("f4") == VERIFIER
         assert await ledger.device_secrets("f4") is None
-        assert await ledger.schema_version() == SCHEMA_VERSION == 6
+        assert await ledger.schema_version() == SCHEMA_VERSION == 7
+    finally:
+        await ledger.close()
+
+
+async def test_migration_7_keeps_the_text_of_older_notifications(db: Path) -> None:
+    """Rows queued by a version without notification data keep their text; new rows carry
+    data and no text (the bot words them)."""
+    db.parent.mkdir(parents=True)
+    conn = sqlite3.connect(db, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute(
+            "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)"
+        )
+        for version, script in _MIGRATIONS[:6]:
+            conn.executescript(script)
+            conn.execute("INSERT INTO schema_migrations VALUES (?, 'then')", (version,))
+        conn.execute(
+            "INSERT INTO notifications (at, kind, provider, message, reason)"
+            " VALUES (1, 'reconnect_soon', 'spotify', 'Spotify needs reconnecting by then', NULL)"
+        )
+    finally:
+        conn.close()
+    ledger = await Ledger.open(db)
+    try:
+        assert await ledger.schema_version() == SCHEMA_VERSION == 7
+        await ledger.notify(at=2, kind="refresh_failing", provider="oura", data={"attempts": 3})
+        with pytest.raises(ValueError, match="token"):
+            await ledger.notify(at=3, kind="expired", provider="oura", data={"token": "x"})
+        old, new = await ledger.undelivered()
+        assert (old.kind, old.data, old.message) == (
+            "reconnect_soon",
+            {},
+            "Spotify needs reconnecting by then",
+        )
+        assert (new.kind, new.data, new.message) == ("refresh_failing", {"attempts": 3}, "")
     finally:
         await ledger.close()

@@ -14,6 +14,7 @@ import httpx
 import pytest
 from freezegun import freeze_time
 
+from bot import texts
 from flowengine.broker import Broker
 from flowengine.catalog import Catalog, RefreshLifetime
 from flowengine.clock import Clock, ManualClock, SystemClock, to_ms
@@ -114,8 +115,10 @@ async def test_one_warning_three_days_before_and_one_on_the_last_day(rig: Rig) -
     assert report.lifetime_warned == [flow_id]
     assert await rig.warnings() == [(SOON, flow_id, 42)]
     (note,) = await rig.engine.notifications()
-    assert "2027-07-15 08:00 UTC" in note.message
-    assert "6 months after authorization" in note.message
+    assert (note.reason, note.data["deadline"]) == ("grant_lifetime", to_ms(deadline))
+    worded = texts.notification(note.kind, "Spotify", reason=note.reason, data=note.data)
+    assert "2027-07-15 08:00 UTC" in worded  # as the bot words it
+    assert "6 months after authorization" in worded
 
     # every sweep and a restarted timer during the window: still one warning
     for hours in (1, 2, 30):

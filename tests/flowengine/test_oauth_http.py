@@ -99,7 +99,7 @@ async def test_wrong_client_auth_method_is_invalid_client_and_permanent() -> Non
                 now_ms=NOW,
             )
     assert info.value.oauth_error == "invalid_client"
-    assert info.value.http_status == 401
+    assert info.value.provider_status == 401
     _assert_no_secrets(info.value, fake.client_secret, code)
 
 
@@ -148,7 +148,7 @@ async def test_withings_envelope_and_token_params() -> None:
                 client=client,
                 now_ms=NOW,
             )
-    assert info.value.http_status == 200
+    assert info.value.provider_status == 200
     assert info.value.oauth_error == "status_503"
     _assert_no_secrets(info.value, tokens.refresh, fake.client_secret)
 
@@ -251,7 +251,7 @@ async def test_rate_limits_and_server_errors_are_transient(
                 fake.spec(), fake.credentials(), refresh_token="r", client=client, now_ms=NOW
             )
     assert info.value.retry_after == retry_after
-    assert info.value.http_status == status
+    assert info.value.provider_status == status
 
 
 @pytest.mark.anyio

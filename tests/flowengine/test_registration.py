@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
+from agentd.errortable import error_lines
 from flowengine.credentials import ClientCredentials, CredentialStore
 from flowengine.errors import ProviderError, ProviderTransientError, RegistrationError
 from flowengine.registration import (
@@ -227,7 +228,8 @@ async def test_refusals(
         await _register(Registrar(answer))
     assert getattr(info.value, "oauth_error", None) == code
     if error is RegistrationError and code:
-        assert "agentd credentials as-example-com" in str(info.value)
+        # as the CLI words it (agentd/errortable.py)
+        assert "agentd credentials as-example-com" in error_lines(info.value)[0]
 
 
 NOW = 1_800_000_000.0

@@ -42,7 +42,9 @@ S = FlowState
 TTL = 600.0
 CODE_TTL = 120.0
 GONE = {S.EXPIRED, S.FAILED, S.CANCELLED, S.REVOKED, S.SUPERSEDED}
-OVERDUE_CHECKED = {S.INITIATED, S.AWAITING_CODE, S.CODE_RECEIVED}
+#: states an overdue flow is expired from on the next look (engine._expire_if_overdue); the
+#: device grant's awaiting_device too (issue 13), which the model had missed
+OVERDUE_CHECKED = {S.INITIATED, S.AWAITING_CODE, S.AWAITING_DEVICE, S.CODE_RECEIVED}
 
 
 @dataclass

@@ -194,7 +194,7 @@ def test_effects_keep_the_row_consistent(
     waiting |= {FlowState.CODE_RECEIVED}
     # a flow waiting for the owner or a code has a deadline; nothing else keeps one
     if dest in waiting and dest is not source:
-        assert fx.deadline in (Value.AWAITING_TTL, Value.CODE_TTL, Value.VALID_FOR)
+        assert fx.deadline in (Value.GIVEN_OR_LINK_TTL, Value.CODE_TTL, Value.VALID_FOR)
     if source in waiting and dest not in waiting:
         assert fx.deadline is Value.CLEAR
     # an authorization that ends before its tokens are stored takes its secrets along

@@ -236,7 +236,7 @@ async def test_401_after_refresh_needs_reauthorization(
     with pytest.raises(ReauthorizationRequired) as info:
         await client.devices()
     assert len(tokens.refreshes) == 1
-    assert info.value.http_status == 401
+    assert info.value.provider_status == 401
     assert info.value.provider == "dexcom"
     assert "stale-token" not in str(info.value)
     assert [r.status for r in api.requests] == [401, 401]
@@ -262,7 +262,7 @@ async def test_refresh_failure_propagates(
     class Revoked(FakeTokens):
         async def refresh(self, provider: str, *, actor: str, force: bool = True) -> None:
             raise ReauthorizationRequired(
-                "grant revoked", provider=provider, oauth_error="invalid_grant", http_status=400
+                "grant revoked", provider=provider, oauth_error="invalid_grant", provider_status=400
             )
 
     client = _client(Revoked(sim, stale_first=True), http, clock, sleeps)
@@ -298,7 +298,7 @@ async def test_5xx_gives_up_after_bounded_retries(
     sim.inject(500, count=10)
     with pytest.raises(ProviderTransientError) as info:
         await dexcom.egvs(NOW - timedelta(hours=1), NOW)
-    assert info.value.http_status == 500
+    assert info.value.provider_status == 500
     assert sleeps.delays == [1.0, 2.0, 4.0]
     assert len(api.requests) == 4
 
@@ -311,7 +311,7 @@ async def test_long_retry_after_is_not_slept(
     with pytest.raises(ProviderTransientError) as info:
         await dexcom.devices()
     assert info.value.retry_after == 3600.0
-    assert info.value.http_status == 429
+    assert info.value.provider_status == 429
     assert sleeps.delays == []
 
 
@@ -338,7 +338,7 @@ async def test_a_window_the_server_refuses_is_a_provider_error(
     with pytest.raises(ProviderError) as info:
         await client.egvs(NOW - timedelta(days=40), NOW)
     assert type(info.value) is ProviderError
-    assert info.value.http_status == 400
+    assert info.value.provider_status == 400
     assert info.value.description is not None
     assert "30 days" in info.value.description
     assert sleeps.delays == []

@@ -122,7 +122,7 @@ async def test_a_non_zero_status_in_http_200_is_transient_or_fatal_by_the_catalo
     with pytest.raises(ProviderTransientError) as busy:
         await stack.broker.refresh("withings", actor="timer", force=True)
     assert busy.value.oauth_error == "status_601"
-    assert busy.value.http_status == 200
+    assert busy.value.provider_status == 200
     assert stack.tokens.read("withings") == before  # tokens kept
     flow = await stack.engine.get_flow(flow_id)
     assert (flow.state, flow.error_code) == (FlowState.STORED, "status_601")
