@@ -91,7 +91,7 @@ async def test_callback_exchanges_at_once_and_shows_connected(rig: Rig) -> None:
     assert rig.fake.grants("authorization_code") == 1
     entry = json.loads(rig.auth_file.read_text())["fake"]
     assert entry["access"].startswith("a-")
-    events = [e.trigger.value for e in (await rig.engine.inspect(flow_id)).events[1:]]
+    events = [e.trigger and e.trigger.value for e in (await rig.engine.inspect(flow_id)).events[1:]]
     assert events == ["issue_url", "receive_code", "exchange", "store"]
     assert {e.actor for e in (await rig.engine.inspect(flow_id)).events[2:]} == {"api"}
 

@@ -367,7 +367,7 @@ async def test_every_error_page_carries_the_security_headers(
     engine: FlowEngine, method: str, path: str, status: int
 ) -> None:
     app = create_app(engine, settings=ApiSettings(mode="tls", api_token=TOKEN))
-    response = await app.test_client().open(
+    response = await app.test_client().open(  # type: ignore[call-arg]
         path, method=method, scope_base={"client": ("100.90.1.2", 1)}
     )
     assert response.status_code == status

@@ -440,7 +440,7 @@ async def test_a_failure_while_answering_never_quotes_the_token(
     import api.tokens
 
     await rig.connect()
-    real = api.tokens.jsonify
+    real = api.tokens.jsonify  # type: ignore[attr-defined]
 
     def failing(body: Any) -> Any:
         if "access_token" in body:

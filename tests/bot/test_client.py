@@ -381,7 +381,7 @@ def test_settings_from_env(tmp_path: Path) -> None:
     }
     settings = BotSettings.from_env(env)
     assert settings.check() is settings
-    assert (settings.api_id, settings.owner_ids) == (9, {1, 2})
+    assert (settings.api_id, settings.owner_ids) == (9, frozenset({1, 2}))
     assert settings.session_path == tmp_path / "st" / "telegram.session"
 
 

@@ -236,7 +236,7 @@ def test_connect_asking_for_credentials_whole_conversation(state: ConversationSt
     )
     assert effects == [Send(CHAT, texts.ask_client_secret("Fake", "fake"))]
     # the secret prompt offers the terminal, the safer path
-    assert "agentd credentials fake" in effects[0].text  # type: ignore[union-attr]
+    assert "agentd credentials fake" in effects[0].text  # type: ignore[union-attr, operator]
 
     secret = msg("  s3cr3t-value ")
     state, effects = step(state, secret)

@@ -312,6 +312,7 @@ async def test_invalid_grant_expires_the_connection_and_tells_the_owner(rig: Rig
     # the edges word what to do: the bot (bot/texts.py) and the CLI (agentd/errortable.py)
     assert 'say "connect fake"' in texts.error(info.value)
     assert "agentd connect fake" in error_lines(info.value)[0]
+    assert tokens.refresh is not None
     assert tokens.refresh not in str(info.value)
     flow = await rig.engine.get_flow(tokens.flow_id or "")
     assert flow.state is FlowState.EXPIRED
@@ -515,13 +516,14 @@ async def test_no_secret_reaches_the_ledger(rig: Rig) -> None:
     rig.clock.advance(4000)
     await rig.broker.get_token("fake")
     newest = rig.tokens.read("fake")
+    assert newest is not None
     await rig.engine.close()
     blob = b"".join(p.read_bytes() for p in rig.ledger_path.parent.glob("ledger.sqlite3*"))
     for secret in (
         tokens.access,
         tokens.refresh,
         newest.access,
-        newest.refresh,  # type: ignore[union-attr]
+        newest.refresh,
         rig.fake.client_secret,
     ):
         assert secret

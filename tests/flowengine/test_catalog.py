@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -344,7 +345,7 @@ def test_user_file_sets_the_new_fields(tmp_path: Path) -> None:
 # -------------------------------------------------- the hooks at work (oauth_http)
 
 
-def _spec(fake: FakeProvider, **fields: object) -> ProviderSpec:
+def _spec(fake: FakeProvider, **fields: Any) -> ProviderSpec:
     return fake.spec(**fields)
 
 

@@ -147,9 +147,9 @@ async def test_two_connections_race_on_one_callback(
         assert sorted(pair) == ["CodeAlreadyUsedError", "ok"], pair
         winner = "AB"[pair.index("ok")]
         assert pending[hash_state(started.state)] == f"code-{winner}"
-        record = await first.inspect(started.flow.id)
-        assert [e.trigger for e in record.events].count(FlowTrigger.RECEIVE_CODE) == 1
-        replay(record.flow, record.events)
+        inspected = await first.inspect(started.flow.id)
+        assert [e.trigger for e in inspected.events].count(FlowTrigger.RECEIVE_CODE) == 1
+        replay(inspected.flow, inspected.events)
 
 
 @pytest.mark.anyio
@@ -196,9 +196,9 @@ async def test_duplicate_callbacks_in_one_process_record_one_code(db: Path) -> N
             pair = results[2 * i : 2 * i + 2]
             assert sorted(pair) == ["CodeAlreadyUsedError", "ok"], pair
             assert pending[hash_state(started.state)] == "code-" + "AB"[pair.index("ok")]
-            record = await engine.inspect(started.flow.id)
-            assert replay(record.flow, record.events) is FlowState.CODE_RECEIVED
-            assert len(record.events) == 3
+            inspected = await engine.inspect(started.flow.id)
+            assert replay(inspected.flow, inspected.events) is FlowState.CODE_RECEIVED
+            assert len(inspected.events) == 3
 
 
 @pytest.mark.anyio

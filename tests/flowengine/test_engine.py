@@ -7,6 +7,7 @@ import time
 from collections.abc import AsyncIterator
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -870,7 +871,7 @@ _GIVEN = {
 }
 
 
-def _required(trigger: FlowTrigger, condition: Condition | None, state: str) -> dict[str, object]:
+def _required(trigger: FlowTrigger, condition: Condition | None, state: str) -> dict[str, Any]:
     """What a move cannot do without: a device code's validity and secrets, the code."""
     fx = effects_of(trigger, condition)
     out: dict[str, object] = {}
@@ -883,7 +884,7 @@ def _required(trigger: FlowTrigger, condition: Condition | None, state: str) -> 
     return out
 
 
-def _optional(trigger: FlowTrigger, condition: Condition | None) -> dict[str, object]:
+def _optional(trigger: FlowTrigger, condition: Condition | None) -> dict[str, Any]:
     """Every other value the row's effects take."""
     fx = effects_of(trigger, condition)
     out: dict[str, object] = {}

@@ -21,7 +21,7 @@ from flowengine.states import FlowState, FlowTrigger
 
 
 def ts(*parts: int) -> float:
-    return datetime(*parts, tzinfo=UTC).timestamp()  # type: ignore[misc]
+    return datetime(*parts, tzinfo=UTC).timestamp()  # type: ignore[arg-type, misc]
 
 
 @pytest.mark.parametrize(

@@ -229,6 +229,7 @@ async def test_refusals(
     assert getattr(info.value, "oauth_error", None) == code
     if error is RegistrationError and code:
         # as the CLI words it (agentd/errortable.py)
+        assert isinstance(info.value, RegistrationError)
         assert "agentd credentials as-example-com" in error_lines(info.value)[0]
 
 

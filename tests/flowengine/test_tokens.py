@@ -7,6 +7,7 @@ import stat
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -168,7 +169,7 @@ def _writer(path: str, worker: int, count: int) -> None:
 
 def test_concurrent_writers_in_several_processes_lose_nothing(tmp_path: Path) -> None:
     path = tmp_path / "auth.json"
-    ctx = multiprocessing.get_context("spawn" if sys.platform == "darwin" else "fork")
+    ctx: Any = multiprocessing.get_context("spawn" if sys.platform == "darwin" else "fork")
     procs = [ctx.Process(target=_writer, args=(str(path), w, 15)) for w in range(4)]
     for p in procs:
         p.start()
