@@ -214,26 +214,16 @@ async def poll_device_token(
     from .oauth_http import (
         _check_response,
         _exchanged,
-        _post,
+        _post_token_request,
         _require_access_token,
-        resource_params,
     )
 
     form = [("grant_type", DEVICE_GRANT_TYPE), ("device_code", device_code)]
     if spec.token_auth_method == "client_secret_basic":
         form.append(("client_id", creds.client_id))
-    form += list(spec.token_params.items())
-    form += resource_params(spec, form)
     what = "device token request"
-    response = await _post(
-        spec,
-        creds,
-        spec.token_url,
-        form,
-        what=what,
-        client=client,
-        timeout=timeout,
-        capture=capture,
+    response = await _post_token_request(
+        spec, creds, form, what=what, client=client, timeout=timeout, capture=capture
     )
     try:
         data = response.json() if response.status_code < 500 else None

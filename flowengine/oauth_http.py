@@ -49,6 +49,7 @@ import ssl
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from types import MappingProxyType
 from typing import Any, Protocol
 from urllib.parse import quote_plus, urlencode, urlsplit
 
@@ -104,6 +105,7 @@ PERMANENT_ERRORS = frozenset(
 _MAX_DESCRIPTION = 200
 #: headers that describe the wire encoding of a streamed body, not the decoded bytes
 _WIRE_HEADERS = frozenset({"content-encoding", "content-length", "transfer-encoding"})
+_NO_PARAMS: Mapping[str, str] = MappingProxyType({})
 
 
 class AnswerSink(Protocol):
@@ -373,6 +375,47 @@ async def _post_captured(
     )
 
 
+async def _post_token_request(
+    spec: ProviderSpec,
+    creds: ClientCredentials,
+    form: list[tuple[str, str]],
+    params: Mapping[str, str] = _NO_PARAMS,
+    *,
+    what: str,
+    client: httpx.AsyncClient,
+    timeout: httpx.Timeout | float | None,
+    capture: AnswerSink | None = None,
+) -> httpx.Response:
+    """POST a token request: ``form``, then the catalog's ``token_params``, the grant's own
+    ``params`` and the resource indicator (unless one of them named it)."""
+    form = [*form, *spec.token_params.items(), *params.items()]
+    form += resource_params(spec, form)
+    url = spec.token_url
+    return await _post(
+        spec, creds, url, form, what=what, client=client, timeout=timeout, capture=capture
+    )
+
+
+async def _token_answer(
+    spec: ProviderSpec,
+    creds: ClientCredentials,
+    form: list[tuple[str, str]],
+    params: Mapping[str, str],
+    *,
+    what: str,
+    client: httpx.AsyncClient,
+    timeout: httpx.Timeout | float | None,
+    capture: AnswerSink | None,
+) -> dict[str, Any]:
+    """A token request whose answer must carry an access token; the answer's JSON."""
+    response = await _post_token_request(
+        spec, creds, form, params, what=what, client=client, timeout=timeout, capture=capture
+    )
+    data = _check_response(spec, what, response)
+    _require_access_token(spec, what, data)
+    return data
+
+
 def token_from_answer(
     spec: ProviderSpec,
     *,
@@ -424,21 +467,16 @@ async def exchange_code(
     if spec.token_auth_method == "client_secret_basic":
         # RFC 6749 allows it; some providers (Fitbit) want it even with Basic auth
         form.append(("client_id", creds.client_id))
-    form += list(spec.token_params.items()) + list(spec.exchange_params.items())
-    form += resource_params(spec, form)
-    what = "code exchange"
-    response = await _post(
+    data = await _token_answer(
         spec,
         creds,
-        spec.token_url,
         form,
-        what=what,
+        spec.exchange_params,
+        what="code exchange",
         client=client,
         timeout=timeout,
         capture=capture,
     )
-    data = _check_response(spec, what, response)
-    _require_access_token(spec, what, data)
     return _exchanged(data, now_ms=now_ms, requested_scopes=requested_scopes)
 
 
@@ -481,22 +519,16 @@ async def refresh_tokens(
 ) -> TokenSet:
     """Use a refresh token (RFC 6749 §6). No refresh_token in the answer keeps the old one;
     no ``scope`` keeps ``previous``'s scope and its source."""
-    form = [("grant_type", "refresh_token"), ("refresh_token", refresh_token)]
-    form += list(spec.token_params.items()) + list(spec.refresh_params.items())
-    form += resource_params(spec, form)
-    what = "refresh"
-    response = await _post(
+    data = await _token_answer(
         spec,
         creds,
-        spec.token_url,
-        form,
-        what=what,
+        [("grant_type", "refresh_token"), ("refresh_token", refresh_token)],
+        spec.refresh_params,
+        what="refresh",
         client=client,
         timeout=timeout,
         capture=capture,
     )
-    data = _check_response(spec, what, response)
-    _require_access_token(spec, what, data)
     return _refreshed(data, now_ms=now_ms, refresh_token=refresh_token, previous=previous)
 
 
