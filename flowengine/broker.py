@@ -55,7 +55,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
-import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
@@ -93,7 +92,7 @@ from .protocol import build_authorize_url
 from .registration import Registration
 from .schedule import TokenTimes
 from .states import FlowState, FlowTrigger
-from .tokens import TokenSet, TokenStore, entry_matches
+from .tokens import TokenSet, TokenStore, entry_matches, releasing
 from .vault import Intent, ProviderVault, Record, Vault, checkpoint, token_hash
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -465,8 +464,7 @@ class Broker:
         """The provider's single-flight: this process's lock, then the vault's flock."""
         async with self._lock(provider):
             pv = self.vault.provider(provider)
-            fd = pv.lock_fd()
-            try:
+            with releasing(pv.lock_fd()) as fd:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
@@ -474,12 +472,7 @@ class Broker:
                     await anyio.to_thread.run_sync(
                         fcntl.flock, fd, fcntl.LOCK_EX, abandon_on_cancel=False
                     )
-                try:
-                    yield pv
-                finally:
-                    fcntl.flock(fd, fcntl.LOCK_UN)
-            finally:
-                os.close(fd)
+                yield pv
 
     def _creds(self, spec: ProviderSpec) -> ClientCredentials:
         creds = self.credentials.get(spec.id)

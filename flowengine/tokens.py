@@ -49,6 +49,7 @@ __all__ = [
     "atomic_write_json",
     "entry_matches",
     "read_json_object",
+    "releasing",
     "signature_of",
     "write_target",
 ]
@@ -279,21 +280,35 @@ class _FileLock:
             finally:
                 self._local.depth -= 1
             return
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError as err:
-            raise StorageError(
-                f"cannot open lock file {self.path}: {err.strerror or err}", path=str(self.path)
-            ) from err
-        try:
+        fd = _open_lock_file(self.path)
+        with releasing(fd):
             fcntl.flock(fd, fcntl.LOCK_EX)
             self._local.depth = 1
             try:
                 yield
             finally:
                 self._local.depth = 0
-                fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+def _open_lock_file(path: Path) -> int:
+    """Open a lock file (creating it and its directory, owner only) for flock."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as err:
+        raise StorageError(
+            f"cannot open lock file {path}: {err.strerror or err}", path=str(path)
+        ) from err
+
+
+@contextlib.contextmanager
+def releasing(fd: int) -> Iterator[int]:
+    """Own ``fd``, a lock file's descriptor: leaving the block unlocks and closes it."""
+    try:
+        yield fd
+    finally:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
 
@@ -354,22 +369,10 @@ class TokenStore:
         """
         import anyio
 
-        try:
-            self.lock_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError as err:
-            raise StorageError(
-                f"cannot open lock file {self.lock_path}: {err.strerror or err}",
-                path=str(self.lock_path),
-            ) from err
-        try:
+        fd = _open_lock_file(self.lock_path)
+        with releasing(fd):
             await anyio.to_thread.run_sync(fcntl.flock, fd, fcntl.LOCK_EX, abandon_on_cancel=False)
-            try:
-                yield
-            finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-        finally:
-            os.close(fd)
+            yield
 
     # -------------------------------------------------------------------- reads
 

@@ -71,7 +71,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from .errors import StorageError
-from .tokens import TokenSet
+from .tokens import TokenSet, releasing
 
 __all__ = [
     "Answer",
@@ -577,15 +577,9 @@ class ProviderVault:
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         """Hold the provider's lock (blocking); released by the kernel if the process dies."""
-        fd = self.lock_fd()
-        try:
+        with releasing(self.lock_fd()) as fd:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-        finally:
-            os.close(fd)
+            yield
 
     # ---------------------------------------------------------------- space
 
