@@ -22,6 +22,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from .models import public_fields
 from .vault import token_hash
 
 __all__ = [
@@ -79,16 +80,7 @@ class HandOutRecord:
 
     def public(self) -> dict[str, Any]:
         """As ``agentd audit --json`` prints it."""
-        return {
-            "id": self.id,
-            "at": self.at,
-            "who": self.who,
-            "node": self.node,
-            "provider": self.provider,
-            "token_sha": self.token_sha,
-            "address": self.address,
-            "flow_id": self.flow_id,
-        }
+        return public_fields(self)
 
 
 @dataclass(frozen=True, slots=True)

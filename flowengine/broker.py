@@ -87,7 +87,7 @@ from .errors import (
     UnknownProviderError,
 )
 from .forecast import grant_deadline, grant_times, next_warning_at, warning_due
-from .models import Flow
+from .models import Flow, public_fields
 from .protocol import build_authorize_url
 from .registration import Registration
 from .schedule import TokenTimes
@@ -286,19 +286,7 @@ class ConnectionStatus:
     scope_source: str = "granted"
 
     def public(self) -> dict[str, Any]:
-        return {
-            "provider": self.provider,
-            "name": self.name,
-            "state": self.state,
-            "expires": self.expires,
-            "last_refresh": self.last_refresh,
-            "scopes": list(self.scopes),
-            "flow_id": self.flow_id,
-            "has_refresh_token": self.has_refresh_token,
-            "error_code": self.error_code,
-            "reconnect_by": self.reconnect_by,
-            "scope_source": self.scope_source,
-        }
+        return public_fields(self)
 
 
 @dataclass(slots=True)

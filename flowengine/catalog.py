@@ -42,6 +42,7 @@ from urllib.parse import urlsplit
 
 from . import paths
 from .errors import ConfigError, UnknownProviderError
+from .models import plain, public_fields
 
 __all__ = [
     "BUILTIN_CATALOG",
@@ -66,6 +67,7 @@ TOKEN_AUTH_METHODS: tuple[str, ...] = ("client_secret_basic", "client_secret_pos
 BUILTIN_CATALOG = Path(__file__).with_name("providers.toml")
 
 _ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+_BAD_ID = "provider id must be lowercase letters, digits, '-' or '_'"
 
 #: how a provider ends a grant on its own: ``absolute`` = a fixed time after the owner
 #: authorized, refreshing does not extend it; ``idle`` = a fixed time after the last
@@ -107,12 +109,7 @@ class RefreshLifetime:
         return f"{text}, if {self.condition}" if self.condition else text
 
     def public(self) -> dict[str, Any]:
-        return {
-            "rule": self.rule,
-            "months": self.months,
-            "days": self.days,
-            "condition": self.condition,
-        }
+        return public_fields(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,38 +171,10 @@ class ProviderSpec:
 
     def public(self) -> dict[str, Any]:
         """JSON-ready view (a spec holds no secret)."""
-        return {
-            "id": self.id,
-            "name": self.name,
-            "authorize_url": self.authorize_url,
-            "token_url": self.token_url,
-            "revocation_url": self.revocation_url,
-            "api_base_url": self.api_base_url,
-            "scopes": list(self.scopes),
-            "scope_separator": self.scope_separator,
-            "use_pkce": self.use_pkce,
-            "token_auth_method": self.token_auth_method,
-            "authorize_params": dict(self.authorize_params),
-            "token_params": dict(self.token_params),
-            "exchange_params": dict(self.exchange_params),
-            "refresh_params": dict(self.refresh_params),
-            "response_envelope": self.response_envelope,
-            "envelope_status_key": self.envelope_status_key,
-            "envelope_transient": sorted(self.envelope_transient),
-            "envelope_reauthorize": sorted(self.envelope_reauthorize),
-            "rotates_refresh_tokens": self.rotates_refresh_tokens,
-            "access_token_lifetime": self.access_token_lifetime,
-            "resource": self.resource,
-            "device_authorization_url": self.device_authorization_url,
-            "issuer": self.issuer,
-            "registration_url": self.registration_url,
-            "refresh_lifetime": self.refresh_lifetime.public() if self.refresh_lifetime else None,
-            "docs_url": self.docs_url,
-            "sources": list(self.sources),
-            "verified": sorted(self.verified),
-            "unverified": self.unverified_fields(),
-            "needs_secret": self.needs_secret,
-        }
+        data = public_fields(self, omit=("notes",))
+        data["unverified"] = self.unverified_fields()
+        data["needs_secret"] = self.needs_secret
+        return data
 
     def unverified_fields(self) -> list[str]:
         """Fields that carry a value the documentation was not seen to confirm.
@@ -438,15 +407,8 @@ def _lifetime(file: str, pid: str, value: Any) -> RefreshLifetime:
 def _validate(spec: ProviderSpec, *, file: str) -> None:
     pid = spec.id
     if not _ID_RE.match(pid):
-        raise _err(file, pid, None, "provider id must be lowercase letters, digits, '-' or '_'")
-    raw = {f: getattr(spec, f) for f in _FIELDS}
-    raw["scopes"] = list(spec.scopes)
-    for key in ("authorize_params", "token_params", "exchange_params", "refresh_params"):
-        raw[key] = dict(getattr(spec, key))
-    raw["envelope_transient"] = sorted(spec.envelope_transient)
-    raw["envelope_reauthorize"] = sorted(spec.envelope_reauthorize)
-    raw["sources"] = list(spec.sources)
-    raw["verified"] = sorted(spec.verified)
+        raise _err(file, pid, None, _BAD_ID)
+    raw = public_fields(spec, omit=("id",))
     if spec.refresh_lifetime is not None:
         raw["refresh_lifetime"] = {
             k: v for k, v in spec.refresh_lifetime.public().items() if v is not None
@@ -455,6 +417,15 @@ def _validate(spec: ProviderSpec, *, file: str) -> None:
     for key in _REQUIRED:
         if not getattr(spec, key):
             raise _err(file, pid, key, "is required")
+
+
+def _new_spec(file: str, pid: str, values: dict[str, Any]) -> ProviderSpec:
+    """A provider no earlier layer defines, from its coerced ``values``."""
+    for key in _REQUIRED:
+        if key not in values:
+            raise _err(file, pid, key, "is required for a new provider")
+    values.setdefault("name", pid)
+    return ProviderSpec(id=pid, **values)
 
 
 def parse_catalog(
@@ -476,18 +447,14 @@ def parse_catalog(
         raise ConfigError("must be a table of [providers.<id>] tables", file=file, key="providers")
     for pid, raw in providers.items():
         if not _ID_RE.match(pid):
-            raise _err(file, pid, None, "provider id must be lowercase letters, digits, '-' or '_'")
+            raise _err(file, pid, None, _BAD_ID)
         if not isinstance(raw, dict):
             raise _err(file, pid, None, "must be a table")
         values = _coerce(file, pid, raw)
         if pid in specs:
             specs[pid] = replace(specs[pid], **values)
             continue
-        for key in _REQUIRED:
-            if key not in values:
-                raise _err(file, pid, key, "is required for a new provider")
-        values.setdefault("name", pid)
-        specs[pid] = ProviderSpec(id=pid, **values)
+        specs[pid] = _new_spec(file, pid, values)
     return specs
 
 
@@ -512,14 +479,9 @@ def spec_fields(spec: ProviderSpec) -> dict[str, Any]:
         if value == default:
             continue
         if isinstance(value, RefreshLifetime):
-            value = {k: v for k, v in value.public().items() if v}
-        elif isinstance(value, Mapping):
-            value = dict(value)
-        elif isinstance(value, frozenset):
-            value = sorted(value)
-        elif isinstance(value, tuple):
-            value = list(value)
-        out[f.name] = value
+            out[f.name] = {k: v for k, v in value.public().items() if v}
+        else:
+            out[f.name] = plain(value)
     return out
 
 
@@ -541,18 +503,12 @@ def parse_discovered(
         raise ConfigError("must be an object of providers", file=file, key="providers")
     for pid, entry in providers.items():
         if not isinstance(pid, str) or not _ID_RE.match(pid):
-            raise _err(
-                file, str(pid), None, "provider id must be lowercase letters, digits, '-' or '_'"
-            )
+            raise _err(file, str(pid), None, _BAD_ID)
         raw = entry.get("spec") if isinstance(entry, dict) else None
         if not isinstance(raw, dict):
             raise _err(file, pid, "spec", "must be an object of provider fields")
         values = _coerce(file, pid, raw)
-        for key in _REQUIRED:
-            if key not in values:
-                raise _err(file, pid, key, "is required for a new provider")
-        values.setdefault("name", pid)
-        specs[pid] = ProviderSpec(id=pid, **values)
+        specs[pid] = _new_spec(file, pid, values)
     return specs
 
 
@@ -625,11 +581,7 @@ def check_catalog(
             continue
         for pid, raw in providers.items():
             if not _ID_RE.match(pid):
-                problems.append(
-                    _err(
-                        file, pid, None, "provider id must be lowercase letters, digits, '-' or '_'"
-                    )
-                )
+                problems.append(_err(file, pid, None, _BAD_ID))
                 continue
             if not isinstance(raw, dict):
                 problems.append(_err(file, pid, None, "must be a table"))

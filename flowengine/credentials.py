@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import TokenFileCorruptError
-from .tokens import _FileLock, atomic_write_json, read_json_object, signature_of
+from .tokens import _FileLock, atomic_write_json, read_json_object, signature_of, write_without
 
 __all__ = ["ClientCredentials", "CredentialStore"]
 
@@ -126,12 +126,7 @@ class CredentialStore:
 
     def delete(self, provider: str) -> bool:
         with self._lock.hold():
-            data = self._read()
-            if provider not in data:
-                return False
-            del data[provider]
-            atomic_write_json(self.path, data)
-            return True
+            return write_without(self.path, self._read(), provider)
 
     def providers(self) -> list[str]:
         return sorted(p for p, v in self._read().items() if isinstance(v, dict))

@@ -60,6 +60,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from .catalog import ProviderSpec, parse_discovered, spec_fields
 from .errors import ConfigError, DiscoveryError, ProviderTransientError, StorageError
+from .models import public_fields
 
 if TYPE_CHECKING:  # pragma: no cover
     import httpx
@@ -262,6 +263,10 @@ def parse_www_authenticate(header: str) -> dict[str, dict[str, str]]:
 # ---------------------------------------------------------------------- results
 
 
+#: what Discovery.public leaves out: the documents (its fingerprint stands for them), the cost
+_NOT_SHOWN = ("metadata", "resource_metadata", "elapsed", "requests")
+
+
 @dataclass(frozen=True, slots=True)
 class Discovery:
     """What discovery found. Public data only: metadata documents hold no secret."""
@@ -310,16 +315,9 @@ class Discovery:
         return _fingerprint(self.metadata, self.resource_metadata)
 
     def public(self) -> dict[str, Any]:
-        return {
-            "source": self.source,
-            "issuer": self.issuer,
-            "metadata_url": self.metadata_url,
-            "resource": self.resource,
-            "resource_metadata_url": self.resource_metadata_url,
-            "via": self.via,
-            "challenge_scopes": list(self.challenge_scopes),
-            "fingerprint": self.fingerprint(),
-        }
+        data = public_fields(self, omit=_NOT_SHOWN)
+        data["fingerprint"] = self.fingerprint()
+        return data
 
 
 #: metadata fields the catalog entry is made of (a change in them is a change)
@@ -365,15 +363,11 @@ def validate_authorization_server(
     for_resource: bool = False,
 ) -> dict[str, Any]:
     """RFC 8414 §3.3 checks of one metadata document; the document, or DiscoveryError."""
-    if not isinstance(metadata, dict):
-        raise DiscoveryError(
-            f"the metadata at {url} is not a JSON object", url=url, reason="invalid"
-        )
+    metadata = _json_object(metadata, what="the metadata", url=url)
     found = metadata.get("issuer")
     if not _same_issuer(found, issuer):
-        shown = found if isinstance(found, str) else repr(found)[:80]
         raise DiscoveryError(
-            f"the metadata at {url} names issuer {shown}, not {issuer} it was fetched for"
+            f"the metadata at {url} names issuer {_shown(found)}, not {issuer} it was fetched for"
             " (RFC 8414 §3.3): refused",
             url=url,
             reason="issuer_mismatch",
@@ -407,19 +401,27 @@ def validate_authorization_server(
     return metadata
 
 
+def _json_object(document: Any, *, what: str, url: str) -> dict[str, Any]:
+    """``document`` if it is a JSON object, else DiscoveryError (reason ``invalid``)."""
+    if not isinstance(document, dict):
+        raise DiscoveryError(f"{what} at {url} is not a JSON object", url=url, reason="invalid")
+    return document
+
+
+def _shown(value: Any) -> str:
+    """A value a document named where another was expected, short enough to quote."""
+    return value if isinstance(value, str) else repr(value)[:80]
+
+
 def validate_protected_resource(
     metadata: Any, *, resource: str, url: str, policy: UrlPolicy = STRICT
 ) -> dict[str, Any]:
     """RFC 9728 §3.3 checks of a protected resource metadata document."""
-    if not isinstance(metadata, dict):
-        raise DiscoveryError(
-            f"the resource metadata at {url} is not a JSON object", url=url, reason="invalid"
-        )
+    metadata = _json_object(metadata, what="the resource metadata", url=url)
     named = metadata.get("resource")
     if not isinstance(named, str) or canonical_resource(named) != canonical_resource(resource):
-        shown = named if isinstance(named, str) else repr(named)[:80]
         raise DiscoveryError(
-            f"the resource metadata at {url} describes {shown}, not {resource}"
+            f"the resource metadata at {url} describes {_shown(named)}, not {resource}"
             " (RFC 9728 §3.3): refused",
             url=url,
             reason="resource_mismatch",

@@ -13,7 +13,7 @@ import os
 import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Unpack
 
 import anyio
 
@@ -26,7 +26,7 @@ from .errors import (
     InvalidTransition,
     StateMismatchError,
 )
-from .ledger import Ledger, Notification
+from .ledger import Ledger, NoteFields, Notification
 from .models import Flow, FlowRecord, PendingCode, PendingStatus, StartedFlow
 from .protocol import CallbackParams, hash_state, new_code_verifier, new_state
 from .states import Condition, ErrorEffect, FlowState, FlowTrigger, Secrets, Value, effects_of
@@ -819,26 +819,9 @@ class FlowEngine:
 
     # -------------------------------------------------------------- notifications
 
-    async def notify(
-        self,
-        *,
-        kind: str,
-        provider: str,
-        flow_id: str | None = None,
-        chat_id: int | None = None,
-        reason: str | None = None,
-        data: Mapping[str, Any] | None = None,
-    ) -> int:
+    async def notify(self, **note: Unpack[NoteFields]) -> int:
         """Queue a notification for the owner: a kind, a reason code and data, no text."""
-        return await self.ledger.notify(
-            at=self.now_ms(),
-            kind=kind,
-            provider=provider,
-            flow_id=flow_id,
-            chat_id=chat_id,
-            reason=reason,
-            data=data,
-        )
+        return await self.ledger.notify(at=self.now_ms(), **note)
 
     async def notified(self, flow_id: str, kind: str, *, since: int) -> bool:
         """Was a ``kind`` notification about ``flow_id`` queued at ``since`` (ms) or later?"""

@@ -44,7 +44,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Required, TypedDict, Unpack
 
 import aiosqlite
 import anyio
@@ -234,6 +234,17 @@ _FLOW_COLUMNS = (
     " chat_id, state_hash, uses_pkce, deadline, token_expires_at, error_code,"
     " error_description, grant_type"
 )
+
+
+class NoteFields(TypedDict, total=False):
+    """What a queued notification says: a kind, a provider, a reason code and data, no text."""
+
+    kind: Required[str]
+    provider: Required[str]
+    flow_id: str | None
+    chat_id: int | None
+    reason: str | None
+    data: Mapping[str, Any] | None
 
 
 def _flow_from_row(row: Sequence[Any]) -> Flow:
@@ -842,25 +853,23 @@ class Ledger:
 
     # --------------------------------------------------------------- notifications
 
-    async def notify(
-        self,
-        *,
-        at: int,
-        kind: str,
-        provider: str,
-        flow_id: str | None = None,
-        chat_id: int | None = None,
-        reason: str | None = None,
-        data: Mapping[str, Any] | None = None,
-    ) -> int:
+    async def notify(self, *, at: int, **note: Unpack[NoteFields]) -> int:
         """Queue a notification; ``data`` is checked like event detail (no secrets)."""
-        data_json = check_detail(data or {})
+        data_json = check_detail(note.get("data") or {})
         async with self._lock:
             cur = await self._conn.execute(
                 "INSERT INTO notifications"
                 " (at, kind, provider, flow_id, chat_id, message, reason, data)"
                 " VALUES (?, ?, ?, ?, ?, '', ?, ?)",
-                (at, kind, provider, flow_id, chat_id, reason, data_json),
+                (
+                    at,
+                    note["kind"],
+                    note["provider"],
+                    note.get("flow_id"),
+                    note.get("chat_id"),
+                    note.get("reason"),
+                    data_json,
+                ),
             )
             return int(cur.lastrowid or 0)
 

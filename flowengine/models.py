@@ -2,12 +2,49 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field, fields
+from enum import Enum
+from typing import Any, ClassVar, Protocol
 
 from .states import FlowState, FlowTrigger
 
-__all__ = ["Flow", "FlowEvent", "FlowRecord", "PendingCode", "PendingStatus", "StartedFlow"]
+__all__ = [
+    "Flow",
+    "FlowEvent",
+    "FlowRecord",
+    "PendingCode",
+    "PendingStatus",
+    "StartedFlow",
+    "plain",
+    "public_fields",
+]
+
+
+class _Dataclass(Protocol):
+    __dataclass_fields__: ClassVar[dict[str, Any]]
+
+
+def plain(value: Any) -> Any:
+    """``value`` as JSON-ready data: an enum by its value, a record by its ``public()``,
+    a mapping as a dict, a tuple as a list, a set as a sorted list."""
+    if isinstance(value, Enum):
+        return value.value
+    if hasattr(value, "public"):
+        return value.public()
+    if isinstance(value, Mapping):
+        return dict(value)
+    if isinstance(value, tuple | list):
+        return list(value)
+    if isinstance(value, frozenset | set):
+        return sorted(value)
+    return value
+
+
+def public_fields(record: _Dataclass, *, omit: Collection[str] = ()) -> dict[str, Any]:
+    """The JSON view of a record that holds no secret: its fields in declaration order
+    (but ``omit``), each made :func:`plain`."""
+    return {f.name: plain(getattr(record, f.name)) for f in fields(record) if f.name not in omit}
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,24 +78,7 @@ class Flow:
 
     def public(self) -> dict[str, Any]:
         """JSON-ready view for the inspection API and the CLI (no secrets in a Flow)."""
-        return {
-            "id": self.id,
-            "provider": self.provider,
-            "state": self.state.value,
-            "version": self.version,
-            "created_at": self.created_at,
-            "updated_at": self.updated_at,
-            "redirect_uri": self.redirect_uri,
-            "scopes": list(self.scopes),
-            "actor": self.actor,
-            "chat_id": self.chat_id,
-            "uses_pkce": self.uses_pkce,
-            "deadline": self.deadline,
-            "token_expires_at": self.token_expires_at,
-            "error_code": self.error_code,
-            "error_description": self.error_description,
-            "grant": self.grant,
-        }
+        return public_fields(self, omit=("state_hash",))
 
 
 @dataclass(frozen=True, slots=True)

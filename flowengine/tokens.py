@@ -52,6 +52,7 @@ __all__ = [
     "releasing",
     "signature_of",
     "write_target",
+    "write_without",
 ]
 
 #: entry keys this module manages; everything else in an entry is kept as it was
@@ -217,6 +218,16 @@ def _dumps(data: Mapping[str, Any]) -> bytes:
 def write_target(path: Path) -> Path:
     """Where a write of ``path`` lands: the final target when ``path`` is a symlink."""
     return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
+def write_without(path: Path, data: dict[str, Any], key: str) -> bool:
+    """Write ``data`` (just read from ``path``) back without ``key``; False (nothing written)
+    when it has no such entry. The caller holds the file's lock."""
+    if key not in data:
+        return False
+    del data[key]
+    atomic_write_json(path, data)
+    return True
 
 
 def atomic_write_json(
@@ -480,9 +491,4 @@ class TokenStore:
             return self.delete_unlocked(provider)
 
     def delete_unlocked(self, provider: str) -> bool:
-        data = self.read_all()
-        if provider not in data:
-            return False
-        del data[provider]
-        atomic_write_json(self.path, data)
-        return True
+        return write_without(self.path, self.read_all(), provider)

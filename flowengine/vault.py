@@ -179,13 +179,7 @@ class Intent(NamedTuple):
     attempt: int = 1
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "op": self.op,
-            "at": self.at,
-            "refresh_sha": self.refresh_sha,
-            "flow_id": self.flow_id,
-            "attempt": self.attempt,
-        }
+        return self._asdict()
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Intent:
