@@ -39,17 +39,9 @@ from typing import Any, Literal
 
 import httpx
 
-from flowengine import (
-    Clock,
-    ConfigError,
-    ProviderError,
-    ProviderSpec,
-    ProviderTransientError,
-    SystemClock,
-    TokenRejectedError,
-)
+from flowengine import ProviderError, TokenRejectedError
 
-from ..apiclient import BearerClient, Sleep, TokenSource, json_object
+from ..apiclient import ProviderClient, TokenSource, json_object
 from ..durations import age, parse_since
 
 __all__ = [
@@ -283,66 +275,20 @@ def _description(response: httpx.Response) -> tuple[str | None, str | None]:
     )
 
 
-class DexcomClient:
+class DexcomClient(ProviderClient):
     """Dexcom API v3 on behalf of the owner; one instance per provider connection."""
 
-    def __init__(
-        self,
-        tokens: TokenSource,
-        *,
-        provider_id: str = "dexcom",
-        base_url: str,
-        http: httpx.AsyncClient,
-        clock: Clock | None = None,
-        max_window: timedelta = DEXCOM_MAX_WINDOW,
-        actor: str = "dexcom-client",
-        sleep: Sleep | None = None,
-        max_retries: int = 3,
-        backoff_base: float = 1.0,
-        backoff_max: float = 30.0,
-        max_retry_after: float = 120.0,
-    ) -> None:
-        self.provider_id = provider_id
-        self.base_url = base_url.rstrip("/")
-        self._clock: Clock = clock or SystemClock()
-        self.max_window = max_window
-        self.actor = actor
-        self.api = BearerClient(
-            tokens,
-            provider_id=provider_id,
-            name="Dexcom",
-            http=http,
-            clock=self._clock,
-            actor=actor,
-            sleep=sleep,
-            max_retries=max_retries,
-            backoff_base=backoff_base,
-            backoff_max=backoff_max,
-            max_retry_after=max_retry_after,
-        )
+    title = "Dexcom"
+    default_provider = "dexcom"
+    base_url_hint = "set api_base_url to the Dexcom API host of your region"
 
-    @classmethod
-    def from_spec(
-        cls,
-        spec: ProviderSpec,
-        tokens: TokenSource,
-        *,
-        http: httpx.AsyncClient,
-        **options: Any,
-    ) -> DexcomClient:
-        """A client for a catalog entry (dexcom, dexcom-eu, dexcom-jp, dexcom-sandbox, ...)."""
-        if not spec.api_base_url:
-            raise ConfigError(
-                f"provider {spec.id!r} has no api_base_url",
-                key=f"providers.{spec.id}.api_base_url",
-                hint="set api_base_url to the Dexcom API host of your region",
-            )
-        return cls(tokens, provider_id=spec.id, base_url=spec.api_base_url, http=http, **options)
+    def __init__(
+        self, tokens: TokenSource, *, max_window: timedelta = DEXCOM_MAX_WINDOW, **options: Any
+    ) -> None:
+        super().__init__(tokens, **options)
+        self.max_window = max_window
 
     # -------------------------------------------------------------------- public
-
-    def now(self) -> datetime:
-        return datetime.fromtimestamp(self._clock.now(), UTC)
 
     async def egvs(self, start: datetime, end: datetime) -> list[Reading]:
         """Readings with start <= systemTime < end, sorted, without duplicates."""
@@ -428,29 +374,15 @@ class DexcomClient:
 
     def _classify(self, path: str) -> Any:
         def classify(response: httpx.Response) -> dict[str, Any]:
-            status = response.status_code
-            if status == 200:
+            if response.status_code == 200:
                 return json_object(response, name="Dexcom", provider=self.provider_id)
             error, description = _description(response)
-            if status == 401:
+            if response.status_code == 401:
                 raise TokenRejectedError(
                     oauth_error=error, description=description, provider_status=401
                 )
-            if status == 429 or status >= 500:
-                raise ProviderTransientError(
-                    f"Dexcom is unavailable (HTTP {status})",
-                    provider=self.provider_id,
-                    oauth_error=error,
-                    description=description,
-                    provider_status=status,
-                    retry_after=self.api.retry_after(response),
-                )
-            raise ProviderError(
-                f"Dexcom answered HTTP {status} to {path}",
-                provider=self.provider_id,
-                oauth_error=error,
-                description=description,
-                provider_status=status,
+            raise self.api.http_failure(
+                response, what=path, oauth_error=error, description=description
             )
 
         return classify

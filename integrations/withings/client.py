@@ -36,17 +36,9 @@ from typing import Any
 
 import httpx
 
-from flowengine import (
-    Clock,
-    ConfigError,
-    ProviderError,
-    ProviderSpec,
-    ProviderTransientError,
-    SystemClock,
-    TokenRejectedError,
-)
+from flowengine import ProviderError, ProviderTransientError, TokenRejectedError
 
-from ..apiclient import BearerClient, Sleep, TokenSource, json_object
+from ..apiclient import ProviderClient, json_object
 from ..durations import age
 
 __all__ = [
@@ -200,51 +192,12 @@ def measurements_to_csv(items: Iterable[Measurement]) -> str:
 # -------------------------------------------------------------------------- client
 
 
-class WithingsClient:
+class WithingsClient(ProviderClient):
     """Withings' Measure API on behalf of the owner; one instance per connection."""
 
-    def __init__(
-        self,
-        tokens: TokenSource,
-        *,
-        provider_id: str = "withings",
-        base_url: str,
-        http: httpx.AsyncClient,
-        clock: Clock | None = None,
-        actor: str = "withings-client",
-        sleep: Sleep | None = None,
-        max_retries: int = 3,
-        backoff_base: float = 1.0,
-    ) -> None:
-        self.provider_id = provider_id
-        self.base_url = base_url.rstrip("/")
-        self._clock: Clock = clock or SystemClock()
-        self.api = BearerClient(
-            tokens,
-            provider_id=provider_id,
-            name="Withings",
-            http=http,
-            clock=self._clock,
-            actor=actor,
-            sleep=sleep,
-            max_retries=max_retries,
-            backoff_base=backoff_base,
-        )
-
-    @classmethod
-    def from_spec(
-        cls, spec: ProviderSpec, tokens: TokenSource, *, http: httpx.AsyncClient, **options: Any
-    ) -> WithingsClient:
-        if not spec.api_base_url:
-            raise ConfigError(
-                f"provider {spec.id!r} has no api_base_url",
-                key=f"providers.{spec.id}.api_base_url",
-                hint="set api_base_url to https://wbsapi.withings.net",
-            )
-        return cls(tokens, provider_id=spec.id, base_url=spec.api_base_url, http=http, **options)
-
-    def now(self) -> datetime:
-        return datetime.fromtimestamp(self._clock.now(), UTC)
+    title = "Withings"
+    default_provider = "withings"
+    base_url_hint = "set api_base_url to https://wbsapi.withings.net"
 
     async def measurements(self, start: datetime, end: datetime) -> list[Measurement]:
         """Weight and blood-pressure groups taken in [start, end], oldest first."""
@@ -318,20 +271,8 @@ class WithingsClient:
         )
 
     def _classify(self, response: httpx.Response) -> dict[str, Any]:
-        status = response.status_code
-        if status == 429 or status >= 500:
-            raise ProviderTransientError(
-                f"Withings is unavailable (HTTP {status})",
-                provider=self.provider_id,
-                provider_status=status,
-                retry_after=self.api.retry_after(response),
-            )
-        if status != 200:
-            raise ProviderError(
-                f"Withings answered HTTP {status} to getmeas",
-                provider=self.provider_id,
-                provider_status=status,
-            )
+        if response.status_code != 200:
+            raise self.api.http_failure(response, what="getmeas")
         data = json_object(response, name="Withings", provider=self.provider_id)
         code = data.get("status")
         error = data.get("error")
@@ -351,16 +292,13 @@ class WithingsClient:
             raise TokenRejectedError(
                 oauth_error=f"status_{code}", description=description, provider_status=200
             )
+        cls: type[ProviderError]
         if code in TRANSIENT:
-            raise ProviderTransientError(
-                f"Withings is busy or failing (status {code})",
-                provider=self.provider_id,
-                oauth_error=f"status_{code}",
-                description=description,
-                provider_status=200,
-            )
-        raise ProviderError(
-            f"Withings refused getmeas (status {code})",
+            cls, message = ProviderTransientError, f"Withings is busy or failing (status {code})"
+        else:
+            cls, message = ProviderError, f"Withings refused getmeas (status {code})"
+        raise cls(
+            message,
             provider=self.provider_id,
             oauth_error=f"status_{code}",
             description=description,

@@ -21,6 +21,7 @@ from flowengine.errors import (
     ProviderTransientError,
     ReauthorizationRequired,
 )
+from integrations.apiclient import RetryPolicy
 from integrations.dexcom.client import (
     DexcomClient,
     Reading,
@@ -323,7 +324,7 @@ async def test_network_errors_are_transient(
         raise httpx.ConnectError("refused", request=request)
 
     async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
-        client = _client(FakeTokens(sim), http, clock, sleeps, max_retries=1)
+        client = _client(FakeTokens(sim), http, clock, sleeps, retry=RetryPolicy(max_retries=1))
         with pytest.raises(ProviderTransientError, match="ConnectError") as info:
             await client.devices()
     assert isinstance(info.value.__cause__, httpx.ConnectError)

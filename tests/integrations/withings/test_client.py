@@ -15,6 +15,7 @@ from quart import Quart
 from agentd.simoauth import SimOAuth, create_sim_app, get_sim
 from flowengine.clock import ManualClock
 from flowengine.errors import ProviderError, ProviderTransientError, ReauthorizationRequired
+from integrations.apiclient import RetryPolicy
 from integrations.withings.client import (
     Measurement,
     WithingsClient,
@@ -172,7 +173,12 @@ async def test_http_failures_and_bad_bodies(clock: ManualClock) -> None:
     sim = get_sim(create_sim_app(clock=clock))
     async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
         client = WithingsClient(
-            FakeTokens(sim), base_url=BASE, http=http, clock=clock, sleep=Sleeps(), max_retries=0
+            FakeTokens(sim),
+            base_url=BASE,
+            http=http,
+            clock=clock,
+            sleep=Sleeps(),
+            retry=RetryPolicy(max_retries=0),
         )
         for expected in ("HTTP 503", "not JSON", "without a body", "envelope", "HTTP 403"):
             with pytest.raises(ProviderError, match=expected):
