@@ -9,9 +9,10 @@ from __future__ import annotations
 import re
 from datetime import timedelta
 
+from flowengine.errors import ConfigError
 from flowengine.timefmt import format_duration
 
-__all__ = ["age", "parse_since"]
+__all__ = ["age", "parse_since", "since_option"]
 
 _SINCE_RE = re.compile(r"^\s*(\d+)\s*(m|min|h|d|w|y)\s*$", re.IGNORECASE)
 _SINCE_UNITS = {"m": 60, "min": 60, "h": 3600, "d": 86_400, "w": 604_800, "y": 31_536_000}
@@ -33,6 +34,15 @@ def parse_since(text: str) -> timedelta:
     if seconds > MAX_SINCE.total_seconds():
         raise ValueError(f"duration {text!r} is too long: at most 100 years (100y)")
     return timedelta(seconds=seconds)
+
+
+def since_option(text: str, *, hint: str) -> timedelta:
+    """:func:`parse_since` for the ``--since`` option: a ConfigError naming it, with
+    ``hint`` (the integration's examples), when the text cannot be read."""
+    try:
+        return parse_since(text)
+    except ValueError as err:
+        raise ConfigError(str(err), key="--since", hint=hint) from err
 
 
 def age(delta: timedelta) -> str:

@@ -37,10 +37,7 @@ def _zone(tz: str) -> ZoneInfo:
 
 async def glucose(services: Services, provider: str, hours: int, *, unit: Unit = "mg/dL") -> Reply:
     """The reply to ``glucose <hours>h`` for ``provider`` (dexcom, dexcom-eu, ...)."""
-    spec = services.broker.catalog.get(provider)
-    client = DexcomClient.from_spec(
-        spec, services.broker, http=services.http, clock=services.clock, actor=services.actor
-    )
+    client = DexcomClient.for_services(services, provider)
     end = client.now()
     readings = await client.egvs(end - timedelta(hours=hours), end + timedelta(seconds=1))
     latest = next((r for r in reversed(readings) if r.value_mgdl is not None), None)

@@ -6,24 +6,20 @@ The arguments are declared in the package (argparse only, so ``agentd --help`` s
 from __future__ import annotations
 
 import argparse
-from datetime import UTC, datetime
-
-from flowengine import ConfigError
+from functools import partial
 
 from .. import Services
-from ..durations import parse_since
-from .client import DexcomClient, format_reading, readings_to_csv, readings_to_json
+from ..durations import since_option
+from ..export import write_listing
+from .client import DexcomClient, Reading, format_reading, readings_to_csv, readings_to_json
 
 __all__ = ["run"]
 
 
 async def run(args: argparse.Namespace, services: Services, provider: str) -> int:
     out = services.out
-    spec = services.broker.catalog.get(provider)
-    client = DexcomClient.from_spec(
-        spec, services.broker, http=services.http, clock=services.clock, actor=services.actor
-    )
-    now = datetime.fromtimestamp(services.clock.now(), UTC)
+    client = DexcomClient.for_services(services, provider)
+    now = client.now()
     if args.dexcom_command == "latest":
         reading = await client.latest()
         if reading is None:
@@ -32,21 +28,23 @@ async def run(args: argparse.Namespace, services: Services, provider: str) -> in
         out.write(format_reading(reading, args.unit, now=now) + "\n")
         return 0
     if args.dexcom_command == "egvs":
-        try:
-            since = parse_since(args.since)
-        except ValueError as err:
-            raise ConfigError(str(err), key="--since", hint="e.g. 6h, 24h, 7d") from err
+        since = since_option(args.since, hint="e.g. 6h, 24h, 7d")
         readings = await client.egvs(now - since, now)
-        if args.json:
-            out.write(readings_to_json(readings, indent=2) + "\n")
-        elif args.csv:
-            out.write(readings_to_csv(readings))
-        else:
-            for reading in readings:
-                local = reading.system_time.astimezone()
-                value = reading.value_in(args.unit)
-                out.write(f"{local:%Y-%m-%d %H:%M}  {value:>5} {args.unit}  {reading.arrow}\n")
-            services.err.write(f"{len(readings)} readings\n")
+
+        def line(reading: Reading) -> str:
+            local = reading.system_time.astimezone()
+            value = reading.value_in(args.unit)
+            return f"{local:%Y-%m-%d %H:%M}  {value:>5} {args.unit}  {reading.arrow}"
+
+        write_listing(
+            args,
+            services,
+            readings,
+            to_json=partial(readings_to_json, indent=2),
+            to_csv=readings_to_csv,
+            line=line,
+            noun="readings",
+        )
         return 0
     data_range = await client.data_range()
     for name in ("egvs", "events", "calibrations"):

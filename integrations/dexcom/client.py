@@ -29,9 +29,6 @@ Errors (flowengine): 401 twice (before and after one forced refresh) ->
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -43,6 +40,7 @@ from flowengine import ProviderError, TokenRejectedError
 
 from ..apiclient import ProviderClient, TokenSource, json_object
 from ..durations import age, parse_since
+from ..export import rows_to_csv, rows_to_json
 
 __all__ = [
     "DATA_DELAY",
@@ -231,7 +229,7 @@ def reading_to_dict(reading: Reading) -> dict[str, Any]:
 
 def readings_to_json(readings: Iterable[Reading], *, indent: int | None = None) -> str:
     """A JSON array of :func:`reading_to_dict` objects."""
-    return json.dumps([reading_to_dict(r) for r in readings], ensure_ascii=False, indent=indent)
+    return rows_to_json(map(reading_to_dict, readings), indent=indent)
 
 
 _CSV_FIELDS = [
@@ -248,13 +246,7 @@ _CSV_FIELDS = [
 
 def readings_to_csv(readings: Iterable[Reading]) -> str:
     """CSV with a header row, one reading per line (empty cell for a missing value)."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=_CSV_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    for reading in readings:
-        row = reading_to_dict(reading)
-        writer.writerow({k: "" if row[k] is None else row[k] for k in _CSV_FIELDS})
-    return buffer.getvalue()
+    return rows_to_csv(map(reading_to_dict, readings), _CSV_FIELDS)
 
 
 # ----------------------------------------------------------------------------- client

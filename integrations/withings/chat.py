@@ -33,10 +33,7 @@ def _zone(tz: str) -> ZoneInfo:
 
 async def weight(services: Services, provider: str, days: int) -> Reply:
     """The reply to ``weight <days>d`` for ``provider``: caption and chart."""
-    spec = services.broker.catalog.get(provider)
-    client = WithingsClient.from_spec(
-        spec, services.broker, http=services.http, clock=services.clock, actor=services.actor
-    )
+    client = WithingsClient.for_services(services, provider)
     end = client.now()
     items = await client.measurements(end - timedelta(days=days), end)
     certain = [m for m in items if not m.uncertain]

@@ -6,13 +6,13 @@ The arguments are declared in the package (argparse only, so ``agentd --help`` s
 from __future__ import annotations
 
 import argparse
-from datetime import UTC, datetime
-
-from flowengine import ConfigError
+from functools import partial
 
 from .. import Services
-from ..durations import parse_since
+from ..durations import since_option
+from ..export import write_listing
 from .client import (
+    Measurement,
     WithingsClient,
     format_measurement,
     measurements_to_csv,
@@ -22,13 +22,19 @@ from .client import (
 __all__ = ["run"]
 
 
+def _line(m: Measurement) -> str:
+    local = m.taken_at.astimezone()
+    weight_text = f"{m.weight_kg:6.1f} kg" if m.weight_kg is not None else " " * 9
+    bp = f"{m.systolic:.0f}/{m.diastolic:.0f} mmHg" if m.has_blood_pressure else ""
+    pulse = f"{m.pulse:3.0f} bpm" if m.pulse is not None else ""
+    flag = "  (uncertain)" if m.uncertain else ""
+    return f"{local:%Y-%m-%d %H:%M}  {weight_text}  {bp:<12}  {pulse}{flag}".rstrip()
+
+
 async def run(args: argparse.Namespace, services: Services, provider: str) -> int:
     out = services.out
-    spec = services.broker.catalog.get(provider)
-    client = WithingsClient.from_spec(
-        spec, services.broker, http=services.http, clock=services.clock, actor=services.actor
-    )
-    now = datetime.fromtimestamp(services.clock.now(), UTC)
+    client = WithingsClient.for_services(services, provider)
+    now = client.now()
     if args.withings_command == "latest":
         weight, pressure = await client.latest()
         if weight is None and pressure is None:
@@ -39,23 +45,15 @@ async def run(args: argparse.Namespace, services: Services, provider: str) -> in
         if pressure is not None:
             out.write(f"blood pressure  {format_measurement(pressure, now=now)}\n")
         return 0
-    try:
-        since = parse_since(args.since)
-    except ValueError as err:
-        raise ConfigError(str(err), key="--since", hint="e.g. 7d, 30d, 1y") from err
+    since = since_option(args.since, hint="e.g. 7d, 30d, 1y")
     items = await client.measurements(now - since, now)
-    if args.json:
-        out.write(measurements_to_json(items, indent=2) + "\n")
-    elif args.csv:
-        out.write(measurements_to_csv(items))
-    else:
-        for m in items:
-            local = m.taken_at.astimezone()
-            weight_text = f"{m.weight_kg:6.1f} kg" if m.weight_kg is not None else " " * 9
-            bp = f"{m.systolic:.0f}/{m.diastolic:.0f} mmHg" if m.has_blood_pressure else ""
-            pulse = f"{m.pulse:3.0f} bpm" if m.pulse is not None else ""
-            flag = "  (uncertain)" if m.uncertain else ""
-            line = f"{local:%Y-%m-%d %H:%M}  {weight_text}  {bp:<12}  {pulse}{flag}"
-            out.write(line.rstrip() + "\n")
-        services.err.write(f"{len(items)} measurements\n")
+    write_listing(
+        args,
+        services,
+        items,
+        to_json=partial(measurements_to_json, indent=2),
+        to_csv=measurements_to_csv,
+        line=_line,
+        noun="measurements",
+    )
     return 0

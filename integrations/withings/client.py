@@ -26,9 +26,6 @@ the order of ``measuregrps`` (newest first in published examples; sorted here an
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -40,6 +37,7 @@ from flowengine import ProviderError, ProviderTransientError, TokenRejectedError
 
 from ..apiclient import ProviderClient, json_object
 from ..durations import age
+from ..export import rows_to_csv, rows_to_json
 
 __all__ = [
     "AUTH_FAILED",
@@ -164,7 +162,7 @@ def measurement_to_dict(m: Measurement) -> dict[str, Any]:
 
 
 def measurements_to_json(items: Iterable[Measurement], *, indent: int | None = None) -> str:
-    return json.dumps([measurement_to_dict(m) for m in items], ensure_ascii=False, indent=indent)
+    return rows_to_json(map(measurement_to_dict, items), indent=indent)
 
 
 _CSV_FIELDS = [
@@ -180,13 +178,7 @@ _CSV_FIELDS = [
 
 
 def measurements_to_csv(items: Iterable[Measurement]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=_CSV_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    for m in items:
-        row = measurement_to_dict(m)
-        writer.writerow({k: "" if row[k] is None else row[k] for k in _CSV_FIELDS})
-    return buffer.getvalue()
+    return rows_to_csv(map(measurement_to_dict, items), _CSV_FIELDS)
 
 
 # -------------------------------------------------------------------------- client
