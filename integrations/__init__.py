@@ -19,6 +19,8 @@ Writing one::
         async def run_cli(self, args, services): ...
         def chat_commands(self): return (ChatCommand(...),)
 
+    (or ``cli = ".cli:run"`` instead of ``run_cli``: see :attr:`Integration.cli`)
+
     INTEGRATION = Thermo()
 
 Built-in integrations are the subpackages of this package that define ``INTEGRATION``;
@@ -220,14 +222,27 @@ class Integration:
     providers: tuple[str, ...] = ()
     #: CLI argument lists the demo runs after connecting (``agentd <name> <args…>``)
     demo_commands: tuple[tuple[str, ...], ...] = ()
+    #: what carries out ``agentd <name> …`` for the default :meth:`run_cli`: a coroutine
+    #: function ``run(args, services, provider) -> exit code`` named ``"module:function"``,
+    #: the module relative to the integration's package (``".cli:run"``), loaded when used
+    cli: str = ""
+    #: the simulated API class for the default :meth:`simulator` (``".sim:ThermoSim"``),
+    #: loaded when used and called with ``clock=``
+    sim: str = ""
 
     def configure_cli(self, parser: argparse.ArgumentParser) -> None:
         """Add arguments and subcommands to ``agentd <name>``."""
 
     async def run_cli(self, args: argparse.Namespace, services: Services) -> int:
         """Carry out ``agentd <name> …``; 0 on success. Raise BrokerError subclasses for
-        failures (the CLI maps them to its exit codes and prints one line)."""
-        raise NotImplementedError(f"{self.name} has no CLI")
+        failures (the CLI maps them to its exit codes and prints one line).
+
+        The default picks the provider (``--provider`` or the connected one) and hands
+        over to :attr:`cli`."""
+        if not self.cli:
+            raise NotImplementedError(f"{self.name} has no CLI")
+        provider = await self.pick_provider(services, getattr(args, "provider", None))
+        return int(await self.load(self.cli)(args, services, provider))
 
     def chat_commands(self) -> tuple[ChatCommand, ...]:
         """The bot commands this integration offers."""
@@ -235,7 +250,27 @@ class Integration:
 
     def simulator(self, *, clock: Clock) -> Simulator | None:
         """A simulated API (for the demo and the tests), or None."""
-        return None
+        if not self.sim:
+            return None
+        simulated: Simulator = self.load(self.sim)(clock=clock)
+        return simulated
+
+    def with_provider(self, ref: str) -> Callable[[Any, Services], Awaitable[Reply]]:
+        """A :attr:`ChatCommand.run` that picks the provider (the connected one) and calls
+        ``function(services, provider, request)``, named ``"module:function"`` as
+        :attr:`cli` is and loaded when first used."""
+
+        async def run(request: Any, services: Services) -> Reply:
+            provider = await self.pick_provider(services)
+            reply: Reply = await self.load(ref)(services, provider, request)
+            return reply
+
+        return run
+
+    def load(self, ref: str) -> Any:
+        """What ``"module:name"`` names, the module relative to the integration's package."""
+        module, _, attr = ref.partition(":")
+        return getattr(importlib.import_module(module, type(self).__module__), attr)
 
     async def pick_provider(self, services: Services, explicit: str | None = None) -> str:
         """The provider to use: ``explicit`` if given (it must be one of ours), else the

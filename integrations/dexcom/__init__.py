@@ -8,14 +8,8 @@ and the simulated Dexcom (sim.py) load when first used.
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING, Any
 
-from .. import ChatCommand, Integration, Reply, Services
-
-if TYPE_CHECKING:  # pragma: no cover
-    from flowengine import Clock
-
-    from .sim import DexcomSim
+from .. import ChatCommand, Integration
 
 __all__ = ["GLUCOSE_WINDOWS", "INTEGRATION", "DexcomIntegration"]
 
@@ -37,6 +31,8 @@ class DexcomIntegration(Integration):
     summary = "Dexcom CGM data (API v3)"
     providers = ("dexcom", "dexcom-eu", "dexcom-jp", "dexcom-sandbox")
     demo_commands = (("latest",), ("egvs", "--since", "30m"))
+    cli = ".cli:run"
+    sim = ".sim:DexcomSim"
 
     def configure_cli(self, parser: argparse.ArgumentParser) -> None:
         sub = parser.add_subparsers(dest="dexcom_command", metavar="WHAT", required=True)
@@ -54,12 +50,6 @@ class DexcomIntegration(Integration):
         p = sub.add_parser("range", help="the time range with data")
         p.add_argument("--provider", help=f"one of {providers}")
 
-    async def run_cli(self, args: argparse.Namespace, services: Services) -> int:
-        from .cli import run
-
-        provider = await self.pick_provider(services, getattr(args, "provider", None))
-        return await run(args, services, provider)
-
     def chat_commands(self) -> tuple[ChatCommand, ...]:
         return (
             ChatCommand(
@@ -68,20 +58,9 @@ class DexcomIntegration(Integration):
                 usage="Say glucose, glucose 6h, glucose 24h or glucose 7d.",
                 failure="No glucose reading",
                 parse=parse_glucose,
-                run=self._glucose,
+                run=self.with_provider(".chat:glucose"),
             ),
         )
-
-    async def _glucose(self, hours: Any, services: Services) -> Reply:
-        from .chat import glucose
-
-        provider = await self.pick_provider(services)
-        return await glucose(services, provider, int(hours))
-
-    def simulator(self, *, clock: Clock, **options: Any) -> DexcomSim:
-        from .sim import DexcomSim
-
-        return DexcomSim(clock=clock, **options)
 
 
 INTEGRATION = DexcomIntegration()

@@ -12,14 +12,8 @@ from __future__ import annotations
 
 import argparse
 import re
-from typing import TYPE_CHECKING, Any
 
-from .. import ChatCommand, Integration, Reply, Services
-
-if TYPE_CHECKING:  # pragma: no cover
-    from flowengine import Clock
-
-    from .sim import WithingsSim
+from .. import ChatCommand, Integration
 
 __all__ = ["INTEGRATION", "WithingsIntegration", "parse_weight"]
 
@@ -48,6 +42,8 @@ class WithingsIntegration(Integration):
     summary = "Withings weight and blood pressure (Measure API)"
     providers = ("withings",)
     demo_commands = (("latest",), ("range", "--since", "3d"))
+    cli = ".cli:run"
+    sim = ".sim:WithingsSim"
 
     def configure_cli(self, parser: argparse.ArgumentParser) -> None:
         sub = parser.add_subparsers(dest="withings_command", metavar="WHAT", required=True)
@@ -60,12 +56,6 @@ class WithingsIntegration(Integration):
         fmt.add_argument("--json", action="store_true")
         fmt.add_argument("--csv", action="store_true")
 
-    async def run_cli(self, args: argparse.Namespace, services: Services) -> int:
-        from .cli import run
-
-        provider = await self.pick_provider(services, getattr(args, "provider", None))
-        return await run(args, services, provider)
-
     def chat_commands(self) -> tuple[ChatCommand, ...]:
         return (
             ChatCommand(
@@ -74,21 +64,10 @@ class WithingsIntegration(Integration):
                 usage="Say weight, weight 7d, weight 90d or weight 1y.",
                 failure="No Withings data",
                 parse=parse_weight,
-                run=self._weight,
+                run=self.with_provider(".chat:weight"),
                 aliases=("bp",),
             ),
         )
-
-    async def _weight(self, days: Any, services: Services) -> Reply:
-        from .chat import weight
-
-        provider = await self.pick_provider(services)
-        return await weight(services, provider, int(days))
-
-    def simulator(self, *, clock: Clock, **options: Any) -> WithingsSim:
-        from .sim import WithingsSim
-
-        return WithingsSim(clock=clock, **options)
 
 
 INTEGRATION = WithingsIntegration()

@@ -176,6 +176,20 @@ async def test_pick_provider(thermo: Thermo, rig: BotRig) -> None:
         assert await thermo.pick_provider(services) == "thermo-eu"
 
 
+@pytest.mark.anyio
+async def test_the_defaults_offer_nothing_and_load_names_lazily() -> None:
+    from flowengine.clock import ManualClock
+
+    bare = Integration()
+    assert bare.simulator(clock=ManualClock(0.0)) is None
+    with pytest.raises(NotImplementedError):  # before it needs any service
+        await bare.run_cli(argparse.Namespace(), None)  # type: ignore[arg-type]
+    dexcom = next(i for i in discover() if i.name == "dexcom")
+    from integrations.dexcom.cli import run
+
+    assert dexcom.load(dexcom.cli) is run
+
+
 def test_the_demo_skips_a_simulated_provider_it_cannot_find(thermo: Thermo) -> None:
     """A plug-in whose provider is not in the built-in catalog does not break the demo."""
     import io
