@@ -347,6 +347,15 @@ class DexcomSim:
             )
         return records
 
+    def answer(self, record_type: str, **fields: Any) -> dict[str, Any]:
+        """A v3 answer: ``recordType``, ``recordVersion`` and ``userId``, then ``fields``."""
+        return {
+            "recordType": record_type,
+            "recordVersion": "3.0",
+            "userId": self.user_id,
+            **fields,
+        }
+
     def data_range(self, since: float | None) -> dict[str, Any]:
         start = self._data_start() if since is None else max(self._data_start(), since)
         end = self._visible_until() + 1e-6
@@ -358,16 +367,14 @@ class DexcomSim:
 
         egv_ks = self._window(start, end)
         egvs = [float(k * _CADENCE + _PHASE) for k in ([egv_ks[0], egv_ks[-1]] if egv_ks else [])]
-        return {
-            "recordType": "dataRange",
-            "recordVersion": "3.0",
-            "userId": self.user_id,
-            "calibrations": window([t for _, t in self._daily(start, end, _CALIBRATION_TIME)]),
-            "egvs": window(egvs),
-            "events": window(
+        return self.answer(
+            "dataRange",
+            calibrations=window([t for _, t in self._daily(start, end, _CALIBRATION_TIME)]),
+            egvs=window(egvs),
+            events=window(
                 sorted(t for sod in _EVENT_TIMES for _, t in self._daily(start, end, sod))
             ),
-        }
+        )
 
     def device_records(self) -> list[dict[str, Any]]:
         upload = self._times(self._visible_until())[0]
@@ -478,13 +485,7 @@ class DexcomSim:
         def records(
             kind: str, make: Callable[[float, float], list[dict[str, Any]]]
         ) -> dict[str, Any]:
-            start, end = window()
-            return {
-                "recordType": kind,
-                "recordVersion": "3.0",
-                "userId": sim.user_id,
-                "records": make(start, end),
-            }
+            return sim.answer(kind, records=make(*window()))
 
         @app.get("/v3/users/self/egvs")
         async def egvs() -> Response:
@@ -512,11 +513,4 @@ class DexcomSim:
 
         @app.get("/v3/users/self/devices")
         async def devices() -> Response:
-            return api(
-                lambda: {
-                    "recordType": "device",
-                    "recordVersion": "3.0",
-                    "userId": sim.user_id,
-                    "records": sim.device_records(),
-                }
-            )
+            return api(lambda: sim.answer("device", records=sim.device_records()))
