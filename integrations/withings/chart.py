@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo
 
 from .client import Measurement
+
+if TYPE_CHECKING:  # pragma: no cover
+    from matplotlib.axes import Axes
 
 __all__ = ["render_chart"]
 
@@ -43,6 +47,11 @@ def render_chart(
         local = m.taken_at.astimezone(tz).replace(tzinfo=None)
         return float(date2num(local))  # type: ignore[no-untyped-call]
 
+    def panel(ax: Axes, title: str, unit: str) -> None:
+        ax.set_title(title, fontsize=14, loc="left")
+        ax.set_ylabel(unit)
+        ax.grid(True, color="#dddddd", lw=0.6)
+
     if weights:
         top.plot(
             [when(m) for m in weights],
@@ -53,15 +62,9 @@ def render_chart(
             ms=3,
         )
         last = weights[-1]
-        top.set_title(
-            f"{last.weight_kg:.1f} kg on {last.taken_at.astimezone(tz):%d %b}",
-            fontsize=14,
-            loc="left",
-        )
+        panel(top, f"{last.weight_kg:.1f} kg on {last.taken_at.astimezone(tz):%d %b}", "kg")
     else:
-        top.set_title("No weigh-ins in this period", fontsize=14, loc="left")
-    top.set_ylabel("kg")
-    top.grid(True, color="#dddddd", lw=0.6)
+        panel(top, "No weigh-ins in this period", "kg")
 
     if pressures:
         xs = [when(m) for m in pressures]
@@ -75,15 +78,9 @@ def render_chart(
         bottom.legend(loc="upper left", frameon=False, fontsize=9)
         last = pressures[-1]
         day = last.taken_at.astimezone(tz)
-        bottom.set_title(
-            f"{last.systolic:.0f}/{last.diastolic:.0f} mmHg on {day:%d %b}",
-            fontsize=14,
-            loc="left",
-        )
+        panel(bottom, f"{last.systolic:.0f}/{last.diastolic:.0f} mmHg on {day:%d %b}", "mmHg")
     else:
-        bottom.set_title("No blood-pressure readings in this period", fontsize=14, loc="left")
-    bottom.set_ylabel("mmHg")
-    bottom.grid(True, color="#dddddd", lw=0.6)
+        panel(bottom, "No blood-pressure readings in this period", "mmHg")
     if weights or pressures:
         bottom.xaxis.set_major_locator(AutoDateLocator(minticks=4, maxticks=10))  # type: ignore[no-untyped-call]
         bottom.xaxis.set_major_formatter(DateFormatter("%d %b"))  # type: ignore[no-untyped-call]
