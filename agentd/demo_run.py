@@ -34,6 +34,7 @@ from urllib.parse import parse_qs, urlsplit
 import anyio
 import httpx
 import trustme
+from quart import Quart
 
 from agentd.config import load_config
 from agentd.context import open_context
@@ -46,7 +47,7 @@ from api.settings import ApiSettings
 from bot.dialogue import ConversationState, NotificationDue, Send, step
 from flowengine.broker import Broker
 from flowengine.catalog import Catalog, ProviderSpec, RefreshLifetime, load_catalog
-from flowengine.clock import ManualClock, SystemClock
+from flowengine.clock import Clock, ManualClock, SystemClock
 from flowengine.credentials import ClientCredentials, CredentialStore
 from flowengine.diagrams import DotUnavailableError, flow_diagram
 from flowengine.engine import FlowEngine
@@ -116,6 +117,19 @@ class _Simulated:
     sim: SimOAuth
     app: Any
     settings: ApiSettings
+
+
+def _sim_app(api: Simulator, clock: Clock, redirect: str, *, require_pkce: bool = False) -> Quart:
+    """The simulated provider the demo connects to: the demo's client, ``redirect`` as its
+    only redirect URI, consent given without asking."""
+    return create_sim_app(
+        api=api,
+        clock=clock,
+        clients={CLIENT_ID: CLIENT_SECRET},
+        redirect_uris=[redirect],
+        consent="allow",
+        require_pkce=require_pkce,
+    )
 
 
 def _simulated_spec(base: ProviderSpec, api: Simulator, url: str) -> ProviderSpec:
@@ -196,14 +210,7 @@ async def _demo(root: Path, out: TextIO) -> int:
             p.say(f"{integration.title}: skipped, {api.provider!r} is not in the built-in catalog")
             continue
         port = _free_port()
-        app = create_sim_app(
-            api=api,
-            clock=clock,
-            clients={CLIENT_ID: CLIENT_SECRET},
-            redirect_uris=[redirect],
-            consent="allow",
-            require_pkce=True,
-        )
+        app = _sim_app(api, clock, redirect, require_pkce=True)
         spec = _simulated_spec(catalog.get(api.provider), api, f"https://localhost:{port}")
         catalog.register(spec)
         settings = ApiSettings(port=port, api_token="unused", **common)
@@ -406,13 +413,7 @@ async def _short_lived_grant(p: _Printer, state_dir: Path, item: _Simulated) -> 
     if api is None:  # pragma: no cover - the item was chosen for having one
         return 0
     redirect = "https://demo.invalid/oauth/callback"
-    app = create_sim_app(
-        api=api,
-        clock=clock,
-        clients={CLIENT_ID: CLIENT_SECRET},
-        redirect_uris=[redirect],
-        consent="allow",
-    )
+    app = _sim_app(api, clock, redirect)
     base = "https://short-lived.invalid"
     lifetime = RefreshLifetime("absolute", days=5)
     spec = dataclasses.replace(
