@@ -200,22 +200,19 @@ class BearerClient:
         """The error for an HTTP answer without data: transient for 429 and 5xx (with the
         answer's Retry-After), else a plain ProviderError naming ``what`` was asked."""
         status = response.status_code
+        said = {
+            "provider": self.provider_id,
+            "oauth_error": oauth_error,
+            "description": description,
+            "provider_status": status,
+        }
         if status == 429 or status >= 500:
             return ProviderTransientError(
                 f"{self.name} is unavailable (HTTP {status})",
-                provider=self.provider_id,
-                oauth_error=oauth_error,
-                description=description,
-                provider_status=status,
                 retry_after=self.retry_after(response),
+                **said,
             )
-        return ProviderError(
-            f"{self.name} answered HTTP {status} to {what}",
-            provider=self.provider_id,
-            oauth_error=oauth_error,
-            description=description,
-            provider_status=status,
-        )
+        return ProviderError(f"{self.name} answered HTTP {status} to {what}", **said)
 
 
 class ProviderClient:

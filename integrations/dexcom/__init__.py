@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 
 from .. import ChatCommand, Integration
+from ..export import add_listing_options
 
 __all__ = ["GLUCOSE_WINDOWS", "INTEGRATION", "DexcomIntegration"]
 
@@ -44,9 +45,7 @@ class DexcomIntegration(Integration):
         p.add_argument("--provider", help=f"one of {providers}")
         p.add_argument("--since", default="24h", help="e.g. 6h, 24h, 7d")
         p.add_argument("--unit", choices=("mg/dL", "mmol/L"), default="mg/dL")
-        fmt = p.add_mutually_exclusive_group()
-        fmt.add_argument("--json", action="store_true")
-        fmt.add_argument("--csv", action="store_true")
+        add_listing_options(p)
         p = sub.add_parser("range", help="the time range with data")
         p.add_argument("--provider", help=f"one of {providers}")
 

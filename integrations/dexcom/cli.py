@@ -6,12 +6,11 @@ The arguments are declared in the package (argparse only, so ``agentd --help`` s
 from __future__ import annotations
 
 import argparse
-from functools import partial
 
 from .. import Services
 from ..durations import since_option
 from ..export import write_listing
-from .client import DexcomClient, Reading, format_reading, readings_to_csv, readings_to_json
+from .client import READING_ROWS, DexcomClient, Reading, format_reading
 
 __all__ = ["run"]
 
@@ -36,15 +35,7 @@ async def run(args: argparse.Namespace, services: Services, provider: str) -> in
             value = reading.value_in(args.unit)
             return f"{local:%Y-%m-%d %H:%M}  {value:>5} {args.unit}  {reading.arrow}"
 
-        write_listing(
-            args,
-            services,
-            readings,
-            to_json=partial(readings_to_json, indent=2),
-            to_csv=readings_to_csv,
-            line=line,
-            noun="readings",
-        )
+        write_listing(args, services, readings, READING_ROWS, line=line, noun="readings")
         return 0
     data_range = await client.data_range()
     for name in ("egvs", "events", "calibrations"):

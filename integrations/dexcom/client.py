@@ -29,7 +29,6 @@ Errors (flowengine): 401 twice (before and after one forced refresh) ->
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -40,9 +39,10 @@ from flowengine import ProviderError, TokenRejectedError
 
 from ..apiclient import ProviderClient, TokenSource, json_object
 from ..durations import age, parse_since
-from ..export import rows_to_csv, rows_to_json
+from ..export import Rows
 
 __all__ = [
+    "READING_ROWS",
     "DATA_DELAY",
     "DEXCOM_MAX_WINDOW",
     "MGDL_PER_MMOL",
@@ -227,26 +227,22 @@ def reading_to_dict(reading: Reading) -> dict[str, Any]:
     }
 
 
-def readings_to_json(readings: Iterable[Reading], *, indent: int | None = None) -> str:
-    """A JSON array of :func:`reading_to_dict` objects."""
-    return rows_to_json(map(reading_to_dict, readings), indent=indent)
-
-
-_CSV_FIELDS = [
-    "system_time",
-    "display_time",
-    "value_mgdl",
-    "value_mmol",
-    "trend",
-    "arrow",
-    "trend_rate",
-    "status",
-]
-
-
-def readings_to_csv(readings: Iterable[Reading]) -> str:
-    """CSV with a header row, one reading per line (empty cell for a missing value)."""
-    return rows_to_csv(map(reading_to_dict, readings), _CSV_FIELDS)
+#: readings: one row per reading (:func:`reading_to_dict`)
+READING_ROWS = Rows(
+    reading_to_dict,
+    (
+        "system_time",
+        "display_time",
+        "value_mgdl",
+        "value_mmol",
+        "trend",
+        "arrow",
+        "trend_rate",
+        "status",
+    ),
+)
+readings_to_json = READING_ROWS.to_json
+readings_to_csv = READING_ROWS.to_csv
 
 
 # ----------------------------------------------------------------------------- client

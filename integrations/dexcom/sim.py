@@ -482,26 +482,21 @@ class DexcomSim:
                 return reply({"error": err.error, "error_description": err.description}, 400)
             return reply(body)
 
-        def records(
-            kind: str, make: Callable[[float, float], list[dict[str, Any]]]
-        ) -> dict[str, Any]:
-            return sim.answer(kind, records=make(*window()))
+        def serve_records(
+            path: str, kind: str, make: Callable[[float, float], list[dict[str, Any]]]
+        ) -> None:
+            async def view() -> Response:
+                return api(lambda: sim.answer(kind, records=make(*window())))
 
-        @app.get("/v3/users/self/egvs")
-        async def egvs() -> Response:
-            return api(lambda: records("egv", sim.egv_records))
+            app.add_url_rule(f"/v3/users/self/{path}", path, view, methods=["GET"])
 
-        @app.get("/v3/users/self/events")
-        async def events() -> Response:
-            return api(lambda: records("events", sim.event_records))
-
-        @app.get("/v3/users/self/calibrations")
-        async def calibrations() -> Response:
-            return api(lambda: records("calibrations", sim.calibration_records))
-
-        @app.get("/v3/users/self/alerts")
-        async def alerts() -> Response:
-            return api(lambda: records("alerts", sim.alert_records))
+        for path, kind, make in (
+            ("egvs", "egv", sim.egv_records),
+            ("events", "events", sim.event_records),
+            ("calibrations", "calibrations", sim.calibration_records),
+            ("alerts", "alerts", sim.alert_records),
+        ):
+            serve_records(path, kind, make)
 
         @app.get("/v3/users/self/dataRange")
         async def data_range() -> Response:

@@ -14,6 +14,7 @@ import argparse
 import re
 
 from .. import ChatCommand, Integration
+from ..export import add_listing_options
 
 __all__ = ["INTEGRATION", "WithingsIntegration", "parse_weight"]
 
@@ -52,9 +53,7 @@ class WithingsIntegration(Integration):
         p = sub.add_parser("range", help="every weigh-in and blood-pressure reading of a period")
         p.add_argument("--provider", help="a Withings provider id of the catalog")
         p.add_argument("--since", default="30d", help="e.g. 7d, 30d, 1y")
-        fmt = p.add_mutually_exclusive_group()
-        fmt.add_argument("--json", action="store_true")
-        fmt.add_argument("--csv", action="store_true")
+        add_listing_options(p)
 
     def chat_commands(self) -> tuple[ChatCommand, ...]:
         return (

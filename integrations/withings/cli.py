@@ -6,18 +6,11 @@ The arguments are declared in the package (argparse only, so ``agentd --help`` s
 from __future__ import annotations
 
 import argparse
-from functools import partial
 
 from .. import Services
 from ..durations import since_option
 from ..export import write_listing
-from .client import (
-    Measurement,
-    WithingsClient,
-    format_measurement,
-    measurements_to_csv,
-    measurements_to_json,
-)
+from .client import MEASUREMENT_ROWS, Measurement, WithingsClient, format_measurement
 
 __all__ = ["run"]
 
@@ -47,13 +40,5 @@ async def run(args: argparse.Namespace, services: Services, provider: str) -> in
         return 0
     since = since_option(args.since, hint="e.g. 7d, 30d, 1y")
     items = await client.measurements(now - since, now)
-    write_listing(
-        args,
-        services,
-        items,
-        to_json=partial(measurements_to_json, indent=2),
-        to_csv=measurements_to_csv,
-        line=_line,
-        noun="measurements",
-    )
+    write_listing(args, services, items, MEASUREMENT_ROWS, line=_line, noun="measurements")
     return 0

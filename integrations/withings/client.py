@@ -37,9 +37,10 @@ from flowengine import ProviderError, ProviderTransientError, TokenRejectedError
 
 from ..apiclient import ProviderClient, json_object
 from ..durations import age
-from ..export import rows_to_csv, rows_to_json
+from ..export import Rows
 
 __all__ = [
+    "MEASUREMENT_ROWS",
     "AUTH_FAILED",
     "BLOOD_PRESSURE",
     "DIASTOLIC",
@@ -161,24 +162,22 @@ def measurement_to_dict(m: Measurement) -> dict[str, Any]:
     }
 
 
-def measurements_to_json(items: Iterable[Measurement], *, indent: int | None = None) -> str:
-    return rows_to_json(map(measurement_to_dict, items), indent=indent)
-
-
-_CSV_FIELDS = [
-    "taken_at",
-    "weight_kg",
-    "systolic_mmhg",
-    "diastolic_mmhg",
-    "pulse_bpm",
-    "uncertain",
-    "model",
-    "group_id",
-]
-
-
-def measurements_to_csv(items: Iterable[Measurement]) -> str:
-    return rows_to_csv(map(measurement_to_dict, items), _CSV_FIELDS)
+#: measurements: one row per measure group (:func:`measurement_to_dict`)
+MEASUREMENT_ROWS = Rows(
+    measurement_to_dict,
+    (
+        "taken_at",
+        "weight_kg",
+        "systolic_mmhg",
+        "diastolic_mmhg",
+        "pulse_bpm",
+        "uncertain",
+        "model",
+        "group_id",
+    ),
+)
+measurements_to_json = MEASUREMENT_ROWS.to_json
+measurements_to_csv = MEASUREMENT_ROWS.to_csv
 
 
 # -------------------------------------------------------------------------- client
