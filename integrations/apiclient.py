@@ -21,10 +21,10 @@ Messages carry the provider's name and HTTP status, never a token.
 from __future__ import annotations
 
 import math
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Self, TypeVar
 
 import anyio
 import httpx
@@ -54,6 +54,7 @@ __all__ = [
 ]
 
 Sleep = Callable[[float], Awaitable[None]]
+T = TypeVar("T")
 
 
 class TokenSource(Protocol):
@@ -276,3 +277,17 @@ class ProviderClient:
 
     def now(self) -> datetime:
         return datetime.fromtimestamp(self.clock.now(), UTC)
+
+    def parse_each(
+        self, parse: Callable[[dict[str, Any]], T], raw: Iterable[dict[str, Any]], *, what: str
+    ) -> list[T]:
+        """Every raw record ``parse``d; one it cannot read (KeyError, TypeError, ValueError)
+        is a ProviderError saying the provider sent ``what`` ("an EGV record") unreadable."""
+        try:
+            return [parse(record) for record in raw]
+        except (KeyError, TypeError, ValueError) as err:
+            raise ProviderError(
+                f"{self.title} sent {what} this client cannot read",
+                provider=self.provider_id,
+                description=type(err).__name__,
+            ) from err

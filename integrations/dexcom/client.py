@@ -281,14 +281,7 @@ class DexcomClient(ProviderClient):
     async def egvs(self, start: datetime, end: datetime) -> list[Reading]:
         """Readings with start <= systemTime < end, sorted, without duplicates."""
         records = await self._windowed("egvs", start, end)
-        try:
-            readings = [reading_from_record(r) for r in records]
-        except (KeyError, TypeError, ValueError) as err:
-            raise ProviderError(
-                "Dexcom sent an EGV record this client cannot read",
-                provider=self.provider_id,
-                description=type(err).__name__,
-            ) from err
+        readings = self.parse_each(reading_from_record, records, what="an EGV record")
         unique: dict[object, Reading] = {}
         for reading in readings:
             unique[reading.record_id or reading.system_time] = reading

@@ -199,14 +199,7 @@ class WithingsClient(ProviderClient):
             startdate=int(start.timestamp()),
             enddate=int(end.timestamp()),
         )
-        try:
-            found = [measurement_from_group(g) for g in groups]
-        except (KeyError, TypeError, ValueError) as err:
-            raise ProviderError(
-                "Withings sent a measure group this client cannot read",
-                provider=self.provider_id,
-                description=type(err).__name__,
-            ) from err
+        found = self.parse_each(measurement_from_group, groups, what="a measure group")
         unique = {m.group_id: m for m in found}
         return sorted(unique.values(), key=lambda m: (m.taken_at, m.group_id))
 
