@@ -39,6 +39,7 @@ import sys
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 if TYPE_CHECKING:  # pragma: no cover
     import httpx
@@ -82,6 +83,14 @@ class Services:
     tz: str = "UTC"
     out: TextIO = field(default_factory=lambda: sys.stdout)
     err: TextIO = field(default_factory=lambda: sys.stderr)
+
+    @property
+    def zone(self) -> ZoneInfo:
+        """:attr:`tz` as a time zone; UTC when it names none."""
+        try:
+            return ZoneInfo(self.tz)
+        except (ZoneInfoNotFoundError, ValueError):
+            return ZoneInfo("UTC")
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from datetime import timedelta
 from functools import partial
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import anyio
 
@@ -28,13 +27,6 @@ def caption(reading: str | None, hours: int) -> str:
     return f"🩸 {reading}\nLast {window}"
 
 
-def _zone(tz: str) -> ZoneInfo:
-    try:
-        return ZoneInfo(tz)
-    except (ZoneInfoNotFoundError, ValueError):
-        return ZoneInfo("UTC")
-
-
 async def glucose(services: Services, provider: str, hours: int, *, unit: Unit = "mg/dL") -> Reply:
     """The reply to ``glucose <hours>h`` for ``provider`` (dexcom, dexcom-eu, ...)."""
     client = DexcomClient.for_services(services, provider)
@@ -42,6 +34,6 @@ async def glucose(services: Services, provider: str, hours: int, *, unit: Unit =
     readings = await client.egvs(end - timedelta(hours=hours), end + timedelta(seconds=1))
     latest = next((r for r in reversed(readings) if r.value_mgdl is not None), None)
     line = format_reading(latest, unit, now=end) if latest is not None else None
-    chart = partial(render_chart, readings, tz=_zone(services.tz), unit=unit, now=end)
+    chart = partial(render_chart, readings, tz=services.zone, unit=unit, now=end)
     image = await anyio.to_thread.run_sync(chart)
     return Reply(caption(line, hours), image)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from datetime import timedelta
 from functools import partial
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import anyio
 
@@ -24,13 +23,6 @@ def caption(weight_line: str | None, pressure_line: str | None, days: int) -> st
     return "\n".join([*lines, f"Last {days} d"])
 
 
-def _zone(tz: str) -> ZoneInfo:
-    try:
-        return ZoneInfo(tz)
-    except (ZoneInfoNotFoundError, ValueError):
-        return ZoneInfo("UTC")
-
-
 async def weight(services: Services, provider: str, days: int) -> Reply:
     """The reply to ``weight <days>d`` for ``provider``: caption and chart."""
     client = WithingsClient.for_services(services, provider)
@@ -44,5 +36,5 @@ async def weight(services: Services, provider: str, days: int) -> Reply:
         format_measurement(last_pressure, now=end) if last_pressure else None,
         days,
     )
-    image = await anyio.to_thread.run_sync(partial(render_chart, items, tz=_zone(services.tz)))
+    image = await anyio.to_thread.run_sync(partial(render_chart, items, tz=services.zone))
     return Reply(text, image)

@@ -204,3 +204,12 @@ def test_the_demo_skips_a_simulated_provider_it_cannot_find(thermo: Thermo) -> N
     out = io.StringIO()
     assert run_demo(out=out) == 0
     assert "Thermo: skipped, 'thermo' is not in the built-in catalog" in out.getvalue()
+
+
+def test_services_zone_falls_back_to_utc() -> None:
+    def services(tz: str) -> Services:
+        return Services(broker=None, http=None, clock=None, tz=tz)  # type: ignore[arg-type]
+
+    assert services("Europe/Berlin").zone.key == "Europe/Berlin"
+    assert services("Not/A_Zone").zone.key == "UTC"
+    assert services("../etc").zone.key == "UTC"
