@@ -48,7 +48,8 @@ verifier, state, token)::
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from collections.abc import Mapping
+from typing import Any, ClassVar, TypeVar
 
 __all__ = [
     "AnswerError",
@@ -83,9 +84,21 @@ __all__ = [
     "TransportError",
     "UnauthorizedError",
     "UnknownProviderError",
+    "by_class",
 ]
 
 _REQUIRED: Any = object()
+_T = TypeVar("_T")
+
+
+def by_class(table: Mapping[type[BaseException], _T], err: BaseException, default: _T) -> _T:
+    """The row of ``table`` for ``err``'s class or its nearest listed ancestor (along the
+    MRO), else ``default``: how each edge (API, CLI, bot) maps errors in one table."""
+    for cls in type(err).__mro__:
+        row = table.get(cls)
+        if row is not None:
+            return row
+    return default
 
 
 class BrokerError(Exception):

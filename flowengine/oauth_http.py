@@ -54,7 +54,7 @@ from typing import Any, Protocol
 from urllib.parse import quote_plus, urlencode, urlsplit
 
 import httpx
-from authlib.oauth2.auth import ClientAuth  # type: ignore[import-untyped]
+from authlib.oauth2.auth import ClientAuth
 
 from .catalog import ProviderSpec
 from .credentials import ClientCredentials
@@ -217,24 +217,15 @@ def _unwrap_envelope(spec: ProviderSpec, what: str, data: Any, status: int) -> A
         error = f"status_{code}"
         description = _short(data.get("error"))
         known = isinstance(code, int) and not isinstance(code, bool)
+        kind: type[ProviderError] = ProviderError
+        message = f"{spec.name} refused the {what}: {error}"
         if known and code in spec.envelope_transient:
-            raise ProviderTransientError(
-                f"{spec.name} is busy or failing ({error}); try again later",
-                provider=spec.id,
-                oauth_error=error,
-                description=description,
-                provider_status=status,
-            )
-        if known and code in spec.envelope_reauthorize:
-            raise ReauthorizationRequired(
-                f"{spec.name} refused the {what}: {error}",
-                provider=spec.id,
-                oauth_error=error,
-                description=description,
-                provider_status=status,
-            )
-        raise ProviderError(
-            f"{spec.name} refused the {what}: {error}",
+            kind = ProviderTransientError
+            message = f"{spec.name} is busy or failing ({error}); try again later"
+        elif known and code in spec.envelope_reauthorize:
+            kind = ReauthorizationRequired
+        raise kind(
+            message,
             provider=spec.id,
             oauth_error=error,
             description=description,
