@@ -587,7 +587,7 @@ Step = tuple[ConversationState, list[Effect]]
 class BotCommand:
     """One row of the command table, which the dialogue, Telegram's "/" menu, the help and
     "did you mean" all read: a name, its aliases, what it takes (``args``, as help writes
-    it), what it does, and which branch of :func:`_command` runs it (``handler``)."""
+    it), what it does, and which function of :data:`_HANDLERS` runs it (``handler``)."""
 
     name: str
     aliases: tuple[str, ...] = ()
@@ -830,40 +830,76 @@ def _command(state: ConversationState, chat_id: int, text: str) -> Step:
         reply = texts.did_you_mean(close) if close else texts.UNKNOWN_COMMAND
         return state, [Send(chat_id, reply)]
     command, args = parsed
-    if command == "help":
-        return state, [Send(chat_id, _help(state))]
-    if command == "connect":
-        device = len(args) > 1 and args[1] == "device"
-        return state, [BeginConnect(chat_id, args[0] if args else "", device=device)]
-    if command == "connections":
-        return state, [ListConnections(chat_id)]
-    if command == "disconnect":
-        if not args:
-            return state, [Send(chat_id, _help(state))]
-        return state, [Disconnect(chat_id, args[0])]
-    if command == "flows":
-        return state, [ListFlows(chat_id, args[0] if args else None)]
-    if command == "cancel":
-        return state, [CancelFlows(chat_id)]
-    if command == "audit":
-        return state, [_audit(chat_id, args)]
-    spec = state.commands.get(command)
-    if spec is None:  # pragma: no cover - parse_command only returns known commands
-        raise AssertionError(command)
-    request = spec.parse(tuple(args))
-    if request is None:
-        return state, [Send(chat_id, spec.usage)]
-    return state, [RunCommand(chat_id, spec.name, request)]
+    row = _words(command_table(state.commands))[command]
+    return state, _HANDLERS[row.handler](state, chat_id, command, args)
 
 
-def _audit(chat_id: int, args: list[str]) -> ListAudit:
+#: a command's handler: (state, chat, the command's name, the words after it) -> effects
+_Handler = Callable[[ConversationState, int, str, list[str]], list[Effect]]
+
+
+def _help_handler(state: ConversationState, chat_id: int, _: str, args: list[str]) -> list[Effect]:
+    return [Send(chat_id, _help(state))]
+
+
+def _connect(state: ConversationState, chat_id: int, _: str, args: list[str]) -> list[Effect]:
+    """``connect <provider|url> [device]``."""
+    device = len(args) > 1 and args[1] == "device"
+    return [BeginConnect(chat_id, args[0] if args else "", device=device)]
+
+
+def _connections(state: ConversationState, chat_id: int, _: str, args: list[str]) -> list[Effect]:
+    return [ListConnections(chat_id)]
+
+
+def _disconnect(state: ConversationState, chat_id: int, _: str, args: list[str]) -> list[Effect]:
+    """``disconnect <provider>``; without one, the help."""
+    if not args:
+        return [Send(chat_id, _help(state))]
+    return [Disconnect(chat_id, args[0])]
+
+
+def _flows(state: ConversationState, chat_id: int, _: str, args: list[str]) -> list[Effect]:
+    """``flows [provider]``."""
+    return [ListFlows(chat_id, args[0] if args else None)]
+
+
+def _cancel(state: ConversationState, chat_id: int, _: str, args: list[str]) -> list[Effect]:
+    return [CancelFlows(chat_id)]
+
+
+def _audit(state: ConversationState, chat_id: int, _: str, args: list[str]) -> list[Effect]:
     """``audit``, ``audit <provider>``, ``audit <login or tag:name>``."""
     if not args:
-        return ListAudit(chat_id)
+        return [ListAudit(chat_id)]
     word = args[0]
     if word.startswith("tag:") or "@" in word:
-        return ListAudit(chat_id, who=word)
-    return ListAudit(chat_id, provider=word)
+        return [ListAudit(chat_id, who=word)]
+    return [ListAudit(chat_id, provider=word)]
+
+
+def _integration(
+    state: ConversationState, chat_id: int, name: str, args: list[str]
+) -> list[Effect]:
+    """An integration's command: its ``parse`` makes the request (or ``usage`` answers)."""
+    spec = state.commands[name]
+    request = spec.parse(tuple(args))
+    if request is None:
+        return [Send(chat_id, spec.usage)]
+    return [RunCommand(chat_id, spec.name, request)]
+
+
+#: the handler each row's ``handler`` key names
+_HANDLERS: Mapping[str, _Handler] = {
+    "help": _help_handler,
+    "connect": _connect,
+    "connections": _connections,
+    "disconnect": _disconnect,
+    "flows": _flows,
+    "cancel": _cancel,
+    "audit": _audit,
+    INTEGRATION: _integration,
+}
 
 
 def _tap(state: ConversationState, tap: Tap) -> Step:
