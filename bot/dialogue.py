@@ -79,6 +79,7 @@ __all__ = [
     "NotConnected",
     "NotificationDue",
     "Outcome",
+    "ProviderInChat",
     "ProviderUnknown",
     "RunCommand",
     "SaveCredentials",
@@ -190,12 +191,19 @@ class Tap:
 
 
 @dataclass(frozen=True, slots=True)
-class ConnectStarted:
-    """The broker started a flow; ``state`` is the raw OAuth state (for polling only)."""
+class ProviderInChat:
+    """What the records below about one provider in one chat share (they extend it): the
+    chat, the provider's catalog id and the name the owner knows it by."""
 
     chat_id: int
     provider: str
     name: str
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectStarted(ProviderInChat):
+    """The broker started a flow; ``state`` is the raw OAuth state (for polling only)."""
+
     flow_id: str
     url: str = field(repr=False)
     state: str = field(repr=False)
@@ -203,15 +211,12 @@ class ConnectStarted:
 
 
 @dataclass(frozen=True, slots=True)
-class DeviceStarted:
+class DeviceStarted(ProviderInChat):
     """The broker started a device authorization (RFC 8628): a code for the owner to enter.
 
     ``qr`` is a PNG of the complete verification URI (the runner renders it), if any.
     """
 
-    chat_id: int
-    provider: str
-    name: str
     flow_id: str
     user_code: str = field(repr=False)
     verification_uri: str
@@ -229,18 +234,13 @@ class ProviderUnknown:
 
 
 @dataclass(frozen=True, slots=True)
-class CredentialsNeeded:
-    chat_id: int
-    provider: str
-    name: str
+class CredentialsNeeded(ProviderInChat):
     needs_secret: bool
 
 
 @dataclass(frozen=True, slots=True)
-class CredentialsSaved:
-    chat_id: int
-    provider: str
-    name: str
+class CredentialsSaved(ProviderInChat):
+    """The client credentials are stored; connecting goes on."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,19 +305,14 @@ class ConnectionsListed:
 
 
 @dataclass(frozen=True, slots=True)
-class Disconnected:
-    chat_id: int
-    provider: str
-    name: str
+class Disconnected(ProviderInChat):
     revoked_remotely: bool
     has_revocation_endpoint: bool
 
 
 @dataclass(frozen=True, slots=True)
-class NotConnected:
-    chat_id: int
-    provider: str
-    name: str
+class NotConnected(ProviderInChat):
+    """A disconnect found no connection to end."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -493,10 +488,7 @@ class BeginConnect:
 
 
 @dataclass(frozen=True, slots=True)
-class SaveCredentials:
-    chat_id: int
-    provider: str
-    name: str
+class SaveCredentials(ProviderInChat):
     client_id: str
     client_secret: str | None = field(default=None, repr=False)
 
