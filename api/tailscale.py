@@ -17,9 +17,10 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 from urllib.parse import quote
 
 import anyio
@@ -39,6 +40,8 @@ __all__ = [
 ]
 
 log = logging.getLogger("api.tailscale")
+
+_T = TypeVar("_T")
 
 LOCALAPI_HOST = "local-tailscaled.sock"
 TAGGED_LOGIN = "tagged-devices"
@@ -213,26 +216,29 @@ class LocalAPI:
             retry_after=_retry_after(response),
         )
 
+    @classmethod
+    def _parsed(
+        cls, response: httpx.Response, parse: Callable[[Any], _T], what: str, answer: str
+    ) -> _T:
+        """``parse`` of a 200 answer's JSON; another status (``what`` was refused) or an
+        ``answer`` that is no JSON (or not what ``parse`` takes) is a TailscaleError."""
+        if response.status_code != 200:
+            raise cls._fail(what, response)
+        try:
+            return parse(response.json())
+        except ValueError as err:
+            raise TailscaleError(f"tailscaled sent {answer} that is not JSON") from err
+
     async def status(self) -> TailscaleStatus:
         response = await self._get("status", {"peers": "false"})
-        if response.status_code != 200:
-            raise self._fail("status", response)
-        try:
-            return TailscaleStatus.from_json(response.json())
-        except ValueError as err:
-            raise TailscaleError("tailscaled sent a status that is not JSON") from err
+        return self._parsed(response, TailscaleStatus.from_json, "status", "a status")
 
     async def whois(self, addr: str) -> WhoIs | None:
         """The peer at ``ip[:port]``, or None when it is not a tailnet node (404)."""
         response = await self._get("whois", {"addr": addr}, timeout=self.whois_timeout)
         if response.status_code == 404:
             return None
-        if response.status_code != 200:
-            raise self._fail("whois", response)
-        try:
-            return WhoIs.from_json(response.json())
-        except ValueError as err:
-            raise TailscaleError("tailscaled sent a whois answer that is not JSON") from err
+        return self._parsed(response, WhoIs.from_json, "whois", "a whois answer")
 
     async def cert_pair(self, domain: str) -> CertPair:
         response = await self._get(
@@ -244,12 +250,7 @@ class LocalAPI:
 
     async def serve_config(self) -> dict[str, Any]:
         response = await self._get("serve-config")
-        if response.status_code != 200:
-            raise self._fail("serve-config", response)
-        try:
-            data = response.json()
-        except ValueError as err:
-            raise TailscaleError("tailscaled sent a serve config that is not JSON") from err
+        data = self._parsed(response, lambda x: x, "serve-config", "a serve config")
         return data if isinstance(data, dict) else {}
 
 
