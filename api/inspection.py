@@ -14,6 +14,7 @@ from flowengine.states import FlowState
 from .auth import require_bearer
 from .context import api_context
 from .errors import BadRequestError
+from .params import query_number
 
 __all__ = ["DIAGRAM_TYPES", "blueprint"]
 
@@ -35,12 +36,7 @@ _MAX_LIMIT = 1000
 
 
 def _limit(value: str | None) -> int:
-    if value is None or value == "":
-        return 50
-    try:
-        limit = int(value)
-    except ValueError as err:
-        raise BadRequestError("limit must be a whole number", parameter="limit") from err
+    limit = query_number(value, int, name="limit", default=50, must="a whole number")
     if not 1 <= limit <= _MAX_LIMIT:
         raise BadRequestError(f"limit must be between 1 and {_MAX_LIMIT}", parameter="limit")
     return limit

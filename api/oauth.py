@@ -37,8 +37,9 @@ from flowengine.protocol import CallbackParseError, parse_callback
 from flowengine.states import FlowState
 
 from .auth import require_bearer
-from .context import api_context, provider_name
+from .context import ApiContext, api_context, provider_name
 from .errors import BadRequestError
+from .params import query_number
 
 __all__ = ["blueprint", "outcome_of", "settled"]
 
@@ -216,16 +217,19 @@ async def _outcome_page(flow: Flow, name: str, *, daemon: bool) -> Response:
     return Response(body, status=200, content_type="text/html; charset=utf-8")
 
 
-def _parse_wait(value: str | None, limit: float) -> float:
-    if value is None or value == "":
-        return 0.0
-    try:
-        wait = float(value)
-    except ValueError as err:
-        raise BadRequestError("wait must be a number of seconds", parameter="wait") from err
+def _wait_arg(ctx: ApiContext) -> float:
+    """``?wait=N``: seconds to wait, at most ``max_wait`` (absent: 0)."""
+    value = request.args.get("wait")
+    wait = query_number(value, float, name="wait", default=0.0, must="a number of seconds")
     if not math.isfinite(wait) or wait < 0:
         raise BadRequestError("wait must be between 0 and 30 seconds", parameter="wait")
-    return min(wait, limit)
+    return min(wait, ctx.settings.max_wait)
+
+
+async def _settled_flow(ctx: ApiContext, flow_id: str, wait: float) -> Flow:
+    """The flow once it settled, or as it stands after ``wait`` seconds or at shutdown."""
+    with _parked():
+        return await ctx.engine.wait_flow(flow_id, until=_settled_or(ctx.stopping), timeout=wait)
 
 
 def _json(status: int, payload: dict[str, Any]) -> Response:
@@ -255,14 +259,13 @@ def _gone(status: PendingStatus) -> Response:
 async def pending(state: str) -> Response:
     """The seed's contract for remote pollers (see the module docstring)."""
     ctx = api_context()
-    wait = _parse_wait(request.args.get("wait"), ctx.settings.max_wait)
+    wait = _wait_arg(ctx)
     engine = ctx.engine
     status = await engine.pending_status(state)
     flow = await engine.get_flow(status.flow_id)
     if await _daemon_completes(flow):
         # the daemon exchanges this code itself: answer the outcome, never the code
-        with _parked():
-            flow = await engine.wait_flow(flow.id, until=_settled_or(ctx.stopping), timeout=wait)
+        flow = await _settled_flow(ctx, flow.id, wait)
         if settled(flow) and outcome_of(flow) == "connected":
             await _published(flow)
             return _json(200, {"status": "connected", **_outcome_json(flow)})
@@ -355,9 +358,7 @@ async def begin() -> Response:
 async def outcome(flow_id: str) -> Response:
     """Long-poll a flow's outcome: 200 once settled, 202 while still pending."""
     ctx = api_context()
-    wait = _parse_wait(request.args.get("wait"), ctx.settings.max_wait)
-    with _parked():
-        flow = await ctx.engine.wait_flow(flow_id, until=_settled_or(ctx.stopping), timeout=wait)
+    flow = await _settled_flow(ctx, flow_id, _wait_arg(ctx))
     if settled(flow):
         await _published(flow)
         return _json(200, _outcome_json(flow))
