@@ -24,7 +24,7 @@ import tomllib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar, overload
 
 from flowengine import paths
 
@@ -126,6 +126,26 @@ class ConfigProblem:
         return f"{self.file}: {self.key}: {self.message} (hint: {self.hint})"
 
 
+_S = TypeVar("_S")
+
+
+class _Section(Generic[_S]):
+    """``config.<name>``: section ``<name>`` as its typed value (:meth:`Config.section`)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, config: None, owner: type | None = None) -> _Section[_S]: ...
+    @overload
+    def __get__(self, config: Config, owner: type | None = None) -> _S: ...
+    def __get__(self, config: Config | None, owner: type | None = None) -> _S | _Section[_S]:
+        if config is None:
+            return self
+        section: _S = config.section(self.name)
+        return section
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole configuration, validated; read it by section: ``config.server.port``."""
@@ -163,35 +183,12 @@ class Config:
             for key in keys:
                 yield f"{name}.{key}", getattr(section, key)
 
-    @property
-    def server(self) -> ServerSection:
-        section: ServerSection = self.section("server")
-        return section
-
-    @property
-    def timer(self) -> TimerSection:
-        section: TimerSection = self.section("timer")
-        return section
-
-    @property
-    def telegram(self) -> TelegramSection:
-        section: TelegramSection = self.section("telegram")
-        return section
-
-    @property
-    def client(self) -> ClientSection:
-        section: ClientSection = self.section("client")
-        return section
-
-    @property
-    def remote(self) -> RemoteSection:
-        section: RemoteSection = self.section("remote")
-        return section
-
-    @property
-    def paths(self) -> PathsSection:
-        section: PathsSection = self.section("paths")
-        return section
+    server: ClassVar[_Section[ServerSection]] = _Section()
+    timer: ClassVar[_Section[TimerSection]] = _Section()
+    telegram: ClassVar[_Section[TelegramSection]] = _Section()
+    client: ClassVar[_Section[ClientSection]] = _Section()
+    remote: ClassVar[_Section[RemoteSection]] = _Section()
+    paths: ClassVar[_Section[PathsSection]] = _Section()
 
     @property
     def access(self) -> AccessPolicy:
