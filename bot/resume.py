@@ -12,7 +12,7 @@ authorization (RFC 8628) has no OAuth state: its entry's ``state`` is empty.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +31,10 @@ class ResumeEntry:
     state: str = field(repr=False)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "provider": self.provider,
-            "chat_id": self.chat_id,
-            "message_id": self.message_id,
-            "state": self.state,
-        }
+        """The entry as the file keeps it: every field but the flow id (the entry's key)."""
+        data = asdict(self)
+        del data["flow_id"]
+        return data
 
     @classmethod
     def from_json(cls, flow_id: str, data: Any) -> ResumeEntry | None:
