@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from quart import Quart, Response, jsonify, render_template, request
+from quart import Quart, Response, render_template, request
 from werkzeug.exceptions import HTTPException
 
 from flowengine.broker import Broker
@@ -43,6 +43,7 @@ from .settings import ApiSettings
 from .tailscale import LocalAPI, TailscaleClient
 from .tokens import PREFIX as TOKENS_PREFIX
 from .tokens import blueprint as tokens_blueprint
+from .wire import json_response
 
 __all__ = ["create_app", "stop_waiters"]
 
@@ -67,12 +68,6 @@ async def _error_page(status: int, title: str, message: str) -> Response:
     return Response(body, status=status, content_type="text/html; charset=utf-8")
 
 
-def _json(status: int, payload: dict[str, Any]) -> Response:
-    response = jsonify(payload)
-    response.status_code = status
-    return response
-
-
 async def _handle_broker_error(error: BrokerError) -> Response:
     status = status_for(error)
     if status >= 500:
@@ -84,7 +79,7 @@ async def _handle_broker_error(error: BrokerError) -> Response:
     parameter = getattr(error, "parameter", None)
     if parameter:
         payload["parameter"] = parameter
-    response = _json(status, payload)
+    response = json_response(status, payload)
     if status == 401:
         response.headers["WWW-Authenticate"] = 'Bearer realm="agentd"'
     return response
@@ -94,7 +89,9 @@ async def _handle_http_exception(error: HTTPException) -> Response:
     status = error.code or 500
     if _wants_html():
         return await _error_page(status, "Something went wrong", error.name)
-    return _json(status, {"error": error.name.lower().replace(" ", "_"), "message": error.name})
+    return json_response(
+        status, {"error": error.name.lower().replace(" ", "_"), "message": error.name}
+    )
 
 
 async def _handle_unexpected(error: Exception) -> Response:
@@ -106,7 +103,7 @@ async def _handle_unexpected(error: Exception) -> Response:
         return await _error_page(
             500, "Something went wrong", "The daemon could not handle this request."
         )
-    return _json(500, {"error": "internal_error", "message": "internal error"})
+    return json_response(500, {"error": "internal_error", "message": "internal error"})
 
 
 def create_app(
@@ -154,7 +151,7 @@ def create_app(
 
     @app.get("/healthz")
     async def healthz() -> Response:
-        return _json(200, {"status": "ok", "mode": settings.mode})
+        return json_response(200, {"status": "ok", "mode": settings.mode})
 
     @app.after_request
     async def security_headers(response: Response) -> Response:

@@ -14,7 +14,7 @@ from flowengine.states import FlowState
 from .auth import require_bearer
 from .context import api_context
 from .errors import BadRequestError
-from .params import query_number
+from .wire import query_number
 
 __all__ = ["DIAGRAM_TYPES", "blueprint"]
 

@@ -23,7 +23,7 @@ import logging
 import math
 from typing import Any
 
-from quart import Blueprint, Response, current_app, jsonify, render_template, request
+from quart import Blueprint, Response, current_app, render_template, request
 
 from flowengine.broker import Broker
 from flowengine.errors import (
@@ -39,7 +39,7 @@ from flowengine.states import FlowState
 from .auth import require_bearer
 from .context import ApiContext, api_context, provider_name
 from .errors import BadRequestError
-from .params import query_number
+from .wire import json_response, query_number
 
 __all__ = ["blueprint", "outcome_of", "settled"]
 
@@ -232,15 +232,9 @@ async def _settled_flow(ctx: ApiContext, flow_id: str, wait: float) -> Flow:
         return await ctx.engine.wait_flow(flow_id, until=_settled_or(ctx.stopping), timeout=wait)
 
 
-def _json(status: int, payload: dict[str, Any]) -> Response:
-    response = jsonify(payload)
-    response.status_code = status
-    return response
-
-
 def _gone(status: PendingStatus) -> Response:
     reason = "consumed" if status.status == "consumed" else (status.reason or "gone")
-    return _json(
+    return json_response(
         410,
         {
             "status": "gone",
@@ -268,7 +262,7 @@ async def pending(state: str) -> Response:
         flow = await _settled_flow(ctx, flow.id, wait)
         if settled(flow) and outcome_of(flow) == "connected":
             await _published(flow)
-            return _json(200, {"status": "connected", **_outcome_json(flow)})
+            return json_response(200, {"status": "connected", **_outcome_json(flow)})
         if settled(flow):
             return _gone(await engine.pending_status(state))
         return _waiting(await engine.pending_status(state))
@@ -281,7 +275,7 @@ async def pending(state: str) -> Response:
             # another poller took it a moment ago, or the flow ended meanwhile
             status = await engine.pending_status(state)
         else:
-            return _json(
+            return json_response(
                 200,
                 {
                     "status": "ready",
@@ -297,7 +291,7 @@ async def pending(state: str) -> Response:
 
 
 def _waiting(status: PendingStatus) -> Response:
-    response = _json(
+    response = json_response(
         202,
         {
             "status": "waiting",
@@ -339,7 +333,7 @@ async def begin() -> Response:
         provider, redirect_uri=ctx.redirect_uri, actor=actor, scopes=scopes
     )
     flow = start.flow
-    return _json(
+    return json_response(
         201,
         {
             "flow_id": flow.id,
@@ -361,7 +355,7 @@ async def outcome(flow_id: str) -> Response:
     flow = await _settled_flow(ctx, flow_id, _wait_arg(ctx))
     if settled(flow):
         await _published(flow)
-        return _json(200, _outcome_json(flow))
-    response = _json(503 if ctx.stopping.is_set() else 202, _outcome_json(flow))
+        return json_response(200, _outcome_json(flow))
+    response = json_response(503 if ctx.stopping.is_set() else 202, _outcome_json(flow))
     response.headers["Retry-After"] = "1"
     return response

@@ -43,6 +43,7 @@ from flowengine.ratelimit import Rate
 
 from .context import ApiContext, TokenAccess, api_context
 from .guard import Identity
+from .wire import json_response
 
 __all__ = ["PREFIX", "blueprint", "configure_access"]
 
@@ -69,9 +70,7 @@ def configure_access(
 
 
 def _answer(status: int, error: str, message: str, **data: Any) -> Response:
-    response = jsonify({"error": error, "message": message, **data})
-    response.status_code = status
-    return response
+    return json_response(status, {"error": error, "message": message, **data})
 
 
 def reconnect_hint(name: str, provider: str) -> str:

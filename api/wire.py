@@ -1,13 +1,16 @@
-"""Query parameters as numbers: absent or empty -> a default, anything else -> a 400."""
+"""What the blueprints read from a request and write back: a number from the query string
+(absent or empty -> a default, anything else -> a 400), a JSON answer with a status."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
+
+from quart import Response, jsonify
 
 from .errors import BadRequestError
 
-__all__ = ["query_number"]
+__all__ = ["json_response", "query_number"]
 
 _N = TypeVar("_N", int, float)
 
@@ -23,3 +26,10 @@ def query_number(
         return kind(value)
     except ValueError as err:
         raise BadRequestError(f"{name} must be {must}", parameter=name) from err
+
+
+def json_response(status: int, payload: dict[str, Any]) -> Response:
+    """``payload`` as JSON with HTTP status ``status``."""
+    response = jsonify(payload)
+    response.status_code = status
+    return response
