@@ -100,11 +100,7 @@ _UNEXPECTED = Ending("error")
 
 
 def _ending(err: BaseException) -> Ending:
-    for cls in type(err).__mro__:
-        ending = ENDINGS.get(cls)
-        if ending is not None:
-            return ending
-    return _UNEXPECTED
+    return e.by_class(ENDINGS, err, _UNEXPECTED)
 
 
 def exit_name(err: BaseException) -> str:

@@ -91,11 +91,7 @@ _UNEXPECTED = Answer(500)
 
 
 def answer_for(error: BaseException) -> Answer:
-    for cls in type(error).__mro__:
-        answer = ANSWERS.get(cls)
-        if answer is not None:
-            return answer
-    return _UNEXPECTED
+    return e.by_class(ANSWERS, error, _UNEXPECTED)
 
 
 def status_for(error: BaseException) -> int:

@@ -54,7 +54,7 @@ from flowengine.errors import (
     UnknownProviderError,
 )
 from flowengine.models import Flow
-from flowengine.states import FlowState
+from flowengine.states import PENDING_STATES, FlowState
 
 from . import dialogue as d
 from .resume import ResumeEntry, ResumeFile
@@ -67,13 +67,6 @@ log = logging.getLogger("bot")
 #: the ledger actor of everything the bot does
 ACTOR = "bot"
 
-_WATCHABLE = (
-    FlowState.INITIATED,
-    FlowState.AWAITING_CODE,
-    FlowState.AWAITING_DEVICE,
-    FlowState.CODE_RECEIVED,
-    FlowState.EXCHANGED,
-)
 _CANCELLABLE = (FlowState.INITIATED, FlowState.AWAITING_CODE, FlowState.AWAITING_DEVICE)
 #: how a device authorization ended (Broker.complete_device) -> what the chat is told
 _DEVICE_OUTCOMES = {
@@ -565,7 +558,7 @@ class BotRunner:
             await self._complete_stranded(w)
         while True:
             flow = await self.engine.get_flow(w.flow_id)
-            if flow.state not in _WATCHABLE:
+            if flow.state not in PENDING_STATES:
                 return self._from_ledger(w, flow)
             deadline = flow.deadline
             remaining = (
@@ -575,10 +568,10 @@ class BotRunner:
             )
             flow = await self.engine.wait_flow(
                 w.flow_id,
-                until=lambda f: f.state not in _WATCHABLE,
+                until=lambda f: f.state not in PENDING_STATES,
                 timeout=max(remaining, 0.0) + self.watch_grace,
             )
-            if flow.state not in _WATCHABLE:
+            if flow.state not in PENDING_STATES:
                 return self._from_ledger(w, flow)
             if flow.deadline is not None and flow.deadline > self.engine.now_ms():
                 continue  # the deadline moved (e.g. the code arrived): wait for the new one
@@ -680,7 +673,7 @@ class BotRunner:
             )
             if entry.flow_id in self._watching:
                 continue  # started before run() (see _spawn)
-            if flow.state in _WATCHABLE:
+            if flow.state in PENDING_STATES:
                 self._watching[entry.flow_id] = watched
                 self._spawn(self._watch, watched)
                 resumed.append(entry.flow_id)

@@ -525,11 +525,7 @@ ERRORS: dict[type[BaseException], Callable[[Any], str]] = {
 
 
 def _words(err: BaseException) -> Callable[[Any], str]:
-    for cls in type(err).__mro__:
-        words = ERRORS.get(cls)
-        if words is not None:
-            return words
-    return ERRORS[e.BrokerError]
+    return e.by_class(ERRORS, err, ERRORS[e.BrokerError])
 
 
 def error(err: e.BrokerError) -> str:

@@ -29,7 +29,16 @@ from .errors import (
 from .ledger import Ledger, NoteFields, Notification
 from .models import Flow, FlowRecord, PendingCode, PendingStatus, StartedFlow
 from .protocol import CallbackParams, hash_state, new_code_verifier, new_state
-from .states import Condition, ErrorEffect, FlowState, FlowTrigger, Secrets, Value, effects_of
+from .states import (
+    PENDING_STATES,
+    Condition,
+    ErrorEffect,
+    FlowState,
+    FlowTrigger,
+    Secrets,
+    Value,
+    effects_of,
+)
 
 __all__ = ["ACTORS", "FlowEngine", "RecoveryReport"]
 
@@ -608,14 +617,7 @@ class FlowEngine:
         report = RecoveryReport()
         report.expired = await self.sweep_expired(actor=actor)
         for flow in await self.ledger.flows(
-            states=(
-                FlowState.INITIATED,
-                FlowState.AWAITING_CODE,
-                FlowState.AWAITING_DEVICE,
-                FlowState.CODE_RECEIVED,
-                FlowState.EXCHANGED,
-                FlowState.REFRESHING,
-            ),
+            states=(*PENDING_STATES, FlowState.REFRESHING),
             limit=100_000,
         ):
             if flow.state is FlowState.REFRESHING:
