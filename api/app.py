@@ -165,8 +165,8 @@ def create_app(
         async def close_localapi() -> None:
             await own_localapi.aclose()
 
-    app.asgi_app = TailnetGuard(  # type: ignore[method-assign]
-        app.asgi_app,
+    app.asgi_app = TailnetGuard(  # type: ignore[method-assign, assignment]
+        app.asgi_app,  # type: ignore[arg-type]
         mode=settings.mode,
         allowed_logins=settings.allowed_logins,
         whois=tailscale.whois if tailscale is not None else None,

@@ -21,7 +21,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 from quart import Blueprint, Response, current_app, render_template, request
 
@@ -34,7 +35,7 @@ from flowengine.errors import (
 )
 from flowengine.models import Flow, PendingStatus
 from flowengine.protocol import CallbackParseError, parse_callback
-from flowengine.states import FlowState
+from flowengine.states import PENDING_STATES, FlowState
 
 from .auth import require_bearer
 from .context import ApiContext, api_context, provider_name
@@ -48,13 +49,6 @@ log = logging.getLogger("api.oauth")
 blueprint = Blueprint("oauth", __name__)
 
 _MAX_QUERY = 16_384
-_UNSETTLED = (
-    FlowState.INITIATED,
-    FlowState.AWAITING_CODE,
-    FlowState.AWAITING_DEVICE,
-    FlowState.CODE_RECEIVED,
-    FlowState.EXCHANGED,
-)
 _OUTCOMES = {
     FlowState.STORED: "connected",
     FlowState.REFRESHING: "connected",
@@ -67,12 +61,15 @@ _OUTCOMES = {
 
 def settled(flow: Flow) -> bool:
     """The authorization has its outcome: tokens stored, or the flow ended without."""
-    return flow.state not in _UNSETTLED
+    return flow.state not in PENDING_STATES
 
 
 def _parked() -> contextlib.AbstractContextManager[None]:
     """A long-poll's wait: the connection may be closed to make room (its client re-polls)."""
-    park = request.scope.get("agentd.park")
+    park = cast(
+        "Callable[[], contextlib.AbstractContextManager[None]] | None",
+        request.scope.get("agentd.park"),
+    )
     return park() if park is not None else contextlib.nullcontext()
 
 

@@ -34,7 +34,7 @@ import logging
 import os
 import socket
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -433,7 +433,7 @@ def build_config(
 
 async def _cert_manager(
     settings: ApiSettings, plan: ServePlan, tailscale: TailscaleClient | None
-) -> tuple[CertManager, list[Callable[[], Awaitable[None]]]]:
+) -> tuple[CertManager, list[Callable[[], Coroutine[Any, Any, None]]]]:
     """The certificate manager for tls mode and the loops that keep it current."""
     if settings.cert_file is not None and settings.key_file is not None:
         manager = CertManager(settings.cert_file, settings.key_file)
@@ -669,8 +669,13 @@ class _Server:
         try:
             if conn.released:
                 return  # evicted before this task ran
+
             # nothing is set up for a peer that never speaks: it waits in the selector
-            conn.close = lambda: task.cancel() if task is not None else None
+            def cancel() -> None:
+                if task is not None:
+                    task.cancel()
+
+            conn.close = cancel
             try:
                 async with asyncio.timeout(self.config.keep_alive_timeout):
                     await _readable(loop, sock)
@@ -694,7 +699,7 @@ class _Server:
             conn.close = transport.abort
             writer = asyncio.StreamWriter(transport, protocol, reader, loop)
             await TCPServer(
-                _ConnectionApp(self.app, conn.extra),  # type: ignore[arg-type]
+                _ConnectionApp(self.app, conn.extra),
                 loop,
                 self.config,
                 self._context,
@@ -716,7 +721,12 @@ async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> Non
     """Until ``sock`` has data (or EOF) to read."""
     ready = loop.create_future()
     fd = sock.fileno()
-    loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(fd, wake)
     try:
         await ready
     finally:
@@ -746,7 +756,7 @@ async def serve(
         plan = await plan_serving(settings, tailscale=tailscale)
     for warning in plan.warnings:
         log.warning("%s", warning)
-    watchers: list[Callable[[], Awaitable[None]]] = []
+    watchers: list[Callable[[], Coroutine[Any, Any, None]]] = []
     if plan.mode != "tls":
         certs = None
     elif certs is not None:

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+from typing import Any, cast
 
 from quart import Blueprint, Quart, Response, jsonify, request
 
@@ -89,7 +89,7 @@ def _retry(response: Response, seconds: float) -> Response:
 @blueprint.get(f"{PREFIX}<provider>")
 async def token(provider: str) -> Response:
     ctx = api_context()
-    identity: Identity | None = request.scope.get("agentd.identity")
+    identity = cast("Identity | None", request.scope.get("agentd.identity"))
     if identity is not None and identity.via == "local":
         return _answer(
             403,

@@ -977,8 +977,8 @@ def _result(state: ConversationState, inbound: Inbound) -> list[Effect]:
         case FlowsCancelled():
             return [Send(inbound.chat_id, texts.cancelled_flows(inbound.names))]
         case AuditListed():
-            rows = [(h.at, h.who, h.node, h.address, h.name, h.token_sha) for h in inbound.items]
-            text = texts.audit(rows, inbound.now_ms, tz, inbound.provider or inbound.who)
+            handed = [(h.at, h.who, h.node, h.address, h.name, h.token_sha) for h in inbound.items]
+            text = texts.audit(handed, inbound.now_ms, tz, inbound.provider or inbound.who)
             return [Send(inbound.chat_id, text)]
         case CommandAnswered():
             if inbound.image is None:

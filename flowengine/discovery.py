@@ -355,7 +355,7 @@ def _strings(value: Any) -> list[str]:
 
 
 def validate_authorization_server(
-    metadata: Any,
+    document: Any,
     *,
     issuer: str,
     url: str,
@@ -363,7 +363,7 @@ def validate_authorization_server(
     for_resource: bool = False,
 ) -> dict[str, Any]:
     """RFC 8414 §3.3 checks of one metadata document; the document, or DiscoveryError."""
-    metadata = _json_object(metadata, what="the metadata", url=url)
+    metadata = _json_object(document, what="the metadata", url=url)
     found = metadata.get("issuer")
     if not _same_issuer(found, issuer):
         raise DiscoveryError(
@@ -414,10 +414,10 @@ def _shown(value: Any) -> str:
 
 
 def validate_protected_resource(
-    metadata: Any, *, resource: str, url: str, policy: UrlPolicy = STRICT
+    document: Any, *, resource: str, url: str, policy: UrlPolicy = STRICT
 ) -> dict[str, Any]:
     """RFC 9728 §3.3 checks of a protected resource metadata document."""
-    metadata = _json_object(metadata, what="the resource metadata", url=url)
+    metadata = _json_object(document, what="the resource metadata", url=url)
     named = metadata.get("resource")
     if not isinstance(named, str) or canonical_resource(named) != canonical_resource(resource):
         raise DiscoveryError(
