@@ -620,19 +620,27 @@ async def test_close_retries_a_blocked_checkpoint(db: Path) -> None:
         other.close()
 
 
-async def test_migration_3_hashes_the_states_of_an_older_ledger(db: Path) -> None:
+def _older_ledger(db: Path, migrations: int, *, secure_delete: bool = True) -> sqlite3.Connection:
+    """A ledger file as a version with only the first ``migrations`` migrations left it."""
     db.parent.mkdir(parents=True)
-    state = "old-raw-state-" + "o" * 30
     conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    if not secure_delete:
+        conn.execute("PRAGMA secure_delete = OFF")
+    conn.execute(
+        "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)"
+    )
+    for version, script in _MIGRATIONS[:migrations]:
+        conn.executescript(script)
+        conn.execute("INSERT INTO schema_migrations VALUES (?, 'then')", (version,))
+    return conn
+
+
+async def test_migration_3_hashes_the_states_of_an_older_ledger(db: Path) -> None:
+    state = "old-raw-state-" + "o" * 30
+    # secure_delete off: the worst case, a build without it
+    conn = _older_ledger(db, 2, secure_delete=False)
     try:
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA secure_delete = OFF")  # the worst case: a build without it
-        conn.execute(
-            "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)"
-        )
-        for version, script in _MIGRATIONS[:2]:
-            conn.executescript(script)
-            conn.execute("INSERT INTO schema_migrations VALUES (?, 'then')", (version,))
         conn.execute(
             "INSERT INTO flows (id, provider, state, version, created_at, updated_at,"
             " redirect_uri, scopes, actor, state_hash, uses_pkce)"
@@ -748,16 +756,8 @@ async def test_unknown_grant_is_refused(ledger: Ledger) -> None:
 
 
 async def test_migration_6_keeps_older_flows_as_code_flows(db: Path) -> None:
-    db.parent.mkdir(parents=True)
-    conn = sqlite3.connect(db, isolation_level=None)
+    conn = _older_ledger(db, 5)
     try:
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute(
-            "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)"
-        )
-        for version, script in _MIGRATIONS[:5]:
-            conn.executescript(script)
-            conn.execute("INSERT INTO schema_migrations VALUES (?, 'then')", (version,))
         conn.execute(
             "INSERT INTO flows (id, provider, state, version, created_at, updated_at,"
             " redirect_uri, scopes, actor, state_hash, uses_pkce)"
@@ -783,16 +783,8 @@ async def test_migration_6_keeps_older_flows_as_code_flows(db: Path) -> None:
 async def test_migration_7_keeps_the_text_of_older_notifications(db: Path) -> None:
     """Rows queued by a version without notification data keep their text; new rows carry
     data and no text (the bot words them)."""
-    db.parent.mkdir(parents=True)
-    conn = sqlite3.connect(db, isolation_level=None)
+    conn = _older_ledger(db, 6)
     try:
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute(
-            "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)"
-        )
-        for version, script in _MIGRATIONS[:6]:
-            conn.executescript(script)
-            conn.execute("INSERT INTO schema_migrations VALUES (?, 'then')", (version,))
         conn.execute(
             "INSERT INTO notifications (at, kind, provider, message, reason)"
             " VALUES (1, 'reconnect_soon', 'spotify', 'Spotify needs reconnecting by then', NULL)"
