@@ -148,19 +148,26 @@ class _LogWatch:
         self._thread.start()
 
     def _pump(self, stream: IO[bytes]) -> None:
-        for raw in stream:
-            line = raw.decode("utf-8", errors="replace")
-            self._file.write(line)
-            self._file.flush()
-            with self._cond:
-                for name, pattern in self._patterns.items():
-                    if name not in self.found and (m := pattern.search(line)):
-                        self.found[name] = m.group(1)
-                        self._cond.notify_all()
+        try:
+            for raw in stream:
+                line = raw.decode("utf-8", errors="replace")
+                self._file.write(line)
+                self._file.flush()
+                with self._cond:
+                    for name, pattern in self._patterns.items():
+                        if name not in self.found and (m := pattern.search(line)):
+                            self.found[name] = m.group(1)
+                            self._cond.notify_all()
+        except ValueError:
+            pass  # the stream was closed under us (stop() gave up waiting for EOF)
         with self._cond:
             self._closed = True
             self._cond.notify_all()
         self._file.close()
+
+    def join(self, timeout: float) -> None:
+        """Until the process's output has been copied to its end (EOF)."""
+        self._thread.join(timeout)
 
     def wait(self, name: str, timeout: float) -> str:
         with self._cond:
@@ -183,6 +190,7 @@ class Node:
     http_proxy: str = ""
     status: dict[str, Any] = field(default_factory=dict)
     _death_pipe: int | None = None
+    _watch: _LogWatch | None = None
 
     @property
     def socket(self) -> Path:
@@ -231,7 +239,7 @@ class Node:
         os.close(read_end)
         self._death_pipe = write_end
         assert self.process.stdout is not None
-        watch = _LogWatch(
+        watch = self._watch = _LogWatch(
             self.process.stdout, self.log_file, {"SOCKS5": _SOCKS, "HTTP proxy": _HTTP_PROXY}
         )
         self.socks5 = watch.wait("SOCKS5", timeout)
@@ -353,6 +361,8 @@ class Node:
     def stop(self) -> None:
         if self.process is not None:
             _kill(self.process)
+            if self._watch is not None:
+                self._watch.join(timeout=10)  # its reader ends at EOF, before the pipe closes
             if self.process.stdout is not None:
                 self.process.stdout.close()
         if self._death_pipe is not None:
