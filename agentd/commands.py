@@ -15,7 +15,16 @@ import anyio
 from agentd.config import Config, check_access, check_files, load_config
 from agentd.errortable import error_lines, exit_name
 from agentd.exits import EXIT
-from agentd.formatting import EVENT_HEADER, ago, event_rows, print_json, scope_text, table, when
+from agentd.formatting import (
+    EVENT_HEADER,
+    ago,
+    event_rows,
+    lifetime_text,
+    print_json,
+    scope_text,
+    table,
+    when,
+)
 from flowengine.errors import (
     BrokerError,
     ConfigError,
@@ -181,7 +190,7 @@ def _provider_detail(
         if name not in unverified and name not in spec.verified and name not in always:
             continue  # left at its default: the catalog claims nothing
         if name == "refresh_lifetime":
-            shown = value.describe() if value is not None else "unknown"
+            shown = lifetime_text(value) if value is not None else "unknown"
         elif name == "revocation_url" and value is None:
             shown = "none (no RFC 7009 endpoint)"
         elif name == "scope_separator":

@@ -38,7 +38,7 @@ from quart import Quart
 
 from agentd.config import load_config
 from agentd.context import open_context
-from agentd.formatting import EVENT_HEADER, event_rows, table_lines
+from agentd.formatting import EVENT_HEADER, event_rows, lifetime_text, table_lines
 from agentd.simoauth import SimOAuth, create_sim_app, get_sim
 from api.app import create_app
 from api.oauth import settled
@@ -424,7 +424,7 @@ async def _short_lived_grant(p: _Printer, state_dir: Path, item: _Simulated) -> 
         use_pkce=False,
     )
     p.section("A grant that ends on its own: warned 3 days before and on the last day")
-    p.say(f"catalog rule of {spec.id}: the grant ends {lifetime.describe()}")
+    p.say(f"catalog rule of {spec.id}: the grant ends {lifetime_text(lifetime)}")
     p.say("(a separate ledger and a clock the demo moves forward; the bot's texts as sent)")
     engine = await FlowEngine.open(state_dir / "short-lived.sqlite3", clock=clock)
     try:

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
+from flowengine.catalog import RefreshLifetime
 from flowengine.timefmt import format_duration
 
 __all__ = [
@@ -97,3 +98,20 @@ def event_rows(events: Iterable[Any], *, detail: bool = True) -> list[list[str]]
             row.append(json.dumps(e.detail, sort_keys=True) if e.detail else "")
         rows.append(row)
     return rows
+
+
+def lifetime_text(lifetime: RefreshLifetime) -> str:
+    """``6 months after authorization (refreshing does not extend it)``: a catalog rule."""
+    if lifetime.rule == "none":
+        return "never expires"
+    span = " ".join(
+        f"{count} {unit if count != 1 else unit[:-1]}"
+        for unit, count in (("months", lifetime.months), ("days", lifetime.days))
+        if count
+    )
+    text = (
+        f"{span} after authorization (refreshing does not extend it)"
+        if lifetime.rule == "absolute"
+        else f"{span} after the last refresh"
+    )
+    return f"{text}, if {lifetime.condition}" if lifetime.condition else text

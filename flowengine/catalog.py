@@ -90,24 +90,6 @@ class RefreshLifetime:
     days: int = 0
     condition: str | None = None
 
-    def describe(self) -> str:
-        if self.rule == "none":
-            return "never expires"
-        span = " ".join(
-            part
-            for part in (
-                f"{self.months} month{'s' if self.months != 1 else ''}" if self.months else "",
-                f"{self.days} day{'s' if self.days != 1 else ''}" if self.days else "",
-            )
-            if part
-        )
-        text = (
-            f"{span} after authorization (refreshing does not extend it)"
-            if self.rule == "absolute"
-            else f"{span} after the last refresh"
-        )
-        return f"{text}, if {self.condition}" if self.condition else text
-
     def public(self) -> dict[str, Any]:
         return public_fields(self)
 
