@@ -31,21 +31,15 @@
 // previous poll of that device code, the interval required, outcome). Prints one JSON line
 // {"event":"listening","port":...,"origin":...} when ready.
 import { createHash, generateKeyPairSync } from 'node:crypto';
-import { appendFileSync, readFileSync } from 'node:fs';
-import { createServer as createHttpServer } from 'node:http';
-import { createServer as createHttpsServer } from 'node:https';
 
 import Provider, { errors } from 'oidc-provider';
 
-const grantLog = process.env.GRANT_LOG;
+import { approveInteraction, createServer, record, tls } from './common.mjs';
+
 const DEVICE_INTERVAL = Number(process.env.DEVICE_INTERVAL ?? 1);
 const ACCESS_TTL = Number(process.env.ACCESS_TTL ?? 3600);
 let deviceTtl = Number(process.env.DEVICE_TTL ?? 600);
 let forcedSlowDowns = 0;
-
-function record(entry) {
-  if (grantLog) appendFileSync(grantLog, `${JSON.stringify({ at: Date.now(), ...entry })}\n`);
-}
 
 function short(secret) {
   return secret ? createHash('sha256').update(String(secret)).digest('hex').slice(0, 12) : null;
@@ -153,10 +147,7 @@ function json(res, status, body) {
   res.end(JSON.stringify(body));
 }
 
-const tls = process.env.TLS_CERT && process.env.TLS_KEY;
-const server = tls
-  ? createHttpsServer({ cert: readFileSync(process.env.TLS_CERT), key: readFileSync(process.env.TLS_KEY) })
-  : createHttpServer();
+const server = createServer();
 
 server.listen(Number(process.env.PORT ?? 0), '127.0.0.1', () => {
   const { port } = server.address();
@@ -232,35 +223,6 @@ server.listen(Number(process.env.PORT ?? 0), '127.0.0.1', () => {
     tenants[tenant].callback(req, res);
   }
 
-  async function interaction(provider, req, res) {
-    try {
-      const details = await provider.interactionDetails(req, res);
-      const { prompt, params } = details;
-      let result;
-      if (prompt.name === 'login') {
-        result = { login: { accountId: 'e2e-user' } };
-      } else if (prompt.name === 'consent') {
-        const grant = details.grantId
-          ? await provider.Grant.find(details.grantId)
-          : new provider.Grant({ accountId: details.session.accountId, clientId: params.client_id });
-        if (prompt.details.missingOIDCScope) grant.addOIDCScope(prompt.details.missingOIDCScope.join(' '));
-        if (prompt.details.missingOIDCClaims) grant.addOIDCClaims(prompt.details.missingOIDCClaims);
-        if (prompt.details.missingResourceScopes) {
-          for (const [indicator, scopes] of Object.entries(prompt.details.missingResourceScopes)) {
-            grant.addResourceScope(indicator, scopes.join(' '));
-          }
-        }
-        result = { consent: { grantId: await grant.save() } };
-      } else {
-        result = { error: 'access_denied', error_description: `unexpected prompt ${prompt.name}` };
-      }
-      await provider.interactionFinished(req, res, result, { mergeWithLastSubmission: true });
-    } catch (err) {
-      res.statusCode = 500;
-      res.end(String(err));
-    }
-  }
-
   function mount(tenant, req, res, inner) {
     // oidc-provider derives its mount path from originalUrl minus url
     req.originalUrl = `/${tenant}${inner}`;
@@ -300,7 +262,7 @@ server.listen(Number(process.env.PORT ?? 0), '127.0.0.1', () => {
         if (path !== prefix && !path.startsWith(`${prefix}/`)) continue;
         const inner = path.slice(prefix.length) || '/';
         if (inner.startsWith('/interaction/')) {
-          return interaction(tenants[tenant].provider, req, res);
+          return approveInteraction(tenants[tenant].provider, req, res);
         }
         // each tenant serves exactly one metadata location
         if (inner.startsWith('/.well-known/')) {

@@ -11,21 +11,15 @@
 //   e2e-public  native, token_endpoint_auth_method=none (PKCE), redirect http://127.0.0.1/callback
 //   e2e-basic   web, client_secret_basic, redirect https://client.example.org/callback
 //   e2e-post    web, client_secret_post,  redirect https://client.example.org/callback
-import { appendFileSync, readFileSync } from 'node:fs';
-import { createServer as createHttpServer } from 'node:http';
-import { createServer as createHttpsServer } from 'node:https';
 
 import Provider from 'oidc-provider';
 
-const grantLog = process.env.GRANT_LOG;
+import { approveInteraction, createServer, record, tls } from './common.mjs';
+
 const basicSecret = process.env.BASIC_SECRET ?? 'basic-secret-please-change';
 const postSecret = process.env.POST_SECRET ?? 'post-secret-please-change';
 const WEB_REDIRECT = 'https://client.example.org/callback';
 const NATIVE_REDIRECT = 'http://127.0.0.1/callback';
-
-function record(entry) {
-  if (grantLog) appendFileSync(grantLog, `${JSON.stringify({ at: Date.now(), ...entry })}\n`);
-}
 
 const common = {
   grant_types: ['authorization_code', 'refresh_token'],
@@ -82,10 +76,7 @@ const configuration = {
   cookies: { keys: ['e2e-cookie-key-not-secret'] },
 };
 
-const tls = process.env.TLS_CERT && process.env.TLS_KEY;
-const server = tls
-  ? createHttpsServer({ cert: readFileSync(process.env.TLS_CERT), key: readFileSync(process.env.TLS_KEY) })
-  : createHttpServer();
+const server = createServer();
 server.listen(Number(process.env.PORT ?? 0), '127.0.0.1', () => {
   const { port } = server.address();
   const issuer = tls ? `https://localhost:${port}` : `http://127.0.0.1:${port}`;
@@ -107,39 +98,10 @@ server.listen(Number(process.env.PORT ?? 0), '127.0.0.1', () => {
     }
   });
 
-  async function interaction(req, res) {
-    try {
-      const details = await provider.interactionDetails(req, res);
-      const { prompt, params } = details;
-      let result;
-      if (prompt.name === 'login') {
-        result = { login: { accountId: 'e2e-user' } };
-      } else if (prompt.name === 'consent') {
-        let grant = details.grantId
-          ? await provider.Grant.find(details.grantId)
-          : new provider.Grant({ accountId: details.session.accountId, clientId: params.client_id });
-        if (prompt.details.missingOIDCScope) grant.addOIDCScope(prompt.details.missingOIDCScope.join(' '));
-        if (prompt.details.missingOIDCClaims) grant.addOIDCClaims(prompt.details.missingOIDCClaims);
-        if (prompt.details.missingResourceScopes) {
-          for (const [indicator, scopes] of Object.entries(prompt.details.missingResourceScopes)) {
-            grant.addResourceScope(indicator, scopes.join(' '));
-          }
-        }
-        result = { consent: { grantId: await grant.save() } };
-      } else {
-        result = { error: 'access_denied', error_description: `unexpected prompt ${prompt.name}` };
-      }
-      await provider.interactionFinished(req, res, result, { mergeWithLastSubmission: true });
-    } catch (err) {
-      res.statusCode = 500;
-      res.end(String(err));
-    }
-  }
-
   const callback = provider.callback();
   server.on('request', (req, res) => {
     if (req.url.startsWith('/interaction/')) {
-      interaction(req, res);
+      approveInteraction(provider, req, res);
     } else {
       callback(req, res);
     }
