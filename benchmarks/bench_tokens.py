@@ -143,15 +143,8 @@ def _storm_child(root: str, barrier: Any, expiry_offset: float) -> None:
     async def main() -> None:
         fake = FakeProvider(delay=0.2)
         fake.valid_refresh.update(json.loads((Path(root) / "refresh.json").read_text()))
-        log = Path(root) / "requests.log"
-        handle = fake.handle
-
-        async def counting(request: httpx.Request) -> httpx.Response:
-            with log.open("a") as fh:
-                fh.write(f"{os.getpid()} {request.url.path}\n")
-            return await handle(request)
-
-        async with httpx.AsyncClient(transport=httpx.MockTransport(counting)) as http:
+        transport = fake.logged_transport(Path(root) / "requests.log")
+        async with httpx.AsyncClient(transport=transport) as http:
             broker = await _broker(Path(root), fake, http, ManualClock(time.time() + expiry_offset))
             barrier.wait()
             await broker.get_token("fake")
@@ -183,15 +176,8 @@ def bench_storm(root: Path, tasks: int = 50, processes: int = 3) -> dict[str, An
     async def storm() -> float:
         fake_here = FakeProvider(delay=0.2)
         fake_here.valid_refresh.update(fake.valid_refresh)
-        log = root / "requests.log"
-        handle = fake_here.handle
-
-        async def counting(request: httpx.Request) -> httpx.Response:
-            with log.open("a") as fh:
-                fh.write(f"{os.getpid()} {request.url.path}\n")
-            return await handle(request)
-
-        async with httpx.AsyncClient(transport=httpx.MockTransport(counting)) as http:
+        transport = fake_here.logged_transport(root / "requests.log")
+        async with httpx.AsyncClient(transport=transport) as http:
             broker = await _broker(root, fake_here, http, ManualClock(time.time() + 7200))
             await anyio.to_thread.run_sync(barrier.wait)
             t0 = time.perf_counter()

@@ -323,15 +323,8 @@ def _storm_caller(root: str, barrier: Any, tasks: int, out: str) -> None:
     async def main() -> list[str]:
         fake = FakeProvider(delay=0.2)
         fake.valid_refresh.update(json.loads((Path(root) / "refresh.json").read_text()))
-        log = Path(root) / "requests.log"
-        handle = fake.handle
-
-        async def counting(request: httpx.Request) -> httpx.Response:
-            with log.open("a") as fh:
-                fh.write(f"{os.getpid()} {request.url.path}\n")
-            return await handle(request)
-
-        async with httpx.AsyncClient(transport=httpx.MockTransport(counting)) as http:
+        transport = fake.logged_transport(Path(root) / "requests.log")
+        async with httpx.AsyncClient(transport=transport) as http:
             broker = await _storm_broker(Path(root), fake, http, time.time() + 7200)
             await anyio.to_thread.run_sync(barrier.wait)
             got: list[str] = []

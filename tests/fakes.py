@@ -26,6 +26,8 @@ from flowengine.catalog import ProviderSpec, load_catalog
 from flowengine.credentials import ClientCredentials
 
 if TYPE_CHECKING:  # pragma: no cover
+    from pathlib import Path
+
     from quart import Quart
 
 
@@ -94,6 +96,17 @@ class FakeProvider:
 
     def transport(self) -> httpx.MockTransport:
         return httpx.MockTransport(self.handle)
+
+    def logged_transport(self, log: Path) -> httpx.MockTransport:
+        """:meth:`transport`, appending each request's path to ``log`` first: processes
+        sharing the file count the provider's requests between them."""
+
+        async def logged(request: httpx.Request) -> httpx.Response:
+            with log.open("a") as fh:
+                fh.write(request.url.path + "\n")
+            return await self.handle(request)
+
+        return httpx.MockTransport(logged)
 
     def issue_code(self, *, redirect_uri: str, code_verifier: str | None = None) -> str:
         code = secrets.token_urlsafe(16)

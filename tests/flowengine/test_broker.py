@@ -537,16 +537,8 @@ def _child(tmp: str, barrier: Any, out: str) -> None:
     async def main() -> str:
         fake = FakeProvider(delay=0.3)
         fake.valid_refresh.update(json.loads((Path(tmp) / "refresh.json").read_text()))
-        log = Path(tmp) / "requests.log"
-
-        original = fake.handle
-
-        async def counting(request: httpx.Request) -> httpx.Response:
-            with log.open("a") as fh:
-                fh.write(request.url.path + "\n")
-            return await original(request)
-
-        async with httpx.AsyncClient(transport=httpx.MockTransport(counting)) as client:
+        transport = fake.logged_transport(Path(tmp) / "requests.log")
+        async with httpx.AsyncClient(transport=transport) as client:
             rig = await _rig(Path(tmp), fake, client)
             rig.clock.set(START + 4000)
             barrier.wait()
