@@ -29,6 +29,7 @@ from flowengine.engine import FlowEngine
 from flowengine.states import FlowState
 from flowengine.tokens import TokenStore
 from tests.conftest import real_peer_missing
+from tests.e2e.browser import HEADLESS
 from tests.fakes import FakeProvider
 
 from .conftest import TOKEN, start_flow
@@ -88,14 +89,7 @@ async def chromium(tmp_path: Path, url: str, *extra: str) -> str:
     profile = tmp_path / f"profile-{next(_PROFILES)}"
     args = [
         CHROMIUM,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        "--hide-scrollbars",
+        *HEADLESS,
         f"--user-data-dir={profile}",
         "--window-size=800,560",
         *extra,

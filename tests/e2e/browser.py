@@ -29,6 +29,20 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 CHROMIUM = "/usr/bin/chromium"
 
 
+#: a headless Chromium that starts quietly: no sandbox (root in CI), no GPU, nothing fetched
+#: in the background, no first-run pages, no scrollbars in screenshots
+HEADLESS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--hide-scrollbars",
+)
+
+
 def chromium_path() -> str | None:
     if Path(CHROMIUM).exists():
         return CHROMIUM
@@ -176,14 +190,7 @@ def browser(profile: Path, *, trust_pems: tuple[bytes, ...] = ()) -> Iterator[Br
     ans_read, ans_write = os.pipe()
     args = [
         exe,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        "--hide-scrollbars",
+        *HEADLESS,
         "--window-size=800,600",
         f"--user-data-dir={profile}",
         "--remote-debugging-pipe",
