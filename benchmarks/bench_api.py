@@ -165,8 +165,7 @@ async def bench_long_poll(root: Path, rounds: int) -> None:
 async def bench_bot(root: Path, rounds: int) -> None:
     from flowengine.catalog import Catalog
     from flowengine.credentials import CredentialStore
-    from flowengine.tokens import TokenStore
-    from tests.bot.conftest import BotRig, FakeChat
+    from tests.bot.conftest import open_rig
     from tests.fakes import FakeProvider
 
     print("bot: link opened (provider, callback, exchange) -> message edited to '✅ connected'")
@@ -177,21 +176,8 @@ async def bench_bot(root: Path, rounds: int) -> None:
     credentials = CredentialStore(tmp / "state" / "credentials.json")
     credentials.put("fake", fake.credentials())
     lags: list[float] = []
-    async with (
-        httpx.AsyncClient(transport=fake.transport()) as provider_http,
-        httpx.AsyncClient(timeout=httpx.Timeout(60.0, connect=5.0)) as http,
-    ):
-        # the rig runs the daemon (API on 127.0.0.1, engine, broker, bot) in this process
-        rig = BotRig(
-            tmp=tmp,
-            chat=FakeChat(),
-            fake=fake,
-            catalog=catalog,
-            http=http,
-            provider_http=provider_http,
-            credentials=credentials,
-            tokens=TokenStore(tmp / "auth.json"),
-        )
+    # the rig runs the daemon (API on 127.0.0.1, engine, broker, bot) in this process
+    async with open_rig(tmp, fake, catalog, credentials) as rig:
         async with rig.running():
             for _ in range(rounds):
                 await rig.say("connect fake")  # connecting again supersedes the connection

@@ -362,23 +362,37 @@ def _catalog(fake: FakeProvider) -> Catalog:
     return catalog
 
 
-@pytest.fixture(name="rig")
-async def _rig(tmp_path: Path, fake: FakeProvider, catalog: Catalog) -> AsyncIterator[BotRig]:
-    credentials = CredentialStore(tmp_path / "state" / "credentials.json")
-    credentials.put("fake", fake.credentials())
-    credentials.put("plain", fake.credentials())
-    tokens = TokenStore(tmp_path / "auth.json")
+@asynccontextmanager
+async def open_rig(
+    tmp: Path,
+    fake: FakeProvider,
+    catalog: Catalog,
+    credentials: CredentialStore,
+    *,
+    provider_transport: httpx.AsyncBaseTransport | None = None,
+) -> AsyncIterator[BotRig]:
+    """A :class:`BotRig` with its two HTTP clients: the broker's to the provider (``fake``
+    unless ``provider_transport`` routes elsewhere too) and the owner's browser."""
     async with (
-        httpx.AsyncClient(transport=fake.transport()) as provider_http,
+        httpx.AsyncClient(transport=provider_transport or fake.transport()) as provider_http,
         httpx.AsyncClient(timeout=httpx.Timeout(60.0, connect=5.0)) as http,
     ):
         yield BotRig(
-            tmp=tmp_path,
+            tmp=tmp,
             chat=FakeChat(),
             fake=fake,
             catalog=catalog,
             http=http,
             provider_http=provider_http,
             credentials=credentials,
-            tokens=tokens,
+            tokens=TokenStore(tmp / "auth.json"),
         )
+
+
+@pytest.fixture(name="rig")
+async def _rig(tmp_path: Path, fake: FakeProvider, catalog: Catalog) -> AsyncIterator[BotRig]:
+    credentials = CredentialStore(tmp_path / "state" / "credentials.json")
+    credentials.put("fake", fake.credentials())
+    credentials.put("plain", fake.credentials())
+    async with open_rig(tmp_path, fake, catalog, credentials) as rig:
+        yield rig

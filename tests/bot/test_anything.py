@@ -21,11 +21,10 @@ from bot import texts
 from flowengine.catalog import Catalog
 from flowengine.credentials import ClientCredentials, CredentialStore
 from flowengine.states import FlowState, FlowTrigger
-from flowengine.tokens import TokenStore
 from tests.fakes import FakeProvider
 from tests.flowengine.helpers_device import USER_CODE, DeviceProvider, spec
 
-from .conftest import OWNER, BotRig, FakeChat, url_button
+from .conftest import OWNER, BotRig, open_rig, url_button
 
 pytestmark = pytest.mark.anyio
 
@@ -95,20 +94,9 @@ async def _rig(
             return _mcp(request)
         return await fake.handle(request)
 
-    async with (
-        httpx.AsyncClient(transport=httpx.MockTransport(route)) as provider_http,
-        httpx.AsyncClient(timeout=httpx.Timeout(60.0, connect=5.0)) as http,
-    ):
-        yield BotRig(
-            tmp=tmp_path,
-            chat=FakeChat(),
-            fake=fake,
-            catalog=catalog,
-            http=http,
-            provider_http=provider_http,
-            credentials=credentials,
-            tokens=TokenStore(tmp_path / "auth.json"),
-        )
+    transport = httpx.MockTransport(route)
+    async with open_rig(tmp_path, fake, catalog, credentials, provider_transport=transport) as rig:
+        yield rig
 
 
 async def test_connect_with_a_code(rig: BotRig, device: DeviceProvider) -> None:
