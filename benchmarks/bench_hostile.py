@@ -49,8 +49,8 @@ from tests.agentd.cli_helpers import (  # noqa: E402
     SIM_CLIENT_ID,
     SIM_CLIENT_SECRET,
     AgentdInstance,
-    SimServer,
     agentd_command,
+    dexcom_sim,
 )
 
 IDLE = 1100
@@ -435,13 +435,7 @@ async def amain() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-hostile-") as tmp:
         instance = AgentdInstance(Path(tmp))
         instance.write_config(interval=30)
-        sim = SimServer(
-            instance.cert_file,
-            instance.key_file,
-            clients={SIM_CLIENT_ID: SIM_CLIENT_SECRET},
-            redirect_uris=[instance.redirect_uri],
-            consent="allow",
-        )
+        sim = dexcom_sim(instance)
         sim.start()
         try:
             instance.write_catalog(sim.base_url)

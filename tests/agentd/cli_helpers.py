@@ -47,6 +47,7 @@ __all__ = [
     "AgentdInstance",
     "TerminalRun",
     "agentd_command",
+    "dexcom_sim",
     "free_port",
     "run_in_terminal",
 ]
@@ -306,6 +307,21 @@ revocation_url = "{sim_base_url}/v2/oauth2/revoke"
         tmp.write_text(json.dumps(data), encoding="utf-8")
         tmp.chmod(0o600)
         tmp.replace(self.auth_file)
+
+
+def dexcom_sim(
+    instance: AgentdInstance, *, redirect_uri: str | None = None, **sim_options: Any
+) -> SimServer:
+    """The simulated Dexcom for ``instance`` (not started): it knows the sim client, allows
+    the instance's redirect URI (or ``redirect_uri``) and approves consent by itself."""
+    options: dict[str, Any] = {"consent": "allow", **sim_options}
+    return SimServer(
+        instance.cert_file,
+        instance.key_file,
+        clients={SIM_CLIENT_ID: SIM_CLIENT_SECRET},
+        redirect_uris=[redirect_uri or instance.redirect_uri],
+        **options,
+    )
 
 
 class LineReader:

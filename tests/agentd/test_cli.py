@@ -37,6 +37,7 @@ from tests.agentd.cli_helpers import (
     DaemonProcess,
     LineReader,
     SimServer,
+    dexcom_sim,
     free_port,
 )
 from tests.conftest import real_peer_missing
@@ -57,13 +58,7 @@ def _instance(tmp_path_factory: pytest.TempPathFactory) -> AgentdInstance:
 
 @pytest.fixture(name="sim_server", scope="module")
 def _sim_server(instance: AgentdInstance) -> Iterator[SimServer]:
-    server = SimServer(
-        instance.cert_file,
-        instance.key_file,
-        clients={SIM_CLIENT_ID: SIM_CLIENT_SECRET},
-        redirect_uris=[instance.redirect_uri],
-        consent="allow",
-    )
+    server = dexcom_sim(instance)
     server.start()
     instance.write_catalog(server.base_url)
     yield server

@@ -28,8 +28,8 @@ from tests.agentd.cli_helpers import (
     SIM_CLIENT_SECRET,
     AgentdInstance,
     DaemonProcess,
-    SimServer,
     agentd_command,
+    dexcom_sim,
 )
 from tests.conftest import real_peer_missing
 
@@ -49,13 +49,7 @@ def is_qr_row(row: str) -> bool:
 def _inst(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentdInstance]:
     instance = AgentdInstance(tmp_path_factory.mktemp("connect-screen"))
     instance.write_config()
-    sim = SimServer(
-        instance.cert_file,
-        instance.key_file,
-        clients={SIM_CLIENT_ID: SIM_CLIENT_SECRET},
-        redirect_uris=[instance.redirect_uri],
-        consent="allow",
-    )
+    sim = dexcom_sim(instance)
     sim.start()
     instance.write_catalog(sim.base_url)
     stored = instance.run(

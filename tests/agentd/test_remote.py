@@ -34,6 +34,7 @@ from tests.agentd.cli_helpers import (
     DaemonProcess,
     SimServer,
     agentd_command,
+    dexcom_sim,
     free_port,
 )
 from tests.api.fake_tailscale import DOMAIN, FakeTailnet, LocalAPIThread, status_json
@@ -147,12 +148,8 @@ def _remote(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Remote]:
     leaf.private_key_pem.write_to_path(str(instance.root / "node-key.pem"))
     for i, pem in enumerate(leaf.cert_chain_pems):
         pem.write_to_path(str(instance.root / "node-cert.pem"), append=i > 0)
-    sim = SimServer(
-        instance.cert_file,
-        instance.key_file,
-        clients={SIM_CLIENT_ID: SIM_CLIENT_SECRET},
-        redirect_uris=[f"https://{DOMAIN}:{instance.daemon_port}/oauth/callback"],
-        consent="allow",
+    sim = dexcom_sim(
+        instance, redirect_uri=f"https://{DOMAIN}:{instance.daemon_port}/oauth/callback"
     )
     sim.start()
     tailnet = FakeTailnet(status=status_json(tun=False))  # userspace networking

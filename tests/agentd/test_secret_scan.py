@@ -41,7 +41,7 @@ from tests.agentd.cli_helpers import (
     AgentdInstance,
     DaemonProcess,
     LineReader,
-    SimServer,
+    dexcom_sim,
 )
 from tests.api.fake_tailscale import FakeTailnet, LocalAPIThread, status_json
 
@@ -255,13 +255,7 @@ def _run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
     instance.config_file.write_text(
         config.replace(str(instance.root / "no-tailscaled.sock"), str(localapi.socket_path))
     )
-    sim = SimServer(
-        instance.cert_file,
-        instance.key_file,
-        clients={SIM_CLIENT_ID: SIM_CLIENT_SECRET},
-        redirect_uris=[instance.redirect_uri],
-        consent="allow",
-    )
+    sim = dexcom_sim(instance)
     sim.start()
     instance.write_catalog(sim.base_url, extra="use_pkce = true")  # a verifier to look for
     daemon = DaemonProcess(instance, verbose=True)

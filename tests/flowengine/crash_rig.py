@@ -38,8 +38,8 @@ from tests.agentd.cli_helpers import (
     SIM_CLIENT_ID,
     SIM_CLIENT_SECRET,
     AgentdInstance,
-    SimServer,
     agentd_command,
+    dexcom_sim,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -148,14 +148,7 @@ class CrashRig:
         self.start_provider()
 
     def start_provider(self) -> None:
-        self.server = SimServer(
-            self.instance.cert_file,
-            self.instance.key_file,
-            clients={SIM_CLIENT_ID: SIM_CLIENT_SECRET},
-            redirect_uris=[self.instance.redirect_uri],
-            consent="allow",
-            access_ttl=self.access_ttl,
-        )
+        self.server = dexcom_sim(self.instance, access_ttl=self.access_ttl)
         self.holder = HoldingApp(self.server.app)
         self.server.app = self.holder
         self.server.start()

@@ -31,6 +31,7 @@ from tests.agentd.cli_helpers import (
     AgentdInstance,
     SimServer,
     agentd_command,
+    dexcom_sim,
 )
 from tests.conftest import real_peer_missing
 
@@ -85,12 +86,8 @@ class AgentdOnNode:
         self.sim: SimServer | None = None
         if sim:
             # the provider ("the internet"): simulated Dexcom on localhost, test-CA TLS
-            self.sim = SimServer(
-                self.instance.cert_file,
-                self.instance.key_file,
-                clients={SIM_CLIENT_ID: SIM_CLIENT_SECRET},
-                redirect_uris=[f"https://{node.dns_name}:{self.port}/oauth/callback"],
-                consent="allow",
+            self.sim = dexcom_sim(
+                self.instance, redirect_uri=f"https://{node.dns_name}:{self.port}/oauth/callback"
             )
             self.sim.start()
             self.instance.write_catalog(self.sim.base_url)
