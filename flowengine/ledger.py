@@ -40,7 +40,7 @@ import json
 import logging
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -289,38 +289,41 @@ def _create_private(file: Path) -> None:
     os.close(fd)
 
 
-def _secret_keys(value: Any) -> set[str]:
-    """Keys naming a secret anywhere in ``value`` (nested mappings and lists included)."""
+def _keys_where(value: Any, named: Callable[[str, Any], bool]) -> set[str]:
+    """Keys anywhere in ``value`` (nested mappings and lists included) for which
+    ``named(key, item)`` holds."""
     found: set[str] = set()
     if isinstance(value, Mapping):
         for key, item in value.items():
-            if str(key).lower() in SECRET_KEYS:
+            if named(str(key), item):
                 found.add(str(key))
-            found |= _secret_keys(item)
+            found |= _keys_where(item, named)
     elif isinstance(value, list | tuple):
         for item in value:
-            found |= _secret_keys(item)
+            found |= _keys_where(item, named)
     return found
+
+
+def _secret_keys(value: Any) -> set[str]:
+    """Keys naming a secret anywhere in ``value``."""
+    return _keys_where(value, lambda key, _: key.lower() in SECRET_KEYS)
 
 
 #: a ``*_sha`` detail value: a short hash prefix of a token, never more
 _SHA_MAX = 12
 
 
+def _long_hash(key: str, item: Any) -> bool:
+    """A ``*_sha`` entry whose value is not a short lower-case hex prefix."""
+    if not key.lower().endswith("_sha") or item is None:
+        return False
+    text = item if isinstance(item, str) else ""
+    return not (0 < len(text) <= _SHA_MAX and all(c in "0123456789abcdef" for c in text))
+
+
 def _long_hashes(value: Any) -> set[str]:
-    """``*_sha`` keys whose value is not a short lower-case hex prefix."""
-    found: set[str] = set()
-    if isinstance(value, Mapping):
-        for key, item in value.items():
-            if str(key).lower().endswith("_sha") and item is not None:
-                text = item if isinstance(item, str) else ""
-                if not (0 < len(text) <= _SHA_MAX and all(c in "0123456789abcdef" for c in text)):
-                    found.add(str(key))
-            found |= _long_hashes(item)
-    elif isinstance(value, list | tuple):
-        for item in value:
-            found |= _long_hashes(item)
-    return found
+    """``*_sha`` keys anywhere in ``value`` whose value is not a short hex prefix."""
+    return _keys_where(value, _long_hash)
 
 
 def _json_object(text: str | None) -> dict[str, Any]:
