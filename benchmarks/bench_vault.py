@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -70,10 +71,11 @@ def _ms(samples: list[float]) -> str:
 # ------------------------------------------------------------------ 1. kill points
 
 
-def kill_table_sim(workdir: Path) -> list[Verdict]:
+def _refresh_kills(rig_at: Callable[[str], CrashRig]) -> list[Verdict]:
+    """One connected rig per refresh kill point (``rig_at(point)``), killed there, judged."""
     verdicts = []
     for label, stop_at in REFRESH_POINTS:
-        rig = CrashRig(workdir / f"sim-{stop_at}")
+        rig = rig_at(stop_at)
         try:
             rig.connected()
             rig.make_due()
@@ -81,6 +83,11 @@ def kill_table_sim(workdir: Path) -> list[Verdict]:
             verdicts.append(rig.judge(label))
         finally:
             rig.close()
+    return verdicts
+
+
+def kill_table_sim(workdir: Path) -> list[Verdict]:
+    verdicts = _refresh_kills(lambda point: CrashRig(workdir / f"sim-{point}"))
     label, stop_at = EXCHANGE_POINT
     rig = CrashRig(workdir / "sim-exchange")
     try:
@@ -97,39 +104,15 @@ def kill_table_oidc(workdir: Path) -> list[Verdict] | str:
     node = shutil.which("node")
     if not node or not (oidc_dir / "node_modules" / "oidc-provider").is_dir():
         return "skipped: node or tests/e2e/oidc/node_modules missing (npm install there)"
-    from tests.e2e.conftest import OidcServer
+    from tests.e2e.conftest import oidc_provider
     from tests.e2e.test_vault_oidc import PROVIDER, OidcCrashRig
 
-    secrets = {"BASIC_SECRET": "bench-basic-secret", "POST_SECRET": "bench-post-secret"}
-    grant_log = workdir / "grants.jsonl"
-    env = {**os.environ, "PORT": "0", "GRANT_LOG": str(grant_log), **secrets}
-    env["NODE_NO_WARNINGS"] = "1"
-    proc = subprocess.Popen(
-        [node, "server.mjs"],
-        cwd=oidc_dir,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        issuer = json.loads(proc.stdout.readline())["issuer"]
-        server = OidcServer(issuer, grant_log, secrets["BASIC_SECRET"], secrets["POST_SECRET"])
-        verdicts = []
-        for label, stop_at in REFRESH_POINTS:
-            rig = OidcCrashRig(workdir / f"oidc-{stop_at}", provider=PROVIDER, oidc=server)
-            try:
-                rig.connected()
-                rig.make_due()
-                rig.kill_at(stop_at)
-                verdicts.append(rig.judge(label))
-            finally:
-                rig.close()
-        return verdicts
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    server_dir = workdir / "oidc-server"
+    server_dir.mkdir(parents=True)
+    with oidc_provider(server_dir) as server:
+        return _refresh_kills(
+            lambda point: OidcCrashRig(workdir / f"oidc-{point}", provider=PROVIDER, oidc=server)
+        )
 
 
 # ------------------------------------------------------- 2.-4. many connections

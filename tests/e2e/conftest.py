@@ -99,7 +99,7 @@ class AnythingServer:
 
 
 @contextmanager
-def _running(workdir: Path, *, tls: trustme.CA | None = None) -> Iterator[OidcServer]:
+def oidc_provider(workdir: Path, *, tls: trustme.CA | None = None) -> Iterator[OidcServer]:
     with _node_server(workdir, "server.mjs", tls=tls) as (info, server, ca_file):
         yield OidcServer(
             issuer=info["issuer"],
@@ -173,7 +173,7 @@ def _node_server(
 
 @pytest.fixture(name="oidc_server", scope="session")
 def _oidc_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OidcServer]:
-    with _running(tmp_path_factory.mktemp("oidc")) as server:
+    with oidc_provider(tmp_path_factory.mktemp("oidc")) as server:
         yield server
 
 
@@ -212,5 +212,5 @@ def _protected_resource(
 @pytest.fixture(name="oidc_tls_server", scope="session")
 def _oidc_tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OidcServer]:
     """oidc-provider over HTTPS as https://localhost:<port>, certified by a private CA."""
-    with _running(tmp_path_factory.mktemp("oidc-tls"), tls=trustme.CA()) as server:
+    with oidc_provider(tmp_path_factory.mktemp("oidc-tls"), tls=trustme.CA()) as server:
         yield server
