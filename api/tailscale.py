@@ -27,6 +27,7 @@ import anyio
 import httpx
 
 from flowengine.errors import TailscaleError
+from flowengine.oauth_http import parse_retry_after
 
 __all__ = [
     "CertPair",
@@ -146,14 +147,6 @@ class TailscaleClient(Protocol):
     async def cert_pair(self, domain: str) -> CertPair: ...
 
 
-def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("Retry-After")
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None
-
-
 class LocalAPI:
     """Async client of tailscaled's LocalAPI on its unix socket."""
 
@@ -213,7 +206,7 @@ class LocalAPI:
         return TailscaleError(
             f"tailscaled refused {what}: HTTP {response.status_code} {message}",
             local_api_status=response.status_code,
-            retry_after=_retry_after(response),
+            retry_after=parse_retry_after(response.headers.get("Retry-After")),
         )
 
     @classmethod
